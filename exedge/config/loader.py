@@ -1,0 +1,229 @@
+"""
+Load and validate the TOML configuration into L{Config}.
+
+All problems are collected before anything is raised, so an admin sees
+every mistake in one run, each with the file, the line and the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+import attrs
+
+from . import models as m
+from .locate import find_line, index_lines
+
+
+@attrs.frozen
+class Problem:
+    source: str
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line else self.source
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration has problems; C{problems} lists each one."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def _key_text(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+class _Collector:
+    def __init__(self, source: str, text: str):
+        self.source = source
+        self.index = index_lines(text)
+        self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
+
+    def problem(self, path: tuple, message: str, *, warning: bool = False) -> None:
+        item = Problem(self.source, find_line(self.index, path), _key_text(path), message)
+        (self.warnings if warning else self.problems).append(item)
+
+
+def _build(model: type, table: Any, path: tuple, out: _Collector) -> Any:
+    """Parse one TOML table into C{model}, reporting each bad key."""
+    if not isinstance(table, dict):
+        out.problem(path, f"expected a table, got {type(table).__name__}")
+        return None
+    fields = {f.name: f for f in attrs.fields(model)}
+    for key in table:
+        if key not in fields:
+            out.problem(path + (key,), f"unknown key (known keys: {', '.join(sorted(fields))})")
+    values: dict[str, Any] = {}
+    ok = True
+    usage = None
+    # usage first: other defaults depend on it
+    for fname in sorted(fields, key=lambda n: n != "usage"):
+        meta = fields[fname].metadata
+        if fname in table:
+            try:
+                values[fname] = meta["parse"](table[fname])
+            except ValueError as e:
+                out.problem(path + (fname,), str(e))
+                ok = False
+                continue
+        elif meta.get("required"):
+            out.problem(path + (fname,), "is required")
+            ok = False
+            continue
+        else:
+            default = fields[fname].default
+            if meta.get("per_usage"):
+                default = default(usage or "Custom")
+                if default is m._REQUIRED:
+                    out.problem(path + (fname,), f"is required for usage {usage or 'Custom'}")
+                    ok = False
+                    continue
+            values[fname] = default
+        if fname == "usage":
+            usage = values[fname]
+    return model(**values) if ok else None
+
+
+def _validate(cfg: dict, out: _Collector) -> None:
+    """Rules that span keys or sections (Exchange's cmdlet validations)."""
+    for section in ("receive_connectors", "send_connectors"):
+        seen: dict[str, int] = {}
+        for i, conn in enumerate(cfg[section]):
+            if conn is None:
+                continue
+            lowered = conn.name.lower()
+            if lowered in seen:
+                out.problem((section, i, "name"), f"duplicate connector name {conn.name!r} (also {section}[{seen[lowered]}])")
+            seen[lowered] = i
+
+    seen_domains: dict[str, int] = {}
+    for i, dom in enumerate(cfg["accepted_domains"]):
+        if dom is None:
+            continue
+        if dom.domain_name in seen_domains:
+            out.problem(("accepted_domains", i, "domain_name"), f"duplicate accepted domain {dom.domain_name!r}")
+        seen_domains[dom.domain_name] = i
+
+    pairs: dict[tuple, int] = {}
+    for i, rc in enumerate(cfg["receive_connectors"]):
+        if rc is None:
+            continue
+        path = ("receive_connectors", i)
+        mechs = set(rc.auth_mechanisms)
+        if "None" in mechs and len(mechs) > 1:
+            out.problem(path + ("auth_mechanisms",), "None cannot be combined with other mechanisms")
+        if "BasicAuthRequireTLS" in mechs and not {"BasicAuth", "Tls"} <= mechs:
+            out.problem(path + ("auth_mechanisms",), "BasicAuthRequireTLS needs BasicAuth and Tls too")
+        if "ExternalAuthoritative" in mechs:
+            if not mechs <= {"ExternalAuthoritative", "Tls"}:
+                out.problem(path + ("auth_mechanisms",), "ExternalAuthoritative can only be combined with Tls")
+            if "ExchangeServers" not in rc.permission_groups:
+                out.problem(path + ("permission_groups",), "ExternalAuthoritative requires the ExchangeServers permission group")
+        if "None" in rc.permission_groups and len(rc.permission_groups) > 1:
+            out.problem(path + ("permission_groups",), "None cannot be combined with other groups")
+        if not rc.bindings:
+            out.problem(path + ("bindings",), "needs at least one binding")
+        if not rc.remote_ip_ranges:
+            out.problem(path + ("remote_ip_ranges",), "needs at least one range")
+        if rc.connection_inactivity_timeout >= rc.connection_timeout:
+            out.problem(path + ("connection_inactivity_timeout",), "must be shorter than connection_timeout")
+        if rc.max_message_size < 64 * 1024:
+            out.problem(path + ("max_message_size",), "must be at least 64KB (RFC 5321 requires accepting 64KB messages)")
+        if rc.max_recipients_per_message < 100:
+            out.problem(path + ("max_recipients_per_message",),
+                        "below 100: RFC 5321 requires accepting at least 100 recipients", warning=True)
+        for binding in rc.bindings:
+            for rng in rc.remote_ip_ranges:
+                key = (binding, rng.first, rng.last)
+                if key in pairs and pairs[key] != i:
+                    out.problem(path + ("remote_ip_ranges",),
+                                f"binding {binding} with range {rng} is already used by receive_connectors[{pairs[key]}]")
+                pairs[key] = i
+        trusting = "ExternalAuthoritative" in mechs
+        if trusting and any(r.size >= 2**24 for r in rc.remote_ip_ranges):
+            out.problem(path + ("remote_ip_ranges",),
+                        "ExternalAuthoritative with a range this wide makes an open relay: restrict remote_ip_ranges",
+                        warning=True)
+
+
+def loads(text: str, source: str = "<config>") -> m.Config:
+    """Parse configuration text; raise L{ConfigError} listing every problem."""
+    out = _Collector(source, text)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        line = None
+        detail = str(e)
+        if "(at line " in detail:
+            try:
+                line = int(detail.split("(at line ", 1)[1].split(",", 1)[0])
+            except ValueError:
+                pass
+        raise ConfigError([Problem(source, line, "", f"TOML syntax error: {detail}")]) from None
+
+    for key in raw:
+        if key not in m.SECTIONS:
+            out.problem((key,), f"unknown section (known: {', '.join(m.SECTIONS)})")
+
+    cfg: dict[str, Any] = {}
+    for section, (model, is_list) in m.SECTIONS.items():
+        if is_list:
+            items = raw.get(section, [])
+            if not isinstance(items, list):
+                out.problem((section,), f"must be an array of tables: write [[{section}]]")
+                items = []
+            cfg[section] = [_build(model, item, (section, i), out) for i, item in enumerate(items)]
+        else:
+            cfg[section] = _build(model, raw.get(section, {}), (section,), out)
+
+    if not out.problems:
+        _validate(cfg, out)
+    if out.problems:
+        raise ConfigError(out.problems)
+    return m.Config(
+        server=cfg["server"],
+        accepted_domains=tuple(cfg["accepted_domains"]),
+        receive_connectors=tuple(cfg["receive_connectors"]),
+        send_connectors=tuple(cfg["send_connectors"]),
+        source=source,
+        warnings=tuple(out.warnings),
+    )
+
+
+def load(path: str) -> m.Config:
+    """Load the configuration file at C{path}."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError([Problem(path, None, "", f"cannot read: {e.strerror}")]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([Problem(path, None, "", f"not UTF-8: {e}")]) from None
+    return loads(text, path)
+
+
+def defaults() -> list[tuple[str, str, Any, str]]:
+    """(section, key, default, doc) for every key, for C{--defaults}."""
+    rows = []
+    for section, (model, _) in m.SECTIONS.items():
+        for f in attrs.fields(model):
+            default = f.default
+            if f.metadata.get("per_usage"):
+                default = "(depends on usage)"
+            elif f.metadata.get("required"):
+                default = "(required)"
+            rows.append((section, f.name, default, f.metadata.get("doc", "")))
+    return rows

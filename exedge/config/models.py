@@ -1,0 +1,254 @@
+"""
+The configuration as frozen attrs models.
+
+Each field is one TOML key (Exchange's parameter name in snake_case). Its
+metadata carries the parser and the one-line documentation that
+C{exedge check-config --defaults} prints, so a key is declared, documented
+and validated in one place, as Postfix's postconf does.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Callable
+
+import attrs
+
+from . import values as v
+
+_REQUIRED = object()
+
+
+def setting(parse: Callable[[Any], Any], default: Any = _REQUIRED, doc: str = "", *, per_usage: bool = False):
+    """
+    Declare one configuration key. C{default} may be a callable of the
+    usage type when C{per_usage} (Exchange's usage presets).
+    """
+    metadata = {"parse": parse, "doc": doc, "required": default is _REQUIRED, "per_usage": per_usage}
+    if default is _REQUIRED:
+        return attrs.field(metadata=metadata)
+    return attrs.field(default=default, metadata=metadata)
+
+
+def list_of(parse: Callable[[Any], Any]) -> Callable[[Any], tuple]:
+    def parse_list(value: Any) -> tuple:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {value!r}")
+        return tuple(parse(item) for item in value)
+
+    return parse_list
+
+
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "$true", "false", "$false"):
+        return value.strip().lower().lstrip("$") == "true"
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def integer(low: int, high: int | None = None, *, unlimited: bool = False):
+    def parse_int(value: Any) -> int | None:
+        if unlimited and isinstance(value, str) and value.strip().lower() == "unlimited":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if value < low or (high is not None and value > high):
+            bound = f"{low}..{high}" if high is not None else f">= {low}"
+            raise ValueError(f"{value} is out of range ({bound})")
+        return value
+
+    return parse_int
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def name(value: Any) -> str:
+    value = text(value).strip()
+    if not value or len(value) > 64:
+        raise ValueError("a name must be 1 to 64 characters")
+    return value
+
+
+def choice(*choices: str):
+    return lambda value: v.parse_choice(value, choices)
+
+
+def host_port(default_port: int):
+    def parse(value: Any) -> tuple[str, int]:
+        if not isinstance(value, str):
+            raise ValueError(f"expected \"ip\" or \"ip:port\", got {value!r}")
+        host, _, port = value.strip().rpartition(":") if value.count(":") == 1 else (value.strip(), "", "")
+        host = host or value.strip()
+        try:
+            v.ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise ValueError(f"invalid server address {value!r} (expected an IP address)") from None
+        return host.strip("[]"), int(port) if port else default_port
+
+    return parse
+
+
+USAGES = ("Client", "Custom", "Internal", "Internet", "Partner")
+AUTH_MECHANISMS = ("None", "Tls", "BasicAuth", "BasicAuthRequireTLS", "ExternalAuthoritative")
+PERMISSION_GROUPS = (
+    "None", "AnonymousUsers", "ExchangeUsers", "ExchangeServers",
+    "ExchangeLegacyServers", "Partners", "Custom",
+)
+DOMAIN_TYPES = ("Authoritative", "InternalRelay", "ExternalRelay")
+
+# Exchange's usage-type presets (New-ReceiveConnector -Usage).
+RECEIVE_USAGE_DEFAULTS = {
+    "Client": {"permission_groups": ("ExchangeUsers",), "auth_mechanisms": ("Tls", "BasicAuth", "BasicAuthRequireTLS")},
+    "Internal": {"permission_groups": ("ExchangeServers", "ExchangeLegacyServers"), "auth_mechanisms": ("Tls",)},
+    "Internet": {"permission_groups": ("AnonymousUsers",), "auth_mechanisms": ("Tls",),
+                 "remote_ip_ranges": (v.parse_ip_range("0.0.0.0-255.255.255.255"),)},
+    "Partner": {"permission_groups": ("Partners",), "auth_mechanisms": ("Tls",)},
+    "Custom": {"permission_groups": (), "auth_mechanisms": ("Tls",)},
+}
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    fqdn: str = setting(v.parse_fqdn, socket.getfqdn(), "name of this server: banner, EHLO and Received headers")
+    spool_directory: str = setting(text, "var/spool", "where accepted messages wait, fsync'ed, until delivered (relative to the working directory)")
+    dns_servers: tuple = setting(list_of(host_port(53)), (), "DNS servers for routing as \"ip\" or \"ip:port\"; empty = the system resolver")
+    spool_threads: int = setting(integer(1, 64), 8, "threads that write and fsync the spool, so disks never block the event loop")
+
+
+@attrs.frozen(kw_only=True)
+class AcceptedDomain:
+    domain_name: str = setting(lambda x: v.parse_domain(x, wildcard=True), doc="domain, or *.domain for it and all its subdomains")
+    domain_type: str = setting(choice(*DOMAIN_TYPES), "Authoritative", "Authoritative | InternalRelay | ExternalRelay")
+    name: str = setting(name, "", "display name")
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.domain_name.startswith("*.")
+
+    def matches(self, domain: str) -> bool:
+        if self.is_wildcard:
+            base = self.domain_name[2:]
+            return domain == base or domain.endswith("." + base)
+        return domain == self.domain_name
+
+
+@attrs.frozen(kw_only=True)
+class ReceiveConnector:
+    name: str = setting(name, doc="unique connector name")
+    usage: str = setting(choice(*USAGES), "Custom", "Client | Custom | Internet | Internal | Partner: sets default permission groups and auth mechanisms")
+    bindings: tuple = setting(list_of(v.parse_binding), doc="local \"ip:port\" pairs to listen on")
+    remote_ip_ranges: tuple = setting(list_of(v.parse_ip_range), lambda usage: RECEIVE_USAGE_DEFAULTS[usage].get("remote_ip_ranges", _REQUIRED), "peers this connector serves: IPs, a-b ranges, CIDR; most specific match wins", per_usage=True)
+    fqdn: str | None = setting(v.parse_fqdn, None, "name in the banner, EHLO reply and Received header (default: [server].fqdn)")
+    banner: str | None = setting(text, None, "greeting text, e.g. \"220 mail.example.com\"")
+    auth_mechanisms: tuple = setting(list_of(choice(*AUTH_MECHANISMS)), lambda usage: RECEIVE_USAGE_DEFAULTS[usage]["auth_mechanisms"], "None | Tls | BasicAuth | BasicAuthRequireTLS | ExternalAuthoritative", per_usage=True)
+    permission_groups: tuple = setting(list_of(choice(*PERMISSION_GROUPS)), lambda usage: RECEIVE_USAGE_DEFAULTS[usage]["permission_groups"], "AnonymousUsers | ExchangeUsers | ExchangeServers | ExchangeLegacyServers | Partners | Custom", per_usage=True)
+    max_message_size: int = setting(v.parse_size, 36 * 1024**2, "largest message accepted (SIZE)")
+    max_recipients_per_message: int = setting(integer(1, 512000), 200, "RCPTs accepted per message; more get 452 4.5.3")
+    max_header_size: int = setting(v.parse_size, 256 * 1024, "largest header section accepted")
+    max_hop_count: int = setting(integer(1, 500), 30, "Received headers allowed before a message is refused as a loop")
+    connection_timeout: float = setting(v.parse_timespan, 300.0, "longest session, busy or not")
+    connection_inactivity_timeout: float = setting(v.parse_timespan, 60.0, "longest wait for the client")
+    max_inbound_connection: int | None = setting(integer(1, unlimited=True), 5000, "concurrent sessions on this connector")
+    max_inbound_connection_per_source: int | None = setting(integer(1, 10000, unlimited=True), 20, "concurrent sessions per peer address")
+    max_protocol_errors: int | None = setting(integer(0, unlimited=True), 5, "errors before 421 and disconnect (0 or unlimited: never)")
+    tarpit_interval: float = setting(v.parse_timespan, 5.0, "delay before error replies to unauthenticated peers")
+    enabled: bool = setting(boolean, True, "false: the connector does not listen")
+    pipelining_enabled: bool = setting(boolean, True, "advertise PIPELINING")
+    eight_bit_mime_enabled: bool = setting(boolean, True, "advertise 8BITMIME")
+    delivery_status_notification_enabled: bool = setting(boolean, True, "advertise DSN")
+    protocol_logging_level: str = setting(choice("None", "Verbose"), "None", "Verbose: log every command and reply")
+    comment: str = setting(text, "", "free text")
+
+    def effective_fqdn(self, server: ServerConfig) -> str:
+        return self.fqdn or server.fqdn
+
+
+@attrs.frozen
+class AddressSpace:
+    """One entry of a send connector's AddressSpaces: type, domain pattern, cost."""
+
+    type: str
+    domain: str  # "*", "example.com" or "*.example.com"
+    cost: int
+    text: str = attrs.field(eq=False)
+
+    def match_length(self, domain: str) -> int | None:
+        """
+        How specifically this address space matches C{domain} (longer is
+        more specific), or C{None}. An exact domain beats the wildcard of
+        the same name.
+        """
+        if self.domain == "*":
+            return 0
+        if self.domain.startswith("*."):
+            base = self.domain[2:]
+            if domain == base or domain.endswith("." + base):
+                return 2 * len(base)
+            return None
+        return 2 * len(self.domain) + 1 if domain == self.domain else None
+
+
+def parse_address_space(value: Any) -> AddressSpace:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an address space such as \"SMTP:*.contoso.com;5\", got {value!r}")
+    body = value.strip()
+    kind = "SMTP"
+    if ":" in body:
+        kind, body = body.split(":", 1)
+        kind = kind.strip().upper()
+        if kind != "SMTP":
+            raise ValueError(f"address space {value!r}: only type SMTP is supported")
+    cost = 1
+    if ";" in body:
+        body, cost_text = body.split(";", 1)
+        try:
+            cost = int(cost_text.strip())
+        except ValueError:
+            raise ValueError(f"address space {value!r}: cost must be a number 1..100") from None
+        if not 1 <= cost <= 100:
+            raise ValueError(f"address space {value!r}: cost must be 1..100")
+    body = body.strip().lower().rstrip(".")
+    if body != "*":
+        try:
+            body = v.parse_domain(body, wildcard=True)
+        except ValueError:
+            raise ValueError(f"invalid address space {value!r}") from None
+    return AddressSpace(kind, body, cost, value)
+
+
+def _send_size_default(usage: str) -> int | None:
+    return None if usage == "Internal" else 35 * 1024**2
+
+
+@attrs.frozen(kw_only=True)
+class SendConnector:
+    name: str = setting(name, doc="unique connector name")
+    usage: str = setting(choice(*USAGES), "Custom", "label; Internal connectors have no size limit by default")
+    address_spaces: tuple = setting(list_of(parse_address_space), doc="\"SMTP:*.contoso.com;5\", \"contoso.com;1\", \"*\"")
+    drop_directory: str = setting(text, doc="deliver into this directory, one .eml per message (Exchange's Foreign connector)")
+    max_message_size: int | None = setting(lambda x: v.parse_size(x, allow_unlimited=True), _send_size_default, "largest message this connector carries", per_usage=True)
+    enabled: bool = setting(boolean, True, "false: never chosen for routing")
+    comment: str = setting(text, "", "free text")
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    server: ServerConfig
+    accepted_domains: tuple
+    receive_connectors: tuple
+    send_connectors: tuple
+    source: str = ""
+    warnings: tuple = ()
+
+
+SECTIONS = {
+    "server": (ServerConfig, False),
+    "accepted_domains": (AcceptedDomain, True),
+    "receive_connectors": (ReceiveConnector, True),
+    "send_connectors": (SendConnector, True),
+}

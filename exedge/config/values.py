@@ -1,0 +1,204 @@
+"""
+Parsers for the value spellings an Exchange admin already knows.
+
+Every parser takes the raw TOML value and returns the canonical Python value
+or raises L{ValueError} with a message meant for the admin; the loader adds
+the file, key and line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Iterable
+
+import attrs
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*(?:\(.*\))?\s*$", re.I)
+
+
+def parse_size(value: object, *, allow_unlimited: bool = False) -> int | None:
+    """
+    A byte count: an integer, or "36MB", "512KB", "35 MB", "10GB" (binary
+    units, as Exchange uses them), or Exchange's own echo
+    "36 MB (37,748,736 bytes)". "unlimited" gives C{None} where allowed.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as \"36MB\", got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a size cannot be negative ({value})")
+        return value
+    if isinstance(value, str):
+        if value.strip().lower() == "unlimited":
+            if allow_unlimited:
+                return None
+            raise ValueError("\"unlimited\" is not allowed here")
+        m = _SIZE_RE.match(value)
+        if m:
+            unit = m.group(2).upper()
+            if unit and not unit.endswith("B"):
+                unit += "B"
+            return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    raise ValueError(
+        f"invalid size {value!r} (expected bytes or e.g. \"36MB\", \"512KB\")"
+    )
+
+
+_SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SPAN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$", re.I)
+# Exchange's TimeSpan: [d.]hh:mm:ss
+_EXCHANGE_SPAN_RE = re.compile(r"^\s*(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})\s*$")
+
+
+def parse_timespan(value: object) -> float:
+    """
+    A duration in seconds: a number, "30s", "10m", "4h", "2d", or Exchange's
+    "00:05:00" / "2.00:00:00" (days.hours:minutes:seconds).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as \"5m\", got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative ({value})")
+        return float(value)
+    if isinstance(value, str):
+        m = _SPAN_RE.match(value)
+        if m:
+            return float(m.group(1)) * _SPAN_UNITS[m.group(2).lower()]
+        m = _EXCHANGE_SPAN_RE.match(value)
+        if m:
+            days, hours, minutes, seconds = (int(g or 0) for g in m.groups())
+            if minutes > 59 or seconds > 59:
+                raise ValueError(f"invalid time span {value!r}")
+            return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+    raise ValueError(
+        f"invalid duration {value!r} (expected seconds, \"30s\", \"10m\", "
+        f"\"4h\", \"2d\" or \"hh:mm:ss\")"
+    )
+
+
+def parse_choice(value: object, choices: Iterable[str]) -> str:
+    """
+    One of Exchange's enumerated spellings, matched case-insensitively and
+    returned in its canonical spelling.
+    """
+    choices = list(choices)
+    if isinstance(value, str):
+        for choice in choices:
+            if choice.lower() == value.strip().lower():
+                return choice
+    raise ValueError(f"invalid value {value!r} (expected one of {', '.join(choices)})")
+
+
+@attrs.frozen
+class IPRange:
+    """
+    An inclusive range of addresses of one IP version: what Exchange accepts
+    as RemoteIPRanges (a single address, "a-b", or CIDR).
+    """
+
+    first: ipaddress.IPv4Address | ipaddress.IPv6Address
+    last: ipaddress.IPv4Address | ipaddress.IPv6Address
+    text: str = attrs.field(eq=False)
+
+    @property
+    def size(self) -> int:
+        """How many addresses the range covers: smaller is more specific."""
+        return int(self.last) - int(self.first) + 1
+
+    def __contains__(self, address) -> bool:
+        return (
+            address.version == self.first.version
+            and self.first <= address <= self.last
+        )
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_ip_range(value: object) -> IPRange:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an address, range or CIDR string, got {value!r}")
+    text = value.strip()
+    try:
+        if "/" in text:
+            net = ipaddress.ip_network(text, strict=False)
+            return IPRange(net[0], net[-1], text)
+        if "-" in text:
+            a, b = (part.strip() for part in text.split("-", 1))
+            first, last = ipaddress.ip_address(a), ipaddress.ip_address(b)
+            if first.version != last.version:
+                raise ValueError("mixes IPv4 and IPv6")
+            if first > last:
+                raise ValueError("starts after it ends")
+            return IPRange(first, last, text)
+        addr = ipaddress.ip_address(text)
+        return IPRange(addr, addr, text)
+    except ValueError as e:
+        raise ValueError(f"invalid remote IP range {value!r}: {e}") from None
+
+
+@attrs.frozen
+class Binding:
+    """A local address and port to listen on ("127.0.0.1:25", "[::1]:25")."""
+
+    host: str
+    port: int
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.host in ("0.0.0.0", "::")
+
+    @property
+    def version(self) -> int:
+        return ipaddress.ip_address(self.host).version
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_binding(value: object) -> Binding:
+    if not isinstance(value, str):
+        raise ValueError(f"expected \"ip:port\", got {value!r}")
+    text = value.strip()
+    m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", text) or re.match(
+        r"^([0-9.]+):(\d+)$", text
+    )
+    if not m:
+        raise ValueError(f"invalid binding {value!r} (expected \"ip:port\" or \"[ipv6]:port\")")
+    try:
+        host = str(ipaddress.ip_address(m.group(1)))
+    except ValueError:
+        raise ValueError(f"invalid binding {value!r}: bad address") from None
+    port = int(m.group(2))
+    if not 0 < port < 65536:
+        raise ValueError(f"invalid binding {value!r}: port out of range")
+    return Binding(host, port)
+
+
+_LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
+_DOMAIN_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+
+
+def is_domain(text: str) -> bool:
+    """A syntactically valid DNS name (underscores tolerated, as mail does)."""
+    return len(text) <= 255 and bool(_DOMAIN_RE.match(text))
+
+
+def parse_domain(value: object, *, wildcard: bool = False) -> str:
+    """A lower-cased domain; "*.example.com" too when C{wildcard}."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a domain name, got {value!r}")
+    text = value.strip().lower().rstrip(".")
+    bare = text[2:] if wildcard and text.startswith("*.") else text
+    if not is_domain(bare):
+        raise ValueError(f"invalid domain name {value!r}")
+    return text
+
+
+def parse_fqdn(value: object) -> str:
+    if not isinstance(value, str) or not is_domain(value.strip().rstrip(".")):
+        raise ValueError(f"invalid FQDN {value!r}")
+    return value.strip().rstrip(".")

@@ -1,0 +1,50 @@
+"""
+The protocol log, in Exchange's vocabulary: per session, "+" connect,
+"-" disconnect, "<" received, ">" sent, "*" information.
+
+Events go through C{twisted.logger} under the namespace
+C{exedge.protocol}, so they land wherever twistd sends its log and carry
+structured fields (connector, session, event, data) for observers.
+Connect, disconnect and "*" events are always logged: the rights a session
+got and why must be visible. Command traffic is logged when the connector's
+protocol_logging_level is Verbose.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+_log = Logger(namespace="exedge.protocol")
+
+
+class ProtocolLog:
+    def __init__(self, connector: str, session: str, verbose: bool, local: str, remote: str):
+        self.connector = connector
+        self.session = session
+        self.verbose = verbose
+        self.local = local
+        self.remote = remote
+
+    def _emit(self, event: str, data: str) -> None:
+        _log.info(
+            "{connector},{session},{local},{remote},{event},{data}",
+            connector=self.connector, session=self.session, local=self.local,
+            remote=self.remote, event=event, data=data,
+        )
+
+    def connect(self) -> None:
+        self._emit("+", "")
+
+    def disconnect(self) -> None:
+        self._emit("-", "")
+
+    def info(self, text: str) -> None:
+        self._emit("*", text)
+
+    def received(self, line: bytes) -> None:
+        if self.verbose:
+            self._emit("<", line[:512].decode("ascii", "backslashreplace"))
+
+    def sent(self, data: bytes) -> None:
+        if self.verbose:
+            self._emit(">", data.decode("ascii", "replace").rstrip("\r\n"))

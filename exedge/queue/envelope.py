@@ -1,0 +1,45 @@
+"""
+What travels with a message: the SMTP envelope and where it came from.
+Stored beside the data in the spool, as JSON (never pickle: the spool is
+data, not code).
+"""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+
+
+@attrs.frozen
+class Recipient:
+    address: str
+    notify: tuple[str, ...] = ()      # RFC 3461 NOTIFY; () = not given
+    orcpt: str | None = None          # RFC 3461 ORCPT, "rfc822;user@example.com"
+
+
+@attrs.frozen(kw_only=True)
+class Envelope:
+    sender: str                        # "" for the null reverse-path
+    recipients: tuple[Recipient, ...]
+    ret: str | None = None             # FULL | HDRS
+    envid: str | None = None
+    body: str | None = None            # 7BIT | 8BITMIME
+    size: int = 0                      # octets stored, Received header included
+    receive_connector: str = ""
+    peer: str = ""                     # "ip:port"
+    helo: str = ""
+    received_at: float = 0.0
+
+    def to_json(self) -> bytes:
+        data = attrs.asdict(self, recurse=True)
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Envelope":
+        data = json.loads(raw)
+        data["recipients"] = tuple(
+            Recipient(r["address"], tuple(r.get("notify", ())), r.get("orcpt"))
+            for r in data["recipients"]
+        )
+        return cls(**data)

@@ -1,0 +1,267 @@
+"""
+The durable spool: nothing is acknowledged before it is on disk.
+
+Written here rather than taken from C{twisted.mail.relaymanager.Queue},
+which never fsyncs, pickles envelopes and leaves orphans (research §3).
+
+Layout under the spool directory::
+
+    incoming/<id>   being received; never acknowledged; removed at start-up
+    queue/<id>      committed: message data, then the envelope as JSON, then
+                    a fixed-size footer giving the envelope's length
+    state/<id>      per-recipient outcomes, one JSON line each, appended and
+                    fsync'ed as delivery goes on
+
+A message is committed when C{incoming/<id>} has been written and fsync'ed,
+renamed to C{queue/<id>} and the C{queue} directory fsync'ed. Only then does
+the session answer 250. A crash before the rename leaves a file in
+C{incoming/} that start-up deletes; a crash after it leaves a complete
+message that start-up puts back in its queues. The envelope goes after the
+data so a message can stream to disk while it is still arriving.
+
+Disk work runs on a bounded thread pool (C{run}), never on the reactor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from typing import Callable, Iterable
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .envelope import Envelope
+
+FOOTER_MAGIC = b"\n#exedge-envelope "
+FOOTER_LEN = len(FOOTER_MAGIC) + 10 + 1   # magic, 10 digits, newline
+SPILL_THRESHOLD = 512 * 1024
+
+log = Logger()
+
+
+def new_queue_id() -> str:
+    """Sortable by arrival (microseconds) and unique (random suffix)."""
+    return f"{time.time_ns() // 1000:014X}{secrets.token_hex(3).upper()}"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@attrs.frozen
+class StoredMessage:
+    """A committed message: its id, envelope, and recipients already done."""
+
+    queue_id: str
+    envelope: Envelope
+    path: str
+    data_length: int
+    done: frozenset = frozenset()   # recipient indexes with a final outcome
+
+    def pending(self) -> list[int]:
+        return [i for i in range(len(self.envelope.recipients)) if i not in self.done]
+
+    def read_data(self) -> bytes:
+        """The message bytes (blocking: call on a spool thread)."""
+        with open(self.path, "rb") as f:
+            return f.read(self.data_length)
+
+
+class IncomingMessage:
+    """
+    A message being received. Data is kept in memory until it passes
+    L{SPILL_THRESHOLD}, then streamed to C{incoming/<id>} in order on the
+    spool threads, so a 36 MB message costs neither 36 MB of RAM nor a
+    blocked reactor.
+    """
+
+    def __init__(self, spool: "Spool", queue_id: str):
+        self.spool = spool
+        self.queue_id = queue_id
+        self.path = os.path.join(spool.incoming_dir, queue_id)
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._file = None
+        self._tail: defer.Deferred = defer.succeed(None)
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered >= SPILL_THRESHOLD:
+            self._spill()
+
+    def _spill(self) -> None:
+        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        self._tail.addCallback(lambda _: self.spool.run(lambda: self._write_chunks(chunks)))
+
+    def _write_chunks(self, chunks: list[bytes]) -> None:
+        if self._file is None:
+            self._file = open(self.path, "wb")
+        self._file.writelines(chunks)
+
+    def commit(self, envelope: Envelope) -> defer.Deferred:
+        """Write, fsync and rename into the queue; fires with L{StoredMessage}."""
+        chunks, self._chunks = self._chunks, []
+        self._closed = True
+
+        def finish():
+            self._write_chunks(chunks)
+            f, self._file = self._file, None
+            length = f.tell()
+            meta = envelope.to_json()
+            f.write(meta + FOOTER_MAGIC + b"%010d\n" % len(meta))
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            final = os.path.join(self.spool.queue_dir, self.queue_id)
+            os.rename(self.path, final)
+            self.spool.sync_queue_dir()
+            return StoredMessage(self.queue_id, envelope, final, length)
+
+        d = self._tail
+        d.addCallback(lambda _: self.spool.run(finish))
+        d.addErrback(self._cleanup_after_failure)
+        return d
+
+    def _cleanup_after_failure(self, failure):
+        self.spool.run(self._discard).addErrback(
+            lambda f: log.failure("discarding {path}", f, path=self.path))
+        return failure
+
+    def abort(self) -> None:
+        """Forget the message (the client never got a 250)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._chunks = []
+        self._tail.addCallback(lambda _: self.spool.run(self._discard))
+        self._tail.addErrback(lambda f: log.failure("discarding {path}", f, path=self.path))
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class Spool:
+    """
+    The spool directory. C{run(f)} executes blocking file work and returns a
+    Deferred: a thread pool in the server, the same thread in protocol tests.
+    """
+
+    def __init__(self, directory: str, run: Callable[[Callable], defer.Deferred]):
+        self.directory = directory
+        self.run = run
+        self.incoming_dir = os.path.join(directory, "incoming")
+        self.queue_dir = os.path.join(directory, "queue")
+        self.state_dir = os.path.join(directory, "state")
+        self.corrupt_dir = os.path.join(directory, "corrupt")
+
+    def prepare(self) -> None:
+        for d in (self.incoming_dir, self.queue_dir, self.state_dir, self.corrupt_dir):
+            os.makedirs(d, exist_ok=True)
+
+    def sync_queue_dir(self) -> None:
+        _fsync_dir(self.queue_dir)
+
+    def begin(self) -> IncomingMessage:
+        return IncomingMessage(self, new_queue_id())
+
+    # -- after commit ------------------------------------------------------
+
+    def record(self, message: StoredMessage, indexes: Iterable[int], status: str, detail: str = "") -> defer.Deferred:
+        """Durably note a final outcome for these recipients."""
+        line = json.dumps({"rcpts": sorted(indexes), "status": status, "detail": detail, "at": time.time()})
+
+        def append():
+            with open(os.path.join(self.state_dir, message.queue_id), "ab") as f:
+                f.write(line.encode("utf-8") + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+        return self.run(append)
+
+    def remove(self, message: StoredMessage) -> defer.Deferred:
+        """Delete a message whose recipients all have a final outcome."""
+
+        def unlink():
+            for path in (message.path, os.path.join(self.state_dir, message.queue_id)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+        return self.run(unlink)
+
+    # -- start-up ----------------------------------------------------------
+
+    def recover(self) -> list[StoredMessage]:
+        """
+        Rebuild the list of committed messages (blocking; called once at
+        start-up before any session is served). Unacknowledged partial files
+        are deleted; unreadable queue files are moved aside, never deleted.
+        """
+        self.prepare()
+        for name in os.listdir(self.incoming_dir):
+            os.unlink(os.path.join(self.incoming_dir, name))
+            log.info("spool: removed unacknowledged partial message {name}", name=name)
+        messages = []
+        for name in sorted(os.listdir(self.queue_dir)):
+            path = os.path.join(self.queue_dir, name)
+            try:
+                message = self._load(name, path)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                os.rename(path, os.path.join(self.corrupt_dir, name))
+                log.error("spool: moved unreadable {name} to corrupt/: {error}", name=name, error=e)
+                continue
+            messages.append(message)
+        live = {m.queue_id for m in messages}
+        for name in os.listdir(self.state_dir):
+            if name not in live:
+                os.unlink(os.path.join(self.state_dir, name))
+        return messages
+
+    def _load(self, queue_id: str, path: str) -> StoredMessage:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            total = f.tell()
+            if total < FOOTER_LEN:
+                raise ValueError("too short for a footer")
+            f.seek(total - FOOTER_LEN)
+            footer = f.read(FOOTER_LEN)
+            if not footer.startswith(FOOTER_MAGIC):
+                raise ValueError("no envelope footer")
+            meta_len = int(footer[len(FOOTER_MAGIC):-1])
+            data_length = total - FOOTER_LEN - meta_len
+            if data_length < 0:
+                raise ValueError("envelope length out of range")
+            f.seek(data_length)
+            envelope = Envelope.from_json(f.read(meta_len))
+        return StoredMessage(queue_id, envelope, path, data_length, self._load_done(queue_id))
+
+    def _load_done(self, queue_id: str) -> frozenset:
+        done: set[int] = set()
+        try:
+            with open(os.path.join(self.state_dir, queue_id), "rb") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue  # a torn last line: that outcome was never acted on
+                    done.update(record["rcpts"])
+        except FileNotFoundError:
+            pass
+        return frozenset(done)

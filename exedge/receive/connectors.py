@@ -1,0 +1,88 @@
+"""
+Which receive connector serves a connection, and whether it may.
+
+As in Exchange, a connection is served by the enabled connector that has
+its local binding (ip:port, or the wildcard address on that port) and
+whose RemoteIPRanges contain the peer; when several do, the most specific
+range wins (the one covering the fewest addresses), then the exact binding
+over the wildcard one.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+
+from exedge.config import ReceiveConnector
+from exedge.config.values import Binding
+
+
+def _address(host: str):
+    addr = ipaddress.ip_address(host.split("%", 1)[0])
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+class ConnectorTable:
+    def __init__(self, connectors):
+        self.connectors: tuple[ReceiveConnector, ...] = tuple(c for c in connectors if c.enabled)
+        self._open = collections.Counter()       # connector name -> sessions
+        self._per_source = collections.Counter()  # (connector name, peer ip) -> sessions
+
+    def listen_bindings(self) -> list[Binding]:
+        """
+        The sockets to open: one per distinct binding, except that a
+        wildcard binding on a port covers the specific addresses on it.
+        """
+        bindings = {b for c in self.connectors for b in c.bindings}
+        wild = {(b.version, b.port) for b in bindings if b.is_wildcard}
+        return sorted(
+            (b for b in bindings if b.is_wildcard or (b.version, b.port) not in wild),
+            key=lambda b: (b.port, b.host),
+        )
+
+    def select(self, local_host: str, local_port: int, peer_host: str) -> ReceiveConnector | None:
+        local = _address(local_host)
+        peer = _address(peer_host)
+        best = None
+        best_key = None
+        for connector in self.connectors:
+            exact = None
+            for b in connector.bindings:
+                if b.port != local_port:
+                    continue
+                if _address(b.host) == local:
+                    exact = True
+                elif b.is_wildcard and exact is None:
+                    exact = False
+            if exact is None:
+                continue
+            for rng in connector.remote_ip_ranges:
+                if peer in rng:
+                    key = (rng.size, not exact)
+                    if best_key is None or key < best_key:
+                        best, best_key = connector, key
+        return best
+
+    # -- connection limits -------------------------------------------------
+
+    def admit(self, connector: ReceiveConnector, peer_host: str) -> bool:
+        """Count a new session; False if a limit is reached (nothing counted)."""
+        source = (connector.name, str(_address(peer_host)))
+        if connector.max_inbound_connection is not None \
+                and self._open[connector.name] >= connector.max_inbound_connection:
+            return False
+        if connector.max_inbound_connection_per_source is not None \
+                and self._per_source[source] >= connector.max_inbound_connection_per_source:
+            return False
+        self._open[connector.name] += 1
+        self._per_source[source] += 1
+        return True
+
+    def release(self, connector: ReceiveConnector, peer_host: str) -> None:
+        source = (connector.name, str(_address(peer_host)))
+        self._open[connector.name] -= 1
+        self._per_source[source] -= 1
+        if self._per_source[source] <= 0:
+            del self._per_source[source]

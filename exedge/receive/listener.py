@@ -1,0 +1,40 @@
+"""
+Listening sockets for the receive connectors, as Twisted services.
+
+One C{StreamServerEndpointService} per distinct binding (it binds in
+privilegedStartService, so twistd can open port 25 before dropping
+privileges); the connector for each connection is chosen when it arrives.
+"""
+
+from __future__ import annotations
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints, protocol
+
+from .protocol import SMTPServer, ServerContext
+
+
+class SMTPFactory(protocol.ServerFactory):
+    def __init__(self, context: ServerContext):
+        self.context = context
+
+    def buildProtocol(self, addr):
+        p = SMTPServer(self.context)
+        p.factory = self
+        return p
+
+
+def listener_services(reactor, context: ServerContext) -> list[StreamServerEndpointService]:
+    factory = SMTPFactory(context)
+    services = []
+    for binding in context.connectors.listen_bindings():
+        if binding.version == 6:
+            endpoint = endpoints.TCP6ServerEndpoint(reactor, binding.port, interface=binding.host)
+        else:
+            endpoint = endpoints.TCP4ServerEndpoint(reactor, binding.port, interface=binding.host)
+        service = StreamServerEndpointService(endpoint, factory)
+        service.setName(f"smtp {binding}")
+        # a port that cannot be bound must stop the server, not be logged and ignored
+        service._raiseSynchronously = True
+        services.append(service)
+    return services

@@ -1,0 +1,473 @@
+"""
+The ESMTP session of a receive connector.
+
+exedge's own server protocol on C{basic.LineReceiver} rather than a
+subclass of C{twisted.mail.smtp.ESMTP}, whose flaws reach nearly every
+handler (research §1, §8): it answers pipelined asynchronous commands out
+of order, runs an over-long DATA line's remainder as commands, keeps an
+unbounded buffer, never disconnects for protocol errors, has no NOOP,
+VRFY or HELP, ignores every MAIL/RCPT parameter and can only answer 550
+when the queue write fails.
+
+Here:
+  - every command is answered in order: while an answer is pending
+    (queue write, tarpit) the protocol is paused, and LineReceiver stops
+    taking lines from its buffer until it resumes;
+  - command lines are limited to 512 octets including CRLF; an over-long
+    line is answered once and discarded up to its CRLF;
+  - DATA is read in raw mode by L{DataReader}; the 250 is sent only after
+    the spool has fsync'ed the message;
+  - the connector, rights and limits are fixed when the session starts.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import uuid
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.protocols import basic
+
+from exedge.auth.permissions import Permissions, Right, session_permissions
+from exedge.logs import ProtocolLog
+from exedge.queue.envelope import Envelope, Recipient
+
+from .address import (
+    Mailbox, SMTPError, check_notify, check_orcpt, check_xtext, is_helo_argument,
+    parse_params, parse_path,
+)
+from .data import DataReader
+from .reply import Reply, bad_sequence, syntax_error
+
+log = Logger()
+
+HARD_SIZE_LIMIT = 2 * 1024**3   # Exchange's ceiling, even for BypassMessageSizeLimit
+_BAD_COMMAND_BYTES = (b"\r", b"\n", b"\x00")
+
+
+@attrs.define
+class Transaction:
+    sender: Mailbox | None
+    declared_size: int | None = None
+    body: str | None = None
+    ret: str | None = None
+    envid: str | None = None
+    recipients: list[Recipient] = attrs.field(factory=list)
+
+
+@attrs.define
+class ServerContext:
+    """What every session of one server shares."""
+
+    server: object            # ServerConfig
+    connectors: object        # ConnectorTable
+    router: object            # Router
+    store: object             # IMessageStore
+    sink: object              # IQueueSink
+    clock: object             # IReactorTime
+
+
+class SMTPServer(basic.LineReceiver):
+    delimiter = b"\r\n"
+    MAX_LENGTH = 510   # RFC 5321 §4.5.3.1.4: 512 octets with the CRLF
+
+    def __init__(self, context: ServerContext):
+        self.ctx = context
+        self.connector = None
+        self.permissions: Permissions | None = None
+        self.fqdn = ""
+        self.helo: str | None = None
+        self.esmtp = False
+        self.txn: Transaction | None = None
+        self.errors = 0
+        self.incoming = None
+        self.reader: DataReader | None = None
+        self.plog: ProtocolLog | None = None
+        self._admitted = False
+        self._closing = False
+        self._discarding = False
+        self._overflowed = False
+        self._idle_call = None
+        self._life_call = None
+
+    # -- connection ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        local, peer = self.transport.getHost(), self.transport.getPeer()
+        self.peer_host = peer.host
+        self.session_id = uuid.uuid4().hex[:16].upper()
+        connector = self.ctx.connectors.select(local.host, local.port, peer.host)
+        where = f"{local.host}:{local.port}"
+        self.plog = ProtocolLog(connector.name if connector else "-", self.session_id,
+                                bool(connector and connector.protocol_logging_level == "Verbose"),
+                                where, f"{peer.host}:{peer.port}")
+        self.plog.connect()
+        if connector is None:
+            self.plog.info(f"no receive connector on {where} accepts {peer.host}")
+            return self._refuse(Reply(554, "5.7.1", "No receive connector accepts your address; closing"))
+        self.connector = connector
+        if not self.ctx.connectors.admit(connector, peer.host):
+            self.plog.info("connection limit reached")
+            return self._refuse(Reply(421, "4.3.2", "Service not available, too many connections; try again later"))
+        self._admitted = True
+        self.fqdn = connector.effective_fqdn(self.ctx.server)
+        self.permissions = session_permissions(connector.permission_groups, connector.auth_mechanisms)
+        self.plog.info(f"rights: {self.permissions.explain()}")
+        clock = self.ctx.clock
+        self._idle_call = clock.callLater(connector.connection_inactivity_timeout, self._timed_out,
+                                          "4.4.2", "Timeout waiting for client input")
+        self._life_call = clock.callLater(connector.connection_timeout, self._timed_out,
+                                          "4.4.2", "Connection time limit exceeded")
+        banner = connector.banner or f"220 {self.fqdn} exedge ESMTP service ready"
+        self._write((banner if banner.startswith("220") else f"220 {banner}").encode("ascii", "replace") + b"\r\n")
+
+    def _refuse(self, reply: Reply) -> None:
+        self._closing = True
+        self._write(reply.encode())
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self._closing = True
+        for call in (self._idle_call, self._life_call):
+            if call is not None and call.active():
+                call.cancel()
+        if self.incoming is not None:
+            self.incoming.abort()
+            self.incoming = None
+        if self._admitted:
+            self._admitted = False
+            self.ctx.connectors.release(self.connector, self.peer_host)
+        if self.plog is not None:
+            self.plog.disconnect()
+
+    def _timed_out(self, status: str, text: str) -> None:
+        if self._closing:
+            return
+        self.plog.info(text)
+        self._refuse(Reply(421, status, f"{self.fqdn} {text}, closing transmission channel"))
+
+    def _write(self, data: bytes) -> None:
+        self.plog.sent(data)
+        self.transport.write(data)
+
+    # -- input ---------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self.connector.connection_inactivity_timeout)
+        super().dataReceived(data)
+        # LineReceiver leaves its loop after lineLengthExceeded: go on with
+        # what followed the over-long line (put back into the buffer)
+        while self._overflowed and not self.paused and not self._closing:
+            self._overflowed = False
+            super().dataReceived(b"")
+
+    def lineLengthExceeded(self, data: bytes) -> None:
+        end = data.find(b"\r\n")
+        if end >= 0:
+            self._buffer = data[end + 2:] + self._buffer
+            self._overflowed = True
+        if not self._discarding:
+            self._answer(syntax_error("Line too long", "5.5.2", 500))
+        self._discarding = end < 0
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._closing:
+            return
+        if self._discarding:          # the end of an over-long line
+            self._discarding = False
+            return
+        self.plog.received(line)
+        self._answer(self._command(line))
+
+    def rawDataReceived(self, data: bytes) -> None:
+        done, rest = self.reader.feed(data)
+        if not done:
+            return
+        reader, self.reader = self.reader, None
+        self.setLineMode(rest)   # buffered: handled once this answer is out
+        self._answer(self._end_of_data(reader))
+
+    # -- answering in order ------------------------------------------------
+
+    def _answer(self, result) -> None:
+        if isinstance(result, defer.Deferred):
+            self.pauseProducing()
+            result.addErrback(self._internal_error)
+            result.addCallback(self._emit, resume=True)
+        else:
+            self._emit(result, resume=False)
+
+    def _internal_error(self, failure) -> Reply:
+        log.failure("session {session}: internal error", failure, session=self.session_id)
+        return Reply(451, "4.3.0", "Temporary server error; please try again later")
+
+    def _emit(self, reply: Reply, resume: bool) -> None:
+        delay = self.connector.tarpit_interval if reply.tarpit and self._tarpitted() else 0
+        if delay > 0:
+            if not resume:
+                self.pauseProducing()
+            self.ctx.clock.callLater(delay, self._send_reply, reply, True)
+        else:
+            self._send_reply(reply, resume)
+
+    def _tarpitted(self) -> bool:
+        return Right.AcceptAuthenticationFlag not in self.permissions
+
+    def _send_reply(self, reply: Reply, resume: bool) -> None:
+        if self._closing:
+            return
+        self._write(reply.encode())
+        if reply.protocol_error:
+            self.errors += 1
+            limit = self.connector.max_protocol_errors
+            if limit and self.errors >= limit:
+                self.plog.info(f"{self.errors} protocol errors")
+                return self._refuse(Reply(421, "4.7.0", "Too many errors on this connection, closing transmission channel"))
+        if reply.close:
+            self._closing = True
+            self.transport.loseConnection()
+            return
+        if resume:
+            self.resumeProducing()
+
+    # -- commands ------------------------------------------------------------
+
+    def _command(self, line: bytes):
+        if any(b in line for b in _BAD_COMMAND_BYTES):
+            return syntax_error("Invalid characters in command (bare CR, LF or NUL)", "5.5.2", 500)
+        verb, _, arg = line.partition(b" ")
+        handler = getattr(self, "do_" + verb.decode("ascii", "replace").upper(), None) if verb.isalpha() else None
+        if handler is None:
+            return syntax_error("Command unrecognized", "5.5.1", 500)
+        return handler(arg.decode("latin-1").strip(" "))
+
+    def do_EHLO(self, arg: str):
+        return self._hello(arg, esmtp=True)
+
+    def do_HELO(self, arg: str):
+        return self._hello(arg, esmtp=False)
+
+    def _hello(self, arg: str, esmtp: bool) -> Reply:
+        if not arg or not is_helo_argument(arg):
+            return syntax_error(f"Syntax: {'EHLO' if esmtp else 'HELO'} domain or address literal")
+        self._reset()
+        self.helo, self.esmtp = arg, esmtp
+        greeting = f"{self.fqdn} Hello [{self.peer_host}]"
+        if not esmtp:
+            return Reply(250, None, greeting)
+        return Reply(250, None, greeting, more=tuple(self._extensions()))
+
+    def _extensions(self) -> list[str]:
+        c = self.connector
+        size = "SIZE" if Right.BypassMessageSizeLimit in self.permissions else f"SIZE {c.max_message_size}"
+        ext = [size]
+        if c.pipelining_enabled:
+            ext.append("PIPELINING")
+        if c.delivery_status_notification_enabled:
+            ext.append("DSN")
+        ext.append("ENHANCEDSTATUSCODES")
+        if c.eight_bit_mime_enabled:
+            ext.append("8BITMIME")
+        # STARTTLS and AUTH are added here by the TLS/AUTH work
+        return ext
+
+    def do_MAIL(self, arg: str) -> Reply:
+        if self.helo is None:
+            return bad_sequence("Send hello first", "5.5.2")
+        if self.txn is not None:
+            return bad_sequence("Sender already specified")
+        if not arg[:5].upper() == "FROM:":
+            return syntax_error("Syntax: MAIL FROM:<address> [parameters]")
+        if Right.Submit not in self.permissions:
+            return Reply(530, "5.7.1", "Client was not authenticated", tarpit=True)
+        try:
+            sender, ptext = parse_path(arg[5:], "sender", allow_null=True)
+            params = parse_params(ptext)
+        except SMTPError as e:
+            return Reply(e.code, e.status, e.text, tarpit=True)
+        except ValueError as e:
+            return syntax_error(f"Bad sender address syntax: {e}", "5.1.7")
+        if params and not self.esmtp:
+            return Reply(555, "5.5.4", "MAIL parameters need EHLO", protocol_error=True)
+        txn = Transaction(sender)
+        try:
+            for key, value in params.items():
+                if key == "SIZE":
+                    if not value or not value.isdigit() or len(value) > 20:
+                        raise ValueError("SIZE needs a number")
+                    txn.declared_size = int(value)
+                elif key == "BODY":
+                    if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                        raise ValueError("BODY must be 7BIT or 8BITMIME")
+                    txn.body = value.upper()
+                elif key == "RET":
+                    if (value or "").upper() not in ("FULL", "HDRS"):
+                        raise ValueError("RET must be FULL or HDRS")
+                    txn.ret = value.upper()
+                elif key == "ENVID":
+                    txn.envid = check_xtext(value or "", 100)
+                elif key == "AUTH":
+                    pass  # RFC 4954 §5: not trusted from this peer, so not passed on
+                else:
+                    return Reply(555, "5.5.4", f"MAIL parameter {key} not recognized or not implemented",
+                                 protocol_error=True)
+        except ValueError as e:
+            return syntax_error(f"Bad MAIL parameter: {e}")
+        limit = self._size_limit()
+        if txn.declared_size is not None and txn.declared_size > limit:
+            return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        if sender is not None and not sender.is_literal and self.ctx.router.is_authoritative(sender.domain) \
+                and Right.AcceptAuthoritativeDomainSender not in self.permissions:
+            return Reply(550, "5.7.1", "Client does not have permissions to send as this sender", tarpit=True)
+        self.txn = txn
+        return Reply(250, "2.1.0", "Sender OK")
+
+    def _size_limit(self) -> int:
+        if Right.BypassMessageSizeLimit in self.permissions:
+            return HARD_SIZE_LIMIT
+        return self.connector.max_message_size
+
+    def do_RCPT(self, arg: str) -> Reply:
+        if self.txn is None:
+            return bad_sequence("Need MAIL before RCPT")
+        if not arg[:3].upper() == "TO:":
+            return syntax_error("Syntax: RCPT TO:<address> [parameters]")
+        path = arg[3:].lstrip(" ")
+        try:
+            if path[:12].lower() == "<postmaster>":   # RFC 5321 §4.1.1.3: no domain needed
+                mailbox = Mailbox("postmaster", self._postmaster_domain())
+                ptext = path[12:]
+            else:
+                mailbox, ptext = parse_path(path, "recipient", allow_null=False)
+            params = parse_params(ptext)
+        except SMTPError as e:
+            return Reply(e.code, e.status, e.text, tarpit=True)
+        except ValueError as e:
+            return syntax_error(f"Bad recipient address syntax: {e}", "5.1.3")
+        if params and not self.esmtp:
+            return Reply(555, "5.5.4", "RCPT parameters need EHLO", protocol_error=True)
+        notify: tuple = ()
+        orcpt = None
+        try:
+            for key, value in params.items():
+                if key == "NOTIFY":
+                    notify = check_notify(value or "")
+                elif key == "ORCPT":
+                    orcpt = check_orcpt(value or "")
+                else:
+                    return Reply(555, "5.5.4", f"RCPT parameter {key} not recognized or not implemented",
+                                 protocol_error=True)
+        except ValueError as e:
+            return syntax_error(f"Bad RCPT parameter: {e}")
+        if len(self.txn.recipients) >= self.connector.max_recipients_per_message:
+            return Reply(452, "4.5.3", "Too many recipients")
+        refusal = self._relay_check(mailbox)
+        if refusal is not None:
+            return refusal
+        self.txn.recipients.append(Recipient(f"{mailbox.local}@{mailbox.domain}", notify, orcpt))
+        return Reply(250, "2.1.5", "Recipient OK")
+
+    def _postmaster_domain(self) -> str:
+        for domain in self.ctx.router.accepted_domains:
+            if domain.domain_type == "Authoritative" and not domain.is_wildcard:
+                return domain.domain_name
+        return self.fqdn.lower()
+
+    def _relay_check(self, mailbox: Mailbox) -> Reply | None:
+        """Closed by default: without the relay right only accepted domains, and no routing tricks."""
+        if Right.AcceptAnyRecipient in self.permissions:
+            return None
+        trick = mailbox.routing_trick()
+        if trick is None and self.ctx.router.accepted_domain(mailbox.domain) is not None:
+            return None
+        self.plog.info(f"relay refused for {mailbox}" + (f" ({trick})" if trick else ""))
+        return Reply(550, "5.7.54", "Unable to relay recipient in non-accepted domain", tarpit=True)
+
+    def do_DATA(self, arg: str) -> Reply:
+        if arg:
+            return syntax_error("Syntax: DATA")
+        if self.txn is None:
+            return bad_sequence("Need MAIL command")
+        if not self.txn.recipients:
+            return Reply(554, "5.5.1", "No valid recipients", protocol_error=True)
+        self.incoming = self.ctx.store.begin()
+        self.incoming.write(self._received_header(self.incoming.queue_id))
+        c = self.connector
+        self.reader = DataReader(self.incoming.write, max_size=self._size_limit(),
+                                 max_header_size=c.max_header_size, max_hop_count=c.max_hop_count)
+        self.setRawMode()
+        return Reply(354, None, "Start mail input; end with <CRLF>.<CRLF>")
+
+    def _received_header(self, queue_id: str) -> bytes:
+        protocol = "ESMTP" if self.esmtp else "SMTP"
+        now = email.utils.formatdate(self.ctx.clock.seconds(), localtime=False)
+        return (
+            f"Received: from {self.helo} ([{self.peer_host}])\r\n"
+            f"\tby {self.fqdn} (exedge, receive connector \"{self.connector.name}\")\r\n"
+            f"\twith {protocol} id {queue_id};\r\n"
+            f"\t{now}\r\n"
+        ).encode("ascii", "replace")
+
+    def _end_of_data(self, reader: DataReader):
+        txn, self.txn = self.txn, None
+        incoming, self.incoming = self.incoming, None
+        if reader.error is not None:
+            incoming.abort()
+            code, status, text = reader.error
+            self.plog.info(f"message refused: {code} {status} {text}")
+            return Reply(code, status, text)
+        envelope = Envelope(
+            sender=str(txn.sender) if txn.sender else "",
+            recipients=tuple(txn.recipients),
+            ret=txn.ret, envid=txn.envid, body=txn.body,
+            size=reader.size, receive_connector=self.connector.name,
+            peer=f"{self.peer_host}:{self.transport.getPeer().port}",
+            helo=self.helo or "", received_at=self.ctx.clock.seconds(),
+        )
+        d = incoming.commit(envelope)
+        d.addCallback(self._queued)
+        d.addErrback(self._queue_failed, incoming.queue_id)
+        return d
+
+    def _queued(self, stored) -> Reply:
+        self.plog.info(f"queued {stored.queue_id}: {len(stored.envelope.recipients)} recipient(s), "
+                       f"{stored.envelope.size} bytes")
+        self.ctx.sink.submit(stored)
+        return Reply(250, "2.6.0", f"<{stored.queue_id}> Queued mail for delivery")
+
+    def _queue_failed(self, failure, queue_id: str) -> Reply:
+        log.failure("queue write failed for {queue_id}", failure, queue_id=queue_id)
+        return Reply(451, "4.3.0", "Could not write the message to the queue; try again later")
+
+    def do_RSET(self, arg: str) -> Reply:
+        if arg:
+            return syntax_error("Syntax: RSET")
+        self._reset()
+        return Reply(250, "2.0.0", "Resetting")
+
+    def _reset(self) -> None:
+        self.txn = None
+
+    def do_NOOP(self, arg: str) -> Reply:
+        return Reply(250, "2.0.0", "OK")
+
+    def do_QUIT(self, arg: str) -> Reply:
+        return Reply(221, "2.0.0", f"{self.fqdn} Service closing transmission channel", close=True)
+
+    def do_VRFY(self, arg: str) -> Reply:
+        if not arg:
+            return syntax_error("Syntax: VRFY address")
+        return Reply(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery")
+
+    def do_HELP(self, arg: str) -> Reply:
+        return Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+
+    def _not_offered(self, arg: str) -> Reply:
+        return Reply(502, "5.5.1", "Command not implemented", protocol_error=True, tarpit=True)
+
+    do_EXPN = do_TURN = do_ETRN = do_ATRN = do_BDAT = do_STARTTLS = do_AUTH = _not_offered

@@ -1,0 +1,33 @@
+"""SMTP replies with RFC 3463 enhanced status codes."""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class Reply:
+    code: int
+    status: str | None          # "2.1.0"; None for 220/221/354 greetings and prompts
+    text: str
+    more: tuple[str, ...] = ()  # further lines of a multi-line reply (EHLO, HELP)
+    protocol_error: bool = False  # counts towards max_protocol_errors
+    tarpit: bool = False        # delayed by tarpit_interval for untrusted peers
+    close: bool = False         # close the connection after sending
+
+    def encode(self) -> bytes:
+        lines = (self.text,) + self.more
+        out = []
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            prefix = f"{self.status} " if self.status and i == 0 else ""
+            out.append(f"{self.code}{sep}{prefix}{line}\r\n")
+        return "".join(out).encode("ascii", "replace")
+
+
+def syntax_error(text: str, status: str = "5.5.4", code: int = 501) -> Reply:
+    return Reply(code, status, text, protocol_error=True, tarpit=True)
+
+
+def bad_sequence(text: str, status: str = "5.5.1") -> Reply:
+    return Reply(503, status, text, protocol_error=True, tarpit=True)

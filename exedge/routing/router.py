@@ -1,0 +1,89 @@
+"""
+Accepted domains and send-connector choice.
+
+For each recipient domain: the most specific address-space match wins
+(C{contoso.com} over C{*.contoso.com} over C{*}), then the lowest cost;
+disabled connectors and connectors whose size limit the message exceeds are
+skipped. No candidate means the unreachable queue, as in Exchange.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import attrs
+
+from exedge.config import AcceptedDomain, SendConnector
+
+
+@attrs.frozen
+class NextHop:
+    """
+    The key of a delivery queue: a connector and the destination it serves.
+    A drop connector has one destination, itself; SMTP connectors (later)
+    key by domain or smart-host set.
+    """
+
+    connector: str
+    destination: str
+
+    def __str__(self) -> str:
+        return f"{self.connector}/{self.destination}" if self.destination else self.connector
+
+
+UNREACHABLE = NextHop("Unreachable", "")
+
+
+@attrs.frozen
+class Router:
+    accepted_domains: tuple[AcceptedDomain, ...]
+    send_connectors: tuple[SendConnector, ...]
+
+    def accepted_domain(self, domain: str) -> AcceptedDomain | None:
+        """The accepted domain entry for C{domain}: exact beats wildcard, longer wildcard beats shorter."""
+        domain = domain.lower()
+        best = None
+        best_len = -1
+        for entry in self.accepted_domains:
+            if entry.matches(domain):
+                length = len(entry.domain_name) + (0 if entry.is_wildcard else 1000)
+                if length > best_len:
+                    best, best_len = entry, length
+        return best
+
+    def is_authoritative(self, domain: str) -> bool:
+        entry = self.accepted_domain(domain)
+        return entry is not None and entry.domain_type == "Authoritative"
+
+    def candidates(self, domain: str, size: int = 0) -> list[SendConnector]:
+        """Connectors that could carry mail for C{domain}, best first."""
+        domain = domain.lower()
+        ranked = []
+        for order, conn in enumerate(self.send_connectors):
+            if not conn.enabled:
+                continue
+            if conn.max_message_size is not None and size > conn.max_message_size:
+                continue
+            best = None
+            for space in conn.address_spaces:
+                length = space.match_length(domain)
+                if length is not None and (best is None or (length, -space.cost) > best):
+                    best = (length, -space.cost)
+            if best is not None:
+                ranked.append((-best[0], -best[1], order, conn))
+        ranked.sort(key=lambda item: item[:3])
+        return [item[3] for item in ranked]
+
+    def next_hop(self, domain: str, size: int = 0) -> NextHop:
+        found = self.candidates(domain, size)
+        if not found:
+            return UNREACHABLE
+        return NextHop(found[0].name, "")
+
+    def group_by_hop(self, recipients: Iterable[tuple[int, str]], size: int) -> dict[NextHop, list[int]]:
+        """Recipients (index, address) that share a next hop travel together."""
+        hops: dict[NextHop, list[int]] = {}
+        for index, address in recipients:
+            domain = address.rpartition("@")[2]
+            hops.setdefault(self.next_hop(domain, size), []).append(index)
+        return hops

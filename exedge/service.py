@@ -1,0 +1,73 @@
+"""
+The whole server as one C{MultiService} built from the configuration.
+
+Children start in order: the spool (thread pool, then recovery of what a
+previous run left), the queue manager (recovered messages go back into
+their queues), then the listeners.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from exedge.config import Config
+from exedge.queue import QueueManager, Spool
+from exedge.receive import ConnectorTable, ServerContext, listener_services
+from exedge.routing import Router
+from exedge.send import DropDirectoryAgent
+
+log = Logger()
+
+
+class SpoolService(Service):
+    """Owns the bounded thread pool that does all disk work, and recovery."""
+
+    def __init__(self, directory: str, threads: int, reactor, on_recovered):
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="exedge-spool")
+        self.spool = Spool(directory, lambda f: deferToThreadPool(reactor, self.pool, f))
+        self.on_recovered = on_recovered
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+        # blocking on purpose: start-up, before any session is served
+        messages = self.spool.recover()
+        log.info("spool {dir}: {count} message(s) recovered", dir=self.spool.directory, count=len(messages))
+        for message in messages:
+            self.on_recovered(message)
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
+
+
+def build_service(config: Config, reactor=None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    top = MultiService()
+    router = Router(config.accepted_domains, config.send_connectors)
+    queue_holder: list[QueueManager] = []
+    spool_service = SpoolService(config.server.spool_directory, config.server.spool_threads, reactor,
+                                 lambda m: queue_holder[0].submit(m))
+    spool = spool_service.spool
+    agents = {c.name: DropDirectoryAgent(c, spool.run) for c in config.send_connectors}
+    manager = QueueManager(spool, router, agents, clock=reactor)
+    queue_holder.append(manager)
+    spool_service.setServiceParent(top)
+    manager.setServiceParent(top)
+    context = ServerContext(
+        server=config.server,
+        connectors=ConnectorTable(config.receive_connectors),
+        router=router,
+        store=spool,
+        sink=manager,
+        clock=reactor,
+    )
+    for service in listener_services(reactor, context):
+        service.setServiceParent(top)
+    top.exedge_manager = manager
+    return top

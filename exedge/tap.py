@@ -1,0 +1,31 @@
+"""The twistd plugin's options and service (loaded lazily by ServiceMaker)."""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.python import usage
+
+from exedge.config import ConfigError, load
+
+
+class Options(usage.Options):
+    optParameters = [["config", "c", None, "the exedge configuration file (TOML)"]]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config is required")
+
+
+def makeService(options):
+    from exedge.service import build_service
+
+    try:
+        config = load(options["config"])
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        raise SystemExit(1)
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return build_service(config)
