@@ -187,8 +187,9 @@ def loads(text: str, source: str = "<config>") -> m.Config:
         else:
             cfg[section] = _build(model, raw.get(section, {}), (section,), out)
 
-    if not out.problems:
-        _validate(cfg, out)
+    # cross-key rules run even after per-key problems (they skip what
+    # failed to parse), so one run shows every mistake
+    _validate(cfg, out)
     if out.problems:
         raise ConfigError(out.problems)
     return m.Config(

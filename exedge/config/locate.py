@@ -82,6 +82,7 @@ def index_lines(text: str) -> dict[tuple, int]:
                 index = counters.get(name, -1) + 1
                 counters[name] = index
                 table = name + (index,)
+                lines.setdefault(name, lineno)   # the array itself: its first header
             else:
                 # a sub-table of the latest array element: [a.b] after [[a]]
                 table = ()

@@ -47,7 +47,7 @@ def parse_size(value: object, *, allow_unlimited: bool = False) -> int | None:
 
 
 _SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_SPAN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$", re.I)
+_SPAN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.I)
 # Exchange's TimeSpan: [d.]hh:mm:ss
 _EXCHANGE_SPAN_RE = re.compile(r"^\s*(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})\s*$")
 
@@ -66,7 +66,7 @@ def parse_timespan(value: object) -> float:
     if isinstance(value, str):
         m = _SPAN_RE.match(value)
         if m:
-            return float(m.group(1)) * _SPAN_UNITS[m.group(2).lower()]
+            return float(m.group(1)) * _SPAN_UNITS[m.group(2).lower() or "s"]
         m = _EXCHANGE_SPAN_RE.match(value)
         if m:
             days, hours, minutes, seconds = (int(g or 0) for g in m.groups())

@@ -80,6 +80,11 @@ class QueueManager(Service):
 
     def submit(self, message) -> None:
         pending = message.pending()
+        if not pending:
+            # recovered after a crash between the last outcome and the unlink
+            self.spool.remove(message).addErrback(
+                lambda f: log.failure("removing {queue_id}", f, queue_id=message.queue_id))
+            return
         recipients = [(i, message.envelope.recipients[i].address) for i in pending]
         for hop, indexes in self.router.group_by_hop(recipients, message.envelope.size).items():
             queue = self.queue_for(hop)
@@ -158,8 +163,16 @@ class QueueManager(Service):
                          delay=self.retry_interval)
                 self._schedule_retry(queue)
                 return
+            try:
+                yield self._record(message, outcomes)
+            except Exception:
+                # delivered but not noted: retrying may deliver twice, never zero times
+                log.failure("queue {hop}: recording outcomes of {queue_id} failed",
+                            hop=str(queue.hop), queue_id=message.queue_id)
+                queue.last_error = "could not record delivery outcome"
+                self._schedule_retry(queue)
+                return
             queue.items.popleft()
-            yield self._record(message, outcomes)
         if queue.status is QueueStatus.Active:
             queue.status = QueueStatus.Ready
             queue.last_error = ""

@@ -287,11 +287,14 @@ class SMTPServer(basic.LineReceiver):
             return Reply(530, "5.7.1", "Client was not authenticated", tarpit=True)
         try:
             sender, ptext = parse_path(arg[5:], "sender", allow_null=True)
-            params = parse_params(ptext)
         except SMTPError as e:
             return Reply(e.code, e.status, e.text, tarpit=True)
         except ValueError as e:
             return syntax_error(f"Bad sender address syntax: {e}", "5.1.7")
+        try:
+            params = parse_params(ptext)
+        except ValueError as e:
+            return syntax_error(f"Bad MAIL parameter: {e}")
         if params and not self.esmtp:
             return Reply(555, "5.5.4", "MAIL parameters need EHLO", protocol_error=True)
         txn = Transaction(sender)
@@ -344,11 +347,14 @@ class SMTPServer(basic.LineReceiver):
                 ptext = path[12:]
             else:
                 mailbox, ptext = parse_path(path, "recipient", allow_null=False)
-            params = parse_params(ptext)
         except SMTPError as e:
             return Reply(e.code, e.status, e.text, tarpit=True)
         except ValueError as e:
             return syntax_error(f"Bad recipient address syntax: {e}", "5.1.3")
+        try:
+            params = parse_params(ptext)
+        except ValueError as e:
+            return syntax_error(f"Bad RCPT parameter: {e}")
         if params and not self.esmtp:
             return Reply(555, "5.5.4", "RCPT parameters need EHLO", protocol_error=True)
         notify: tuple = ()

@@ -1,0 +1,411 @@
+"""
+The ESMTP state machine on a StringTransport: bytes in, bytes out, no
+sockets. The spool is real (a temporary directory) but runs its disk work
+in the calling thread; the clock is a task.Clock.
+"""
+
+import os
+import re
+
+import pytest
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from exedge.config import loads
+from exedge.queue import Spool
+from exedge.receive import ConnectorTable, ServerContext, SMTPServer
+from exedge.routing import Router
+from harness import config_text
+
+PORT = 2525
+
+
+class RecordingSink:
+    def __init__(self):
+        self.messages = []
+
+    def submit(self, message):
+        self.messages.append(message)
+
+
+class DeferredRun:
+    """Spool work that completes only when the test says so."""
+
+    def __init__(self):
+        self.pending = []
+
+    def __call__(self, f):
+        d = defer.Deferred()
+        self.pending.append((f, d))
+        return d
+
+    def flush(self):
+        while self.pending:
+            f, d = self.pending.pop(0)
+            d.callback(f())
+
+
+class Session:
+    def __init__(self, tmp_path, peer="127.0.0.1", run=None, **knobs):
+        self.config = loads(config_text(PORT, **knobs))
+        self.clock = task.Clock()
+        self.sink = RecordingSink()
+        self.spool = Spool(str(tmp_path / "spool"), run or (lambda f: defer.maybeDeferred(f)))
+        self.spool.prepare()
+        self.context = ServerContext(
+            server=self.config.server,
+            connectors=ConnectorTable(self.config.receive_connectors),
+            router=Router(self.config.accepted_domains, self.config.send_connectors),
+            store=self.spool, sink=self.sink, clock=self.clock,
+        )
+        self.transport = StringTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", PORT),
+            peerAddress=IPv4Address("TCP", peer, 40000),
+        )
+        self.proto = SMTPServer(self.context)
+        self.proto.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> bytes:
+        self.transport.clear()
+        self.proto.dataReceived(data)
+        return self.transport.value()
+
+    def codes(self, data: bytes) -> list[str]:
+        """The code + enhanced status of each final reply line."""
+        out = self.send(data).decode()
+        codes = []
+        for line in out.split("\r\n"):
+            if line and line[3:4] == " ":
+                first = line[4:].split(" ", 1)[0]
+                codes.append(line[:3] + (" " + first if re.match(r"^[245]\.\d+\.\d+$", first) else ""))
+        return codes
+
+
+@pytest.fixture
+def session(tmp_path):
+    return Session(tmp_path)
+
+
+def test_banner_names_connector_fqdn(tmp_path):
+    s = Session(tmp_path)
+    assert s.transport.value() == b"220 edge01.example.com exedge ESMTP service ready\r\n"
+
+
+def test_ehlo_advertises_extensions_with_size(session):
+    out = session.send(b"EHLO client.test\r\n")
+    assert out == (
+        b"250-edge01.example.com Hello [127.0.0.1]\r\n250-SIZE 37748736\r\n250-PIPELINING\r\n"
+        b"250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n250 8BITMIME\r\n"
+    )
+
+
+@pytest.mark.parametrize("arg", [b"", b" ", b"bad..domain", b"-x.test", b"[999.1.1.1]", b"a b"])
+def test_helo_requires_domain_or_literal(session, arg):
+    assert session.codes(b"EHLO " + arg + b"\r\n") == ["501 5.5.4"]
+    assert session.codes(b"HELO " + arg + b"\r\n") == ["501 5.5.4"]
+
+
+@pytest.mark.parametrize("arg", [b"client.test", b"[127.0.0.1]", b"[IPv6:::1]", b"host_with_underscore.test"])
+def test_helo_accepts_domains_and_literals(session, arg):
+    assert session.codes(b"HELO " + arg + b"\r\n") == ["250"]
+
+
+def test_full_transaction_is_spooled_before_250(session):
+    assert session.codes(b"EHLO c.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n") == [
+        "250", "250 2.1.0", "250 2.1.5", "354"]
+    out = session.send(b"Subject: x\r\n\r\n..leading dot\r\nbody\r\n.\r\n").decode()
+    assert out.startswith("250 2.6.0 <") and out.endswith("> Queued mail for delivery\r\n")
+    [stored] = session.sink.messages
+    assert stored.queue_id in out
+    assert os.path.exists(stored.path)
+    data = stored.read_data()
+    assert data.startswith(b"Received: from c.test ([127.0.0.1])\r\n\tby edge01.example.com")
+    assert b'receive connector "From Internet"' in data
+    assert data.endswith(b"Subject: x\r\n\r\n.leading dot\r\nbody\r\n")
+    env = stored.envelope
+    assert env.sender == "a@sender.test"
+    assert [r.address for r in env.recipients] == ["b@example.com"]
+    assert env.receive_connector == "From Internet"
+
+
+def test_no_250_until_spool_write_completes_and_pipelined_commands_wait(tmp_path):
+    run = DeferredRun()
+    s = Session(tmp_path, run=run)
+    s.send(b"EHLO c.test\r\n")
+    out = s.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nhi\r\n.\r\nNOOP\r\nQUIT\r\n")
+    # the commit is pending: nothing after the 354 is answered yet
+    assert out.endswith(b"354 Start mail input; end with <CRLF>.<CRLF>\r\n")
+    assert not s.sink.messages
+    s.transport.clear()
+    run.flush()
+    replies = s.transport.value().decode().split("\r\n")
+    assert replies[0].startswith("250 2.6.0 <")
+    assert replies[1:] == ["250 2.0.0 OK", "221 2.0.0 edge01.example.com Service closing transmission channel", ""]
+    assert len(s.sink.messages) == 1
+
+
+def test_failed_spool_write_answers_451_and_keeps_session(tmp_path):
+    def failing(f):
+        return defer.fail(OSError(28, "No space left on device"))
+
+    s = Session(tmp_path, run=failing)
+    s.send(b"EHLO c.test\r\n")
+    assert s.codes(b"MAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nhi\r\n.\r\nNOOP\r\n") == [
+        "250 2.1.0", "250 2.1.5", "354", "451 4.3.0", "250 2.0.0"]
+    assert not s.sink.messages
+
+
+def test_mail_before_helo_is_bad_sequence(session):
+    assert session.codes(b"MAIL FROM:<a@b.test>\r\n") == ["503 5.5.2"]
+
+
+def test_sequence_errors(session):
+    session.send(b"EHLO c.test\r\n")
+    assert session.codes(b"RCPT TO:<b@example.com>\r\n") == ["503 5.5.1"]
+    assert session.codes(b"DATA\r\n") == ["503 5.5.1"]
+    assert session.codes(b"MAIL FROM:<a@b.test>\r\nMAIL FROM:<a@b.test>\r\n") == ["250 2.1.0", "503 5.5.1"]
+    assert session.codes(b"DATA\r\n") == ["554 5.5.1"]   # no valid recipients
+
+
+def test_rset_clears_transaction_and_ehlo_resets_too(session):
+    session.send(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n")
+    assert session.codes(b"RSET\r\nRCPT TO:<b@example.com>\r\n") == ["250 2.0.0", "503 5.5.1"]
+    session.send(b"MAIL FROM:<a@b.test>\r\n")
+    assert session.codes(b"EHLO c.test\r\nRCPT TO:<b@example.com>\r\n") == ["250", "503 5.5.1"]
+
+
+def test_noop_vrfy_help_quit(session):
+    assert session.codes(b"NOOP\r\nVRFY bob\r\nHELP\r\n") == ["250 2.0.0", "252 2.1.5", "214 2.0.0"]
+    assert session.codes(b"QUIT\r\n") == ["221 2.0.0"]
+    assert session.transport.disconnecting
+
+
+def test_null_sender_and_postmaster_without_domain(session):
+    session.send(b"EHLO c.test\r\n")
+    assert session.codes(b"MAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\n") == ["250 2.1.0", "250 2.1.5"]
+
+
+@pytest.mark.parametrize("line,expected", [
+    (b"MAIL FROM:a@b.test", "501 5.1.7"),              # no angle brackets
+    (b"MAIL FROM:<a@@b.test>", "501 5.1.7"),
+    (b"MAIL FROM:<a.@b.test>", "501 5.1.7"),
+    (b"MAIL FROM:<" + b"a" * 65 + b"@b.test>", "501 5.1.7"),
+    (b"MAIL FROM:<j\xc3\xb6rg@b.test>", "553 5.6.7"),  # non-ASCII without SMTPUTF8
+    (b"MAIL TO:<a@b.test>", "501 5.5.4"),
+    (b"MAIL FROM:<a@b.test> SIZE=abc", "501 5.5.4"),
+    (b"MAIL FROM:<a@b.test> BODY=BINARYMIME", "501 5.5.4"),
+    (b"MAIL FROM:<a@b.test> RET=MAYBE", "501 5.5.4"),
+    (b"MAIL FROM:<a@b.test> ENVID=bad=id", "501 5.5.4"),
+    (b"MAIL FROM:<a@b.test> SMTPUTF8", "555 5.5.4"),
+    (b"MAIL FROM:<a@b.test> SIZE=1 SIZE=2", "501 5.5.4"),
+])
+def test_mail_syntax_errors(session, line, expected):
+    session.send(b"EHLO c.test\r\n")
+    assert session.codes(line + b"\r\n") == [expected]
+
+
+def test_dsn_parameters_are_validated_and_stored(session):
+    session.send(b"EHLO c.test\r\n")
+    assert session.codes(
+        b"MAIL FROM:<a@s.test> RET=HDRS ENVID=QQ+2B123 BODY=8BITMIME SIZE=100\r\n"
+        b"RCPT TO:<b@example.com> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;b+40example.com\r\n"
+        b"RCPT TO:<c@example.com> NOTIFY=NEVER\r\n"
+        b"DATA\r\nhi\r\n.\r\n") == ["250 2.1.0", "250 2.1.5", "250 2.1.5", "354", "250 2.6.0"]
+    env = session.sink.messages[0].envelope
+    assert (env.ret, env.envid, env.body) == ("HDRS", "QQ+2B123", "8BITMIME")
+    assert env.recipients[0].notify == ("SUCCESS", "DELAY")
+    assert env.recipients[0].orcpt == "rfc822;b+40example.com"
+    assert env.recipients[1].notify == ("NEVER",)
+
+
+@pytest.mark.parametrize("param", [b"NOTIFY=NEVER,SUCCESS", b"NOTIFY=SOMETIMES", b"NOTIFY=", b"ORCPT=b@x.test",
+                                   b"ORCPT=rfc822;", b"NOTIFY=DELAY,DELAY"])
+def test_bad_rcpt_dsn_parameters(session, param):
+    session.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\n")
+    assert session.codes(b"RCPT TO:<b@example.com> " + param + b"\r\n") == ["501 5.5.4"]
+
+
+def test_esmtp_parameters_need_ehlo(session):
+    session.send(b"HELO c.test\r\n")
+    assert session.codes(b"MAIL FROM:<a@s.test> SIZE=10\r\n") == ["555 5.5.4"]
+
+
+def test_declared_size_over_limit_refused_at_mail(session):
+    session.send(b"EHLO c.test\r\n")
+    assert session.codes(b"MAIL FROM:<a@s.test> SIZE=37748737\r\n") == ["552 5.3.4"]
+    assert session.codes(b"MAIL FROM:<a@s.test> SIZE=37748736\r\n") == ["250 2.1.0"]
+
+
+def test_undeclared_oversize_refused_after_dot_and_nothing_spooled(tmp_path):
+    s = Session(tmp_path, internet='max_message_size = "64KB"')
+    s.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+    line = b"x" * 998 + b"\r\n"
+    for _ in range(70):
+        assert s.send(line) == b""
+    assert s.codes(b".\r\nNOOP\r\n") == ["552 5.3.4", "250 2.0.0"]
+    assert not s.sink.messages
+    assert os.listdir(s.spool.incoming_dir) == [] and os.listdir(s.spool.queue_dir) == []
+
+
+def test_externally_secured_peer_bypasses_size_limit(tmp_path):
+    s = Session(tmp_path, peer="127.0.0.2", internal='max_message_size = "64KB"')
+    s.send(b"EHLO c.test\r\n")
+    assert s.codes(b"MAIL FROM:<a@s.test> SIZE=100000\r\n") == ["250 2.1.0"]
+    s.send(b"RCPT TO:<b@example.com>\r\nDATA\r\n")
+    assert s.codes(b"x" * 900 + b"\r\n") == []
+    assert s.codes((b"y" * 998 + b"\r\n") * 100 + b".\r\n") == ["250 2.6.0"]
+
+
+def test_recipient_limit_gives_452(tmp_path):
+    s = Session(tmp_path, internet="max_recipients_per_message = 100")
+    s.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\n")
+    codes = s.codes(b"".join(b"RCPT TO:<u%d@example.com>\r\n" % i for i in range(101)))
+    assert codes == ["250 2.1.5"] * 100 + ["452 4.5.3"]
+
+
+def test_data_line_too_long_rejected_after_dot_and_rest_not_run_as_commands(session):
+    session.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+    body = b"a" * 20000 + b"\r\nMAIL FROM:<evil@evil.test>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n"
+    assert session.send(body) == b""
+    assert session.codes(b".\r\nNOOP\r\n") == ["554 5.6.0", "250 2.0.0"]
+    assert not session.sink.messages
+
+
+@pytest.mark.parametrize("sequence", [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r"])
+def test_bare_cr_lf_never_ends_data_and_message_is_refused(session, sequence):
+    session.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+    smuggled = b"MAIL FROM:<evil@evil.test>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nevil\r\n"
+    assert session.codes(b"line1" + sequence + smuggled) == []
+    assert session.codes(b".\r\n") == ["554 5.6.0"]
+    assert not session.sink.messages
+
+
+def test_hop_count_exceeded(session):
+    session.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+    headers = b"".join(b"Received: from h%d.test\r\n" % i for i in range(31))
+    assert session.codes(headers + b"\r\nbody\r\n.\r\n") == ["554 5.4.6"]
+
+
+def test_thirty_hops_are_fine(session):
+    session.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+    headers = b"".join(b"Received: from h%d.test\r\n" % i for i in range(30))
+    assert session.codes(headers + b"\r\nReceived: in the body\r\n.\r\n") == ["250 2.6.0"]
+
+
+def test_header_size_limit(tmp_path):
+    s = Session(tmp_path, internet='max_header_size = "1KB"')
+    s.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+    assert s.codes(b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 60) for i in range(20)) + b"\r\nb\r\n.\r\n") == [
+        "552 5.3.4"]
+
+
+def test_command_line_limit_and_resync(session):
+    out = session.codes(b"NOOP " + b"x" * 600 + b"\r\nNOOP\r\n")
+    assert out == ["500 5.5.2", "250 2.0.0"]
+
+
+def test_unterminated_huge_line_is_discarded_without_buffering(session):
+    assert session.codes(b"MAIL FROM:<" + b"x" * 100000) == ["500 5.5.2"]
+    assert len(session.proto._buffer) < 1024
+    assert session.codes(b"y" * 5000) == []          # still the same line: no second reply
+    assert session.codes(b"MAIL FROM:<evil@evil.test>\r\nNOOP\r\n") == ["250 2.0.0"]
+
+
+@pytest.mark.parametrize("line", [b"NOOP\x00", b"MAIL FROM:<a@b.test>\rRSET", b"NOOP\nNOOP"])
+def test_cr_lf_nul_inside_commands_refused(session, line):
+    assert session.codes(line + b"\r\n") == ["500 5.5.2"]
+
+
+def test_protocol_error_limit_closes_with_421(session):
+    out = session.send(b"BOGUS\r\n" * 4)
+    assert out.count(b"500 5.5.1") == 4 and not session.transport.disconnecting
+    out = session.send(b"BOGUS\r\nNOOP\r\n")
+    assert out.endswith(b"421 4.7.0 Too many errors on this connection, closing transmission channel\r\n")
+    assert b"250" not in out
+    assert session.transport.disconnecting
+
+
+def test_tarpit_delays_errors_for_anonymous_peers_in_order(tmp_path):
+    s = Session(tmp_path, tarpit="5")
+    assert s.send(b"BOGUS\r\nNOOP\r\n") == b""
+    s.clock.advance(4.9)
+    assert s.transport.value() == b""
+    s.clock.advance(0.2)
+    assert s.transport.value() == b"500 5.5.1 Command unrecognized\r\n250 2.0.0 OK\r\n"
+
+
+def test_no_tarpit_for_externally_secured_peer(tmp_path):
+    s = Session(tmp_path, peer="127.0.0.2", tarpit="5")
+    assert s.codes(b"BOGUS\r\n") == ["500 5.5.1"]
+
+
+def test_inactivity_timeout(session):
+    session.clock.advance(59)
+    session.send(b"NOOP\r\n")
+    session.clock.advance(59)
+    assert not session.transport.disconnecting
+    session.transport.clear()
+    session.clock.advance(2)
+    assert session.transport.value().startswith(b"421 4.4.2 ")
+    assert session.transport.disconnecting
+
+
+def test_total_connection_timeout_even_when_busy(session):
+    for _ in range(9):
+        session.clock.advance(30)
+        assert session.codes(b"NOOP\r\n") == ["250 2.0.0"]
+    session.transport.clear()
+    session.clock.advance(30)
+    assert session.transport.value().startswith(b"421 4.4.2 ")
+    assert session.transport.disconnecting
+
+
+def test_anonymous_relay_refused_and_accepted_domain_allowed(session):
+    session.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\n")
+    assert session.codes(b"RCPT TO:<x@evil.test>\r\nRCPT TO:<Bob@EXAMPLE.COM>\r\n") == ["550 5.7.54", "250 2.1.5"]
+
+
+@pytest.mark.parametrize("rcpt", [
+    b"<user%evil.test@example.com>", b"<evil.test!user@example.com>", b'<"user@evil.test"@example.com>',
+    b"<@example.com:user@evil.test>", b"<@example.com,@x.test:user@example.com>", b"<user@[127.0.0.1]>",
+    b"<user@sub.example.com>", b"<user@evil.test>",
+])
+def test_relay_tricks_refused(session, rcpt):
+    session.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\n")
+    assert session.codes(b"RCPT TO:" + rcpt + b"\r\n") == ["550 5.7.54"]
+
+
+def test_trailing_dot_domain_refused(session):
+    session.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\n")
+    assert session.codes(b"RCPT TO:<user@example.com.>\r\n") == ["501 5.1.3"]
+
+
+def test_externally_secured_peer_may_relay(tmp_path):
+    s = Session(tmp_path, peer="127.0.0.3")
+    s.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\n")
+    assert s.codes(b"RCPT TO:<x@evil.test>\r\nRCPT TO:<y@[192.0.2.1]>\r\n") == ["250 2.1.5", "250 2.1.5"]
+
+
+def test_unknown_peer_refused_554(tmp_path):
+    config = config_text(PORT).replace('remote_ip_ranges = ["0.0.0.0-255.255.255.255"]',
+                                       'remote_ip_ranges = ["10.0.0.0/8"]')
+    cfg = loads(config)
+    table = ConnectorTable(cfg.receive_connectors)
+    assert table.select("127.0.0.1", PORT, "127.0.0.1") is None
+    ctx = ServerContext(server=cfg.server, connectors=table, router=Router((), ()), store=None,
+                        sink=None, clock=task.Clock())
+    transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", PORT),
+                                peerAddress=IPv4Address("TCP", "127.0.0.1", 5))
+    SMTPServer(ctx).makeConnection(transport)
+    assert transport.value().startswith(b"554 5.7.1 ")
+    assert transport.disconnecting
+
+
+def test_disconnect_mid_data_discards_partial_message(tmp_path):
+    s = Session(tmp_path)
+    s.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+    s.send(b"x" * 998 + b"\r\n")
+    s.proto.connectionLost(None)
+    assert os.listdir(s.spool.incoming_dir) == []
+    assert not s.sink.messages

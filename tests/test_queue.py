@@ -1,0 +1,203 @@
+"""
+The spool and the delivery queues: real files in a temporary directory,
+disk work run in the calling thread, time from a task.Clock.
+"""
+
+import os
+
+import pytest
+from twisted.internet import defer, task
+
+from exedge.config import loads
+from exedge.queue import Envelope, QueueManager, QueueStatus, Recipient, Spool
+from exedge.routing import UNREACHABLE, NextHop, Router
+from exedge.send import DropDirectoryAgent
+from harness import config_text
+
+
+def sync(f):
+    return defer.maybeDeferred(f)
+
+
+@pytest.fixture
+def spool(tmp_path):
+    s = Spool(str(tmp_path / "spool"), sync)
+    s.prepare()
+    return s
+
+
+def envelope(*rcpts, sender="a@s.test"):
+    return Envelope(sender=sender, recipients=tuple(Recipient(r) for r in rcpts), size=10)
+
+
+def commit(spool, env, data=b"Subject: t\r\n\r\nbody\r\n"):
+    incoming = spool.begin()
+    incoming.write(data)
+    return spool.run(lambda: None).addCallback(lambda _: incoming.commit(env))
+
+
+def committed(spool, env, data=b"Subject: t\r\n\r\nbody\r\n"):
+    results = []
+    commit(spool, env, data).addCallback(results.append)
+    return results[0]
+
+
+def test_commit_writes_data_then_envelope_and_recovers_it(spool):
+    stored = committed(spool, envelope("b@example.com", "c@example.com"))
+    assert os.listdir(spool.incoming_dir) == []
+    assert os.listdir(spool.queue_dir) == [stored.queue_id]
+    [again] = spool.recover()
+    assert again.queue_id == stored.queue_id
+    assert again.envelope == stored.envelope
+    assert again.read_data() == b"Subject: t\r\n\r\nbody\r\n"
+    assert again.pending() == [0, 1]
+
+
+def test_large_message_spills_to_disk_before_commit(spool):
+    incoming = spool.begin()
+    chunk = b"x" * 998 + b"\r\n"
+    for _ in range(600):   # 600 KB: past the spill threshold
+        incoming.write(chunk)
+    assert os.path.exists(incoming.path)
+    results = []
+    incoming.commit(envelope("b@example.com")).addCallback(results.append)
+    assert results[0].read_data() == chunk * 600
+
+
+def test_recovery_removes_partial_incoming_and_quarantines_garbage(spool):
+    with open(os.path.join(spool.incoming_dir, "PARTIAL"), "wb") as f:
+        f.write(b"half a message")
+    with open(os.path.join(spool.queue_dir, "GARBAGE"), "wb") as f:
+        f.write(b"not a spool file at all, no footer here......")
+    good = committed(spool, envelope("b@example.com"))
+    recovered = spool.recover()
+    assert [m.queue_id for m in recovered] == [good.queue_id]
+    assert os.listdir(spool.incoming_dir) == []
+    assert os.listdir(spool.corrupt_dir) == ["GARBAGE"]
+
+
+def test_recorded_outcomes_survive_restart_and_torn_lines_are_ignored(spool):
+    stored = committed(spool, envelope("b@example.com", "c@example.com", "d@example.com"))
+    spool.record(stored, [0], "delivered", "ok")
+    with open(os.path.join(spool.state_dir, stored.queue_id), "ab") as f:
+        f.write(b'{"rcpts": [1], "sta')   # a crash in the middle of a write
+    [again] = spool.recover()
+    assert again.done == frozenset({0})
+    assert again.pending() == [1, 2]
+
+
+def test_aborted_message_leaves_nothing(spool):
+    incoming = spool.begin()
+    incoming.write(b"x" * (600 * 1024))
+    incoming.abort()
+    assert os.listdir(spool.incoming_dir) == []
+
+
+class FlakyAgent:
+    """A drop agent whose first N attempts fail like a full disk."""
+
+    def __init__(self, real, failures):
+        self.real, self.failures, self.attempts = real, failures, 0
+        self.connector = real.connector
+
+    def deliver(self, message, recipients):
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            return defer.fail(OSError(28, "No space left on device"))
+        return self.real.deliver(message, recipients)
+
+
+def manager_for(tmp_path, spool, *, failures=0):
+    cfg = loads(config_text(2525, extra="").replace('drop_directory = "var/drop"',
+                                                    f'drop_directory = "{tmp_path}/drop"'))
+    router = Router(cfg.accepted_domains, cfg.send_connectors)
+    agent = FlakyAgent(DropDirectoryAgent(cfg.send_connectors[0], sync), failures)
+    clock = task.Clock()
+    manager = QueueManager(spool, router, {"Local drop": agent}, clock=clock, retry_interval=60)
+    manager.startService()
+    return manager, agent, clock
+
+
+def drop_files(tmp_path):
+    d = tmp_path / "drop"
+    return sorted(os.listdir(d)) if d.exists() else []
+
+
+def test_delivery_to_drop_directory_then_removed_from_spool(tmp_path, spool):
+    manager, _, _ = manager_for(tmp_path, spool)
+    stored = committed(spool, envelope("b@example.com", "c@example.com"))
+    manager.submit(stored)
+    assert drop_files(tmp_path) == [stored.queue_id + ".eml"]
+    with open(tmp_path / "drop" / (stored.queue_id + ".eml"), "rb") as f:
+        assert f.read() == (b"X-Sender: <a@s.test>\r\nX-Receiver: <b@example.com>\r\n"
+                            b"X-Receiver: <c@example.com>\r\nSubject: t\r\n\r\nbody\r\n")
+    assert os.listdir(spool.queue_dir) == [] and os.listdir(spool.state_dir) == []
+
+
+def test_transient_failure_retries_on_the_clock(tmp_path, spool):
+    manager, agent, clock = manager_for(tmp_path, spool, failures=2)
+    stored = committed(spool, envelope("b@example.com"))
+    manager.submit(stored)
+    queue = manager.queues[NextHop("Local drop", "")]
+    assert queue.status is QueueStatus.Retry
+    assert "No space left" in queue.last_error
+    assert queue.next_retry == 60
+    clock.advance(59)
+    assert agent.attempts == 1
+    clock.advance(1)
+    assert agent.attempts == 2 and queue.status is QueueStatus.Retry
+    clock.advance(60)
+    assert agent.attempts == 3
+    assert queue.status is QueueStatus.Ready and queue.message_count == 0
+    assert drop_files(tmp_path) == [stored.queue_id + ".eml"]
+    assert os.listdir(spool.queue_dir) == []
+
+
+def test_held_and_suspended_queues_wait_until_released(tmp_path, spool):
+    manager, agent, _ = manager_for(tmp_path, spool)
+    hop = NextHop("Local drop", "")
+    manager.hold(hop, "waiting for ETRN")
+    manager.submit(committed(spool, envelope("b@example.com")))
+    assert agent.attempts == 0 and manager.queues[hop].status is QueueStatus.Held
+    manager.release(hop)
+    assert agent.attempts == 1 and manager.queues[hop].message_count == 0
+    manager.suspend(hop)
+    manager.submit(committed(spool, envelope("c@example.com")))
+    assert agent.attempts == 1 and manager.queues[hop].message_count == 1
+    manager.release(hop)
+    assert agent.attempts == 2
+
+
+def test_unroutable_recipients_wait_in_unreachable_queue_and_stay_spooled(tmp_path, spool):
+    manager, agent, _ = manager_for(tmp_path, spool)
+    stored = committed(spool, envelope("b@example.com", "x@elsewhere.test"))
+    manager.submit(stored)
+    assert agent.attempts == 1
+    unreachable = manager.queues[UNREACHABLE]
+    assert unreachable.status is QueueStatus.Held and unreachable.message_count == 1
+    assert "no send connector" in unreachable.hold_reason
+    # b@ is done, x@ is not: the message stays, with b@ recorded
+    [again] = spool.recover()
+    assert again.done == frozenset({0}) and again.pending() == [1]
+
+
+def test_recovered_message_with_every_recipient_done_is_removed(tmp_path, spool):
+    manager, agent, _ = manager_for(tmp_path, spool)
+    stored = committed(spool, envelope("b@example.com"))
+    spool.record(stored, [0], "delivered")   # crash came before the unlink
+    [again] = spool.recover()
+    manager.submit(again)
+    assert agent.attempts == 0
+    assert os.listdir(spool.queue_dir) == [] and os.listdir(spool.state_dir) == []
+
+
+def test_restart_delivers_only_pending_recipients(tmp_path, spool):
+    stored = committed(spool, envelope("b@example.com", "c@example.com"))
+    spool.record(stored, [0], "delivered")
+    manager, agent, _ = manager_for(tmp_path, spool)
+    [again] = spool.recover()
+    manager.submit(again)
+    with open(tmp_path / "drop" / (stored.queue_id + ".eml"), "rb") as f:
+        head = f.read(120)
+    assert b"X-Receiver: <c@example.com>" in head and b"b@example.com" not in head
+    assert os.listdir(spool.queue_dir) == []
