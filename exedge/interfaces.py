@@ -31,6 +31,7 @@ class IDeliveryAgent(Interface):
     """
 
     connector = Attribute("the L{exedge.config.SendConnector} served")
+    concurrency = Attribute("how many deliveries of one queue may be in flight at once")
 
     def deliver(message, recipients):
         """

@@ -23,17 +23,23 @@ log = Logger()
 
 
 class SpoolService(Service):
-    """Owns the bounded thread pool that does all disk work, and recovery."""
+    """
+    Owns the bounded thread pools that do all disk work (one for receiving,
+    one for delivery), and recovery.
+    """
 
-    def __init__(self, directory: str, threads: int, reactor, on_recovered):
+    def __init__(self, directory: str, threads: int, delivery_threads: int, reactor, on_recovered):
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="exedge-spool")
-        self.spool = Spool(directory, lambda f: deferToThreadPool(reactor, self.pool, f))
+        self.delivery_pool = ThreadPool(minthreads=1, maxthreads=delivery_threads, name="exedge-delivery")
+        self.spool = Spool(directory, lambda f: deferToThreadPool(reactor, self.pool, f),
+                           lambda f: deferToThreadPool(reactor, self.delivery_pool, f), clock=reactor)
         self.on_recovered = on_recovered
 
     def startService(self) -> None:
         super().startService()
         self.pool.start()
+        self.delivery_pool.start()
         # blocking on purpose: start-up, before any session is served
         messages = self.spool.recover()
         log.info("spool {dir}: {count} message(s) recovered", dir=self.spool.directory, count=len(messages))
@@ -43,6 +49,7 @@ class SpoolService(Service):
     def stopService(self):
         super().stopService()
         self.pool.stop()
+        self.delivery_pool.stop()
 
 
 def build_service(config: Config, reactor=None) -> MultiService:
@@ -51,10 +58,12 @@ def build_service(config: Config, reactor=None) -> MultiService:
     top = MultiService()
     router = Router(config.accepted_domains, config.send_connectors)
     queue_holder: list[QueueManager] = []
-    spool_service = SpoolService(config.server.spool_directory, config.server.spool_threads, reactor,
+    spool_service = SpoolService(config.server.spool_directory, config.server.spool_threads,
+                                 config.server.delivery_threads, reactor,
                                  lambda m: queue_holder[0].submit(m))
     spool = spool_service.spool
-    agents = {c.name: DropDirectoryAgent(c, spool.run) for c in config.send_connectors}
+    agents = {c.name: DropDirectoryAgent(c, spool.run_delivery, defer_to=spool.receiving, clock=reactor)
+              for c in config.send_connectors}
     manager = QueueManager(spool, router, agents, clock=reactor)
     queue_holder.append(manager)
     spool_service.setServiceParent(top)

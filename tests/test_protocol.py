@@ -409,3 +409,17 @@ def test_disconnect_mid_data_discards_partial_message(tmp_path):
     s.proto.connectionLost(None)
     assert os.listdir(s.spool.incoming_dir) == []
     assert not s.sink.messages
+
+
+def test_pending_answer_pauses_socket_only_when_client_keeps_talking(tmp_path):
+    run = DeferredRun()
+    s = Session(tmp_path, run=run)
+    s.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nhi\r\n.\r\n")
+    assert s.proto.paused and s.transport.producerState == "producing"
+    s.send(b"NOOP\r\n" * 20000)              # 120 KB while the 250 is pending
+    assert s.transport.producerState == "paused"
+    s.transport.clear()
+    run.flush()
+    out = s.transport.value()
+    assert out.startswith(b"250 2.6.0 ") and out.count(b"250 2.0.0 OK") == 20000
+    assert s.transport.producerState == "producing"

@@ -117,7 +117,8 @@ class ServerConfig:
     fqdn: str = setting(v.parse_fqdn, socket.getfqdn(), "name of this server: banner, EHLO and Received headers")
     spool_directory: str = setting(text, "var/spool", "where accepted messages wait, fsync'ed, until delivered (relative to the working directory)")
     dns_servers: tuple = setting(list_of(host_port(53)), (), "DNS servers for routing as \"ip\" or \"ip:port\"; empty = the system resolver")
-    spool_threads: int = setting(integer(1, 64), 8, "threads that write and fsync the spool, so disks never block the event loop")
+    spool_threads: int = setting(integer(1, 64), 4, "threads that write and fsync received messages, so disks never block the event loop")
+    delivery_threads: int = setting(integer(1, 64), 1, "threads for delivery-side disk work (drop directories, outcomes, removal)")
 
 
 @attrs.frozen(kw_only=True)

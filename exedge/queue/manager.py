@@ -51,6 +51,7 @@ class DeliveryQueue:
     last_error: str = ""
     next_retry: float | None = None
     hold_reason: str = ""
+    in_flight: int = 0
     _retry_call: object = None
 
     @property
@@ -65,12 +66,14 @@ class QueueManager(Service):
     its connector's delivery agent, one attempt at a time per queue.
     """
 
-    def __init__(self, spool, router, agents: dict, clock, retry_interval: float = 60.0):
+    def __init__(self, spool, router, agents: dict, clock, retry_interval: float = 60.0,
+                 concurrency: int = 4):
         self.spool = spool
         self.router = router
         self.agents = agents
         self.clock = clock
         self.retry_interval = retry_interval
+        self.concurrency = concurrency   # attempts in flight per queue
         self.queues: dict[NextHop, DeliveryQueue] = {}
         # recipients with a final outcome, per message still in the spool:
         # a message split over several hops is removed when the last is done
@@ -89,8 +92,6 @@ class QueueManager(Service):
         for hop, indexes in self.router.group_by_hop(recipients, message.envelope.size).items():
             queue = self.queue_for(hop)
             queue.items.append((message, indexes))
-            log.info("queue {hop}: {queue_id} for {count} recipient(s)", hop=str(hop),
-                     queue_id=message.queue_id, count=len(indexes))
             self._kick(queue)
 
     def queue_for(self, hop: NextHop) -> DeliveryQueue:
@@ -105,15 +106,16 @@ class QueueManager(Service):
     # -- admin actions (the hooks schedules and ETRN will use) -------------
 
     def hold(self, hop: NextHop, reason: str) -> None:
+        """Start no new attempts (those in flight finish) until released."""
         queue = self.queue_for(hop)
-        if queue.status is not QueueStatus.Active:
-            queue.status = QueueStatus.Held
+        self._cancel_retry(queue)
+        queue.status = QueueStatus.Held
         queue.hold_reason = reason
 
     def suspend(self, hop: NextHop) -> None:
         queue = self.queue_for(hop)
-        if queue.status is not QueueStatus.Active:
-            queue.status = QueueStatus.Suspended
+        self._cancel_retry(queue)
+        queue.status = QueueStatus.Suspended
 
     def release(self, hop: NextHop) -> None:
         """Resume a held or suspended queue, or retry a waiting one now."""
@@ -129,8 +131,15 @@ class QueueManager(Service):
     # -- running -----------------------------------------------------------
 
     def _kick(self, queue: DeliveryQueue) -> None:
-        if queue.status is QueueStatus.Ready and queue.items and self.running:
-            self._attempt(queue)
+        """Start attempts while the queue may run, has work and has room."""
+        if not self.running:
+            return
+        limit = getattr(self.agents.get(queue.hop.connector), "concurrency", self.concurrency)
+        while queue.status in (QueueStatus.Ready, QueueStatus.Active) and queue.items \
+                and queue.in_flight < limit:
+            queue.status = QueueStatus.Active
+            queue.in_flight += 1
+            self._attempt(queue, queue.items.popleft())
 
     def startService(self) -> None:
         super().startService()
@@ -149,33 +158,29 @@ class QueueManager(Service):
         queue.next_retry = None
 
     @defer.inlineCallbacks
-    def _attempt(self, queue: DeliveryQueue):
-        queue.status = QueueStatus.Active
-        agent = self.agents[queue.hop.connector]
-        while queue.items and self.running:
-            message, indexes = queue.items[0]
-            try:
-                outcomes = yield agent.deliver(message, indexes)
-            except Exception as e:
-                queue.last_error = str(e) or e.__class__.__name__
-                log.warn("queue {hop}: transient failure for {queue_id}: {error}; retry in {delay}s",
-                         hop=str(queue.hop), queue_id=message.queue_id, error=queue.last_error,
-                         delay=self.retry_interval)
+    def _attempt(self, queue: DeliveryQueue, item):
+        message, indexes = item
+        try:
+            outcomes = yield self.agents[queue.hop.connector].deliver(message, indexes)
+            yield self._record(message, outcomes)
+        except Exception as e:
+            # nothing is lost: the item goes back to the head of its queue
+            queue.items.appendleft(item)
+            queue.last_error = str(e) or e.__class__.__name__
+            log.warn("queue {hop}: transient failure for {queue_id}: {error}; retry in {delay}s",
+                     hop=str(queue.hop), queue_id=message.queue_id, error=queue.last_error,
+                     delay=self.retry_interval)
+            if queue.status is QueueStatus.Active:
                 self._schedule_retry(queue)
-                return
-            try:
-                yield self._record(message, outcomes)
-            except Exception:
-                # delivered but not noted: retrying may deliver twice, never zero times
-                log.failure("queue {hop}: recording outcomes of {queue_id} failed",
-                            hop=str(queue.hop), queue_id=message.queue_id)
-                queue.last_error = "could not record delivery outcome"
-                self._schedule_retry(queue)
-                return
-            queue.items.popleft()
+        else:
+            if queue.status is QueueStatus.Active:
+                queue.last_error = ""
+        finally:
+            queue.in_flight -= 1
         if queue.status is QueueStatus.Active:
-            queue.status = QueueStatus.Ready
-            queue.last_error = ""
+            if queue.in_flight == 0:
+                queue.status = QueueStatus.Ready
+            self._kick(queue)
 
     def _schedule_retry(self, queue: DeliveryQueue) -> None:
         queue.status = QueueStatus.Retry
@@ -196,16 +201,18 @@ class QueueManager(Service):
         by_status: dict[tuple, list[int]] = {}
         for o in final:
             by_status.setdefault((o.status, o.detail), []).append(o.index)
-            log.info("{queue_id} -> {rcpt}: {status} {detail}", queue_id=message.queue_id,
-                     rcpt=message.envelope.recipients[o.index].address, status=o.status, detail=o.detail)
+        for (status, detail), indexes in by_status.items():
+            log.info("{queue_id} -> {rcpts}: {status} {detail}", queue_id=message.queue_id, status=status,
+                     rcpts=", ".join(message.envelope.recipients[i].address for i in indexes), detail=detail)
+        # other hops may still hold recipients of this message
+        done = self._done.setdefault(message.queue_id, set(message.done))
+        done.update(o.index for o in final)
+        if len(done) >= len(message.envelope.recipients):
+            # complete: no need to note outcomes first, nor to wait for the
+            # unlink; a crash before it means a second delivery, never none
+            del self._done[message.queue_id]
+            self.spool.remove(message).addErrback(
+                lambda f: log.failure("removing {queue_id}", f, queue_id=message.queue_id))
+            return
         for (status, detail), indexes in by_status.items():
             yield self.spool.record(message, indexes, status, detail)
-        done = set(message.done)
-        for o in final:
-            done.add(o.index)
-        # other hops may still hold recipients of this message
-        self._done.setdefault(message.queue_id, set()).update(done)
-        if len(self._done[message.queue_id]) >= len(message.envelope.recipients):
-            del self._done[message.queue_id]
-            yield self.spool.remove(message)
-            log.info("{queue_id}: all recipients done, removed from the spool", queue_id=message.queue_id)

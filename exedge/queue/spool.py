@@ -24,6 +24,7 @@ Disk work runs on a bounded thread pool (C{run}), never on the reactor.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -34,6 +35,8 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from .batch import Batcher
+from .durable import DirectorySync, publish
 from .envelope import Envelope
 
 FOOTER_MAGIC = b"\n#exedge-envelope "
@@ -43,17 +46,17 @@ SPILL_THRESHOLD = 512 * 1024
 log = Logger()
 
 
+_ID_PREFIX = secrets.token_hex(2).upper()   # tells this process's ids from another's
+_id_counter = itertools.count()
+
+
 def new_queue_id() -> str:
-    """Sortable by arrival (microseconds) and unique (random suffix)."""
-    return f"{time.time_ns() // 1000:014X}{secrets.token_hex(3).upper()}"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """
+    Sortable by arrival (microseconds), unique within the process (a
+    counter) and across processes (a random prefix drawn once, not a
+    random draw per message: that is a system call on the hot path).
+    """
+    return f"{time.time_ns() // 1000:014X}{_ID_PREFIX}{next(_id_counter) & 0xFFFF:04X}"
 
 
 @attrs.frozen
@@ -112,25 +115,20 @@ class IncomingMessage:
         """Write, fsync and rename into the queue; fires with L{StoredMessage}."""
         chunks, self._chunks = self._chunks, []
         self._closed = True
-
-        def finish():
-            self._write_chunks(chunks)
-            f, self._file = self._file, None
-            length = f.tell()
-            meta = envelope.to_json()
-            f.write(meta + FOOTER_MAGIC + b"%010d\n" % len(meta))
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            final = os.path.join(self.spool.queue_dir, self.queue_id)
-            os.rename(self.path, final)
-            self.spool.sync_queue_dir()
-            return StoredMessage(self.queue_id, envelope, final, length)
-
         d = self._tail
-        d.addCallback(lambda _: self.spool.run(finish))
+        d.addCallback(lambda _: self.spool.receiving.submit((self, envelope, chunks)))
         d.addErrback(self._cleanup_after_failure)
         return d
+
+    def _write_final(self, chunks: list[bytes], envelope: Envelope):
+        """The last data and the envelope, written but not yet synced (spool thread)."""
+        self._write_chunks(chunks)
+        f, self._file = self._file, None
+        length = f.tell()
+        meta = envelope.to_json()
+        f.write(meta + FOOTER_MAGIC + b"%010d\n" % len(meta))
+        f.flush()
+        return f, length
 
     def _cleanup_after_failure(self, failure):
         self.spool.run(self._discard).addErrback(
@@ -160,25 +158,50 @@ class Spool:
     """
     The spool directory. C{run(f)} executes blocking file work and returns a
     Deferred: a thread pool in the server, the same thread in protocol tests.
+    Receiving (commits) and delivery (outcomes, removal) get separate
+    runners, as Postfix separates smtpd from its delivery agents, so a
+    backlog of deliveries never delays a 250.
     """
 
-    def __init__(self, directory: str, run: Callable[[Callable], defer.Deferred]):
+    def __init__(self, directory: str, run: Callable[[Callable], defer.Deferred],
+                 run_delivery: Callable[[Callable], defer.Deferred] | None = None, *, clock=None):
         self.directory = directory
         self.run = run
+        self.run_delivery = run_delivery or run
         self.incoming_dir = os.path.join(directory, "incoming")
         self.queue_dir = os.path.join(directory, "queue")
         self.state_dir = os.path.join(directory, "state")
         self.corrupt_dir = os.path.join(directory, "corrupt")
+        self._queue_sync = DirectorySync(self.queue_dir)
+        self.receiving = Batcher(self.run, self._commit_batch)
+        # delivery-side work gives way to receiving (bounded: see Batcher)
+        self._remover = Batcher(self.run_delivery, self._remove_batch, 256,
+                                defer_to=self.receiving if clock else None, clock=clock)
 
     def prepare(self) -> None:
         for d in (self.incoming_dir, self.queue_dir, self.state_dir, self.corrupt_dir):
             os.makedirs(d, exist_ok=True)
 
-    def sync_queue_dir(self) -> None:
-        _fsync_dir(self.queue_dir)
-
     def begin(self) -> IncomingMessage:
         return IncomingMessage(self, new_queue_id())
+
+    def _commit_batch(self, items: list) -> list:
+        """
+        Commit messages together (spool thread): write each, fsync each,
+        rename each, then one fsync of the queue directory covers them all.
+        """
+        results: list = [None] * len(items)
+        written = []
+        for n, (incoming, envelope, chunks) in enumerate(items):
+            try:
+                f, length = incoming._write_final(chunks, envelope)
+            except OSError as e:
+                results[n] = e
+                continue
+            final = os.path.join(self.queue_dir, incoming.queue_id)
+            written.append((n, f, incoming.path, final, StoredMessage(incoming.queue_id, envelope, final, length)))
+        publish(written, self._queue_sync, results)
+        return results
 
     # -- after commit ------------------------------------------------------
 
@@ -192,19 +215,20 @@ class Spool:
                 f.flush()
                 os.fsync(f.fileno())
 
-        return self.run(append)
+        return self.run_delivery(append)
 
     def remove(self, message: StoredMessage) -> defer.Deferred:
         """Delete a message whose recipients all have a final outcome."""
+        return self._remover.submit(message)
 
-        def unlink():
+    def _remove_batch(self, messages: list) -> list:
+        for message in messages:
             for path in (message.path, os.path.join(self.state_dir, message.queue_id)):
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
-
-        return self.run(unlink)
+        return [None] * len(messages)
 
     # -- start-up ----------------------------------------------------------
 

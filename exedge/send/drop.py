@@ -15,6 +15,8 @@ import os
 from zope.interface import implementer
 
 from exedge.interfaces import IDeliveryAgent
+from exedge.queue.batch import Batcher
+from exedge.queue.durable import DirectorySync, publish
 from exedge.queue.manager import Outcome
 
 
@@ -27,28 +29,39 @@ def _envelope_headers(message, recipients) -> bytes:
 
 @implementer(IDeliveryAgent)
 class DropDirectoryAgent:
-    def __init__(self, connector, run):
+    # a whole batch in flight: the files of one batch share their fsyncs
+    concurrency = 256
+
+    def __init__(self, connector, run, *, defer_to=None, clock=None):
+        """C{defer_to}: the spool's receiving batcher, which goes first."""
         self.connector = connector
         self.directory = connector.drop_directory
-        self.run = run
+        self._sync = DirectorySync(self.directory)
+        self._batcher = Batcher(run, self._write_batch, self.concurrency, defer_to=defer_to, clock=clock)
 
     def deliver(self, message, recipients):
-        return self.run(lambda: self._write(message, recipients))
+        return self._batcher.submit((message, recipients))
 
-    def _write(self, message, recipients):
+    def _write_batch(self, items: list) -> list:
+        """Write every file, fsync each, rename each, one directory fsync (spool thread)."""
         os.makedirs(self.directory, exist_ok=True)
-        final = os.path.join(self.directory, message.queue_id + ".eml")
-        temp = os.path.join(self.directory, "." + message.queue_id + ".tmp")
-        with open(temp, "wb") as f:
-            f.write(_envelope_headers(message, recipients))
-            f.write(message.read_data())
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temp, final)
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        detail = f"dropped as {os.path.basename(final)}"
-        return [Outcome(i, "delivered", detail) for i in recipients]
+        results: list = [None] * len(items)
+        written = []
+        for n, (message, recipients) in enumerate(items):
+            temp = os.path.join(self.directory, "." + message.queue_id + ".tmp")
+            try:
+                f = open(temp, "wb")
+                try:
+                    f.write(_envelope_headers(message, recipients))
+                    f.write(message.read_data())
+                    f.flush()
+                except BaseException:
+                    f.close()
+                    raise
+                name = message.queue_id + ".eml"
+                outcomes = [Outcome(i, "delivered", f"dropped as {name}") for i in recipients]
+                written.append((n, f, temp, os.path.join(self.directory, name), outcomes))
+            except OSError as e:
+                results[n] = e
+        publish(written, self._sync, results)
+        return results

@@ -1,0 +1,84 @@
+"""
+Making renames durable, with group commit.
+
+A file renamed into a directory survives a crash only once the directory
+itself has been fsync'ed after the rename. When many sessions commit at the
+same moment, one directory fsync that *starts* after all their renames
+covers them all; L{DirectorySync} lets concurrent callers share it instead
+of queueing one fsync each (the group commit of databases and of Postfix's
+queue manager). Blocking: call it on a spool thread.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DirectorySync:
+    def __init__(self, path: str):
+        self.path = path
+        self._cond = threading.Condition()
+        self._requested = 0   # tickets handed out
+        self._covered = 0     # every ticket up to this one is durable
+        self._running = False
+
+    def sync(self) -> None:
+        """Return once an fsync of the directory begun after this call has finished."""
+        with self._cond:
+            self._requested += 1
+            ticket = self._requested
+            while self._covered < ticket:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                # an fsync started now covers every ticket handed out so far
+                self._running = True
+                target = self._requested
+                self._cond.release()
+                try:
+                    fsync_dir(self.path)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+                self._covered = max(self._covered, target)
+
+
+def publish(written: list, directory: DirectorySync, results: list) -> None:
+    """
+    Make files durable under their final names, as a group: C{written}
+    holds C{(n, open_file, temp_path, final_path, value)}; each file is
+    fsync'ed, closed and renamed, then one directory fsync covers every
+    rename. C{results[n]} becomes C{value}, or the C{OSError} that stopped
+    that file (blocking: call on a spool thread).
+    """
+    renamed = []
+    for n, f, temp, final, value in written:
+        try:
+            try:
+                os.fsync(f.fileno())
+            finally:
+                f.close()
+            os.rename(temp, final)
+            renamed.append((n, value))
+        except OSError as e:
+            results[n] = e
+    if not renamed:
+        return
+    try:
+        directory.sync()
+    except OSError as e:
+        for n, _ in renamed:
+            results[n] = e
+        return
+    for n, value in renamed:
+        results[n] = value

@@ -1,0 +1,81 @@
+"""Group commit: what arrives while a batch is on the disk goes in the next one."""
+
+from twisted.internet import defer, task
+
+from exedge.queue.batch import Batcher
+
+
+class ManualRun:
+    """A spool thread that finishes a job only when the test says so."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def __call__(self, f):
+        d = defer.Deferred()
+        self.jobs.append((f, d))
+        return d
+
+    def finish_one(self):
+        f, d = self.jobs.pop(0)
+        d.callback(f())
+
+
+def recorder(batches):
+    def process(items):
+        batches.append(list(items))
+        return [ValueError(i) if i == "bad" else i.upper() for i in items]
+    return process
+
+
+def test_work_arriving_during_a_batch_goes_together_in_the_next():
+    run, batches = ManualRun(), []
+    b = Batcher(run, recorder(batches), max_batch=3)
+    results = []
+    for item in ["a", "b", "c", "d", "e"]:
+        b.submit(item).addCallback(results.append)
+    assert len(run.jobs) == 1                   # "a" went alone; the rest wait
+    run.finish_one()
+    run.finish_one()
+    run.finish_one()
+    assert batches == [["a"], ["b", "c", "d"], ["e"]]
+    assert results == ["A", "B", "C", "D", "E"]
+
+
+def test_one_failed_item_fails_only_itself():
+    run, batches = ManualRun(), []
+    b = Batcher(run, recorder(batches))
+    ok, failed = [], []
+    b.submit("x")
+    for item in ("y", "bad", "z"):
+        b.submit(item).addCallbacks(ok.append, lambda f: failed.append(f.value))
+    run.finish_one()
+    run.finish_one()
+    assert ok == ["Y", "Z"] and [str(e) for e in failed] == ["bad"]
+
+
+def test_background_batch_waits_for_receiving_but_never_more_than_max_wait():
+    clock = task.Clock()
+    run_fg, run_bg, fg_batches, bg_batches = ManualRun(), ManualRun(), [], []
+    receiving = Batcher(run_fg, recorder(fg_batches))
+    delivery = Batcher(run_bg, recorder(bg_batches), defer_to=receiving, max_wait=0.25, clock=clock)
+
+    receiving.submit("commit1")
+    delivery.submit("deliver1")
+    assert run_bg.jobs == []                    # receiving is on the disk: wait
+    run_fg.finish_one()                         # receiving idle: delivery goes now
+    assert len(run_bg.jobs) == 1
+    run_bg.finish_one()
+    assert bg_batches == [["deliver1"]]
+
+    # receiving stays busy: delivery still runs once max_wait has passed
+    receiving.submit("commit2")
+    delivery.submit("deliver2")
+    delivery.submit("deliver3")
+    clock.advance(0.24)
+    assert run_bg.jobs == []
+    clock.advance(0.02)
+    assert len(run_bg.jobs) == 1
+    run_bg.finish_one()
+    assert bg_batches[-1] == ["deliver2", "deliver3"]
+    assert not clock.getDelayedCalls()
