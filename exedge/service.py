@@ -78,5 +78,4 @@ def build_service(config: Config, reactor=None) -> MultiService:
     )
     for service in listener_services(reactor, context):
         service.setServiceParent(top)
-    top.exedge_manager = manager
     return top

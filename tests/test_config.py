@@ -505,7 +505,7 @@ def test_duplicate_receive_connector_names(tmp_path):
 
 
 def test_duplicate_send_connector_names():
-    p = only_problem(send(name="Out") + send(name="Out", spaces='["*"]'))
+    p = only_problem(send(name="Out") + send(name="Out", spaces='["*"]', drop='"var/drop2"'))
     assert p.key == "send_connectors[1].name"
 
 
@@ -800,3 +800,32 @@ def test_error_line_after_multiline_array_in_file(tmp_path):
     assert p.key == "receive_connectors[0].max_recipients_per_message"
     assert p.line == 12
     assert str(p).startswith(f"{path}:12: ")
+
+
+def test_two_send_connectors_cannot_share_a_drop_directory():
+    text = (
+        '[[send_connectors]]\nname = "a"\naddress_spaces = ["a.test"]\ndrop_directory = "var/drop"\n'
+        '[[send_connectors]]\nname = "b"\naddress_spaces = ["b.test"]\ndrop_directory = "var/./drop/"\n'
+    )
+    with pytest.raises(ConfigError) as e:
+        loads(text, source="t.toml")
+    [p] = e.value.problems
+    assert p.line == 8 and p.key == "send_connectors[1].drop_directory"
+    assert "already the drop directory of send_connectors[0]" in p.message
+
+
+@pytest.mark.parametrize("line,key", [
+    ('max_message_size = "' + "9" * 400 + 'MB"', "max_message_size"),
+    ("connection_inactivity_timeout = nan", "connection_inactivity_timeout"),
+    ("connection_timeout = inf", "connection_timeout"),
+    ("tarpit_interval = inf", "tarpit_interval"),
+    ('tarpit_interval = "11m"', "tarpit_interval"),
+    ("max_hop_count = 1e3", "max_hop_count"),
+])
+def test_absurd_values_are_problems_not_tracebacks(line, key):
+    text = ('[[receive_connectors]]\nname = "x"\nbindings = ["127.0.0.1:25"]\n'
+            f'remote_ip_ranges = ["127.0.0.1"]\n{line}\n')
+    with pytest.raises(ConfigError) as e:
+        loads(text, source="t.toml")
+    assert [p.key for p in e.value.problems] == [f"receive_connectors[0].{key}"]
+    assert e.value.problems[0].line == 5

@@ -18,7 +18,6 @@ the 214; any extra command the server ran shows up as an extra reply.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
@@ -356,6 +355,29 @@ def test_endless_line_without_crlf_does_not_grow_server_memory(start_server):
     assert after - before < 24 * 1024, f"server RSS grew from {before} kB to {after} kB"
     with connect(server) as c2:
         assert_ok(c2.cmd("NOOP"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_client_that_never_reads_replies_cannot_grow_server_memory(start_server):
+    server = start_server()
+    pid = server.proc.pid
+    before = _rss_kb(pid)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(3)
+        chunk = b"EHLO a.test\r\n" * 4096      # each EHLO answers ~16 times its size
+        try:
+            while sent < 25 * (1 << 20):          # bounded: 25 MiB of commands at most
+                s.sendall(chunk)
+                sent += len(chunk)
+        except socket.timeout:
+            pass                                  # the server stopped reading: as it should
+        after = _rss_kb(pid)
+    assert sent < 25 * (1 << 20), "the server kept reading although its replies were not read"
+    assert after - before < 32 * 1024, f"server RSS grew from {before} kB to {after} kB"
+    with connect(server) as c:
+        assert_ok(c.cmd("NOOP"))
 
 
 # -- CR, LF, NUL inside a command line ---------------------------------------------

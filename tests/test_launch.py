@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from harness import TWISTD, free_port
+from harness import TWISTD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -423,3 +423,61 @@ def test_pending_answer_pauses_socket_only_when_client_keeps_talking(tmp_path):
     out = s.transport.value()
     assert out.startswith(b"250 2.6.0 ") and out.count(b"250 2.0.0 OK") == 20000
     assert s.transport.producerState == "producing"
+
+
+def test_cr_at_chunk_end_after_overlong_line_does_not_swallow_next_command(session):
+    session.send(b"EHLO c.test\r\n")
+    assert session.codes(b"X" * 600 + b"\r") == ["500 5.5.2"]
+    assert session.codes(b"\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\n") == ["250 2.1.0", "250 2.1.5"]
+
+
+def test_client_that_does_not_read_replies_stops_being_read(session):
+    producer = session.transport.producer
+    assert producer is not None and session.transport.streaming
+    producer.pauseProducing()                  # the transport's write buffer is full
+    assert session.transport.producerState == "paused"
+    assert session.send(b"EHLO a.test\r\n" * 1000) == b""   # nothing processed, nothing written
+    producer.resumeProducing()
+    assert session.transport.producerState == "producing"
+    assert session.transport.value().count(b"250 8BITMIME\r\n") == 1000
+
+
+def test_idle_timer_waits_for_our_own_slow_queue_write(tmp_path):
+    run = DeferredRun()
+    s = Session(tmp_path, run=run)
+    s.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nhi\r\n.\r\n")
+    s.transport.clear()
+    s.clock.advance(61)                        # the disk is slow, not the client
+    assert s.transport.value() == b"" and not s.transport.disconnecting
+    run.flush()
+    assert s.transport.value().startswith(b"250 2.6.0 ")
+    s.clock.advance(61)
+    assert b"421 4.4.2" in s.transport.value() and s.transport.disconnecting
+
+
+def test_session_time_limit_during_queue_write_sends_the_answer_first(tmp_path):
+    run = DeferredRun()
+    s = Session(tmp_path, run=run)
+    for _ in range(5):
+        s.clock.advance(59.8)                  # 299 s of a busy session
+        assert s.codes(b"NOOP\r\n") == ["250 2.0.0"]
+    s.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nhi\r\n.\r\n")
+    s.transport.clear()
+    s.clock.advance(2)
+    assert s.transport.value() == b""
+    run.flush()
+    replies = s.transport.value().split(b"\r\n")
+    assert replies[0].startswith(b"250 2.6.0 ") and replies[1].startswith(b"421 4.4.2 ")
+    assert s.transport.disconnecting
+
+
+def test_queue_sink_failure_after_commit_still_acknowledges(tmp_path):
+    s = Session(tmp_path)
+
+    def broken(message):
+        raise RuntimeError("routing bug")
+
+    s.sink.submit = broken
+    s.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\n")
+    assert s.codes(b"DATA\r\nhi\r\n.\r\nNOOP\r\n") == ["354", "250 2.6.0", "250 2.0.0"]
+    assert len(os.listdir(s.spool.queue_dir)) == 1   # durable: recovered at the next start

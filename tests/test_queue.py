@@ -9,7 +9,7 @@ import pytest
 from twisted.internet import defer, task
 
 from exedge.config import loads
-from exedge.queue import Envelope, QueueManager, QueueStatus, Recipient, Spool
+from exedge.queue import Envelope, Outcome, QueueManager, QueueStatus, Recipient, Spool
 from exedge.routing import UNREACHABLE, NextHop, Router
 from exedge.send import DropDirectoryAgent
 from harness import config_text
@@ -201,3 +201,100 @@ def test_restart_delivers_only_pending_recipients(tmp_path, spool):
         head = f.read(120)
     assert b"X-Receiver: <c@example.com>" in head and b"b@example.com" not in head
     assert os.listdir(spool.queue_dir) == []
+
+
+def test_failed_spill_then_abort_leaves_no_partial_file(tmp_path):
+    calls = []
+
+    def run(f):
+        calls.append(f)
+        if len(calls) == 1:           # the spill: the disk is full
+            return defer.fail(OSError(28, "No space left on device"))
+        return defer.maybeDeferred(f)
+
+    spool = Spool(str(tmp_path / "spool"), run)
+    spool.prepare()
+    incoming = spool.begin()
+    with open(incoming.path, "wb") as f:   # what a spill had written before it failed
+        f.write(b"partial")
+    incoming.write(b"x" * (600 * 1024))
+    incoming.abort()
+    assert os.listdir(spool.incoming_dir) == []
+
+
+def test_directory_fsync_failure_unpublishes_the_batch(spool, monkeypatch):
+    def failing_sync():
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool._queue_sync, "sync", failing_sync)
+    failures = []
+    commit(spool, envelope("b@example.com")).addErrback(failures.append)
+    assert failures and "Input/output error" in str(failures[0].value)
+    assert os.listdir(spool.queue_dir) == [] and os.listdir(spool.incoming_dir) == []
+    assert spool.recover() == []
+
+
+def test_odd_state_lines_count_as_not_done_and_keep_the_message(spool):
+    stored = committed(spool, envelope("b@example.com", "c@example.com"))
+    with open(os.path.join(spool.state_dir, stored.queue_id), "wb") as f:
+        f.write(b'{"status": "delivered"}\n[1, 2]\n{"rcpts": "x"}\n{"rcpts": [1]}\n')
+    [again] = spool.recover()
+    assert again.done == frozenset({1})
+    assert os.listdir(spool.corrupt_dir) == []
+
+
+class ScriptedAgent:
+    """An agent whose outcome per recipient address is scripted, attempt by attempt."""
+
+    def __init__(self, name, script):
+        self.connector = type("C", (), {"name": name})()
+        self.script = script          # address -> list of statuses, one per attempt
+        self.calls = []
+
+    def deliver(self, message, recipients):
+        self.calls.append([message.envelope.recipients[i].address for i in recipients])
+        return defer.succeed([
+            Outcome(i, self.script[message.envelope.recipients[i].address].pop(0)) for i in recipients])
+
+
+def scripted_manager(spool, agents, spaces):
+    text = "".join(f'[[send_connectors]]\nname = "{n}"\naddress_spaces = ["{a}"]\ndrop_directory = "d/{n}"\n'
+                   for n, a in spaces)
+    cfg = loads(text)
+    clock = task.Clock()
+    m = QueueManager(spool, Router(cfg.accepted_domains, cfg.send_connectors), agents, clock=clock,
+                     retry_interval=60)
+    m.startService()
+    return m, clock
+
+
+def test_deferred_recipients_are_retried_later_and_the_rest_recorded(spool):
+    agent = ScriptedAgent("out", {"a@x.test": ["delivered"], "b@x.test": ["deferred", "delivered"]})
+    manager, clock = scripted_manager(spool, {"out": agent}, [("out", "x.test")])
+    stored = committed(spool, envelope("a@x.test", "b@x.test"))
+    manager.submit(stored)
+    assert agent.calls == [["a@x.test", "b@x.test"]]
+    assert spool.recover()[0].done == frozenset({0})          # a@ recorded durably
+    clock.advance(60)
+    assert agent.calls[-1] == ["b@x.test"]
+    assert os.listdir(spool.queue_dir) == []
+
+
+def test_item_of_a_completed_message_is_dropped_not_retried_forever(spool, monkeypatch):
+    a = ScriptedAgent("A", {"a@a.test": ["delivered"]})
+    b = ScriptedAgent("B", {"b@b.test": ["delivered"]})
+    manager, clock = scripted_manager(spool, {"A": a, "B": b}, [("A", "a.test"), ("B", "b.test")])
+    manager.suspend(NextHop("B", ""))
+    real_record = spool.record
+    monkeypatch.setattr(spool, "record", lambda *args: defer.fail(OSError(28, "No space left on device")))
+    stored = committed(spool, envelope("a@a.test", "b@b.test"))
+    manager.submit(stored)                  # A delivers, but its outcome cannot be written
+    queue_a = manager.queues[NextHop("A", "")]
+    assert queue_a.status is QueueStatus.Retry and queue_a.message_count == 1
+    monkeypatch.setattr(spool, "record", real_record)
+    manager.release(NextHop("B", ""))       # B completes the message: removed
+    assert os.listdir(spool.queue_dir) == []
+    clock.advance(60)                        # A's retry finds nothing left to do
+    assert a.calls == [["a@a.test"]]
+    assert queue_a.message_count == 0 and queue_a.status is QueueStatus.Ready
+    assert not clock.getDelayedCalls()

@@ -7,6 +7,7 @@ every mistake in one run, each with the file, the line and the key.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from typing import Any
 
@@ -77,6 +78,10 @@ def _build(model: type, table: Any, path: tuple, out: _Collector) -> Any:
                 out.problem(path + (fname,), str(e))
                 ok = False
                 continue
+            except Exception as e:   # a parser surprised by odd input: still a problem, not a traceback
+                out.problem(path + (fname,), f"invalid value {table[fname]!r} ({e.__class__.__name__})")
+                ok = False
+                continue
         elif meta.get("required"):
             out.problem(path + (fname,), "is required")
             ok = False
@@ -106,6 +111,18 @@ def _validate(cfg: dict, out: _Collector) -> None:
             if lowered in seen:
                 out.problem((section, i, "name"), f"duplicate connector name {conn.name!r} (also {section}[{seen[lowered]}])")
             seen[lowered] = i
+
+    drops: dict[str, int] = {}
+    for i, conn in enumerate(cfg["send_connectors"]):
+        if conn is None:
+            continue
+        # files are named by queue id: two connectors in one directory would
+        # overwrite each other's copy of a message split between them
+        where = os.path.realpath(conn.drop_directory)
+        if where in drops:
+            out.problem(("send_connectors", i, "drop_directory"),
+                        f"{conn.drop_directory!r} is already the drop directory of send_connectors[{drops[where]}]")
+        drops.setdefault(where, i)
 
     seen_domains: dict[str, int] = {}
     for i, dom in enumerate(cfg["accepted_domains"]):

@@ -61,6 +61,17 @@ def integer(low: int, high: int | None = None, *, unlimited: bool = False):
     return parse_int
 
 
+def timespan(high: float):
+    """A duration of at most C{high} seconds."""
+    def parse(value: Any) -> float:
+        seconds = v.parse_timespan(value)
+        if seconds > high:
+            raise ValueError(f"{value!r} is longer than the maximum of {int(high)} seconds")
+        return seconds
+
+    return parse
+
+
 def text(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
@@ -157,7 +168,7 @@ class ReceiveConnector:
     max_inbound_connection: int | None = setting(integer(1, unlimited=True), 5000, "concurrent sessions on this connector")
     max_inbound_connection_per_source: int | None = setting(integer(1, 10000, unlimited=True), 20, "concurrent sessions per peer address")
     max_protocol_errors: int | None = setting(integer(0, unlimited=True), 5, "errors before 421 and disconnect (0 or unlimited: never)")
-    tarpit_interval: float = setting(v.parse_timespan, 5.0, "delay before error replies to unauthenticated peers")
+    tarpit_interval: float = setting(timespan(600), 5.0, "delay before error replies to unauthenticated peers")
     enabled: bool = setting(boolean, True, "false: the connector does not listen")
     pipelining_enabled: bool = setting(boolean, True, "advertise PIPELINING")
     eight_bit_mime_enabled: bool = setting(boolean, True, "advertise 8BITMIME")

@@ -9,7 +9,9 @@ the file, key and line.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
+from decimal import Decimal
 from typing import Iterable
 
 import attrs
@@ -36,11 +38,11 @@ def parse_size(value: object, *, allow_unlimited: bool = False) -> int | None:
                 return None
             raise ValueError("\"unlimited\" is not allowed here")
         m = _SIZE_RE.match(value)
-        if m:
+        if m and len(m.group(1)) <= 30:
             unit = m.group(2).upper()
             if unit and not unit.endswith("B"):
                 unit += "B"
-            return int(float(m.group(1)) * _SIZE_UNITS[unit])
+            return int(Decimal(m.group(1)) * _SIZE_UNITS[unit])
     raise ValueError(
         f"invalid size {value!r} (expected bytes or e.g. \"36MB\", \"512KB\")"
     )
@@ -60,8 +62,8 @@ def parse_timespan(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration such as \"5m\", got {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"a duration cannot be negative ({value})")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"a duration must be a finite number of seconds, not {value}")
         return float(value)
     if isinstance(value, str):
         m = _SPAN_RE.match(value)

@@ -69,7 +69,7 @@ def publish(written: list, directory: DirectorySync, results: list) -> None:
             finally:
                 f.close()
             os.rename(temp, final)
-            renamed.append((n, value))
+            renamed.append((n, final, value))
         except OSError as e:
             results[n] = e
     if not renamed:
@@ -77,8 +77,14 @@ def publish(written: list, directory: DirectorySync, results: list) -> None:
     try:
         directory.sync()
     except OSError as e:
-        for n, _ in renamed:
+        # not durable, so not published: whoever waits gets the error (a 451,
+        # a retry), and the file must not turn up again after a restart
+        for n, final, _ in renamed:
             results[n] = e
+            try:
+                os.unlink(final)
+            except OSError:
+                pass
         return
-    for n, value in renamed:
+    for n, _, value in renamed:
         results[n] = value

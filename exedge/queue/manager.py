@@ -75,9 +75,10 @@ class QueueManager(Service):
         self.retry_interval = retry_interval
         self.concurrency = concurrency   # attempts in flight per queue
         self.queues: dict[NextHop, DeliveryQueue] = {}
-        # recipients with a final outcome, per message still in the spool:
-        # a message split over several hops is removed when the last is done
-        self._done: dict[str, set[int]] = {}
+        # every message in the spool, with its recipients that have a final
+        # outcome: a message split over several hops is removed when the
+        # last is done, and an item of a removed message is dropped
+        self._live: dict[str, set[int]] = {}
 
     # -- intake ------------------------------------------------------------
 
@@ -88,6 +89,7 @@ class QueueManager(Service):
             self.spool.remove(message).addErrback(
                 lambda f: log.failure("removing {queue_id}", f, queue_id=message.queue_id))
             return
+        self._live.setdefault(message.queue_id, set(message.done))
         recipients = [(i, message.envelope.recipients[i].address) for i in pending]
         for hop, indexes in self.router.group_by_hop(recipients, message.envelope.size).items():
             queue = self.queue_for(hop)
@@ -160,9 +162,15 @@ class QueueManager(Service):
     @defer.inlineCallbacks
     def _attempt(self, queue: DeliveryQueue, item):
         message, indexes = item
+        done = self._live.get(message.queue_id)
+        indexes = [i for i in indexes if done is not None and i not in done]
         try:
-            outcomes = yield self.agents[queue.hop.connector].deliver(message, indexes)
-            yield self._record(message, outcomes)
+            if indexes:
+                outcomes = yield self.agents[queue.hop.connector].deliver(message, indexes)
+                left = set(indexes) - {o.index for o in outcomes if o.status in ("delivered", "failed")}
+                yield self._record(message, outcomes)
+                if left:
+                    self._later(queue, (message, sorted(left)))
         except Exception as e:
             # nothing is lost: the item goes back to the head of its queue
             queue.items.appendleft(item)
@@ -181,6 +189,14 @@ class QueueManager(Service):
             if queue.in_flight == 0:
                 queue.status = QueueStatus.Ready
             self._kick(queue)
+
+    def _later(self, queue: DeliveryQueue, item) -> None:
+        """Recipients the next hop deferred try again after the retry interval."""
+        def again():
+            queue.items.append(item)
+            self._kick(queue)
+
+        self.clock.callLater(self.retry_interval, again)
 
     def _schedule_retry(self, queue: DeliveryQueue) -> None:
         queue.status = QueueStatus.Retry
@@ -205,12 +221,12 @@ class QueueManager(Service):
             log.info("{queue_id} -> {rcpts}: {status} {detail}", queue_id=message.queue_id, status=status,
                      rcpts=", ".join(message.envelope.recipients[i].address for i in indexes), detail=detail)
         # other hops may still hold recipients of this message
-        done = self._done.setdefault(message.queue_id, set(message.done))
+        done = self._live[message.queue_id]
         done.update(o.index for o in final)
         if len(done) >= len(message.envelope.recipients):
             # complete: no need to note outcomes first, nor to wait for the
             # unlink; a crash before it means a second delivery, never none
-            del self._done[message.queue_id]
+            del self._live[message.queue_id]
             self.spool.remove(message).addErrback(
                 lambda f: log.failure("removing {queue_id}", f, queue_id=message.queue_id))
             return

@@ -123,11 +123,12 @@ class IncomingMessage:
     def _write_final(self, chunks: list[bytes], envelope: Envelope):
         """The last data and the envelope, written but not yet synced (spool thread)."""
         self._write_chunks(chunks)
-        f, self._file = self._file, None
+        f = self._file
         length = f.tell()
         meta = envelope.to_json()
         f.write(meta + FOOTER_MAGIC + b"%010d\n" % len(meta))
         f.flush()
+        self._file = None   # only now: on an error above, _discard closes it
         return f, length
 
     def _cleanup_after_failure(self, failure):
@@ -141,7 +142,8 @@ class IncomingMessage:
             return
         self._closed = True
         self._chunks = []
-        self._tail.addCallback(lambda _: self.spool.run(self._discard))
+        # addBoth: after a failed spill (disk full) the partial file must go too
+        self._tail.addBoth(lambda _: self.spool.run(self._discard))
         self._tail.addErrback(lambda f: log.failure("discarding {path}", f, path=self.path))
 
     def _discard(self) -> None:
@@ -283,9 +285,13 @@ class Spool:
                 for line in f:
                     try:
                         record = json.loads(line)
-                    except ValueError:
-                        continue  # a torn last line: that outcome was never acted on
-                    done.update(record["rcpts"])
+                        rcpts = record["rcpts"]
+                        done.update(int(i) for i in rcpts)
+                    except (ValueError, TypeError, KeyError):
+                        # a torn last line: that outcome was never acted on;
+                        # anything else unreadable counts as not done, so the
+                        # worst case is a second delivery, never none
+                        continue
         except FileNotFoundError:
             pass
         return frozenset(done)

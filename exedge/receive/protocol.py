@@ -26,9 +26,11 @@ import email.utils
 import uuid
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols import basic
+from zope.interface import implementer
 
 from exedge.auth.permissions import Permissions, Right, session_permissions
 from exedge.logs import ProtocolLog
@@ -67,6 +69,26 @@ class ServerContext:
     store: object             # IMessageStore
     sink: object              # IQueueSink
     clock: object             # IReactorTime
+
+
+@implementer(IPushProducer)
+class _ReplyBackpressure:
+    """
+    Registered with the transport: when replies pile up unread in its write
+    buffer, the session stops reading and stops taking commands.
+    """
+
+    def __init__(self, session: "SMTPServer"):
+        self.session = session
+
+    def pauseProducing(self) -> None:
+        self.session._set_write_blocked(True)
+
+    def resumeProducing(self) -> None:
+        self.session._set_write_blocked(False)
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class SMTPServer(basic.LineReceiver):
@@ -115,11 +137,11 @@ class SMTPServer(basic.LineReceiver):
         self.fqdn = connector.effective_fqdn(self.ctx.server)
         self.permissions = session_permissions(connector.permission_groups, connector.auth_mechanisms)
         self.plog.info(f"rights: {self.permissions.explain()}")
-        clock = self.ctx.clock
-        self._idle_call = clock.callLater(connector.connection_inactivity_timeout, self._timed_out,
-                                          "4.4.2", "Timeout waiting for client input")
-        self._life_call = clock.callLater(connector.connection_timeout, self._timed_out,
-                                          "4.4.2", "Connection time limit exceeded")
+        self._arm_idle()
+        self._life_call = self.ctx.clock.callLater(connector.connection_timeout, self._timed_out,
+                                                   "Connection time limit exceeded")
+        # a client that does not read its replies stops being read
+        self.transport.registerProducer(_ReplyBackpressure(self), True)
         banner = connector.banner or f"220 {self.fqdn} exedge ESMTP service ready"
         self._write((banner if banner.startswith("220") else f"220 {banner}").encode("ascii", "replace") + b"\r\n")
 
@@ -142,11 +164,24 @@ class SMTPServer(basic.LineReceiver):
         if self.plog is not None:
             self.plog.disconnect()
 
-    def _timed_out(self, status: str, text: str) -> None:
+    def _arm_idle(self) -> None:
+        self._idle_call = self.ctx.clock.callLater(self.connector.connection_inactivity_timeout,
+                                                   self._timed_out, "Timeout waiting for client input", True)
+
+    def _timed_out(self, text: str, idle: bool = False) -> None:
         if self._closing:
             return
+        reply = Reply(421, "4.4.2", f"{self.fqdn} {text}, closing transmission channel")
+        if self._answer_pending:
+            # we are the slow party (a queue write): the client is not idle,
+            # and the answer it waits for goes out before any 421
+            if idle:
+                self._arm_idle()
+            else:
+                self._close_after_answer = reply
+            return
         self.plog.info(text)
-        self._refuse(Reply(421, status, f"{self.fqdn} {text}, closing transmission channel"))
+        self._refuse(reply)
 
     def _write(self, data: bytes) -> None:
         self.plog.sent(data)
@@ -154,22 +189,43 @@ class SMTPServer(basic.LineReceiver):
 
     # -- input ---------------------------------------------------------------
 
-    # While an answer is pending the session stops taking commands from its
-    # buffer. The socket itself is paused only if a client keeps talking
-    # past this much unread input: pausing it for every queue write costs
-    # two epoll calls per message for nothing.
+    # Flow control. No command is taken from the buffer while an answer is
+    # pending (queue write, tarpit) or while the client is not reading its
+    # replies. The socket itself stops being read when the client is not
+    # reading, or keeps talking past PAUSED_BUFFER_LIMIT while an answer is
+    # pending; stopping it on every queue write would cost two epoll calls
+    # per message for nothing.
     PAUSED_BUFFER_LIMIT = 64 * 1024
-    _transport_paused = False
+    _answer_pending = False
+    _write_blocked = False
+    _reading_stopped = False
+    _close_after_answer: Reply | None = None
 
-    def pauseProducing(self) -> None:
-        self.paused = True
+    def _flow(self) -> None:
+        self.paused = self._answer_pending or self._write_blocked
+        stop = self._write_blocked or (self.paused and len(self._buffer) > self.PAUSED_BUFFER_LIMIT)
+        if stop != self._reading_stopped and not self._closing:
+            self._reading_stopped = stop
+            if stop:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
-    def resumeProducing(self) -> None:
-        self.paused = False
-        if self._transport_paused:
-            self._transport_paused = False
-            self.transport.resumeProducing()
-        self.dataReceived(b"")
+    def _hold(self) -> None:
+        self._answer_pending = True
+        self._flow()
+
+    def _release(self) -> None:
+        self._answer_pending = False
+        self._flow()
+        if not self.paused:
+            self.dataReceived(b"")
+
+    def _set_write_blocked(self, blocked: bool) -> None:
+        self._write_blocked = blocked
+        self._flow()
+        if not self.paused:
+            self.dataReceived(b"")
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -177,20 +233,20 @@ class SMTPServer(basic.LineReceiver):
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.reset(self.connector.connection_inactivity_timeout)
         super().dataReceived(data)
-        if self.paused and not self._transport_paused and len(self._buffer) > self.PAUSED_BUFFER_LIMIT:
-            self._transport_paused = True
-            self.transport.pauseProducing()
         # LineReceiver leaves its loop after lineLengthExceeded: go on with
         # what followed the over-long line (put back into the buffer)
         while self._overflowed and not self.paused and not self._closing:
             self._overflowed = False
             super().dataReceived(b"")
+        self._flow()
 
     def lineLengthExceeded(self, data: bytes) -> None:
         end = data.find(b"\r\n")
         if end >= 0:
             self._buffer = data[end + 2:] + self._buffer
             self._overflowed = True
+        elif data.endswith(b"\r"):
+            self._buffer = b"\r"   # its LF may come in the next chunk and end the line
         if not self._discarding:
             self._answer(syntax_error("Line too long", "5.5.2", 500))
         self._discarding = end < 0
@@ -216,9 +272,10 @@ class SMTPServer(basic.LineReceiver):
 
     def _answer(self, result) -> None:
         if isinstance(result, defer.Deferred):
-            self.pauseProducing()
+            self._hold()
             result.addErrback(self._internal_error)
             result.addCallback(self._emit, resume=True)
+            result.addErrback(self._broken)
         else:
             self._emit(result, resume=False)
 
@@ -226,12 +283,19 @@ class SMTPServer(basic.LineReceiver):
         log.failure("session {session}: internal error", failure, session=self.session_id)
         return Reply(451, "4.3.0", "Temporary server error; please try again later")
 
+    def _broken(self, failure) -> None:
+        """A bug after the answer: never leave the session paused for ever."""
+        log.failure("session {session}: dropping the connection", failure, session=self.session_id)
+        self._closing = True
+        self.transport.abortConnection()
+
     def _emit(self, reply: Reply, resume: bool) -> None:
         delay = self.connector.tarpit_interval if reply.tarpit and self._tarpitted() else 0
         if delay > 0:
             if not resume:
-                self.pauseProducing()
-            self.ctx.clock.callLater(delay, self._send_reply, reply, True)
+                self._hold()
+            d = task.deferLater(self.ctx.clock, delay, self._send_reply, reply, True)
+            d.addErrback(self._broken)
         else:
             self._send_reply(reply, resume)
 
@@ -242,6 +306,9 @@ class SMTPServer(basic.LineReceiver):
         if self._closing:
             return
         self._write(reply.encode())
+        if self._close_after_answer is not None:
+            self.plog.info(self._close_after_answer.text)
+            return self._refuse(self._close_after_answer)
         if reply.protocol_error:
             self.errors += 1
             limit = self.connector.max_protocol_errors
@@ -253,7 +320,7 @@ class SMTPServer(basic.LineReceiver):
             self.transport.loseConnection()
             return
         if resume:
-            self.resumeProducing()
+            self._release()
 
     # -- commands ------------------------------------------------------------
 
@@ -456,14 +523,18 @@ class SMTPServer(basic.LineReceiver):
             helo=self.helo or "", received_at=self.ctx.clock.seconds(),
         )
         d = incoming.commit(envelope)
-        d.addCallback(self._queued)
-        d.addErrback(self._queue_failed, incoming.queue_id)
+        d.addCallbacks(self._queued, self._queue_failed, errbackArgs=(incoming.queue_id,))
         return d
 
     def _queued(self, stored) -> Reply:
         # no log line of its own: the Verbose protocol log has the 250 with
         # the queue id, and per-message lines cost a formatted, flushed write
-        self.ctx.sink.submit(stored)
+        try:
+            self.ctx.sink.submit(stored)
+        except Exception:
+            # the message is on disk: it is acknowledged, and start-up recovery queues it
+            log.failure("queueing {queue_id} failed; it waits in the spool for a restart",
+                        queue_id=stored.queue_id)
         return Reply(250, "2.6.0", f"<{stored.queue_id}> Queued mail for delivery")
 
     def _queue_failed(self, failure, queue_id: str) -> Reply:
