@@ -32,7 +32,11 @@ class Envelope:
     received_at: float = 0.0
 
     def to_json(self) -> bytes:
-        data = attrs.asdict(self, recurse=True)
+        # by hand rather than attrs.asdict: this runs once per message on a
+        # spool thread, holding the GIL the reactor wants
+        data = {f: getattr(self, f) for f in _SCALARS}
+        data["recipients"] = [{"address": r.address, "notify": list(r.notify), "orcpt": r.orcpt}
+                              for r in self.recipients]
         return json.dumps(data, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
     @classmethod
@@ -43,3 +47,6 @@ class Envelope:
             for r in data["recipients"]
         )
         return cls(**data)
+
+
+_SCALARS = tuple(f.name for f in attrs.fields(Envelope) if f.name != "recipients")

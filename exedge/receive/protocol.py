@@ -23,6 +23,7 @@ Here:
 from __future__ import annotations
 
 import email.utils
+import functools
 import uuid
 
 import attrs
@@ -69,6 +70,12 @@ class ServerContext:
     store: object             # IMessageStore
     sink: object              # IQueueSink
     clock: object             # IReactorTime
+
+
+@functools.lru_cache(maxsize=4)
+def _rfc5322_date(second: int) -> str:
+    """Formatted once per second, not once per message."""
+    return email.utils.formatdate(second, localtime=False)
 
 
 @implementer(IPushProducer)
@@ -498,7 +505,7 @@ class SMTPServer(basic.LineReceiver):
 
     def _received_header(self, queue_id: str) -> bytes:
         protocol = "ESMTP" if self.esmtp else "SMTP"
-        now = email.utils.formatdate(self.ctx.clock.seconds(), localtime=False)
+        now = _rfc5322_date(int(self.ctx.clock.seconds()))
         return (
             f"Received: from {self.helo} ([{self.peer_host}])\r\n"
             f"\tby {self.fqdn} (exedge, receive connector \"{self.connector.name}\")\r\n"
