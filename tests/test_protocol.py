@@ -481,3 +481,22 @@ def test_queue_sink_failure_after_commit_still_acknowledges(tmp_path):
     s.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\n")
     assert s.codes(b"DATA\r\nhi\r\n.\r\nNOOP\r\n") == ["354", "250 2.6.0", "250 2.0.0"]
     assert len(os.listdir(s.spool.queue_dir)) == 1   # durable: recovered at the next start
+
+
+def test_slow_disk_stops_reading_message_data_until_spills_are_written(tmp_path):
+    run = DeferredRun()
+    s = Session(tmp_path, run=run, peer="127.0.0.2")   # no size limit in the way
+    s.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+    line = b"z" * 998 + b"\r\n"
+    block = line * 1000                                   # ~1 MB per write
+    s.send(b"Subject: big\r\n\r\n")
+    for _ in range(5):
+        assert s.transport.producerState == "producing"
+        s.send(block)
+    assert s.transport.producerState == "paused"          # > 4 MiB waits for the disk
+    run.flush()                                           # the spills reach the file
+    assert s.transport.producerState == "producing"
+    assert s.codes(b".\r\n") == []                        # the commit waits for its thread too
+    run.flush()
+    assert s.transport.value().startswith(b"250 2.6.0 ")
+    assert s.sink.messages[0].data_length > 5 * 1000 * 1000

@@ -42,6 +42,7 @@ from .envelope import Envelope
 FOOTER_MAGIC = b"\n#exedge-envelope "
 FOOTER_LEN = len(FOOTER_MAGIC) + 10 + 1   # magic, 10 digits, newline
 SPILL_THRESHOLD = 512 * 1024
+SPILL_BACKLOG = 4 * 1024 * 1024   # unwritten bytes past which the session stops reading
 
 log = Logger()
 
@@ -95,6 +96,8 @@ class IncomingMessage:
         self._file = None
         self._tail: defer.Deferred = defer.succeed(None)
         self._closed = False
+        self._unwritten = 0
+        self._drain_waiters: list = []
 
     def write(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -103,8 +106,30 @@ class IncomingMessage:
             self._spill()
 
     def _spill(self) -> None:
-        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        chunks, size = self._chunks, self._buffered
+        self._chunks, self._buffered = [], 0
+        self._unwritten += size
         self._tail.addCallback(lambda _: self.spool.run(lambda: self._write_chunks(chunks)))
+        self._tail.addBoth(self._spilled, size)
+
+    def _spilled(self, result, size: int):
+        self._unwritten -= size
+        if not self.backlogged:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                waiter()
+        return result
+
+    @property
+    def backlogged(self) -> bool:
+        """More is waiting for the disk than a session may hold in memory."""
+        return self._unwritten > SPILL_BACKLOG
+
+    def when_drained(self, callback) -> None:
+        if self.backlogged:
+            self._drain_waiters.append(callback)
+        else:
+            callback()
 
     def _write_chunks(self, chunks: list[bytes]) -> None:
         if self._file is None:

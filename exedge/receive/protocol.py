@@ -199,24 +199,30 @@ class SMTPServer(basic.LineReceiver):
     # Flow control. No command is taken from the buffer while an answer is
     # pending (queue write, tarpit) or while the client is not reading its
     # replies. The socket itself stops being read when the client is not
-    # reading, or keeps talking past PAUSED_BUFFER_LIMIT while an answer is
-    # pending; stopping it on every queue write would cost two epoll calls
+    # reading, when message data waits for a slow disk, or when the client
+    # keeps talking past PAUSED_BUFFER_LIMIT while an answer is pending; stopping it on every queue write would cost two epoll calls
     # per message for nothing.
     PAUSED_BUFFER_LIMIT = 64 * 1024
     _answer_pending = False
     _write_blocked = False
+    _disk_blocked = False
     _reading_stopped = False
     _close_after_answer: Reply | None = None
 
     def _flow(self) -> None:
         self.paused = self._answer_pending or self._write_blocked
-        stop = self._write_blocked or (self.paused and len(self._buffer) > self.PAUSED_BUFFER_LIMIT)
+        stop = self._write_blocked or self._disk_blocked or \
+            (self.paused and len(self._buffer) > self.PAUSED_BUFFER_LIMIT)
         if stop != self._reading_stopped and not self._closing:
             self._reading_stopped = stop
             if stop:
                 self.transport.pauseProducing()
             else:
                 self.transport.resumeProducing()
+
+    def _disk_drained(self) -> None:
+        self._disk_blocked = False
+        self._flow()
 
     def _hold(self) -> None:
         self._answer_pending = True
@@ -270,6 +276,11 @@ class SMTPServer(basic.LineReceiver):
     def rawDataReceived(self, data: bytes) -> None:
         done, rest = self.reader.feed(data)
         if not done:
+            if self.incoming.backlogged and not self._disk_blocked:
+                # the disk is slower than the client: stop reading until it catches up
+                self._disk_blocked = True
+                self._flow()
+                self.incoming.when_drained(self._disk_drained)
             return
         reader, self.reader = self.reader, None
         self.setLineMode(rest)   # buffered: handled once this answer is out
