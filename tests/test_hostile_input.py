@@ -201,6 +201,14 @@ def big_body(size: int) -> bytes:
     return line * (size // len(line) + 1)
 
 
+def open_data(c: Client) -> None:
+    """EHLO, MAIL, RCPT and DATA: the client is now sending message data."""
+    c.ehlo()
+    assert_ok(c.mail("alice@sender.test"))
+    assert_ok(c.rcpt("bob@example.com"))
+    assert c.cmd("DATA").code == 354
+
+
 def assert_ok(r: Reply) -> None:
     assert r.code == 250, r
 
@@ -420,10 +428,7 @@ def test_text_line_of_1000_octets_in_data_is_accepted(start_server):
 def test_text_line_over_1000_octets_is_rejected_after_dot_and_session_stays_in_sync(start_server):
     server = start_server()
     with connect(server) as c:
-        c.ehlo()
-        assert_ok(c.mail("alice@sender.test"))
-        assert_ok(c.rcpt("bob@example.com"))
-        assert c.cmd("DATA").code == 354
+        open_data(c)
         # 1001 octets whose last character is a dot: a server that cut the line
         # at 998/1000 would see ".\r\n" and end DATA early, then run what follows
         long_line = b"L" * 998 + b".\r\n"
@@ -440,10 +445,7 @@ def test_text_line_over_1000_octets_is_rejected_after_dot_and_session_stays_in_s
 def test_very_long_text_line_split_across_writes_is_rejected(start_server):
     server = start_server()
     with connect(server) as c:
-        c.ehlo()
-        assert_ok(c.mail("alice@sender.test"))
-        assert_ok(c.rcpt("bob@example.com"))
-        assert c.cmd("DATA").code == 354
+        open_data(c)
         c.send(message("long split line") + b"z" * 700)
         time.sleep(0.05)
         c.send(b"z" * 70000)
@@ -464,10 +466,7 @@ def test_very_long_text_line_split_across_writes_is_rejected(start_server):
 def test_bare_cr_or_lf_never_ends_data_and_smuggled_envelope_is_never_delivered(start_server, fake_end):
     server = start_server()
     with connect(server) as c:
-        c.ehlo()
-        assert_ok(c.mail("alice@sender.test"))
-        assert_ok(c.rcpt("bob@example.com"))
-        assert c.cmd("DATA").code == 354
+        open_data(c)
         c.send(message("smuggle carrier", b"hello") + fake_end + SMUGGLED + b".\r\n")
         replies = c.replies_until_sync()
         # exactly one reply for the end of DATA, and it refuses the message
