@@ -1,0 +1,419 @@
+"""
+exedge's ESMTP client: one connection to a next hop, several messages.
+
+Written on C{basic.LineReceiver} rather than taken from
+C{twisted.mail.smtp.ESMTPClient}, which dot-stuffs per 16 KiB chunk (a "."
+line at a chunk boundary ends DATA early and smuggles the rest as
+commands), treats any 2xx to MAIL as success with no recipients, has no
+PIPELINING, SIZE or DSN parameters, and no timeout in C{sendmail}
+(research §2). Here:
+
+  - the message is dot-stuffed in one pass over the whole body, so there
+    are no chunk boundaries to get wrong, and bare CR or LF are turned into
+    CRLF first (never forward a smuggling vector);
+  - PIPELINING (RFC 2920) sends MAIL, every RCPT and DATA in one write and
+    reads the replies in order; without it, one command at a time;
+  - SIZE (RFC 1870): a message over the peer's limit is refused locally
+    with 5.3.4 and never sent; DSN (RFC 3461) parameters are passed on
+    when offered; 8BITMIME declared when the body needs it and it is offered;
+  - every recipient gets its own outcome: delivered, failed (5xx) or
+    deferred (4xx, timeouts, connection trouble);
+  - RFC 5321 §4.5.3.2 timeouts, from the injected clock.
+
+The caller owns the connection attempt (endpoints, smart-host failover,
+MX order); this protocol reports through L{SessionResult}.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+import attrs
+from twisted.internet import defer, error
+from twisted.protocols import basic
+from twisted.python.failure import Failure
+
+MAX_REPLY_LINE = 2048
+MAX_REPLY_LINES = 100
+_REPLY_RE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$")
+_STATUS_RE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s*(.*)$")
+
+
+class Timeouts:
+    """RFC 5321 §4.5.3.2 minimums, in seconds."""
+
+    greeting = 300.0
+    mail = 300.0
+    rcpt = 300.0
+    data_init = 120.0
+    data_block = 180.0
+    data_end = 600.0
+    other = 300.0
+
+
+@attrs.frozen
+class OutboundRecipient:
+    address: str
+    notify: tuple[str, ...] = ()
+    orcpt: str | None = None
+
+
+@attrs.frozen
+class OutboundMessage:
+    sender: str                       # "" for the null reverse-path
+    recipients: tuple[OutboundRecipient, ...]
+    data: bytes                       # the message, CRLF line ends, not dot-stuffed
+    ret: str | None = None
+    envid: str | None = None
+    key: object = None                # the caller's handle (e.g. a queue id)
+
+
+class Status(enum.Enum):
+    delivered = "delivered"
+    failed = "failed"
+    deferred = "deferred"
+
+
+@attrs.frozen
+class RecipientResult:
+    address: str
+    status: Status
+    code: int
+    enhanced: str
+    text: str
+
+
+@attrs.define
+class MessageResult:
+    message: OutboundMessage
+    recipients: list[RecipientResult] = attrs.field(factory=list)
+
+
+@attrs.define
+class SessionResult:
+    """What one connection achieved; C{error} says why it stopped early."""
+
+    messages: list[MessageResult] = attrs.field(factory=list)
+    greeting: str = ""
+    extensions: dict = attrs.field(factory=dict)
+    error: str | None = None          # connection-level failure text
+    error_code: int = 0               # its SMTP code when there was one (421, 554, ...)
+    untried: list = attrs.field(factory=list)   # messages past the per-connection limit
+
+
+@attrs.frozen
+class Reply:
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.lines)
+
+    def status(self) -> tuple[str, str]:
+        """(enhanced status, text), the status defaulted from the class."""
+        m = _STATUS_RE.match(self.lines[0] if self.lines else "")
+        if m and m.group(1)[0] == str(self.code)[0]:
+            return m.group(1), " ".join((m.group(2),) + self.lines[1:]).strip()
+        return f"{str(self.code)[0]}.0.0", self.text
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+def dot_stuff(data: bytes) -> bytes:
+    """
+    The DATA section as sent: CRLF line ends only, every line starting with
+    "." doubled (RFC 5321 §4.5.2), a final CRLF, then the end marker.
+    """
+    if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n"):
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+class SMTPClient(basic.LineReceiver):
+    """
+    Deliver C{messages} over one connection; C{result} fires with a
+    L{SessionResult} once the session ends, whatever happened.
+    """
+
+    delimiter = b"\n"             # tolerate a peer's bare LF; CR stripped below
+    MAX_LENGTH = MAX_REPLY_LINE
+
+    def __init__(self, messages, *, helo: str, clock, timeouts=Timeouts,
+                 max_messages: int | None = None):
+        self.queue = list(messages)
+        self.helo = helo
+        self.clock = clock
+        self.timeouts = timeouts
+        self.max_messages = max_messages
+        self.result = defer.Deferred()
+        self.session = SessionResult()
+        self._lines: list[str] = []
+        self._waiting: list = []        # (what, on_reply) in the order replies are due
+        self._timer = None
+        self._done = False
+        self._sent = 0
+        self._current: list[MessageResult] = []
+
+    # -- plumbing ------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._expect("greeting", self._on_greeting, self.timeouts.greeting)
+
+    def _send(self, line: str) -> None:
+        self.transport.write(line.encode("ascii") + b"\r\n")
+
+    def _expect(self, what: str, on_reply, timeout: float) -> None:
+        self._waiting.append((what, on_reply))
+        self._arm(timeout)
+
+    def _arm(self, timeout: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)
+        else:
+            self._timer = self.clock.callLater(timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        what = self._waiting[0][0] if self._waiting else "reply"
+        self._fail_session(f"timeout waiting for the {what} reply", 0)
+        self.transport.abortConnection()
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._done:
+            return
+        line = line.rstrip(b"\r")
+        if b"\r" in line or b"\x00" in line:
+            return self._protocol_error("bare CR or NUL in a reply")
+        m = _REPLY_RE.match(line)
+        if not m or not self._waiting:
+            return self._protocol_error(f"unexpected line {line[:80]!r}")
+        code, more, text = int(m.group(1)), m.group(2) == b"-", m.group(3).decode("utf-8", "replace")
+        self._lines.append(text)
+        if len(self._lines) > MAX_REPLY_LINES:
+            return self._protocol_error("reply too long")
+        if more:
+            return
+        reply, self._lines = Reply(code, tuple(self._lines)), []
+        _, on_reply = self._waiting.pop(0)
+        if self._waiting:
+            self._arm(self.timeouts.rcpt)
+        elif self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        on_reply(reply)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._protocol_error("reply line too long")
+
+    def _protocol_error(self, why: str) -> None:
+        self._fail_session(f"protocol error: {why}", 0)
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if not self._done:
+            why = "connection lost"
+            if reason is not None and not reason.check(error.ConnectionDone):
+                why = f"connection lost: {reason.getErrorMessage()}"
+            self._fail_session(why, 0)
+
+    def _fail_session(self, why: str, code: int) -> None:
+        """Stop: every recipient not yet answered for is deferred."""
+        if self._done:
+            return
+        self.session.error, self.session.error_code = why, code
+        for message in self._current + self.queue:
+            self._defer_rest(message, 451, "4.4.2", why)
+        self._current, self.queue = [], []
+        self._finish()
+
+    def _defer_rest(self, entry, code: int, enhanced: str, text: str) -> None:
+        result = entry if isinstance(entry, MessageResult) else self._result_for(entry)
+        answered = {r.address for r in result.recipients}
+        for rcpt in result.message.recipients:
+            if rcpt.address not in answered:
+                result.recipients.append(RecipientResult(rcpt.address, Status.deferred, code, enhanced, text))
+
+    def _result_for(self, message: OutboundMessage) -> MessageResult:
+        result = MessageResult(message)
+        self.session.messages.append(result)
+        return result
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.result.callback(self.session)
+
+    # -- the dialogue ----------------------------------------------------------
+
+    def _on_greeting(self, reply: Reply) -> None:
+        self.session.greeting = str(reply)
+        if reply.code != 220:
+            return self._quit_after(f"greeting: {reply}", reply.code)
+        self._send(f"EHLO {self.helo}")
+        self._expect("EHLO", self._on_ehlo, self.timeouts.other)
+
+    def _on_ehlo(self, reply: Reply) -> None:
+        if reply.code == 250:
+            for line in reply.lines[1:]:
+                keyword, _, value = line.partition(" ")
+                self.session.extensions[keyword.upper()] = value.strip()
+            return self._next_message()
+        if 500 <= reply.code < 600:
+            self._send(f"HELO {self.helo}")
+            return self._expect("HELO", self._on_helo, self.timeouts.other)
+        self._quit_after(f"EHLO: {reply}", reply.code)
+
+    def _on_helo(self, reply: Reply) -> None:
+        if reply.code != 250:
+            return self._quit_after(f"HELO: {reply}", reply.code)
+        self._next_message()
+
+    def _quit_after(self, why: str, code: int) -> None:
+        self._send("QUIT")
+        self._fail_session(why, code)
+        self.transport.loseConnection()
+
+    def _next_message(self) -> None:
+        if not self.queue or (self.max_messages is not None and self._sent >= self.max_messages):
+            # messages beyond the per-connection limit go back to the caller, untried
+            self.session.untried, self.queue = self.queue, []
+            self._send("QUIT")
+            self._finish()
+            self.transport.loseConnection()
+            return
+        message = self.queue.pop(0)
+        result = self._result_for(message)
+        self._current = [result]
+        self._sent += 1
+        ext = self.session.extensions
+        size_limit = ext.get("SIZE", "")
+        if size_limit.isdigit() and int(size_limit) and len(message.data) > int(size_limit):
+            for rcpt in message.recipients:
+                result.recipients.append(RecipientResult(
+                    rcpt.address, Status.failed, 552, "5.3.4",
+                    f"message size {len(message.data)} exceeds the next hop's limit of {size_limit}"))
+            return self._next_message()
+        self._transaction(message, result)
+
+    def _transaction(self, message: OutboundMessage, result: MessageResult) -> None:
+        ext = self.session.extensions
+        params = []
+        if "SIZE" in ext:
+            params.append(f"SIZE={len(message.data)}")
+        if "8BITMIME" in ext and any(b > 127 for b in message.data):
+            params.append("BODY=8BITMIME")
+        dsn = "DSN" in ext
+        if dsn and message.ret:
+            params.append(f"RET={message.ret}")
+        if dsn and message.envid:
+            params.append(f"ENVID={message.envid}")
+        commands = [("MAIL", f"MAIL FROM:<{message.sender}>" + "".join(" " + p for p in params))]
+        for rcpt in message.recipients:
+            rparams = ""
+            if dsn and rcpt.notify:
+                rparams += " NOTIFY=" + ",".join(rcpt.notify)
+            if dsn and rcpt.orcpt:
+                rparams += " ORCPT=" + rcpt.orcpt
+            commands.append(("RCPT", f"RCPT TO:<{rcpt.address}>{rparams}"))
+        state = {"mail": None, "accepted": [], "rcpt_replies": 0}
+
+        def on_mail(reply):
+            state["mail"] = reply
+
+        def on_rcpt(rcpt):
+            def handle(reply):
+                state["rcpt_replies"] += 1
+                enhanced, text = reply.status()
+                if state["mail"] is not None and state["mail"].code != 250:
+                    return      # the MAIL failure decides for everyone
+                if reply.code in (250, 251):
+                    state["accepted"].append(rcpt)
+                else:
+                    status = Status.failed if reply.code >= 500 else Status.deferred
+                    result.recipients.append(RecipientResult(rcpt.address, status, reply.code, enhanced, text))
+            return handle
+
+        def after_envelope(data_reply=None):
+            mail = state["mail"]
+            if mail.code != 250:
+                enhanced, text = mail.status()
+                status = Status.failed if mail.code >= 500 else Status.deferred
+                for rcpt in message.recipients:
+                    result.recipients.append(RecipientResult(rcpt.address, status, mail.code, enhanced, text))
+                return self._reset_then_next()
+            if not state["accepted"]:
+                return self._reset_then_next()
+            if data_reply is None:
+                self._send("DATA")
+                return self._expect("DATA", on_data, self.timeouts.data_init)
+            on_data(data_reply)
+
+        def on_data(reply):
+            if reply.code != 354:
+                enhanced, text = reply.status()
+                status = Status.failed if reply.code >= 500 else Status.deferred
+                for rcpt in state["accepted"]:
+                    result.recipients.append(RecipientResult(rcpt.address, status, reply.code, enhanced, text))
+                return self._reset_then_next()
+            self.transport.write(dot_stuff(message.data))
+            self._expect("end of data", on_end, self.timeouts.data_end)
+
+        def on_end(reply):
+            enhanced, text = reply.status()
+            if reply.code == 250:
+                status = Status.delivered
+            else:
+                status = Status.failed if reply.code >= 500 else Status.deferred
+            for rcpt in state["accepted"]:
+                result.recipients.append(RecipientResult(rcpt.address, status, reply.code, enhanced, text))
+            self._current = []
+            if reply.code == 250:
+                return self._next_message()
+            self._reset_then_next()
+
+        if "PIPELINING" in ext:
+            # MAIL, every RCPT and DATA in one write; replies come back in order
+            lines = [c for _, c in commands] + ["DATA"]
+            self.transport.write("".join(line + "\r\n" for line in lines).encode("ascii"))
+            self._waiting.append(("MAIL", on_mail))
+            for rcpt in message.recipients:
+                self._waiting.append(("RCPT", on_rcpt(rcpt)))
+            self._waiting.append(("DATA", lambda reply: self._pipelined_data(reply, state, after_envelope)))
+            self._arm(self.timeouts.mail)
+        else:
+            def step(i):
+                if i == 0:
+                    self._send(commands[0][1])
+                    return self._expect("MAIL", lambda r: (on_mail(r), step(1) if r.code == 250 else after_envelope()),
+                                        self.timeouts.mail)
+                if i <= len(message.recipients):
+                    self._send(commands[i][1])
+                    handler = on_rcpt(message.recipients[i - 1])
+                    return self._expect("RCPT", lambda r: (handler(r), step(i + 1)), self.timeouts.rcpt)
+                after_envelope()
+            step(0)
+
+    def _pipelined_data(self, reply: Reply, state: dict, after_envelope) -> None:
+        if state["mail"].code == 250 and state["accepted"]:
+            return after_envelope(reply)
+        # the envelope failed; a 354 here means the server wants data we will not send
+        if reply.code == 354:
+            self.transport.write(b".\r\n")   # an empty message, then reset
+            return self._expect("end of data", lambda _: after_envelope(), self.timeouts.data_end)
+        after_envelope()
+
+    def _reset_then_next(self) -> None:
+        self._current = []
+        self._send("RSET")
+        self._expect("RSET", lambda reply: self._next_message() if reply.code == 250
+                     else self._quit_after(f"RSET: {reply}", reply.code), self.timeouts.other)

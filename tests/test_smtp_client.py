@@ -1,0 +1,158 @@
+"""
+exedge's ESMTP client against a real server on loopback: the recording
+sink from exedge.testing, built on stock twisted.mail (independent code).
+"""
+
+import pytest
+import pytest_twisted
+from twisted.internet import endpoints, protocol, reactor, task
+from twisted.internet.testing import StringTransport
+
+from exedge.send.client import (
+    OutboundMessage, OutboundRecipient, SMTPClient, dot_stuff,
+)
+from exedge.testing import RecordingSink
+
+
+def message(*rcpts, data=b"Subject: t\r\n\r\nbody\r\n", sender="a@s.test", **kw):
+    return OutboundMessage(sender, tuple(OutboundRecipient(r) for r in rcpts), data, **kw)
+
+
+@pytest_twisted.inlineCallbacks
+def run(sink_kwargs, messages, **client_kwargs):
+    sink = yield RecordingSink(**sink_kwargs).start(reactor)
+    try:
+        client = SMTPClient(messages, helo="edge01.example.com", clock=reactor, **client_kwargs)
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", sink.port, timeout=5)
+        yield endpoint.connect(protocol.Factory.forProtocol(lambda: client))
+        result = yield client.result.addTimeout(10, reactor)
+        yield task.deferLater(reactor, 0.05, lambda: None)   # let the sink see QUIT
+    finally:
+        yield sink.stop()
+    return sink, result
+
+
+def statuses(result):
+    return [[(r.address, r.status.value, r.code) for r in m.recipients] for m in result.messages]
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest_twisted.inlineCallbacks
+def test_delivers_several_messages_on_one_connection(pipelining):
+    sink, result = yield run({"pipelining": pipelining},
+                             [message("b@x.test", "c@x.test"), message("d@x.test")])
+    assert result.error is None
+    assert statuses(result) == [[("b@x.test", "delivered", 250), ("c@x.test", "delivered", 250)],
+                                [("d@x.test", "delivered", 250)]]
+    assert [(m.sender, m.recipient) for m in sink.messages] == [
+        ("a@s.test", "b@x.test"), ("a@s.test", "c@x.test"), ("a@s.test", "d@x.test")]
+    assert sink.messages[0].data == b"Subject: t\r\n\r\nbody\r\n"
+    assert sink.connections == 1
+    assert sink.commands[0] == "EHLO edge01.example.com" and sink.commands[-1] == "QUIT"
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest_twisted.inlineCallbacks
+def test_per_recipient_results(pipelining):
+    sink, result = yield run({"pipelining": pipelining, "rcpt_replies": {"bad@x.test": 550, "later@x.test": 450}},
+                             [message("ok@x.test", "bad@x.test", "later@x.test")])
+    assert statuses(result) == [[("bad@x.test", "failed", 550), ("later@x.test", "deferred", 450),
+                                 ("ok@x.test", "delivered", 250)]]
+    assert [m.recipient for m in sink.messages] == ["ok@x.test"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_all_recipients_refused_means_no_data_and_the_next_message_still_goes():
+    sink, result = yield run({"rcpt_replies": {"bad@x.test": 550}},
+                             [message("bad@x.test"), message("ok@x.test")])
+    assert statuses(result) == [[("bad@x.test", "failed", 550)], [("ok@x.test", "delivered", 250)]]
+    assert [m.recipient for m in sink.messages] == ["ok@x.test"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_size_pipelining_and_dsn_parameters_used_when_offered():
+    big = message("b@x.test", data=b"x" * 2000 + b"\r\n")
+    small = OutboundMessage("a@s.test", (OutboundRecipient("c@x.test", ("SUCCESS", "FAILURE"), "rfc822;c@x.test"),),
+                            b"hi\r\n", ret="HDRS", envid="ID1")
+    sink, result = yield run({"size": 1000}, [big, small])
+    assert statuses(result) == [[("b@x.test", "failed", 552)], [("c@x.test", "delivered", 250)]]
+    assert result.messages[0].recipients[0].enhanced == "5.3.4"
+    assert "MAIL FROM:<a@s.test> SIZE=4 RET=HDRS ENVID=ID1" in sink.commands
+    assert "RCPT TO:<c@x.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;c@x.test" in sink.commands
+    assert not any("b@x.test" in c for c in sink.commands)   # never sent: too big
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_dsn_parameters_to_a_peer_without_dsn():
+    msg = OutboundMessage("a@s.test", (OutboundRecipient("c@x.test", ("NEVER",)),), b"hi\r\n", ret="FULL")
+    sink, result = yield run({"dsn": False}, [msg])
+    assert statuses(result) == [[("c@x.test", "delivered", 250)]]
+    assert "MAIL FROM:<a@s.test>" in sink.commands and "RCPT TO:<c@x.test>" in sink.commands
+
+
+@pytest_twisted.inlineCallbacks
+def test_421_greeting_defers_everything():
+    sink, result = yield run({"greeting_code": 421}, [message("b@x.test")])
+    assert result.error_code == 421
+    assert statuses(result) == [[("b@x.test", "deferred", 451)]]
+    assert sink.messages == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_connection_closed_in_the_middle_of_data_defers():
+    sink, result = yield run({"close_after_lines": 3}, [message("b@x.test", data=b"l1\r\nl2\r\nl3\r\nl4\r\n")])
+    assert statuses(result) == [[("b@x.test", "deferred", 451)]]
+    assert "connection lost" in result.error
+
+
+@pytest_twisted.inlineCallbacks
+def test_messages_over_the_per_connection_limit_are_returned_untried():
+    msgs = [message(f"r{i}@x.test") for i in range(3)]
+    sink, result = yield run({}, msgs, max_messages=2)
+    assert len(result.messages) == 2 and result.untried == [msgs[2]]
+    assert len(sink.messages) == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_dot_lines_at_every_offset_arrive_byte_identical():
+    # a "." line at every offset of a 70 KiB body: the stock client's chunk
+    # boundary bug would end DATA early at 16 KiB
+    lines, size = [], 0
+    while size < 70 * 1024:
+        lines.append(b"." * (1 + len(lines) % 3) + b"x" * (len(lines) % 77))
+        size += len(lines[-1]) + 2
+    body = b"Subject: dots\r\n\r\n" + b"\r\n".join(lines) + b"\r\n.\r\nMAIL FROM:<evil@evil.test>\r\n"
+    sink, result = yield run({}, [message("b@x.test", data=body)])
+    assert statuses(result) == [[("b@x.test", "delivered", 250)]]
+    assert sink.messages[0].data == body
+    assert not any("evil" in c for c in sink.commands)
+
+
+def test_dot_stuffing_and_line_end_normalisation():
+    assert dot_stuff(b".a\r\nb\r\n.\r\n..c") == b"..a\r\nb\r\n..\r\n...c\r\n.\r\n"
+    assert dot_stuff(b"a\nb\r.c\r\n") == b"a\r\nb\r\n..c\r\n.\r\n"
+    assert dot_stuff(b"") == b".\r\n"
+
+
+def test_timeout_waiting_for_greeting_defers_on_the_clock():
+    clock = task.Clock()
+    client = SMTPClient([message("b@x.test")], helo="e.test", clock=clock)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    clock.advance(299)
+    assert not client.result.called
+    clock.advance(2)
+    assert client.result.called and transport.disconnecting
+    result = client.result.result
+    assert "timeout" in result.error
+    assert statuses(result) == [[("b@x.test", "deferred", 451)]]
+
+
+@pytest.mark.parametrize("bad", [b"250 ok\rinjected\r\n", b"garbage\r\n", b"2" * 3000 + b"\r\n"])
+def test_hostile_replies_end_the_session(bad):
+    client = SMTPClient([message("b@x.test")], helo="e.test", clock=task.Clock())
+    client.makeConnection(StringTransport())
+    client.dataReceived(bad)
+    result = client.result.result
+    assert "protocol error" in result.error
+    assert statuses(result) == [[("b@x.test", "deferred", 451)]]
