@@ -8,6 +8,7 @@ their queues), then the listeners.
 
 from __future__ import annotations
 
+import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -17,7 +18,9 @@ from exedge.config import Config
 from exedge.queue import QueueManager, Spool
 from exedge.receive import ConnectorTable, ServerContext, listener_services
 from exedge.routing import Router
+from exedge.dsn import Bouncer
 from exedge.send import DropDirectoryAgent
+from exedge.send.smarthost import SmartHostAgent
 
 log = Logger()
 
@@ -62,9 +65,15 @@ def build_service(config: Config, reactor=None) -> MultiService:
                                  config.server.delivery_threads, reactor,
                                  lambda m: queue_holder[0].submit(m))
     spool = spool_service.spool
-    agents = {c.name: DropDirectoryAgent(c, spool.run_delivery, defer_to=spool.receiving, clock=reactor)
-              for c in config.send_connectors}
+    agents = {}
+    for c in config.send_connectors:
+        if c.drop_directory:
+            agents[c.name] = DropDirectoryAgent(c, spool.run_delivery, defer_to=spool.receiving, clock=reactor)
+        else:
+            agents[c.name] = SmartHostAgent(attrs.evolve(c, smart_hosts=tuple((h, p or c.port) for h, p in c.smart_hosts)),
+                                            helo=c.fqdn or config.server.fqdn, run=spool.run_delivery, reactor=reactor)
     manager = QueueManager(spool, router, agents, clock=reactor)
+    manager.bouncer = Bouncer(spool, config.server.fqdn, manager.submit, reactor)
     queue_holder.append(manager)
     spool_service.setServiceParent(top)
     manager.setServiceParent(top)

@@ -36,7 +36,10 @@ class _Message:
 
     def eomReceived(self):
         data = b"".join(line + b"\r\n" for line in self.lines)
-        self.sink.messages.append(Received(self.sender, self.recipient, data))
+        received = Received(self.sender, self.recipient, data)
+        self.sink.messages.append(received)
+        if self.sink.on_message is not None:
+            self.sink.on_message(received)
         return defer.succeed(None)
 
     def connectionLost(self) -> None:
@@ -104,9 +107,10 @@ class RecordingSink:
         self.commands: list[str] = []
         self.connections = 0
         self.port = None
+        self.on_message = None   # called with each Received
 
     @defer.inlineCallbacks
-    def start(self, reactor, host: str = "127.0.0.1"):
+    def start(self, reactor, host: str = "127.0.0.1", port: int = 0):
         factory = smtp.SMTPFactory()
         factory.protocol = _SinkProtocol
         factory.domain = b"sink.test"
@@ -120,10 +124,54 @@ class RecordingSink:
             return p
 
         factory.buildProtocol = build
-        endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface=host)
+        endpoint = endpoints.TCP4ServerEndpoint(reactor, port, interface=host)
         self.listening = yield endpoint.listen(factory)
         self.port = self.listening.getHost().port
         return self
 
     def stop(self):
         return self.listening.stopListening()
+
+
+def main(argv=None) -> None:
+    """
+    Run a sink as its own process (for tests that drive exedge with
+    blocking clients): each accepted message and recipient becomes a file
+    in --out, its first lines X-Sink-From: and X-Sink-Rcpt:.
+
+        python -m exedge.testing --port 2627 --out DIR [--refuse ADDR=550] [--greeting 421]
+    """
+    import argparse
+    import itertools
+    import os
+
+    from twisted.internet import reactor
+
+    parser = argparse.ArgumentParser(prog="python -m exedge.testing")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--refuse", action="append", default=[], metavar="ADDRESS=CODE")
+    parser.add_argument("--greeting", type=int, default=220)
+    parser.add_argument("--no-pipelining", action="store_true")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    refuse = {a: int(c) for a, _, c in (r.partition("=") for r in args.refuse)}
+    sink = RecordingSink(pipelining=not args.no_pipelining, greeting_code=args.greeting, rcpt_replies=refuse)
+    counter = itertools.count()
+
+    def store(received: Received) -> None:
+        name = os.path.join(args.out, f"{next(counter):06d}.eml")
+        with open(name + ".tmp", "wb") as f:
+            f.write(b"X-Sink-From: <%s>\r\nX-Sink-Rcpt: <%s>\r\n" % (received.sender.encode(),
+                                                                     received.recipient.encode()))
+            f.write(received.data)
+        os.rename(name + ".tmp", name)
+
+    sink.on_message = store
+
+    sink.start(reactor, port=args.port).addErrback(lambda f: (print(f.getTraceback()), reactor.stop()))
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -622,9 +622,22 @@ def test_bad_address_spaces(raw):
     assert p.line == 3
 
 
-def test_send_connector_requires_drop_directory():
+def test_send_connector_needs_drop_directory_or_smart_hosts():
     p = only_problem(send(drop=None))
-    assert p.key == "send_connectors[0].drop_directory"
+    assert p.key == "send_connectors[0].smart_hosts"
+    assert "drop_directory" in p.message and "not available yet" in p.message
+
+
+def test_smart_hosts_parse_and_exclude_drop_directory_and_dns_routing():
+    cfg = loads(send(drop=None) + 'smart_hosts = ["mbx01.example.com", "127.0.0.1:2627", "[::1]:26", "192.0.2.1"]\n'
+                'dns_routing_enabled = false\nport = 587\n')
+    conn = cfg.send_connectors[0]
+    assert conn.smart_hosts == (("mbx01.example.com", 0), ("127.0.0.1", 2627), ("::1", 26), ("192.0.2.1", 0))
+    assert (conn.port, conn.smtp_max_messages_per_connection, conn.connection_inactivity_timeout) == (587, 20, 600.0)
+    assert only_problem(send() + 'smart_hosts = ["a.test"]\n').key == "send_connectors[0].smart_hosts"
+    assert only_problem(send(drop=None) + 'smart_hosts = ["a.test"]\ndns_routing_enabled = true\n').key == \
+        "send_connectors[0].dns_routing_enabled"
+    assert only_problem(send(drop=None) + 'smart_hosts = ["bad host"]\n').key == "send_connectors[0].smart_hosts"
 
 
 # --------------------------------------------------------------------------

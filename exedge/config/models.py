@@ -237,12 +237,47 @@ def _send_size_default(usage: str) -> int | None:
     return None if usage == "Internal" else 35 * 1024**2
 
 
+def parse_smart_host(value: Any) -> tuple[str, int]:
+    """"mbx01.example.com", "192.0.2.1", "127.0.0.1:2627" or "[2001:db8::1]:25"."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a host name or IP address, got {value!r}")
+    text = value.strip()
+    port = None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise ValueError(f"invalid smart host {value!r}")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        if not port_text.isdigit():
+            raise ValueError(f"invalid smart host {value!r}")
+        port = int(port_text)
+    else:
+        host = text
+    try:
+        v.ipaddress.ip_address(host)
+    except ValueError:
+        if not v.is_domain(host.rstrip(".")):
+            raise ValueError(f"invalid smart host {value!r} (expected an FQDN or IP address)") from None
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"invalid smart host {value!r}: port out of range")
+    return host, port if port is not None else 0   # 0: the connector's port
+
+
 @attrs.frozen(kw_only=True)
 class SendConnector:
     name: str = setting(name, doc="unique connector name")
     usage: str = setting(choice(*USAGES), "Custom", "label; Internal connectors have no size limit by default")
     address_spaces: tuple = setting(list_of(parse_address_space), doc="\"SMTP:*.contoso.com;5\", \"contoso.com;1\", \"*\"")
-    drop_directory: str = setting(text, doc="deliver into this directory, one .eml per message (Exchange's Foreign connector)")
+    drop_directory: str | None = setting(text, None, "deliver into this directory, one .eml per message (Exchange's Foreign connector)")
+    smart_hosts: tuple = setting(list_of(parse_smart_host), (), "relay through these hosts, in order (FQDN or IP, optional :port)")
+    dns_routing_enabled: bool | None = setting(boolean, None, "true: MX routing (not available yet); must be false with smart_hosts")
+    port: int = setting(integer(1, 65535), 25, "port of the smart hosts that do not name one")
+    fqdn: str | None = setting(v.parse_fqdn, None, "EHLO name (default: [server].fqdn)")
+    smtp_max_messages_per_connection: int = setting(integer(1, 10000), 20, "messages sent on one connection before it is closed")
+    connection_inactivity_timeout: float = setting(v.parse_timespan, 600.0, "longest wait for a reply from the next hop")
     max_message_size: int | None = setting(lambda x: v.parse_size(x, allow_unlimited=True), _send_size_default, "largest message this connector carries", per_usage=True)
     enabled: bool = setting(boolean, True, "false: never chosen for routing")
     comment: str = setting(text, "", "free text")

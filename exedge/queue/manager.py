@@ -40,7 +40,9 @@ class Outcome:
 
     index: int
     status: str
-    detail: str = ""
+    detail: str = ""        # the reply or our reason, "550 5.1.1 User unknown"
+    enhanced: str = ""      # its enhanced status code, for the NDR
+    remote: str = ""        # the host that answered, if any
 
 
 @attrs.define
@@ -67,13 +69,14 @@ class QueueManager(Service):
     """
 
     def __init__(self, spool, router, agents: dict, clock, retry_interval: float = 60.0,
-                 concurrency: int = 4):
+                 concurrency: int = 4, bouncer=None):
         self.spool = spool
         self.router = router
         self.agents = agents
         self.clock = clock
         self.retry_interval = retry_interval
         self.concurrency = concurrency   # attempts in flight per queue
+        self.bouncer = bouncer           # turns failed recipients into NDRs
         self.queues: dict[NextHop, DeliveryQueue] = {}
         # every message in the spool, with its recipients that have a final
         # outcome: a message split over several hops is removed when the
@@ -220,6 +223,9 @@ class QueueManager(Service):
         for (status, detail), indexes in by_status.items():
             log.info("{queue_id} -> {rcpts}: {status} {detail}", queue_id=message.queue_id, status=status,
                      rcpts=", ".join(message.envelope.recipients[i].address for i in indexes), detail=detail)
+        if self.bouncer is not None and any(o.status == "failed" for o in final):
+            # the NDR is safe in the spool before the failure is noted
+            yield self.bouncer.bounce(message, final)
         # other hops may still hold recipients of this message
         done = self._live[message.queue_id]
         done.update(o.index for o in final)

@@ -100,6 +100,7 @@ class SessionResult:
     error: str | None = None          # connection-level failure text
     error_code: int = 0               # its SMTP code when there was one (421, 554, ...)
     untried: list = attrs.field(factory=list)   # messages past the per-connection limit
+    started: bool = False             # a transaction began (else: greeting or EHLO failed)
 
 
 @attrs.frozen
@@ -292,6 +293,7 @@ class SMTPClient(basic.LineReceiver):
             self.transport.loseConnection()
             return
         message = self.queue.pop(0)
+        self.session.started = True
         result = self._result_for(message)
         self._current = [result]
         self._sent += 1

@@ -1,0 +1,65 @@
+"""
+Turning failed recipients into an NDR in the queue.
+
+The NDR is committed to the spool (fsync'ed like any received message)
+before the original's failure is recorded, so a crash in between can only
+send the report twice, never lose it. A message from the null sender is
+never bounced (that is how bounce loops start): its failures are logged.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from exedge.queue.envelope import Envelope, Recipient
+
+from .ndr import FailedRecipient, build_ndr, wants_ndr
+
+log = Logger()
+
+
+class Bouncer:
+    def __init__(self, spool, reporting_mta: str, submit, clock):
+        self.spool = spool
+        self.reporting_mta = reporting_mta
+        self.submit = submit
+        self.clock = clock
+
+    def bounce(self, message, outcomes) -> defer.Deferred:
+        env = message.envelope
+        failed = [o for o in outcomes if o.status == "failed"
+                  and wants_ndr(env.recipients[o.index].notify)]
+        if not failed:
+            return defer.succeed(None)
+        if env.sender == "":
+            log.warn("{queue_id}: not bouncing a bounce; failed: {rcpts}", queue_id=message.queue_id,
+                     rcpts=", ".join(env.recipients[o.index].address for o in failed))
+            return defer.succeed(None)
+        reports = [FailedRecipient(env.recipients[o.index].address, env.recipients[o.index].orcpt,
+                                   o.enhanced or "5.0.0", o.detail, o.remote) for o in failed]
+        now = self.clock.seconds()
+
+        def build() -> bytes:
+            return build_ndr(reporting_mta=self.reporting_mta, original_sender=env.sender, envid=env.envid,
+                             ret=env.ret, arrival=env.received_at, failed=reports,
+                             original=message.read_data(), now=now)
+
+        d = self.spool.run_delivery(build)
+        d.addCallback(self._queue, message, env.sender)
+        return d
+
+    def _queue(self, data: bytes, message, sender: str) -> defer.Deferred:
+        incoming = self.spool.begin()
+        incoming.write(data)
+        envelope = Envelope(sender="", recipients=(Recipient(sender),), size=len(data),
+                            receive_connector="(non-delivery report)", received_at=self.clock.seconds())
+        d = incoming.commit(envelope)
+
+        def queued(stored):
+            log.info("{queue_id}: NDR {ndr} queued for {sender}", queue_id=message.queue_id,
+                     ndr=stored.queue_id, sender=sender)
+            self.submit(stored)
+
+        d.addCallback(queued)
+        return d

@@ -1,0 +1,116 @@
+"""
+Non-delivery reports as RFC 3464 delivery status notifications.
+
+A report is C{multipart/report; report-type=delivery-status} (RFC 6522):
+a part for people (what failed and what the remote server said, as
+Exchange's NDRs do), a C{message/delivery-status} part for programs, and
+the original headers (C{text/rfc822-headers}), or the whole original
+message when the sender asked for RET=FULL. It goes from the null sender to
+the original sender, so it can never cause another bounce.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import secrets
+
+import attrs
+
+
+@attrs.frozen
+class FailedRecipient:
+    address: str
+    orcpt: str | None
+    status: str              # enhanced status code, "5.1.1"
+    diagnostic: str          # the remote reply, "550 5.1.1 User unknown", or ours
+    remote_mta: str = ""     # the host that refused, if any
+    action: str = "failed"
+
+
+def wants_ndr(notify: tuple[str, ...]) -> bool:
+    """RFC 3461: without NOTIFY, failures are reported; NOTIFY must name FAILURE otherwise."""
+    return not notify or "FAILURE" in notify
+
+
+def _header_block(data: bytes) -> bytes:
+    end = data.find(b"\r\n\r\n")
+    return data if end < 0 else data[: end + 2]
+
+
+def _subject(headers: bytes) -> str:
+    for line in headers.split(b"\r\n"):
+        if line[:8].lower() == b"subject:":
+            return line[8:].strip().decode("ascii", "replace")[:200]
+    return ""
+
+
+def build_ndr(*, reporting_mta: str, original_sender: str, envid: str | None, ret: str | None,
+              arrival: float, failed: list[FailedRecipient], original: bytes, now: float) -> bytes:
+    """The NDR message, CRLF line ends, ready for the spool."""
+    boundary = "=_exedge_" + secrets.token_hex(12)
+    headers = _header_block(original)
+    subject = _subject(headers)
+    date = email.utils.formatdate(now, localtime=False)
+    human = [
+        "Delivery has failed to these recipients:",
+        "",
+        *[f"  {f.address}" for f in failed],
+        "",
+        "Diagnostic information for administrators:",
+        "",
+        f"Generating server: {reporting_mta}",
+        "",
+    ]
+    for f in failed:
+        human.append(f"{f.address}")
+        if f.remote_mta:
+            human.append(f"Remote server: {f.remote_mta}")
+        human += [f"{f.diagnostic}", ""]
+    status = [f"Reporting-MTA: dns; {reporting_mta}"]
+    if envid:
+        status.append(f"Original-Envelope-Id: {envid}")
+    status.append(f"Arrival-Date: {email.utils.formatdate(arrival, localtime=False)}")
+    for f in failed:
+        status.append("")
+        if f.orcpt:
+            status.append(f"Original-Recipient: {f.orcpt}")
+        status += [
+            f"Final-Recipient: rfc822; {f.address}",
+            f"Action: {f.action}",
+            f"Status: {f.status}",
+        ]
+        if f.remote_mta:
+            status.append(f"Remote-MTA: dns; {f.remote_mta}")
+        status += [f"Diagnostic-Code: smtp; {f.diagnostic}", f"Last-Attempt-Date: {date}"]
+    if ret == "FULL":
+        returned_type, returned = "message/rfc822", original
+    else:
+        returned_type, returned = "text/rfc822-headers", headers
+    head = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
+        f"To: <{original_sender}>",
+        f"Subject: Undeliverable: {subject}" if subject else "Subject: Undeliverable message",
+        f"Date: {date}",
+        f"Message-ID: <{secrets.token_hex(16)}@{reporting_mta}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "",
+        "This is a MIME-formatted message delivery status notification.",
+        "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=us-ascii",
+        "",
+        *human,
+        f"--{boundary}",
+        "Content-Type: message/delivery-status",
+        "",
+        *status,
+        "",
+        f"--{boundary}",
+        f"Content-Type: {returned_type}",
+        "",
+    ]
+    text = "\r\n".join(head).encode("ascii", "replace") + b"\r\n"
+    body = returned if returned.endswith(b"\r\n") else returned + b"\r\n"
+    return text + body + f"--{boundary}--\r\n".encode("ascii")

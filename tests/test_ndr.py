@@ -1,0 +1,50 @@
+"""NDRs are RFC 3464 reports that mail programs can parse."""
+
+import email
+import email.policy
+
+from exedge.dsn import FailedRecipient, build_ndr, wants_ndr
+
+ORIGINAL = b"From: a@s.test\r\nSubject: quarterly report\r\nX-Id: 7\r\n\r\nsecret body\r\n"
+
+
+def ndr(**kw):
+    args = dict(reporting_mta="edge01.example.com", original_sender="a@s.test", envid="ENV1", ret=None,
+                arrival=1_700_000_000, now=1_700_000_100, original=ORIGINAL,
+                failed=[FailedRecipient("b@x.test", "rfc822;B@x.test", "5.1.1", "550 5.1.1 User unknown",
+                                        "mx.x.test"),
+                        FailedRecipient("c@x.test", None, "5.3.4", "552 5.3.4 too big")])
+    args.update(kw)
+    return build_ndr(**args)
+
+
+def test_report_structure_parses_as_rfc3464():
+    msg = email.message_from_bytes(ndr(), policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["Subject"] == "Undeliverable: quarterly report"
+    assert msg["To"].addresses[0].addr_spec == "a@s.test" and "MAILER-DAEMON@edge01.example.com" in msg["From"]
+    human, status, returned = msg.iter_parts()
+    assert human.get_content_type() == "text/plain"
+    assert "550 5.1.1 User unknown" in human.get_content() and "mx.x.test" in human.get_content()
+    assert status.get_content_type() == "message/delivery-status"
+    raw = status.as_bytes()
+    assert b"Reporting-MTA: dns; edge01.example.com" in raw and b"Original-Envelope-Id: ENV1" in raw
+    for needed in (b"Final-Recipient: rfc822; b@x.test", b"Original-Recipient: rfc822;B@x.test",
+                   b"Action: failed", b"Status: 5.1.1", b"Remote-MTA: dns; mx.x.test",
+                   b"Diagnostic-Code: smtp; 550 5.1.1 User unknown", b"Final-Recipient: rfc822; c@x.test",
+                   b"Status: 5.3.4", b"Last-Attempt-Date: "):
+        assert needed in raw
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert b"X-Id: 7" in returned.as_bytes() and b"secret body" not in ndr()
+
+
+def test_ret_full_returns_the_whole_message_and_lines_are_crlf():
+    data = ndr(ret="FULL")
+    assert b"secret body" in data and b"message/rfc822" in data
+    assert data.count(b"\n") == data.count(b"\r\n")
+
+
+def test_notify_decides():
+    assert wants_ndr(()) and wants_ndr(("FAILURE",)) and wants_ndr(("SUCCESS", "FAILURE"))
+    assert not wants_ndr(("NEVER",)) and not wants_ndr(("SUCCESS", "DELAY"))

@@ -1,0 +1,143 @@
+"""
+Relaying through smart hosts, end to end: smtplib -> exedge (twistd) ->
+a recording sink on stock twisted.mail, each in its own process.
+"""
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness import free_port
+
+
+class Sink:
+    def __init__(self, tmp_path, name, *args):
+        self.port = free_port()
+        self.out = str(tmp_path / name)
+        self.proc = subprocess.Popen([sys.executable, "-m", "exedge.testing", "--port", str(self.port),
+                                      "--out", self.out, *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                assert self.proc.poll() is None, "the sink died"
+                time.sleep(0.05)
+        raise RuntimeError("the sink did not start")
+
+    def files(self):
+        if not os.path.isdir(self.out):
+            return []
+        return [open(os.path.join(self.out, n), "rb").read() for n in sorted(os.listdir(self.out))
+                if n.endswith(".eml")]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+
+
+@pytest.fixture
+def sinks(tmp_path):
+    started = []
+
+    def start(name, *args):
+        sink = Sink(tmp_path, name, *args)
+        started.append(sink)
+        return sink
+
+    yield start
+    for sink in started:
+        sink.stop()
+
+
+def config(smart_hosts):
+    hosts = ", ".join(f'"127.0.0.1:{p}"' for p in smart_hosts)
+    return f"""
+[server]
+fqdn = "edge01.example.com"
+spool_directory = "var/spool"
+
+[[accepted_domains]]
+domain_name = "example.com"
+
+[[accepted_domains]]
+domain_name = "partner.test"
+domain_type = "InternalRelay"
+
+[[receive_connectors]]
+name = "From Internet"
+usage = "Internet"
+bindings = ["127.0.0.1:{{port}}"]
+tarpit_interval = 0
+
+[[send_connectors]]
+name = "Local drop"
+address_spaces = ["example.com"]
+drop_directory = "var/drop"
+
+[[send_connectors]]
+name = "To Partner"
+address_spaces = ["partner.test"]
+dns_routing_enabled = false
+smart_hosts = [{hosts}]
+"""
+
+
+def send(server, rcpts, subject="relay test"):
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        return c.sendmail("alice@example.com", rcpts,
+                          f"Subject: {subject}\r\nFrom: alice@example.com\r\n\r\nhello partner\r\n".encode())
+
+
+def test_relays_through_the_second_smart_host_when_the_first_is_down(start_server, sinks):
+    sink = sinks("sink")
+    server = start_server(config([free_port(), sink.port]))
+    assert send(server, ["bob@partner.test", "carol@partner.test"]) == {}
+    got = server.wait_for(lambda: len(sink.files()) == 2 and sink.files(), what="two deliveries at the sink")
+    assert {f.split(b"\r\n")[1] for f in got} == {b"X-Sink-Rcpt: <bob@partner.test>",
+                                                    b"X-Sink-Rcpt: <carol@partner.test>"}
+    assert all(b"Subject: relay test" in f and f.endswith(b"hello partner\r\n") for f in got)
+    assert all(b'receive connector "From Internet"' in f for f in got)   # our Received header
+    server.wait_for(lambda: not os.listdir(server.path("var", "spool", "queue")), what="an empty spool")
+
+
+def test_4xx_greeting_fails_over_to_the_next_smart_host(start_server, sinks):
+    busy, good = sinks("busy", "--greeting", "421"), sinks("good")
+    server = start_server(config([busy.port, good.port]))
+    send(server, ["bob@partner.test"])
+    server.wait_for(good.files, what="delivery at the second smart host")
+    assert busy.files() == []
+
+
+def test_refused_recipient_gets_an_ndr_and_the_others_are_delivered(start_server, sinks):
+    sink = sinks("sink", "--refuse", "bad@partner.test=550")
+    server = start_server(config([sink.port]))
+    send(server, ["good@partner.test", "bad@partner.test"], subject="budget")
+    server.wait_for(sink.files, what="the good recipient's delivery")
+    ndrs = server.wait_for(server.drop_files, what="an NDR back to the sender")
+    data = open(ndrs[0], "rb").read()
+    assert data.startswith(b"X-Sender: <>\r\nX-Receiver: <alice@example.com>\r\n")
+    assert b"multipart/report; report-type=delivery-status" in data
+    assert b"Subject: Undeliverable: budget" in data
+    assert b"Final-Recipient: rfc822; bad@partner.test" in data and b"Action: failed" in data
+    assert b"Status: 5." in data and b"Remote-MTA: dns; 127.0.0.1:" in data
+    assert b"good@partner.test" not in data.split(b"message/delivery-status")[1].split(b"rfc822-headers")[0]
+    assert [f.split(b"\r\n")[1] for f in sink.files()] == [b"X-Sink-Rcpt: <good@partner.test>"]
+    server.wait_for(lambda: not os.listdir(server.path("var", "spool", "queue")), what="an empty spool")
+
+
+def test_no_smart_host_reachable_keeps_the_message_queued(start_server):
+    server = start_server(config([free_port()]))
+    send(server, ["bob@partner.test"])
+    server.wait_for(lambda: "transient failure" in server.log, what="a transient failure in the log")
+    assert len(os.listdir(server.path("var", "spool", "queue"))) == 1
+    assert server.drop_files() == []     # no NDR for a transient failure
