@@ -156,3 +156,14 @@ def test_hostile_replies_end_the_session(bad):
     result = client.result.result
     assert "protocol error" in result.error
     assert statuses(result) == [[("b@x.test", "deferred", 451)]]
+
+
+def test_connector_inactivity_timeout_caps_the_rfc_waits():
+    from exedge.send.client import Timeouts
+    clock = task.Clock()
+    client = SMTPClient([message("b@x.test")], helo="e.test", clock=clock, timeouts=Timeouts().capped(30))
+    client.makeConnection(StringTransport())
+    clock.advance(29)
+    assert not client.result.called
+    clock.advance(2)
+    assert "timeout" in client.result.result.error

@@ -40,16 +40,21 @@ _REPLY_RE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$")
 _STATUS_RE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s*(.*)$")
 
 
+@attrs.frozen
 class Timeouts:
-    """RFC 5321 §4.5.3.2 minimums, in seconds."""
+    """RFC 5321 §4.5.3.2 values, in seconds."""
 
-    greeting = 300.0
-    mail = 300.0
-    rcpt = 300.0
-    data_init = 120.0
-    data_block = 180.0
-    data_end = 600.0
-    other = 300.0
+    greeting: float = 300.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0
+    data_end: float = 600.0
+    other: float = 300.0
+
+    def capped(self, limit: float) -> "Timeouts":
+        """No wait longer than C{limit} (a connector's connection_inactivity_timeout)."""
+        return Timeouts(*(min(getattr(self, f.name), limit) for f in attrs.fields(Timeouts)))
 
 
 @attrs.frozen
@@ -146,7 +151,7 @@ class SMTPClient(basic.LineReceiver):
     delimiter = b"\n"             # tolerate a peer's bare LF; CR stripped below
     MAX_LENGTH = MAX_REPLY_LINE
 
-    def __init__(self, messages, *, helo: str, clock, timeouts=Timeouts,
+    def __init__(self, messages, *, helo: str, clock, timeouts: Timeouts = Timeouts(),
                  max_messages: int | None = None):
         self.queue = list(messages)
         self.helo = helo

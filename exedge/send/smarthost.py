@@ -20,7 +20,7 @@ from zope.interface import implementer
 from exedge.interfaces import IDeliveryAgent
 from exedge.queue.manager import Outcome
 
-from .client import OutboundMessage, OutboundRecipient, SMTPClient, Status
+from .client import OutboundMessage, OutboundRecipient, SMTPClient, Status, Timeouts
 
 log = Logger()
 
@@ -80,6 +80,7 @@ class SmartHostAgent:
         errors = []
         for host, port in self.hosts:
             client = SMTPClient(outbound, helo=self.helo, clock=self.reactor,
+                                timeouts=Timeouts().capped(self.connector.connection_inactivity_timeout),
                                 max_messages=self.connector.smtp_max_messages_per_connection)
             endpoint = endpoints.HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
             try:
