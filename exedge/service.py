@@ -72,7 +72,7 @@ def build_service(config: Config, reactor=None) -> MultiService:
         else:
             agents[c.name] = SmartHostAgent(attrs.evolve(c, smart_hosts=tuple((h, p or c.port) for h, p in c.smart_hosts)),
                                             helo=c.fqdn or config.server.fqdn, run=spool.run_delivery, reactor=reactor)
-    manager = QueueManager(spool, router, agents, clock=reactor)
+    manager = QueueManager(spool, router, agents, clock=reactor, policy=config.queue)
     manager.bouncer = Bouncer(spool, config.server.fqdn, manager.submit, reactor)
     queue_holder.append(manager)
     spool_service.setServiceParent(top)

@@ -842,3 +842,16 @@ def test_absurd_values_are_problems_not_tracebacks(line, key):
         loads(text, source="t.toml")
     assert [p.key for p in e.value.problems] == [f"receive_connectors[0].{key}"]
     assert e.value.problems[0].line == 5
+
+
+def test_queue_table_has_exchange_edge_defaults_and_accepts_overrides():
+    cfg = loads("")
+    q = cfg.queue
+    assert (q.queue_glitch_retry_count, q.queue_glitch_retry_interval) == (4, 60.0)
+    assert q.outbound_connection_failure_retry_interval == 1800.0 and q.message_retry_interval == 900.0
+    assert q.message_expiration_timeout == 2 * 86400.0
+    cfg = loads('[queue]\nmessage_expiration_timeout = "5d"\nqueue_glitch_retry_count = 0\n')
+    assert cfg.queue.message_expiration_timeout == 5 * 86400.0 and cfg.queue.queue_glitch_retry_count == 0
+    with pytest.raises(ConfigError) as e:
+        loads('[queue]\nmessage_expiration = "5d"\n', source="t.toml")
+    assert e.value.problems[0].key == "queue.message_expiration" and e.value.problems[0].line == 2

@@ -113,7 +113,7 @@ def manager_for(tmp_path, spool, *, failures=0):
     router = Router(cfg.accepted_domains, cfg.send_connectors)
     agent = FlakyAgent(DropDirectoryAgent(cfg.send_connectors[0], sync), failures)
     clock = task.Clock()
-    manager = QueueManager(spool, router, {"Local drop": agent}, clock=clock, retry_interval=60)
+    manager = QueueManager(spool, router, {"Local drop": agent}, clock=clock)
     manager.startService()
     return manager, agent, clock
 
@@ -262,8 +262,7 @@ def scripted_manager(spool, agents, spaces):
                    for n, a in spaces)
     cfg = loads(text)
     clock = task.Clock()
-    m = QueueManager(spool, Router(cfg.accepted_domains, cfg.send_connectors), agents, clock=clock,
-                     retry_interval=60)
+    m = QueueManager(spool, Router(cfg.accepted_domains, cfg.send_connectors), agents, clock=clock)
     m.startService()
     return m, clock
 
@@ -275,7 +274,9 @@ def test_deferred_recipients_are_retried_later_and_the_rest_recorded(spool):
     manager.submit(stored)
     assert agent.calls == [["a@x.test", "b@x.test"]]
     assert spool.recover()[0].done == frozenset({0})          # a@ recorded durably
-    clock.advance(60)
+    clock.advance(899)
+    assert len(agent.calls) == 1
+    clock.advance(1)                                          # message_retry_interval
     assert agent.calls[-1] == ["b@x.test"]
     assert os.listdir(spool.queue_dir) == []
 
@@ -297,4 +298,55 @@ def test_item_of_a_completed_message_is_dropped_not_retried_forever(spool, monke
     clock.advance(60)                        # A's retry finds nothing left to do
     assert a.calls == [["a@a.test"]]
     assert queue_a.message_count == 0 and queue_a.status is QueueStatus.Ready
-    assert not clock.getDelayedCalls()
+    assert [c for c in clock.getDelayedCalls() if "_sweep" not in repr(c)] == []
+
+
+class RecordingBouncer:
+    def __init__(self):
+        self.bounced = []
+
+    def bounce(self, message, outcomes):
+        self.bounced.append((message.queue_id, [(o.index, o.enhanced, o.detail) for o in outcomes]))
+        return defer.succeed(None)
+
+
+def test_retry_schedule_is_glitch_retries_then_the_long_interval(tmp_path, spool):
+    manager, agent, clock = manager_for(tmp_path, spool, failures=6)
+    manager.submit(committed(spool, envelope("b@example.com")))
+    queue = manager.queues[NextHop("Local drop", "")]
+    waits = []
+    while agent.attempts <= 6:
+        waits.append(queue.next_retry - clock.seconds())
+        clock.advance(queue.next_retry - clock.seconds())
+    assert waits == [60, 60, 60, 60, 1800, 1800]
+    assert queue.failures == 0 and queue.status is QueueStatus.Ready
+
+
+def test_message_that_keeps_failing_expires_with_an_ndr(tmp_path, spool):
+    manager, agent, clock = manager_for(tmp_path, spool, failures=10**6)
+    manager.bouncer = bouncer = RecordingBouncer()
+    stored = committed(spool, envelope("b@example.com"))
+    manager.submit(stored)
+    for _ in range(200):                       # bounded: two days of retries every 30 minutes
+        if not os.listdir(spool.queue_dir):
+            break
+        clock.advance(1800)
+    assert os.listdir(spool.queue_dir) == []
+    [(queue_id, [(index, status, detail)])] = bouncer.bounced
+    assert (queue_id, index, status) == (stored.queue_id, 0, "4.4.7")
+    assert "expired after 48 hours" in detail and "No space left on device" in detail
+    assert clock.seconds() >= 2 * 86400
+
+
+def test_unreachable_recipients_are_returned_at_expiry(tmp_path, spool):
+    manager, agent, clock = manager_for(tmp_path, spool)
+    manager.bouncer = bouncer = RecordingBouncer()
+    stored = committed(spool, envelope("b@example.com", "x@nowhere.test"))
+    manager.submit(stored)
+    clock.advance(2 * 86400 - 60)
+    assert bouncer.bounced == [] and len(os.listdir(spool.queue_dir)) == 1
+    clock.advance(120)                          # the sweep after expiry
+    [(queue_id, [(index, status, detail)])] = bouncer.bounced
+    assert index == 1 and status == "4.4.7" and "no send connector" in detail
+    assert os.listdir(spool.queue_dir) == []
+    assert manager.queues[UNREACHABLE].message_count == 0

@@ -8,12 +8,13 @@ from .models import (
     AcceptedDomain,
     AddressSpace,
     Config,
+    QueueConfig,
     ReceiveConnector,
     SendConnector,
     ServerConfig,
 )
 
 __all__ = [
-    "AcceptedDomain", "AddressSpace", "Config", "ConfigError", "Problem",
+    "AcceptedDomain", "AddressSpace", "Config", "ConfigError", "Problem", "QueueConfig",
     "ReceiveConnector", "SendConnector", "ServerConfig", "defaults", "load", "loads",
 ]

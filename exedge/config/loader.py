@@ -221,6 +221,7 @@ def loads(text: str, source: str = "<config>") -> m.Config:
         raise ConfigError(out.problems)
     return m.Config(
         server=cfg["server"],
+        queue=cfg["queue"],
         accepted_domains=tuple(cfg["accepted_domains"]),
         receive_connectors=tuple(cfg["receive_connectors"]),
         send_connectors=tuple(cfg["send_connectors"]),

@@ -284,8 +284,22 @@ class SendConnector:
 
 
 @attrs.frozen(kw_only=True)
+class QueueConfig:
+    """Retry and expiry, with Exchange's Edge Transport defaults."""
+
+    queue_glitch_retry_count: int = setting(integer(0, 100), 4, "quick retries after a transient failure of a next hop")
+    queue_glitch_retry_interval: float = setting(v.parse_timespan, 60.0, "wait between quick retries")
+    outbound_connection_failure_retry_interval: float = setting(
+        v.parse_timespan, 1800.0, "wait between retries once the quick ones are used up")
+    message_retry_interval: float = setting(v.parse_timespan, 900.0, "wait before retrying recipients a next hop deferred (4xx)")
+    message_expiration_timeout: float = setting(v.parse_timespan, 2 * 86400.0,
+                                                "after this long undelivered, a message is returned to its sender (NDR 4.4.7)")
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     server: ServerConfig
+    queue: QueueConfig = QueueConfig()
     accepted_domains: tuple
     receive_connectors: tuple
     send_connectors: tuple
@@ -295,6 +309,7 @@ class Config:
 
 SECTIONS = {
     "server": (ServerConfig, False),
+    "queue": (QueueConfig, False),
     "accepted_domains": (AcceptedDomain, True),
     "receive_connectors": (ReceiveConnector, True),
     "send_connectors": (SendConnector, True),

@@ -16,14 +16,17 @@ import enum
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from exedge.config import QueueConfig
 from exedge.interfaces import IQueueSink
 from exedge.routing import UNREACHABLE, NextHop
 
 log = Logger()
+
+SWEEP_INTERVAL = 60.0   # seconds between looks for expired messages in waiting queues
 
 
 class QueueStatus(enum.Enum):
@@ -54,6 +57,7 @@ class DeliveryQueue:
     next_retry: float | None = None
     hold_reason: str = ""
     in_flight: int = 0
+    failures: int = 0          # transient failures in a row, for the retry schedule
     _retry_call: object = None
 
     @property
@@ -68,13 +72,13 @@ class QueueManager(Service):
     its connector's delivery agent, one attempt at a time per queue.
     """
 
-    def __init__(self, spool, router, agents: dict, clock, retry_interval: float = 60.0,
+    def __init__(self, spool, router, agents: dict, clock, policy: QueueConfig = QueueConfig(),
                  concurrency: int = 4, bouncer=None):
         self.spool = spool
         self.router = router
         self.agents = agents
         self.clock = clock
-        self.retry_interval = retry_interval
+        self.policy = policy
         self.concurrency = concurrency   # attempts in flight per queue
         self.bouncer = bouncer           # turns failed recipients into NDRs
         self.queues: dict[NextHop, DeliveryQueue] = {}
@@ -148,13 +152,43 @@ class QueueManager(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._sweeper = task.LoopingCall(self._sweep)
+        self._sweeper.clock = self.clock
+        self._sweeper.start(SWEEP_INTERVAL, now=False)
         for queue in list(self.queues.values()):
             self._kick(queue)
 
     def stopService(self):
         super().stopService()
+        if self._sweeper.running:
+            self._sweeper.stop()
         for queue in self.queues.values():
             self._cancel_retry(queue)
+
+    # -- expiry ------------------------------------------------------------
+
+    def _expired(self, message) -> bool:
+        return self.clock.seconds() - message.envelope.received_at >= self.policy.message_expiration_timeout
+
+    def _expire(self, queue: DeliveryQueue, item):
+        """Give up on these recipients: NDR 4.4.7 with the last reason we had."""
+        message, indexes = item
+        reason = queue.last_error or queue.hold_reason or "not delivered in time"
+        hours = self.policy.message_expiration_timeout / 3600
+        detail = f"Message expired after {hours:g} hours; last error: {reason}"
+        outcomes = [Outcome(i, "failed", f"4.4.7 {detail}", "4.4.7") for i in indexes]
+        return self._record(message, outcomes)
+
+    def _sweep(self) -> None:
+        """Expire what waits in queues that are not trying (held, suspended, retrying)."""
+        for queue in list(self.queues.values()):
+            expired = [item for item in queue.items if self._expired(item[0])]
+            for item in expired:
+                queue.items.remove(item)
+                d = self._expire(queue, item)
+                d.addErrback(lambda f, queue=queue, item=item: (
+                    log.failure("expiring {queue_id}", f, queue_id=item[0].queue_id),
+                    queue.items.append(item)))
 
     def _cancel_retry(self, queue: DeliveryQueue) -> None:
         if queue._retry_call is not None and queue._retry_call.active():
@@ -168,7 +202,9 @@ class QueueManager(Service):
         done = self._live.get(message.queue_id)
         indexes = [i for i in indexes if done is not None and i not in done]
         try:
-            if indexes:
+            if indexes and self._expired(message):
+                yield self._expire(queue, (message, indexes))
+            elif indexes:
                 outcomes = yield self.agents[queue.hop.connector].deliver(message, indexes)
                 left = set(indexes) - {o.index for o in outcomes if o.status in ("delivered", "failed")}
                 yield self._record(message, outcomes)
@@ -178,12 +214,12 @@ class QueueManager(Service):
             # nothing is lost: the item goes back to the head of its queue
             queue.items.appendleft(item)
             queue.last_error = str(e) or e.__class__.__name__
-            log.warn("queue {hop}: transient failure for {queue_id}: {error}; retry in {delay}s",
-                     hop=str(queue.hop), queue_id=message.queue_id, error=queue.last_error,
-                     delay=self.retry_interval)
+            log.warn("queue {hop}: transient failure for {queue_id}: {error}",
+                     hop=str(queue.hop), queue_id=message.queue_id, error=queue.last_error)
             if queue.status is QueueStatus.Active:
                 self._schedule_retry(queue)
         else:
+            queue.failures = 0
             if queue.status is QueueStatus.Active:
                 queue.last_error = ""
         finally:
@@ -199,11 +235,16 @@ class QueueManager(Service):
             queue.items.append(item)
             self._kick(queue)
 
-        self.clock.callLater(self.retry_interval, again)
+        self.clock.callLater(self.policy.message_retry_interval, again)
 
     def _schedule_retry(self, queue: DeliveryQueue) -> None:
+        """Exchange's schedule: a few quick glitch retries, then the long interval."""
+        queue.failures += 1
+        p = self.policy
+        delay = (p.queue_glitch_retry_interval if queue.failures <= p.queue_glitch_retry_count
+                 else p.outbound_connection_failure_retry_interval)
         queue.status = QueueStatus.Retry
-        queue.next_retry = self.clock.seconds() + self.retry_interval
+        queue.next_retry = self.clock.seconds() + delay
 
         def retry():
             queue._retry_call = None
@@ -212,7 +253,7 @@ class QueueManager(Service):
                 queue.status = QueueStatus.Ready
                 self._kick(queue)
 
-        queue._retry_call = self.clock.callLater(self.retry_interval, retry)
+        queue._retry_call = self.clock.callLater(delay, retry)
 
     @defer.inlineCallbacks
     def _record(self, message, outcomes):
