@@ -8,8 +8,10 @@ their queues), then the listeners.
 
 from __future__ import annotations
 
-import attrs
+import ipaddress
+
 from twisted.application.service import MultiService, Service
+from twisted.names import client
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -20,7 +22,8 @@ from exedge.receive import ConnectorTable, ServerContext, listener_services
 from exedge.routing import Router
 from exedge.dsn import Bouncer
 from exedge.send import DropDirectoryAgent
-from exedge.send.smarthost import SmartHostAgent
+from exedge.send.mx import MXResolver
+from exedge.send.relay import RelayAgent
 
 log = Logger()
 
@@ -55,6 +58,33 @@ class SpoolService(Service):
         self.delivery_pool.stop()
 
 
+def mx_resolver(config: Config, reactor) -> MXResolver:
+    """
+    MX lookups on [server].dns_servers alone when set (client.Resolver with
+    servers only: createResolver would mix resolv.conf in, research §4),
+    else the system's resolver configuration. "Ourselves", for loop
+    detection, is every name and bound address of this server; smart-host
+    addresses are the loopback addresses a route may lead to.
+    """
+    if config.server.dns_servers:
+        resolver = client.Resolver(servers=list(config.server.dns_servers), reactor=reactor)
+    else:
+        resolver = client.createResolver(reactor=reactor)
+    names = {config.server.fqdn} | {c.fqdn for c in config.receive_connectors if c.fqdn} \
+        | {c.fqdn for c in config.send_connectors if c.fqdn}
+    bound = {b.host for c in config.receive_connectors for b in c.bindings if not b.is_wildcard}
+    allowed = set()
+    for c in config.send_connectors:
+        for host, _ in c.smart_hosts:
+            try:
+                ipaddress.ip_address(host)
+                allowed.add(host)
+            except ValueError:
+                pass
+    # a bound loopback address is ourselves, even if some connector names it
+    return MXResolver(resolver, own_names=names, own_addresses=bound, allowed_addresses=allowed - bound)
+
+
 def build_service(config: Config, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
@@ -66,12 +96,15 @@ def build_service(config: Config, reactor=None) -> MultiService:
                                  lambda m: queue_holder[0].submit(m))
     spool = spool_service.spool
     agents = {}
+    mx = None
     for c in config.send_connectors:
         if c.drop_directory:
             agents[c.name] = DropDirectoryAgent(c, spool.run_delivery, defer_to=spool.receiving, clock=reactor)
-        else:
-            agents[c.name] = SmartHostAgent(attrs.evolve(c, smart_hosts=tuple((h, p or c.port) for h, p in c.smart_hosts)),
-                                            helo=c.fqdn or config.server.fqdn, run=spool.run_delivery, reactor=reactor)
+            continue
+        if not c.smart_hosts and mx is None:
+            mx = mx_resolver(config, reactor)
+        agents[c.name] = RelayAgent(c, helo=c.fqdn or config.server.fqdn, run=spool.run_delivery,
+                                    reactor=reactor, mx=None if c.smart_hosts else mx)
     manager = QueueManager(spool, router, agents, clock=reactor, policy=config.queue)
     manager.bouncer = Bouncer(spool, config.server.fqdn, manager.submit, reactor)
     queue_holder.append(manager)

@@ -133,6 +133,70 @@ class RecordingSink:
         return self.listening.stopListening()
 
 
+class _MemoryAuthority:
+    """A twisted.names authority over records held in memory (no zone file)."""
+
+    @staticmethod
+    def make(zone: str, records: dict):
+        from twisted.names import authority, common, dns
+
+        class Memory(authority.FileAuthority):
+            def __init__(self):
+                common.ResolverBase.__init__(self)
+                self._cache = {}
+                self.soa = (zone.encode(), dns.Record_SOA(mname=b"ns." + zone.encode(),
+                                                           rname=b"hostmaster." + zone.encode(),
+                                                           serial=1, minimum=60))
+                self.records = {}
+                for name, recs in records.items():
+                    self.records[name.lower().encode()] = list(recs)
+                self.records.setdefault(zone.encode(), []).insert(0, self.soa[1])
+
+        return Memory()
+
+
+class DNSZoneServer:
+    """
+    An authoritative DNS server on loopback (UDP and TCP on one port) for
+    routing tests: C{zones} maps a zone name to {owner name: [records]},
+    with records written as ("MX", 10, "mx1.example.test"), ("A", "127.0.0.1"),
+    ("AAAA", "::1"). A null MX (RFC 7505) is ("MX", 0, ".").
+    """
+
+    def __init__(self, zones: dict):
+        from twisted.names import dns
+
+        def record(spec):
+            kind = spec[0]
+            if kind == "MX":
+                name = b"" if spec[2] == "." else spec[2].encode()
+                return dns.Record_MX(spec[1], name, ttl=60)
+            if kind == "A":
+                return dns.Record_A(spec[1], ttl=60)
+            if kind == "AAAA":
+                return dns.Record_AAAA(spec[1], ttl=60)
+            raise ValueError(f"unsupported record {spec!r}")
+
+        self.authorities = [
+            _MemoryAuthority.make(zone, {name: [record(r) for r in recs] for name, recs in names.items()})
+            for zone, names in zones.items()
+        ]
+        self.port = None
+
+    def start(self, reactor, port: int = 0, host: str = "127.0.0.1"):
+        from twisted.names import dns, server
+
+        factory = server.DNSServerFactory(authorities=self.authorities)
+        self._udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface=host)
+        self.port = self._udp.getHost().port
+        self._tcp = reactor.listenTCP(self.port, factory, interface=host)
+        return self
+
+    def stop(self):
+        return defer.gatherResults([defer.maybeDeferred(self._udp.stopListening),
+                                    defer.maybeDeferred(self._tcp.stopListening)])
+
+
 def main(argv=None) -> None:
     """
     Run a sink as its own process (for tests that drive exedge with
@@ -149,11 +213,23 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m exedge.testing")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="a loopback address to listen on")
+    parser.add_argument("--out", help="where the sink writes what it receives")
+    parser.add_argument("--dns", metavar="ZONES_JSON",
+                        help="run a DNS zone server instead: {zone: {name: [[type, ...], ...]}}")
     parser.add_argument("--refuse", action="append", default=[], metavar="ADDRESS=CODE")
     parser.add_argument("--greeting", type=int, default=220)
     parser.add_argument("--no-pipelining", action="store_true")
     args = parser.parse_args(argv)
+    if args.dns:
+        import json
+
+        with open(args.dns) as f:
+            zones = {zone: {name: [tuple(r) for r in recs] for name, recs in names.items()}
+                     for zone, names in json.load(f).items()}
+        DNSZoneServer(zones).start(reactor, port=args.port, host=args.host)
+        reactor.run()
+        return
     os.makedirs(args.out, exist_ok=True)
     refuse = {a: int(c) for a, _, c in (r.partition("=") for r in args.refuse)}
     sink = RecordingSink(pipelining=not args.no_pipelining, greeting_code=args.greeting, rcpt_replies=refuse)
@@ -169,7 +245,7 @@ def main(argv=None) -> None:
 
     sink.on_message = store
 
-    sink.start(reactor, port=args.port).addErrback(lambda f: (print(f.getTraceback()), reactor.stop()))
+    sink.start(reactor, host=args.host, port=args.port).addErrback(lambda f: (print(f.getTraceback()), reactor.stop()))
     reactor.run()
 
 

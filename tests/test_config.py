@@ -622,10 +622,11 @@ def test_bad_address_spaces(raw):
     assert p.line == 3
 
 
-def test_send_connector_needs_drop_directory_or_smart_hosts():
-    p = only_problem(send(drop=None))
-    assert p.key == "send_connectors[0].smart_hosts"
-    assert "drop_directory" in p.message and "not available yet" in p.message
+def test_send_connector_without_drop_directory_or_smart_hosts_routes_by_dns():
+    conn = loads(send(drop=None)).send_connectors[0]
+    assert conn.drop_directory is None and conn.smart_hosts == () and conn.dns_routing_enabled is None
+    p = only_problem(send(drop=None) + "dns_routing_enabled = false\n")
+    assert p.key == "send_connectors[0].smart_hosts" and "needs smart_hosts" in p.message
 
 
 def test_smart_hosts_parse_and_exclude_drop_directory_and_dns_routing():

@@ -17,16 +17,16 @@ from harness import free_port
 
 
 class Sink:
-    def __init__(self, tmp_path, name, *args):
-        self.port = free_port()
+    def __init__(self, tmp_path, name, *args, host="127.0.0.1"):
+        self.port = free_port(host)
         self.out = str(tmp_path / name)
         self.proc = subprocess.Popen([sys.executable, "-m", "exedge.testing", "--port", str(self.port),
-                                      "--out", self.out, *args],
+                                      "--host", host, "--out", self.out, *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                socket.create_connection((host, self.port), timeout=0.5).close()
                 return
             except OSError:
                 assert self.proc.poll() is None, "the sink died"
@@ -49,8 +49,8 @@ class Sink:
 def sinks(tmp_path):
     started = []
 
-    def start(name, *args):
-        sink = Sink(tmp_path, name, *args)
+    def start(name, *args, host="127.0.0.1"):
+        sink = Sink(tmp_path, name, *args, host=host)
         started.append(sink)
         return sink
 
@@ -141,3 +141,67 @@ def test_no_smart_host_reachable_keeps_the_message_queued(start_server):
     server.wait_for(lambda: "transient failure" in server.log, what="a transient failure in the log")
     assert len(os.listdir(server.path("var", "spool", "queue"))) == 1
     assert server.drop_files() == []     # no NDR for a transient failure
+
+
+def start_dns(tmp_path, zones):
+    import json
+    port = free_port()
+    path = tmp_path / "zones.json"
+    path.write_text(json.dumps(zones))
+    proc = subprocess.Popen([sys.executable, "-m", "exedge.testing", "--dns", str(path), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the DNS server died"
+    return proc, port
+
+
+def test_mx_routing_delivers_to_the_mx_host_and_null_mx_bounces(start_server, sinks, tmp_path):
+    sink = sinks("mx-sink", host="127.0.0.9")
+    dns, dns_port = start_dns(tmp_path, {"remote.test": {
+        "remote.test": [["MX", 20, "mx2.remote.test"], ["MX", 10, "mx1.remote.test"]],
+        "mx1.remote.test": [["A", "127.0.0.9"]], "mx2.remote.test": [["A", "127.0.0.8"]],
+        "null.remote.test": [["MX", 0, "."]],
+    }})
+    try:
+        server = start_server(f"""
+[server]
+fqdn = "edge01.example.com"
+spool_directory = "var/spool"
+dns_servers = ["127.0.0.1:{dns_port}"]
+
+[[accepted_domains]]
+domain_name = "example.com"
+
+[[receive_connectors]]
+name = "From Internal Org"
+bindings = ["127.0.0.1:{{port}}"]
+remote_ip_ranges = ["127.0.0.1"]
+auth_mechanisms = ["ExternalAuthoritative"]
+permission_groups = ["ExchangeServers"]
+
+[[send_connectors]]
+name = "Local drop"
+address_spaces = ["example.com"]
+drop_directory = "var/drop"
+
+[[send_connectors]]
+name = "To Internet"
+address_spaces = ["*"]
+port = {sink.port}
+
+[[send_connectors]]
+name = "Test sink allowance"
+address_spaces = ["unused.invalid"]
+smart_hosts = ["127.0.0.9"]
+dns_routing_enabled = false
+enabled = false
+""")
+        send(server, ["bob@remote.test", "eve@null.remote.test"], subject="mx test")
+        got = server.wait_for(sink.files, what="delivery to the preferred MX host")
+        assert got[0].split(b"\r\n")[1] == b"X-Sink-Rcpt: <bob@remote.test>"
+        ndr = open(server.wait_for(server.drop_files, what="the null-MX NDR")[0], "rb").read()
+        assert b"Final-Recipient: rfc822; eve@null.remote.test" in ndr and b"Status: 5.1.10" in ndr
+        assert b"bob@remote.test" not in ndr.split(b"message/delivery-status")[1].split(b"rfc822-headers")[0]
+    finally:
+        os.kill(dns.pid, signal.SIGTERM)
+        dns.wait(timeout=15)

@@ -121,9 +121,8 @@ def _validate(cfg: dict, out: _Collector) -> None:
             out.problem(path + ("smart_hosts",), "a connector delivers to a drop_directory or to smart_hosts, not both")
         if conn.smart_hosts and conn.dns_routing_enabled:
             out.problem(path + ("dns_routing_enabled",), "must be false when smart_hosts are set (as in Exchange)")
-        if not conn.drop_directory and not conn.smart_hosts:
-            out.problem(path + ("smart_hosts",), "set smart_hosts (with dns_routing_enabled = false) or "
-                        "drop_directory: DNS (MX) routing is not available yet")
+        if not conn.drop_directory and not conn.smart_hosts and conn.dns_routing_enabled is False:
+            out.problem(path + ("smart_hosts",), "dns_routing_enabled = false needs smart_hosts (or a drop_directory)")
         if not conn.drop_directory:
             continue
         # files are named by queue id: two connectors in one directory would

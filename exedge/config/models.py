@@ -273,7 +273,7 @@ class SendConnector:
     address_spaces: tuple = setting(list_of(parse_address_space), doc="\"SMTP:*.contoso.com;5\", \"contoso.com;1\", \"*\"")
     drop_directory: str | None = setting(text, None, "deliver into this directory, one .eml per message (Exchange's Foreign connector)")
     smart_hosts: tuple = setting(list_of(parse_smart_host), (), "relay through these hosts, in order (FQDN or IP, optional :port)")
-    dns_routing_enabled: bool | None = setting(boolean, None, "true: MX routing (not available yet); must be false with smart_hosts")
+    dns_routing_enabled: bool | None = setting(boolean, None, "MX routing through [server].dns_servers (the default without smart_hosts or drop_directory); false with smart_hosts")
     port: int = setting(integer(1, 65535), 25, "port of the smart hosts that do not name one")
     fqdn: str | None = setting(v.parse_fqdn, None, "EHLO name (default: [server].fqdn)")
     smtp_max_messages_per_connection: int = setting(integer(1, 10000), 20, "messages sent on one connection before it is closed")

@@ -20,8 +20,8 @@ from exedge.config import AcceptedDomain, SendConnector
 class NextHop:
     """
     The key of a delivery queue: a connector and the destination it serves.
-    A drop connector has one destination, itself; SMTP connectors (later)
-    key by domain or smart-host set.
+    Drop and smart-host connectors have one destination (the directory, the
+    smart-host set); DNS-routed connectors have one per domain.
     """
 
     connector: str
@@ -78,7 +78,10 @@ class Router:
         found = self.candidates(domain, size)
         if not found:
             return UNREACHABLE
-        return NextHop(found[0].name, "")
+        conn = found[0]
+        # DNS routing: one queue per destination domain; otherwise one per connector
+        dns_routed = not conn.drop_directory and not conn.smart_hosts
+        return NextHop(conn.name, domain.lower() if dns_routed else "")
 
     def group_by_hop(self, recipients: Iterable[tuple[int, str]], size: int) -> dict[NextHop, list[int]]:
         """Recipients (index, address) that share a next hop travel together."""

@@ -1,0 +1,126 @@
+"""
+Where mail for a domain goes: MX hosts by preference, through the
+configured DNS servers only.
+
+Written here because C{twisted.mail.relaymanager.MXCalculator} returns one
+host, has no null MX, falls back with an ANY query and resolves MX hosts
+through the system resolver instead of the configured one (research §3).
+Rules (RFC 5321 §5.1, RFC 7505):
+
+  - MX records in order of preference, equal preferences shuffled;
+  - every MX host resolved through the same resolver, A and AAAA;
+  - no MX records: the domain's own A/AAAA (the implicit MX);
+  - a null MX ("MX 0 .") means the domain takes no mail: 5.1.10;
+  - a domain that does not exist: 5.4.4;
+  - a host that is this server, or a loopback or unspecified address not
+    configured as a smart host, is dropped with every less preferred host
+    (RFC 5321 §5.1); if it was the best, 5.4.6 routing loop: never a
+    delivery to ourselves;
+  - DNS timeouts and server failures are transient: the queue retries.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+from twisted.internet import defer
+from twisted.names import dns, error as dns_error
+
+
+class RoutingFailure(Exception):
+    """A permanent answer about a domain: its recipients fail with C{status}."""
+
+    def __init__(self, status: str, text: str):
+        super().__init__(f"{status} {text}")
+        self.status = status
+        self.text = text
+
+
+class TransientDNSFailure(Exception):
+    """The DNS could not answer now (timeout, SERVFAIL): try again later."""
+
+
+def _is_nxdomain(failure_or_exc) -> bool:
+    return isinstance(failure_or_exc, (dns_error.DNSNameError, dns_error.AuthoritativeDomainError))
+
+
+class MXResolver:
+    def __init__(self, resolver, *, own_names=(), own_addresses=(), allowed_addresses=(), rng=random):
+        self.resolver = resolver
+        self.own_names = {n.lower().rstrip(".") for n in own_names}
+        self.own_addresses = {ipaddress.ip_address(a) for a in own_addresses}
+        self.allowed = {ipaddress.ip_address(a) for a in allowed_addresses}
+        self.rng = rng
+
+    async def _answers(self, lookup, name: str) -> list:
+        try:
+            answers, _, _ = await lookup(name)
+        except (dns_error.DNSNameError, dns_error.AuthoritativeDomainError):
+            raise
+        except (dns_error.DNSServerError, dns_error.DNSQueryRefusedError, dns_error.DNSUnknownError,
+                dns_error.DNSFormatError, dns_error.DNSNotImplementedError, defer.TimeoutError) as e:
+            raise TransientDNSFailure(f"DNS lookup of {name} failed: {e.__class__.__name__}") from None
+        return answers
+
+    async def _addresses(self, host: str) -> list[str]:
+        found = []
+        for lookup, kind in ((self.resolver.lookupAddress, dns.A), (self.resolver.lookupIPV6Address, dns.AAAA)):
+            try:
+                answers = await self._answers(lookup, host)
+            except (dns_error.DNSNameError, dns_error.AuthoritativeDomainError):
+                continue
+            found += [a.payload.dottedQuad() if kind == dns.A else
+                      str(ipaddress.IPv6Address(a.payload.address))
+                      for a in answers if a.type == kind]
+        return found
+
+    def _check(self, host: str, address: str | None = None) -> None:
+        if host.lower().rstrip(".") in self.own_names:
+            raise RoutingFailure("5.4.6", f"routing loop: {host} is this server")
+        if address is None:
+            return
+        ip = ipaddress.ip_address(address)
+        if ip in self.own_addresses or ((ip.is_loopback or ip.is_unspecified) and ip not in self.allowed):
+            raise RoutingFailure("5.4.6", f"routing loop: {host} ({address}) is this server")
+
+    def targets(self, domain: str) -> defer.Deferred:
+        """Fires with [(host, address)] in delivery order, or fails with
+        L{RoutingFailure} / L{TransientDNSFailure}."""
+        return defer.ensureDeferred(self._targets(domain))
+
+    async def _targets(self, domain: str) -> list[tuple[str, str]]:
+        try:
+            answers = await self._answers(self.resolver.lookupMailExchange, domain)
+        except (dns_error.DNSNameError, dns_error.AuthoritativeDomainError):
+            raise RoutingFailure("5.4.4", f"{domain} does not exist (DNS NXDOMAIN)") from None
+        mxs = [(a.payload.preference, str(a.payload.name)) for a in answers if a.type == dns.MX]
+        if any(name in ("", ".") for _, name in mxs):
+            if len(mxs) == 1:
+                raise RoutingFailure("5.1.10", f"{domain} accepts no mail (null MX, RFC 7505)")
+            mxs = [(p, n) for p, n in mxs if n not in ("", ".")]
+        if not mxs:
+            mxs = [(0, domain)]    # the implicit MX: the domain's own addresses
+        by_preference: dict[int, list[str]] = {}
+        for preference, name in mxs:
+            by_preference.setdefault(preference, []).append(name)
+        ordered = []
+        for preference in sorted(by_preference):
+            group = by_preference[preference]
+            self.rng.shuffle(group)
+            ordered += group
+        targets = []
+        for host in ordered:
+            try:
+                self._check(host)
+                addresses = await self._addresses(host)
+                for address in addresses:
+                    self._check(host, address)
+            except RoutingFailure:
+                if targets:
+                    break    # RFC 5321 §5.1: ourselves and every less preferred host are dropped
+                raise
+            targets += [(host, address) for address in addresses]
+        if not targets:
+            raise TransientDNSFailure(f"no address for any mail exchanger of {domain}")
+        return targets

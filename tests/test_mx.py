@@ -1,0 +1,97 @@
+"""MX routing against a real twisted.names server on loopback."""
+
+import random
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.names import client
+
+from exedge.send.mx import MXResolver, RoutingFailure, TransientDNSFailure
+from exedge.testing import DNSZoneServer
+from harness import free_port
+
+ZONES = {"remote.test": {
+    "remote.test": [("MX", 20, "mx3.remote.test"), ("MX", 10, "mx1.remote.test"), ("MX", 10, "mx2.remote.test")],
+    "mx1.remote.test": [("A", "192.0.2.1")], "mx2.remote.test": [("A", "192.0.2.2"), ("AAAA", "2001:db8::2")],
+    "mx3.remote.test": [("A", "192.0.2.3")],
+    "nomx.remote.test": [("A", "192.0.2.9")],
+    "null.remote.test": [("MX", 0, ".")],
+    "loop.remote.test": [("MX", 10, "edge.remote.test")], "edge.remote.test": [("A", "127.0.0.1")],
+    "self.remote.test": [("MX", 10, "edge01.example.com.remote.test")],
+    "own.remote.test": [("MX", 10, "own-ip.remote.test")], "own-ip.remote.test": [("A", "198.51.100.7")],
+}}
+
+
+@pytest.fixture
+def dns_server():
+    server = DNSZoneServer(ZONES).start(reactor)
+    yield server
+    pytest_twisted.blockon(server.stop())
+
+
+def mx(server, **kw):
+    resolver = client.Resolver(servers=[("127.0.0.1", server.port)], timeout=(2,), reactor=reactor)
+    return MXResolver(resolver, own_names=["edge01.example.com.remote.test"], own_addresses=["198.51.100.7"], **kw)
+
+
+@pytest_twisted.inlineCallbacks
+def test_mx_hosts_by_preference_with_every_address(dns_server):
+    targets = yield mx(dns_server, rng=random.Random(1)).targets("remote.test")
+    hosts = [h for h, _ in targets]
+    assert set(hosts[:3]) == {"mx1.remote.test", "mx2.remote.test"} and hosts[3] == "mx3.remote.test"
+    assert ("mx2.remote.test", "2001:db8::2") in targets and ("mx2.remote.test", "192.0.2.2") in targets
+
+
+@pytest_twisted.inlineCallbacks
+def test_equal_preferences_are_shuffled(dns_server):
+    firsts = set()
+    for seed in range(20):
+        targets = yield mx(dns_server, rng=random.Random(seed)).targets("remote.test")
+        firsts.add(targets[0][0])
+    assert firsts == {"mx1.remote.test", "mx2.remote.test"}
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_mx_falls_back_to_the_domains_address(dns_server):
+    assert (yield mx(dns_server).targets("nomx.remote.test")) == [("nomx.remote.test", "192.0.2.9")]
+
+
+@pytest.mark.parametrize("domain,status", [
+    ("null.remote.test", "5.1.10"), ("missing.remote.test", "5.4.4"), ("loop.remote.test", "5.4.6"),
+    ("self.remote.test", "5.4.6"), ("own.remote.test", "5.4.6"),
+])
+@pytest_twisted.inlineCallbacks
+def test_permanent_routing_answers(dns_server, domain, status):
+    with pytest.raises(RoutingFailure) as e:
+        yield mx(dns_server).targets(domain)
+    assert e.value.status == status
+
+
+@pytest_twisted.inlineCallbacks
+def test_loopback_allowed_when_configured_as_a_smart_host(dns_server):
+    targets = yield mx(dns_server, allowed_addresses=["127.0.0.1"]).targets("loop.remote.test")
+    assert targets == [("edge.remote.test", "127.0.0.1")]
+
+
+@pytest_twisted.inlineCallbacks
+def test_dns_timeout_is_transient():
+    silent = free_port()    # nothing answers there
+    resolver = client.Resolver(servers=[("127.0.0.1", silent)], timeout=(1,), reactor=reactor)
+    with pytest.raises(TransientDNSFailure):
+        yield MXResolver(resolver).targets("remote.test")
+
+
+@pytest_twisted.inlineCallbacks
+def test_ourselves_as_a_backup_mx_drops_only_the_less_preferred_hosts():
+    server = DNSZoneServer({"backup.test": {
+        "backup.test": [("MX", 10, "primary.backup.test"), ("MX", 20, "edge.backup.test"),
+                        ("MX", 30, "tertiary.backup.test")],
+        "primary.backup.test": [("A", "192.0.2.10")], "edge.backup.test": [("A", "198.51.100.7")],
+        "tertiary.backup.test": [("A", "192.0.2.30")],
+    }}).start(reactor)
+    try:
+        targets = yield mx(server).targets("backup.test")
+    finally:
+        yield server.stop()
+    assert targets == [("primary.backup.test", "192.0.2.10")]
