@@ -48,3 +48,15 @@ def test_ret_full_returns_the_whole_message_and_lines_are_crlf():
 def test_notify_decides():
     assert wants_ndr(()) and wants_ndr(("FAILURE",)) and wants_ndr(("SUCCESS", "FAILURE"))
     assert not wants_ndr(("NEVER",)) and not wants_ndr(("SUCCESS", "DELAY"))
+
+
+def test_delay_notice_says_delayed_and_until_when():
+    from exedge.dsn import wants_delay_notice
+    data = ndr(ret="FULL", retry_until=1_700_172_800,
+               failed=[FailedRecipient("b@x.test", None, "4.4.1", "451 4.4.1 no answer", action="delayed")])
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert msg["Subject"] == "Delayed: quarterly report"
+    raw = list(msg.iter_parts())[1].as_bytes()
+    assert b"Action: delayed" in raw and b"Status: 4.4.1" in raw and b"Will-Retry-Until: " in raw
+    assert b"secret body" not in data      # a delay notice never returns the body
+    assert wants_delay_notice(()) and wants_delay_notice(("DELAY",)) and not wants_delay_notice(("FAILURE",))

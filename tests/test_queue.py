@@ -304,9 +304,14 @@ def test_item_of_a_completed_message_is_dropped_not_retried_forever(spool, monke
 class RecordingBouncer:
     def __init__(self):
         self.bounced = []
+        self.delays = []
 
     def bounce(self, message, outcomes):
         self.bounced.append((message.queue_id, [(o.index, o.enhanced, o.detail) for o in outcomes]))
+        return defer.succeed(None)
+
+    def delay(self, message, indexes, reason, retry_until):
+        self.delays.append((message.queue_id, list(indexes), reason, retry_until))
         return defer.succeed(None)
 
 
@@ -350,3 +355,58 @@ def test_unreachable_recipients_are_returned_at_expiry(tmp_path, spool):
     assert index == 1 and status == "4.4.7" and "no send connector" in detail
     assert os.listdir(spool.queue_dir) == []
     assert manager.queues[UNREACHABLE].message_count == 0
+
+
+def test_one_delay_notice_after_four_hours_even_across_a_restart(tmp_path, spool):
+    manager, agent, clock = manager_for(tmp_path, spool, failures=10**6)
+    manager.bouncer = bouncer = RecordingBouncer()
+    stored = committed(spool, envelope("b@example.com"))
+    manager.submit(stored)
+    clock.advance(4 * 3600 - 120)
+    assert bouncer.delays == []
+    clock.advance(180)
+    [(queue_id, indexes, reason, retry_until)] = bouncer.delays
+    assert (queue_id, indexes, retry_until) == (stored.queue_id, [0], 2 * 86400)
+    assert "No space left on device" in reason
+    clock.advance(4 * 3600)
+    assert len(bouncer.delays) == 1                      # once only
+    [again] = spool.recover()
+    assert again.delay_notified == frozenset({0}) and again.done == frozenset()   # still to deliver
+    restarted, _, clock2 = manager_for(tmp_path, spool, failures=10**6)
+    restarted.bouncer = bouncer2 = RecordingBouncer()
+    clock2.advance(5 * 3600)
+    restarted.submit(again)
+    clock2.advance(120)
+    assert bouncer2.delays == []                          # remembered on disk
+
+
+def test_sweep_survives_a_failing_delay_notice(tmp_path, spool):
+    manager, agent, clock = manager_for(tmp_path, spool, failures=10**6)
+
+    class Broken(RecordingBouncer):
+        def delay(self, *args):
+            raise RuntimeError("bug")
+
+    manager.bouncer = bouncer = Broken()
+    manager.submit(committed(spool, envelope("b@example.com")))
+    for _ in range(100):
+        if bouncer.bounced:
+            break
+        clock.advance(1800)
+    assert bouncer.bounced and bouncer.bounced[0][1][0][1] == "4.4.7"   # expiry still happened
+
+
+def test_bouncer_queues_a_delay_notice_from_the_null_sender(spool):
+    from exedge.dsn import Bouncer
+    submitted = []
+    clock = task.Clock()
+    clock.advance(5 * 3600)
+    env = Envelope(sender="a@s.test", recipients=(Recipient("b@x.test"), Recipient("c@x.test", ("FAILURE",))),
+                   size=10, received_at=0)
+    stored = committed(spool, env)
+    Bouncer(spool, "edge01.example.com", submitted.append, clock).delay(stored, [0, 1], "4.4.7 no answer", 172800)
+    [notice] = submitted
+    assert notice.envelope.sender == "" and [r.address for r in notice.envelope.recipients] == ["a@s.test"]
+    data = notice.read_data()
+    assert b"Action: delayed" in data and b"Final-Recipient: rfc822; b@x.test" in data
+    assert b"c@x.test" not in data          # NOTIFY=FAILURE: no delay notice for c@

@@ -292,6 +292,8 @@ class QueueConfig:
     outbound_connection_failure_retry_interval: float = setting(
         v.parse_timespan, 1800.0, "wait between retries once the quick ones are used up")
     message_retry_interval: float = setting(v.parse_timespan, 900.0, "wait before retrying recipients a next hop deferred (4xx)")
+    delay_notification_timeout: float = setting(v.parse_timespan, 4 * 3600.0,
+                                                "after this long undelivered, the sender gets one delay notice")
     message_expiration_timeout: float = setting(v.parse_timespan, 2 * 86400.0,
                                                 "after this long undelivered, a message is returned to its sender (NDR 4.4.7)")
 

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from exedge.queue.envelope import Envelope, Recipient
 
-from .ndr import FailedRecipient, build_ndr, wants_ndr
+from .ndr import FailedRecipient, build_ndr, wants_delay_notice, wants_ndr
 
 log = Logger()
 
@@ -38,12 +38,26 @@ class Bouncer:
             return defer.succeed(None)
         reports = [FailedRecipient(env.recipients[o.index].address, env.recipients[o.index].orcpt,
                                    o.enhanced or "5.0.0", o.detail, o.remote) for o in failed]
+        return self._report(message, reports, None)
+
+    def delay(self, message, indexes, reason: str, retry_until: float) -> defer.Deferred:
+        """Tell the sender these recipients are late (RFC 3464 Action: delayed)."""
+        env = message.envelope
+        wanted = [i for i in indexes if wants_delay_notice(env.recipients[i].notify)]
+        if not wanted or env.sender == "":
+            return defer.succeed(None)
+        reports = [FailedRecipient(env.recipients[i].address, env.recipients[i].orcpt, "4.4.7",
+                                   reason, action="delayed") for i in wanted]
+        return self._report(message, reports, retry_until)
+
+    def _report(self, message, reports, retry_until) -> defer.Deferred:
+        env = message.envelope
         now = self.clock.seconds()
 
         def build() -> bytes:
             return build_ndr(reporting_mta=self.reporting_mta, original_sender=env.sender, envid=env.envid,
                              ret=env.ret, arrival=env.received_at, failed=reports,
-                             original=message.read_data(), now=now)
+                             original=message.read_data(), now=now, retry_until=retry_until)
 
         d = self.spool.run_delivery(build)
         d.addCallback(self._queue, message, env.sender)
@@ -57,7 +71,7 @@ class Bouncer:
         d = incoming.commit(envelope)
 
         def queued(stored):
-            log.info("{queue_id}: NDR {ndr} queued for {sender}", queue_id=message.queue_id,
+            log.info("{queue_id}: report {ndr} queued for {sender}", queue_id=message.queue_id,
                      ndr=stored.queue_id, sender=sender)
             self.submit(stored)
 

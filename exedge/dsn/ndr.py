@@ -44,15 +44,31 @@ def _subject(headers: bytes) -> str:
     return ""
 
 
+def wants_delay_notice(notify: tuple[str, ...]) -> bool:
+    """RFC 3461 §4.1: without NOTIFY a server may act as if NOTIFY=FAILURE,DELAY (Exchange does)."""
+    return not notify or "DELAY" in notify
+
+
 def build_ndr(*, reporting_mta: str, original_sender: str, envid: str | None, ret: str | None,
-              arrival: float, failed: list[FailedRecipient], original: bytes, now: float) -> bytes:
-    """The NDR message, CRLF line ends, ready for the spool."""
+              arrival: float, failed: list[FailedRecipient], original: bytes, now: float,
+              retry_until: float | None = None) -> bytes:
+    """
+    The report, CRLF line ends, ready for the spool: a non-delivery report,
+    or with C{retry_until} a delay notice (Action: delayed, headers only).
+    """
+    delayed = retry_until is not None
     boundary = "=_exedge_" + secrets.token_hex(12)
     headers = _header_block(original)
     subject = _subject(headers)
     date = email.utils.formatdate(now, localtime=False)
+    if delayed:
+        ret = "HDRS"
+        intro = ["Delivery to these recipients has been delayed. exedge will keep trying until",
+                 f"{email.utils.formatdate(retry_until, localtime=False)}; you need not send the message again:"]
+    else:
+        intro = ["Delivery has failed to these recipients:"]
     human = [
-        "Delivery has failed to these recipients:",
+        *intro,
         "",
         *[f"  {f.address}" for f in failed],
         "",
@@ -82,6 +98,8 @@ def build_ndr(*, reporting_mta: str, original_sender: str, envid: str | None, re
         if f.remote_mta:
             status.append(f"Remote-MTA: dns; {f.remote_mta}")
         status += [f"Diagnostic-Code: smtp; {f.diagnostic}", f"Last-Attempt-Date: {date}"]
+        if delayed:
+            status.append(f"Will-Retry-Until: {email.utils.formatdate(retry_until, localtime=False)}")
     if ret == "FULL":
         returned_type, returned = "message/rfc822", original
     else:
@@ -89,7 +107,8 @@ def build_ndr(*, reporting_mta: str, original_sender: str, envid: str | None, re
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{original_sender}>",
-        f"Subject: Undeliverable: {subject}" if subject else "Subject: Undeliverable message",
+        (f"Subject: {'Delayed' if delayed else 'Undeliverable'}: {subject}" if subject
+         else f"Subject: {'Delayed' if delayed else 'Undeliverable'} message"),
         f"Date: {date}",
         f"Message-ID: <{secrets.token_hex(16)}@{reporting_mta}>",
         "Auto-Submitted: auto-replied",

@@ -86,6 +86,7 @@ class QueueManager(Service):
         # outcome: a message split over several hops is removed when the
         # last is done, and an item of a removed message is dropped
         self._live: dict[str, set[int]] = {}
+        self._delay_notified: dict[str, set[int]] = {}   # per live message, recipients told of a delay
 
     # -- intake ------------------------------------------------------------
 
@@ -97,6 +98,7 @@ class QueueManager(Service):
                 lambda f: log.failure("removing {queue_id}", f, queue_id=message.queue_id))
             return
         self._live.setdefault(message.queue_id, set(message.done))
+        self._delay_notified.setdefault(message.queue_id, set(message.delay_notified))
         recipients = [(i, message.envelope.recipients[i].address) for i in pending]
         for hop, indexes in self.router.group_by_hop(recipients, message.envelope.size).items():
             queue = self.queue_for(hop)
@@ -179,9 +181,39 @@ class QueueManager(Service):
         outcomes = [Outcome(i, "failed", f"4.4.7 {detail}", "4.4.7") for i in indexes]
         return self._record(message, outcomes)
 
+    def _notify_delays(self, queue: DeliveryQueue) -> None:
+        if self.bouncer is None:
+            return
+        now = self.clock.seconds()
+        for message, indexes in list(queue.items):
+            age = now - message.envelope.received_at
+            if age < self.policy.delay_notification_timeout or self._expired(message):
+                continue
+            told = self._delay_notified.setdefault(message.queue_id, set())
+            late = [i for i in indexes if i not in told]
+            if not late:
+                continue
+            told.update(late)     # at once: the next sweep must not send it again
+            reason = queue.last_error or queue.hold_reason or "not delivered yet"
+            retry_until = message.envelope.received_at + self.policy.message_expiration_timeout
+            d = self.bouncer.delay(message, late, f"4.4.7 {reason}", retry_until)
+            d.addCallback(lambda _, m=message, late=late: self.spool.record(m, late, "delay-notified"))
+            d.addErrback(lambda f, m=message, told=told, late=late: (
+                log.failure("delay notice for {queue_id}", f, queue_id=m.queue_id),
+                told.difference_update(late)))
+
     def _sweep(self) -> None:
-        """Expire what waits in queues that are not trying (held, suspended, retrying)."""
+        """
+        Expire what waits in queues that are not trying (held, suspended,
+        retrying), and send one delay notice per recipient once a message
+        has waited delay_notification_timeout.
+        """
         for queue in list(self.queues.values()):
+            try:
+                self._notify_delays(queue)
+            except Exception:
+                # a LoopingCall stops for good on an exception: expiry must go on
+                log.failure("queue {hop}: delay notices failed", hop=str(queue.hop))
             expired = [item for item in queue.items if self._expired(item[0])]
             for item in expired:
                 queue.items.remove(item)
@@ -274,6 +306,7 @@ class QueueManager(Service):
             # complete: no need to note outcomes first, nor to wait for the
             # unlink; a crash before it means a second delivery, never none
             del self._live[message.queue_id]
+            self._delay_notified.pop(message.queue_id, None)
             self.spool.remove(message).addErrback(
                 lambda f: log.failure("removing {queue_id}", f, queue_id=message.queue_id))
             return

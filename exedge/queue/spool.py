@@ -69,6 +69,7 @@ class StoredMessage:
     path: str
     data_length: int
     done: frozenset = frozenset()   # recipient indexes with a final outcome
+    delay_notified: frozenset = frozenset()   # recipients whose sender had a delay notice
 
     def pending(self) -> list[int]:
         return [i for i in range(len(self.envelope.recipients)) if i not in self.done]
@@ -301,17 +302,20 @@ class Spool:
                 raise ValueError("envelope length out of range")
             f.seek(data_length)
             envelope = Envelope.from_json(f.read(meta_len))
-        return StoredMessage(queue_id, envelope, path, data_length, self._load_done(queue_id))
+        done, delayed = self._load_state(queue_id)
+        return StoredMessage(queue_id, envelope, path, data_length, done, delayed)
 
-    def _load_done(self, queue_id: str) -> frozenset:
+    def _load_state(self, queue_id: str) -> tuple[frozenset, frozenset]:
+        """(recipients with a final outcome, recipients already notified of a delay)."""
         done: set[int] = set()
+        delayed: set[int] = set()
         try:
             with open(os.path.join(self.state_dir, queue_id), "rb") as f:
                 for line in f:
                     try:
                         record = json.loads(line)
-                        rcpts = record["rcpts"]
-                        done.update(int(i) for i in rcpts)
+                        rcpts = [int(i) for i in record["rcpts"]]
+                        (delayed if record.get("status") == "delay-notified" else done).update(rcpts)
                     except (ValueError, TypeError, KeyError):
                         # a torn last line: that outcome was never acted on;
                         # anything else unreadable counts as not done, so the
@@ -319,4 +323,4 @@ class Spool:
                         continue
         except FileNotFoundError:
             pass
-        return frozenset(done)
+        return frozenset(done), frozenset(delayed)
