@@ -410,3 +410,20 @@ def test_bouncer_queues_a_delay_notice_from_the_null_sender(spool):
     data = notice.read_data()
     assert b"Action: delayed" in data and b"Final-Recipient: rfc822; b@x.test" in data
     assert b"c@x.test" not in data          # NOTIFY=FAILURE: no delay notice for c@
+
+
+def test_message_too_large_for_every_connector_is_returned_at_once(spool):
+    agent = ScriptedAgent("small", {})
+    text = ('[[send_connectors]]\nname = "small"\naddress_spaces = ["x.test"]\ndrop_directory = "d/s"\n'
+            'max_message_size = "64KB"\n')
+    cfg = loads(text)
+    manager = QueueManager(spool, Router(cfg.accepted_domains, cfg.send_connectors), {"small": agent},
+                           clock=task.Clock())
+    manager.startService()
+    manager.bouncer = bouncer = RecordingBouncer()
+    env = Envelope(sender="a@s.test", recipients=(Recipient("b@x.test"), Recipient("c@y.test")), size=100_000)
+    manager.submit(committed(spool, env))
+    [(_, [(index, status, detail)])] = bouncer.bounced
+    assert (index, status) == (0, "5.3.4") and "too large" in detail
+    assert agent.calls == []
+    assert manager.queues[UNREACHABLE].message_count == 1    # c@y.test: no connector at all

@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from exedge.config import QueueConfig
 from exedge.interfaces import IQueueSink
-from exedge.routing import UNREACHABLE, NextHop
+from exedge.routing import TOO_LARGE, UNREACHABLE, NextHop
 
 log = Logger()
 
@@ -101,6 +101,13 @@ class QueueManager(Service):
         self._delay_notified.setdefault(message.queue_id, set(message.delay_notified))
         recipients = [(i, message.envelope.recipients[i].address) for i in pending]
         for hop, indexes in self.router.group_by_hop(recipients, message.envelope.size).items():
+            if hop == TOO_LARGE:
+                outcomes = [Outcome(i, "failed", "5.3.4 Message too large for every send connector "
+                                    f"that serves this domain ({message.envelope.size} bytes)", "5.3.4")
+                            for i in indexes]
+                self._record(message, outcomes).addErrback(
+                    lambda f: log.failure("refusing {queue_id}", f, queue_id=message.queue_id))
+                continue
             queue = self.queue_for(hop)
             queue.items.append((message, indexes))
             self._kick(queue)

@@ -4,6 +4,6 @@ each recipient. Exchange's rules, written here because Twisted has no
 notion of connectors or address-space cost.
 """
 
-from .router import NextHop, Router, UNREACHABLE
+from .router import TOO_LARGE, UNREACHABLE, NextHop, Router
 
-__all__ = ["NextHop", "Router", "UNREACHABLE"]
+__all__ = ["NextHop", "Router", "TOO_LARGE", "UNREACHABLE"]

@@ -32,6 +32,8 @@ class NextHop:
 
 
 UNREACHABLE = NextHop("Unreachable", "")
+# connectors serve the domain, but none may carry a message this large
+TOO_LARGE = NextHop("(message too large)", "")
 
 
 @attrs.frozen
@@ -77,7 +79,7 @@ class Router:
     def next_hop(self, domain: str, size: int = 0) -> NextHop:
         found = self.candidates(domain, size)
         if not found:
-            return UNREACHABLE
+            return TOO_LARGE if size and self.candidates(domain, 0) else UNREACHABLE
         conn = found[0]
         # DNS routing: one queue per destination domain; otherwise one per connector
         dns_routed = not conn.drop_directory and not conn.smart_hosts
