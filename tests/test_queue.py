@@ -237,9 +237,10 @@ def test_directory_fsync_failure_unpublishes_the_batch(spool, monkeypatch):
 def test_odd_state_lines_count_as_not_done_and_keep_the_message(spool):
     stored = committed(spool, envelope("b@example.com", "c@example.com"))
     with open(os.path.join(spool.state_dir, stored.queue_id), "wb") as f:
-        f.write(b'{"status": "delivered"}\n[1, 2]\n{"rcpts": "x"}\n{"rcpts": [1]}\n')
+        f.write(b'{"status": "delivered"}\n[1, 2]\n{"rcpts": "x"}\n{"rcpts": [0]}\n'
+                b'{"rcpts": [1], "status": "delivered"}\n')
     [again] = spool.recover()
-    assert again.done == frozenset({1})
+    assert again.done == frozenset({1})   # only a line that says "delivered" (or "failed") counts
     assert os.listdir(spool.corrupt_dir) == []
 
 
@@ -427,3 +428,25 @@ def test_message_too_large_for_every_connector_is_returned_at_once(spool):
     assert (index, status) == (0, "5.3.4") and "too large" in detail
     assert agent.calls == []
     assert manager.queues[UNREACHABLE].message_count == 1    # c@y.test: no connector at all
+
+
+def test_restart_in_the_middle_of_a_retry_keeps_the_schedule_and_delivers_once(tmp_path, spool):
+    manager, agent, clock = manager_for(tmp_path, spool, failures=5)
+    clock.advance(1000)
+    manager.submit(committed(spool, envelope("b@example.com")))
+    for _ in range(4):                                   # four glitch retries fail too
+        clock.advance(60)
+    assert agent.attempts == 5
+    queue = manager.queues[NextHop("Local drop", "")]
+    assert queue.next_retry == 1240 + 1800
+    # the process dies here; a new one starts at t=2000, 1040 s before the retry is due
+    [again] = spool.recover()
+    assert again.retry_at == 3040 and again.done == frozenset()
+    restarted, agent2, clock2 = manager_for(tmp_path, spool)
+    clock2.advance(2000)
+    restarted.submit(again)
+    clock2.advance(1039)
+    assert agent2.attempts == 0
+    clock2.advance(1)
+    assert agent2.attempts == 1
+    assert drop_files(tmp_path) == [again.queue_id + ".eml"] and os.listdir(spool.queue_dir) == []

@@ -99,6 +99,14 @@ class QueueManager(Service):
             return
         self._live.setdefault(message.queue_id, set(message.done))
         self._delay_notified.setdefault(message.queue_id, set(message.delay_notified))
+        wait = message.retry_at - self.clock.seconds()
+        if wait > 0:
+            # recovered in the middle of a retry interval: keep the schedule
+            self.clock.callLater(wait, self._route, message, pending)
+            return
+        self._route(message, pending)
+
+    def _route(self, message, pending) -> None:
         recipients = [(i, message.envelope.recipients[i].address) for i in pending]
         for hop, indexes in self.router.group_by_hop(recipients, message.envelope.size).items():
             if hop == TOO_LARGE:
@@ -257,6 +265,7 @@ class QueueManager(Service):
                      hop=str(queue.hop), queue_id=message.queue_id, error=queue.last_error)
             if queue.status is QueueStatus.Active:
                 self._schedule_retry(queue)
+            self._note_retry(message, indexes, queue.next_retry)
         else:
             queue.failures = 0
             if queue.status is QueueStatus.Active:
@@ -275,6 +284,13 @@ class QueueManager(Service):
             self._kick(queue)
 
         self.clock.callLater(self.policy.message_retry_interval, again)
+        self._note_retry(item[0], item[1], self.clock.seconds() + self.policy.message_retry_interval)
+
+    def _note_retry(self, message, indexes, at) -> None:
+        if at is None or not indexes:
+            return
+        self.spool.record(message, indexes, "retry", at=at, durable=False).addErrback(
+            lambda f: log.failure("noting the retry time of {queue_id}", f, queue_id=message.queue_id))
 
     def _schedule_retry(self, queue: DeliveryQueue) -> None:
         """Exchange's schedule: a few quick glitch retries, then the long interval."""

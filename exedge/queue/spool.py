@@ -70,6 +70,7 @@ class StoredMessage:
     data_length: int
     done: frozenset = frozenset()   # recipient indexes with a final outcome
     delay_notified: frozenset = frozenset()   # recipients whose sender had a delay notice
+    retry_at: float = 0.0           # not to be tried before this time (a restart keeps the schedule)
 
     def pending(self) -> list[int]:
         return [i for i in range(len(self.envelope.recipients)) if i not in self.done]
@@ -233,15 +234,23 @@ class Spool:
 
     # -- after commit ------------------------------------------------------
 
-    def record(self, message: StoredMessage, indexes: Iterable[int], status: str, detail: str = "") -> defer.Deferred:
-        """Durably note a final outcome for these recipients."""
-        line = json.dumps({"rcpts": sorted(indexes), "status": status, "detail": detail, "at": time.time()})
+    def record(self, message: StoredMessage, indexes: Iterable[int], status: str, detail: str = "",
+               *, at: float | None = None, durable: bool = True) -> defer.Deferred:
+        """
+        Note something about these recipients: a final outcome (delivered,
+        failed), "delay-notified", or "retry" with the time of the next try.
+        Hints (durable=False) are not fsync'ed: losing one costs an early
+        retry after a crash, nothing more.
+        """
+        line = json.dumps({"rcpts": sorted(indexes), "status": status, "detail": detail,
+                           "at": time.time() if at is None else at})
 
         def append():
             with open(os.path.join(self.state_dir, message.queue_id), "ab") as f:
                 f.write(line.encode("utf-8") + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
 
         return self.run_delivery(append)
 
@@ -302,20 +311,27 @@ class Spool:
                 raise ValueError("envelope length out of range")
             f.seek(data_length)
             envelope = Envelope.from_json(f.read(meta_len))
-        done, delayed = self._load_state(queue_id)
-        return StoredMessage(queue_id, envelope, path, data_length, done, delayed)
+        done, delayed, retry_at = self._load_state(queue_id)
+        return StoredMessage(queue_id, envelope, path, data_length, done, delayed, retry_at)
 
-    def _load_state(self, queue_id: str) -> tuple[frozenset, frozenset]:
-        """(recipients with a final outcome, recipients already notified of a delay)."""
+    def _load_state(self, queue_id: str) -> tuple[frozenset, frozenset, float]:
+        """(recipients with a final outcome, recipients told of a delay, the next retry time)."""
         done: set[int] = set()
         delayed: set[int] = set()
+        retry_at = 0.0
         try:
             with open(os.path.join(self.state_dir, queue_id), "rb") as f:
                 for line in f:
                     try:
                         record = json.loads(line)
                         rcpts = [int(i) for i in record["rcpts"]]
-                        (delayed if record.get("status") == "delay-notified" else done).update(rcpts)
+                        status = record.get("status")
+                        if status in ("delivered", "failed"):
+                            done.update(rcpts)
+                        elif status == "delay-notified":
+                            delayed.update(rcpts)
+                        elif status == "retry":
+                            retry_at = max(retry_at, float(record["at"]))
                     except (ValueError, TypeError, KeyError):
                         # a torn last line: that outcome was never acted on;
                         # anything else unreadable counts as not done, so the
@@ -323,4 +339,4 @@ class Spool:
                         continue
         except FileNotFoundError:
             pass
-        return frozenset(done), frozenset(delayed)
+        return frozenset(done), frozenset(delayed), retry_at
