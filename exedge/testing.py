@@ -220,6 +220,7 @@ def main(argv=None) -> None:
     parser.add_argument("--refuse", action="append", default=[], metavar="ADDRESS=CODE")
     parser.add_argument("--greeting", type=int, default=220)
     parser.add_argument("--no-pipelining", action="store_true")
+    parser.add_argument("--no-dsn", action="store_true", help="do not offer DSN")
     args = parser.parse_args(argv)
     if args.dns:
         import json
@@ -232,7 +233,8 @@ def main(argv=None) -> None:
         return
     os.makedirs(args.out, exist_ok=True)
     refuse = {a: int(c) for a, _, c in (r.partition("=") for r in args.refuse)}
-    sink = RecordingSink(pipelining=not args.no_pipelining, greeting_code=args.greeting, rcpt_replies=refuse)
+    sink = RecordingSink(pipelining=not args.no_pipelining, dsn=not args.no_dsn, greeting_code=args.greeting,
+                         rcpt_replies=refuse)
     counter = itertools.count()
 
     def store(received: Received) -> None:

@@ -315,6 +315,9 @@ class RecordingBouncer:
         self.delays.append((message.queue_id, list(indexes), reason, retry_until))
         return defer.succeed(None)
 
+    def success(self, message, outcomes):
+        return defer.succeed(None)
+
 
 def test_retry_schedule_is_glitch_retries_then_the_long_interval(tmp_path, spool):
     manager, agent, clock = manager_for(tmp_path, spool, failures=6)
@@ -450,3 +453,31 @@ def test_restart_in_the_middle_of_a_retry_keeps_the_schedule_and_delivers_once(t
     clock2.advance(1)
     assert agent2.attempts == 1
     assert drop_files(tmp_path) == [again.queue_id + ".eml"] and os.listdir(spool.queue_dir) == []
+
+
+def test_final_delivery_with_notify_success_sends_a_delivered_notice(tmp_path, spool):
+    from exedge.dsn import Bouncer
+    manager, agent, clock = manager_for(tmp_path, spool)
+    submitted = []
+    manager.bouncer = Bouncer(spool, "edge01.example.com", submitted.append, clock)
+    env = Envelope(sender="a@s.test", recipients=(Recipient("b@example.com", ("SUCCESS",)),
+                                                  Recipient("c@example.com")), size=10)
+    manager.submit(committed(spool, env))
+    [notice] = submitted
+    data = notice.read_data()
+    assert notice.envelope.sender == "" and b"Action: delivered" in data and b"Status: 2.0.0" in data
+    assert b"Final-Recipient: rfc822; b@example.com" in data and b"c@example.com" not in data
+    assert b"Subject: Delivered: " in data or b"Subject: Delivered message" in data
+
+
+def test_a_failing_success_notice_does_not_turn_a_delivery_into_a_retry(tmp_path, spool):
+    manager, agent, clock = manager_for(tmp_path, spool)
+
+    class Broken(RecordingBouncer):
+        def success(self, message, outcomes):
+            return defer.fail(OSError(28, "No space left on device"))
+
+    manager.bouncer = Broken()
+    env = Envelope(sender="a@s.test", recipients=(Recipient("b@example.com", ("SUCCESS",)),), size=10)
+    manager.submit(committed(spool, env))
+    assert agent.attempts == 1 and os.listdir(spool.queue_dir) == []

@@ -205,3 +205,20 @@ enabled = false
     finally:
         os.kill(dns.pid, signal.SIGTERM)
         dns.wait(timeout=15)
+
+
+@pytest.mark.parametrize("sink_offers_dsn", [False, True])
+def test_notify_success_gets_a_relayed_notice_only_from_a_hop_without_dsn(start_server, sinks, sink_offers_dsn):
+    sink = sinks("sink", *([] if sink_offers_dsn else ["--no-dsn"]))
+    server = start_server(config([sink.port]))
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.sendmail("alice@example.com", ["bob@partner.test"], b"Subject: dsn\r\n\r\nhi\r\n",
+                   rcpt_options=["NOTIFY=SUCCESS,FAILURE"])
+    server.wait_for(sink.files, what="the relay")
+    server.wait_for(lambda: not os.listdir(server.path("var", "spool", "queue")), what="an empty spool")
+    notices = server.drop_files()
+    if sink_offers_dsn:
+        assert notices == []          # the next hop took the DSN duty over with the parameters
+    else:
+        data = open(notices[0], "rb").read()
+        assert b"X-Sender: <>" in data and b"Action: relayed" in data and b"Subject: Relayed: dsn" in data

@@ -40,6 +40,17 @@ class Bouncer:
                                    o.enhanced or "5.0.0", o.detail, o.remote) for o in failed]
         return self._report(message, reports, None)
 
+    def success(self, message, outcomes) -> defer.Deferred:
+        """RFC 3461 NOTIFY=SUCCESS: say the message was delivered, or relayed to a hop without DSN."""
+        env = message.envelope
+        done = [o for o in outcomes if o.status == "delivered" and o.action
+                and "SUCCESS" in env.recipients[o.index].notify]
+        if not done or env.sender == "":
+            return defer.succeed(None)
+        reports = [FailedRecipient(env.recipients[o.index].address, env.recipients[o.index].orcpt,
+                                   o.enhanced or "2.0.0", o.detail, o.remote, action=o.action) for o in done]
+        return self._report(message, reports, None)
+
     def delay(self, message, indexes, reason: str, retry_until: float) -> defer.Deferred:
         """Tell the sender these recipients are late (RFC 3464 Action: delayed)."""
         env = message.envelope

@@ -1,5 +1,6 @@
 """
-Non-delivery reports as RFC 3464 delivery status notifications.
+Delivery status notifications (RFC 3464): non-delivery reports, delay
+notices and success notices.
 
 A report is C{multipart/report; report-type=delivery-status} (RFC 6522):
 a part for people (what failed and what the remote server said, as
@@ -57,15 +58,25 @@ def build_ndr(*, reporting_mta: str, original_sender: str, envid: str | None, re
     or with C{retry_until} a delay notice (Action: delayed, headers only).
     """
     delayed = retry_until is not None
+    success = bool(failed) and all(f.action in ("delivered", "relayed") for f in failed)
     boundary = "=_exedge_" + secrets.token_hex(12)
     headers = _header_block(original)
     subject = _subject(headers)
     date = email.utils.formatdate(now, localtime=False)
     if delayed:
         ret = "HDRS"
+        kind = "Delayed"
         intro = ["Delivery to these recipients has been delayed. exedge will keep trying until",
                  f"{email.utils.formatdate(retry_until, localtime=False)}; you need not send the message again:"]
+    elif success:
+        ret = "HDRS"
+        relayed = any(f.action == "relayed" for f in failed)
+        kind = "Relayed" if relayed else "Delivered"
+        intro = (["Your message was relayed to these recipients' mail system, which does not send",
+                  "delivery notifications; this is the last report you will get:"] if relayed
+                 else ["Your message has been delivered to these recipients:"])
     else:
+        kind = "Undeliverable"
         intro = ["Delivery has failed to these recipients:"]
     human = [
         *intro,
@@ -107,8 +118,7 @@ def build_ndr(*, reporting_mta: str, original_sender: str, envid: str | None, re
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{original_sender}>",
-        (f"Subject: {'Delayed' if delayed else 'Undeliverable'}: {subject}" if subject
-         else f"Subject: {'Delayed' if delayed else 'Undeliverable'} message"),
+        f"Subject: {kind}: {subject}" if subject else f"Subject: {kind} message",
         f"Date: {date}",
         f"Message-ID: <{secrets.token_hex(16)}@{reporting_mta}>",
         "Auto-Submitted: auto-replied",

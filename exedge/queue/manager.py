@@ -46,6 +46,10 @@ class Outcome:
     detail: str = ""        # the reply or our reason, "550 5.1.1 User unknown"
     enhanced: str = ""      # its enhanced status code, for the NDR
     remote: str = ""        # the host that answered, if any
+    # for delivered recipients, what a NOTIFY=SUCCESS sender is told:
+    # "delivered" (final delivery), "relayed" (to a hop without DSN), or ""
+    # (the next hop offered DSN and took the parameters over)
+    action: str = ""
 
 
 @attrs.define
@@ -322,6 +326,12 @@ class QueueManager(Service):
         if self.bouncer is not None and any(o.status == "failed" for o in final):
             # the NDR is safe in the spool before the failure is noted
             yield self.bouncer.bounce(message, final)
+        if self.bouncer is not None and any(o.status == "delivered" and o.action for o in final):
+            try:
+                yield self.bouncer.success(message, final)
+            except Exception:
+                # a lost success notice must never turn a delivery into a retry
+                log.failure("success notice for {queue_id}", queue_id=message.queue_id)
         # other hops may still hold recipients of this message
         done = self._live[message.queue_id]
         done.update(o.index for o in final)

@@ -59,7 +59,8 @@ class DropDirectoryAgent:
                     f.close()
                     raise
                 name = message.queue_id + ".eml"
-                outcomes = [Outcome(i, "delivered", f"dropped as {name}") for i in recipients]
+                outcomes = [Outcome(i, "delivered", f"250 2.0.0 dropped as {name}", "2.0.0", action="delivered")
+                            for i in recipients]
                 written.append((n, f, temp, os.path.join(self.directory, name), outcomes))
             except OSError as e:
                 results[n] = e

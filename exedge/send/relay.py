@@ -135,8 +135,9 @@ class RelayAgent:
                     continue
                 status = {Status.delivered: "delivered", Status.failed: "failed",
                           Status.deferred: "deferred"}[r.status]
+                action = "" if status != "delivered" or "DSN" in result.extensions else "relayed"
                 outcomes.append(Outcome(slots.pop(0), status, f"{r.code} {r.enhanced} {r.text}".strip(),
-                                        r.enhanced, remote))
+                                        r.enhanced, remote, action))
             d.callback(outcomes)
         # messages past the per-connection limit wait for the next session
         untried = [batch[m.key] for m in result.untried]
