@@ -481,3 +481,15 @@ def test_a_failing_success_notice_does_not_turn_a_delivery_into_a_retry(tmp_path
     env = Envelope(sender="a@s.test", recipients=(Recipient("b@example.com", ("SUCCESS",)),), size=10)
     manager.submit(committed(spool, env))
     assert agent.attempts == 1 and os.listdir(spool.queue_dir) == []
+
+
+def test_deferred_recipients_waiting_their_retry_also_get_a_delay_notice(spool):
+    # the next hop answers 4xx for b@ on every attempt: b@ spends its time
+    # waiting out message_retry_interval, outside the queue's items
+    agent = ScriptedAgent("out", {"b@x.test": ["deferred"] * 100})
+    manager, clock = scripted_manager(spool, {"out": agent}, [("out", "x.test")])
+    manager.bouncer = bouncer = RecordingBouncer()
+    manager.submit(committed(spool, envelope("b@x.test")))
+    for _ in range(20):
+        clock.advance(900)
+    assert [d[1] for d in bouncer.delays] == [[0]]       # exactly one notice, for b@

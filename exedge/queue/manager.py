@@ -62,6 +62,7 @@ class DeliveryQueue:
     hold_reason: str = ""
     in_flight: int = 0
     failures: int = 0          # transient failures in a row, for the retry schedule
+    waiting: list = attrs.field(factory=list)   # deferred recipients waiting out message_retry_interval
     _retry_call: object = None
 
     @property
@@ -204,7 +205,7 @@ class QueueManager(Service):
         if self.bouncer is None:
             return
         now = self.clock.seconds()
-        for message, indexes in list(queue.items):
+        for message, indexes in list(queue.items) + list(queue.waiting):
             age = now - message.envelope.received_at
             if age < self.policy.delay_notification_timeout or self._expired(message):
                 continue
@@ -284,9 +285,12 @@ class QueueManager(Service):
     def _later(self, queue: DeliveryQueue, item) -> None:
         """Recipients the next hop deferred try again after the retry interval."""
         def again():
+            if item in queue.waiting:
+                queue.waiting.remove(item)
             queue.items.append(item)
             self._kick(queue)
 
+        queue.waiting.append(item)   # visible to the sweep (delay notices) meanwhile
         self.clock.callLater(self.policy.message_retry_interval, again)
         self._note_retry(item[0], item[1], self.clock.seconds() + self.policy.message_retry_interval)
 
