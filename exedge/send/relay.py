@@ -36,7 +36,7 @@ class NoTargetReachable(Exception):
 @implementer(IDeliveryAgent)
 class RelayAgent:
     concurrency = 256          # items in flight per queue; sessions take them in groups
-    max_connections = 4        # concurrent sessions per connector
+    max_connections = 20       # concurrent sessions per destination (Exchange: MaxPerDomainOutboundConnections)
 
     def __init__(self, connector, *, helo: str, run, reactor, mx=None, connect_timeout: float = 30.0):
         """C{mx}: an L{exedge.send.mx.MXResolver} for DNS routing; None for smart hosts."""

@@ -1,0 +1,264 @@
+"""
+End-to-end relay rate: smtp-source -> server -> smart host (smtp-sink).
+
+For each message size (1 KiB, 100 KiB) and connection count (10, 50), the
+same load goes through exedge and, in the same run, through a private
+Postfix instance (the reference) configured the same way: accept from
+loopback, fsync before 250 (both do), relay everything to one smart host.
+The smart host is Postfix's smtp-sink dumping each message to a file; the
+rate is messages over the time from the first connection of the load until
+the sink holds all of them.
+
+Needs the Debian package postfix (smtp-source, smtp-sink, postfix) and root
+to start a Postfix instance; says so and exits 2 otherwise. Binds 127.0.0.1
+only; every process is stopped by PID at the end.
+
+    .venv/bin/python bench/relay_rate.py [--messages N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+import harness  # noqa: E402
+
+HOST = "127.0.0.1"
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((HOST, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+class Sink:
+    """smtp-sink dumping each message to its own file (no fsync: it is the far end)."""
+
+    def __init__(self, workdir: str):
+        self.port = harness.free_port()
+        self.dir = os.path.join(workdir, "sink")
+        os.makedirs(self.dir)
+        shutil.chown(self.dir, "postfix", "postfix")   # smtp-sink drops root privileges to -u
+        self.proc = subprocess.Popen(
+            ["smtp-sink", "-u", "postfix", "-d", os.path.join(self.dir, "m"), f"{HOST}:{self.port}", "1024"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir)
+        wait_port(self.port)
+
+    def count(self) -> int:
+        return sum(len(files) for _, _, files in os.walk(self.dir))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+
+
+class Exedge:
+    name = "exedge"
+
+    def __init__(self, workdir: str, sink_port: int):
+        self.port = harness.free_port()
+        config = f"""
+[server]
+fqdn = "edge01.example.com"
+spool_directory = "var/spool"
+
+[[accepted_domains]]
+domain_name = "relay.test"
+domain_type = "InternalRelay"
+
+[[receive_connectors]]
+name = "From Internet"
+usage = "Internet"
+bindings = ["{HOST}:{self.port}"]
+tarpit_interval = 0
+max_inbound_connection_per_source = 1000
+connection_timeout = "1h"
+connection_inactivity_timeout = "10m"
+
+[[send_connectors]]
+name = "To smart host"
+address_spaces = ["relay.test"]
+dns_routing_enabled = false
+smart_hosts = ["{HOST}:{sink_port}"]
+"""
+        self.server = harness.Server(workdir, config, self.port)
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class Postfix:
+    """A private Postfix instance under the run's directory (its own queue, port and log)."""
+
+    name = "postfix"
+
+    def __init__(self, workdir: str, sink_port: int):
+        self.port = harness.free_port()
+        self.conf = os.path.join(workdir, "postfix-etc")
+        self.queue = os.path.join(workdir, "postfix-queue")
+        self.data = os.path.join(workdir, "postfix-data")
+        os.makedirs(self.conf)
+        shutil.copy("/etc/postfix/master.cf", os.path.join(self.conf, "master.cf"))
+        with open(os.path.join(self.conf, "master.cf")) as f:
+            master = f.read()
+        # our port on loopback instead of smtp on all addresses, and a file log (no syslog here)
+        master = master.replace("smtp      inet  n       -       y       -       -       smtpd",
+                                f"{HOST}:{self.port} inet n - n - - smtpd", 1)
+        master += "\npostlog   unix-dgram n  -       n       -       1       postlogd\n"
+        with open(os.path.join(self.conf, "master.cf"), "w") as f:
+            f.write(master)
+        main = {
+            "compatibility_level": "3.6",
+            "meta_directory": "/etc/postfix",      # Debian keeps postfix-files there
+            "queue_directory": self.queue,
+            "data_directory": self.data,
+            "myhostname": "bench.reference.test",
+            "mydestination": "",
+            "inet_interfaces": HOST,
+            "inet_protocols": "ipv4",
+            "mynetworks": "127.0.0.0/8",
+            "relay_domains": "relay.test",
+            "relayhost": f"[{HOST}]:{sink_port}",
+            "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+            "maillog_file": os.path.join(workdir, "postfix.log"),
+            "maillog_file_prefixes": workdir,
+            "smtp_tls_security_level": "none",
+            "smtpd_tls_security_level": "none",
+            "biff": "no",
+            "smtpd_client_connection_count_limit": "1000",
+            "smtpd_client_connection_rate_limit": "0",
+            "default_process_limit": "100",
+            "alias_maps": "",
+            "alias_database": "",
+        }
+        with open(os.path.join(self.conf, "main.cf"), "w") as f:
+            f.writelines(f"{k} = {v}\n" for k, v in main.items())
+
+    def _postfix(self, *args) -> None:
+        r = subprocess.run(["postfix", "-c", self.conf, *args], capture_output=True, text=True, timeout=60)
+        if r.returncode:
+            raise RuntimeError(f"postfix {' '.join(args)}: {r.stderr.strip()[-600:]}")
+
+    def start(self) -> None:
+        # Postfix starts an instance from another directory only if the
+        # default configuration names it (a "No configuration" install has
+        # no default main.cf: write a minimal one)
+        if not os.path.exists("/etc/postfix/main.cf"):
+            with open("/etc/postfix/main.cf", "w") as f:
+                f.write("compatibility_level = 3.6\n")
+        listed = subprocess.run(["postconf", "-h", "alternate_config_directories"],
+                                capture_output=True, text=True).stdout.strip()
+        if self.conf not in listed.split():
+            subprocess.run(["postconf", "-e", f"alternate_config_directories = {listed} {self.conf}".strip()],
+                           check=True)
+        os.makedirs(self.queue, exist_ok=True)
+        os.makedirs(self.data, exist_ok=True)
+        shutil.chown(self.data, "postfix", "postfix")
+        self._postfix("check")
+        self._postfix("start")
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        try:
+            self._postfix("stop")
+        except (RuntimeError, subprocess.TimeoutExpired):
+            pass
+        pid_file = os.path.join(self.queue, "pid", "master.pid")
+        if os.path.exists(pid_file):
+            pid = int(open(pid_file).read().strip() or 0)
+            for _ in range(100):
+                try:
+                    os.kill(pid, 0)
+                except OSError:
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
+
+
+def run_one(kind, size: int, conns: int, count: int, cap: float) -> dict:
+    workdir = tempfile.mkdtemp(prefix=f"relay-{kind.name}-")
+    os.chmod(workdir, 0o755)   # Postfix's daemons run as the postfix user
+    sink = Sink(workdir)
+    server = kind(workdir, sink.port)
+    try:
+        server.start()
+        t0 = time.monotonic()
+        src = subprocess.run(["smtp-source", "-s", str(conns), "-m", str(count), "-l", str(size),
+                              "-f", "bench@source.test", "-t", "rcpt@relay.test", f"{HOST}:{server.port}"],
+                             capture_output=True, text=True, timeout=cap)
+        accepted = time.monotonic() - t0
+        deadline = time.monotonic() + cap
+        while sink.count() < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        relayed = time.monotonic() - t0
+        got = sink.count()
+        return {"server": kind.name, "size": size, "conns": conns, "messages": count, "at_sink": got,
+                "accept_seconds": accepted, "relay_seconds": relayed,
+                "relay_rate": got / relayed if relayed else 0.0, "smtp_source_rc": src.returncode,
+                "complete": got >= count and src.returncode == 0}
+    finally:
+        server.stop()
+        sink.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=None, help="1 KiB messages per run (default 2000)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args(argv)
+    missing = [b for b in ("smtp-source", "smtp-sink", "postfix") if not shutil.which(b)]
+    if missing or os.geteuid() != 0:
+        print(f"relay_rate: needs root and the Debian package postfix (missing: {', '.join(missing) or 'root'})")
+        return 2
+    n_small = args.messages or (300 if args.quick else 2000)
+    rounds = args.rounds or (1 if args.quick else 3)
+    rows, results = [], []
+    for size, n in ((1024, n_small), (100 * 1024, max(n_small // 4, 1))):
+        for conns in (10, 50):
+            rates = {"exedge": [], "postfix": []}
+            for r in range(rounds):
+                order = (Exedge, Postfix) if r % 2 == 0 else (Postfix, Exedge)
+                for kind in order:
+                    res = run_one(kind, size, conns, n, cap=120)
+                    results.append(res)
+                    flag = "" if res["complete"] else "  INCOMPLETE"
+                    print(f"  {size // 1024:>4} KiB x{conns:<3} {kind.name:8} {res['at_sink']:>5}/{n} at the sink "
+                          f"in {res['relay_seconds']:6.2f} s = {res['relay_rate']:8.1f}/s{flag}", flush=True)
+                    rates[kind.name].append(res["relay_rate"])
+            ex, pf = sorted(rates["exedge"])[len(rates["exedge"]) // 2], sorted(rates["postfix"])[len(rates["postfix"]) // 2]
+            rows.append((size, conns, pf, ex, ex / pf if pf else 0.0))
+    print(f"\n{'size':>8} {'conns':>5} {'postfix/s':>10} {'exedge/s':>10} {'exedge/postfix':>15}")
+    for size, conns, pf, ex, ratio in rows:
+        print(f"{size // 1024:>5}KiB {conns:>5} {pf:>10.1f} {ex:>10.1f} {ratio:>14.2f}x")
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "relay-latest.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return 0 if all(r["complete"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
