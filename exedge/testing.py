@@ -88,6 +88,7 @@ class _SinkProtocol(smtp.ESMTP):
             ext[b"SIZE"] = [str(self.sink.size).encode()]
         if self.sink.dsn:
             ext[b"DSN"] = None
+        ext[b"8BITMIME"] = None   # stock twisted.mail passes 8-bit bodies through untouched
         return ext
 
 

@@ -167,3 +167,11 @@ def test_connector_inactivity_timeout_caps_the_rfc_waits():
     assert not client.result.called
     clock.advance(2)
     assert "timeout" in client.result.result.error
+
+
+@pytest_twisted.inlineCallbacks
+def test_body_8bitmime_declared_only_for_8bit_bodies():
+    sink, result = yield run({}, [message("b@x.test", data=b"Subject: t\r\n\r\nplain\r\n"),
+                                  message("c@x.test", data="Subject: t\r\n\r\nJörg\r\n".encode("utf-8"))])
+    mails = [c for c in sink.commands if c.startswith("MAIL FROM")]
+    assert "BODY=8BITMIME" not in mails[0] and "BODY=8BITMIME" in mails[1]

@@ -317,7 +317,7 @@ class SMTPClient(basic.LineReceiver):
         params = []
         if "SIZE" in ext:
             params.append(f"SIZE={len(message.data)}")
-        if "8BITMIME" in ext and any(b > 127 for b in message.data):
+        if "8BITMIME" in ext and not message.data.isascii():   # C speed, not a loop per byte
             params.append("BODY=8BITMIME")
         dsn = "DSN" in ext
         if dsn and message.ret:
