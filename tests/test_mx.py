@@ -95,3 +95,18 @@ def test_ourselves_as_a_backup_mx_drops_only_the_less_preferred_hosts():
     finally:
         yield server.stop()
     assert targets == [("primary.backup.test", "192.0.2.10")]
+
+
+@pytest_twisted.inlineCallbacks
+def test_sharing_the_best_preference_with_ourselves_is_always_a_loop():
+    server = DNSZoneServer({"tie.test": {
+        "tie.test": [("MX", 10, "edge.tie.test"), ("MX", 10, "other.tie.test")],
+        "edge.tie.test": [("A", "198.51.100.7")], "other.tie.test": [("A", "192.0.2.5")],
+    }}).start(reactor)
+    try:
+        for seed in range(10):
+            with pytest.raises(RoutingFailure) as e:
+                yield mx(server, rng=random.Random(seed)).targets("tie.test")
+            assert e.value.status == "5.4.6"
+    finally:
+        yield server.stop()

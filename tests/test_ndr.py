@@ -60,3 +60,8 @@ def test_delay_notice_says_delayed_and_until_when():
     assert b"Action: delayed" in raw and b"Status: 4.4.1" in raw and b"Will-Retry-Until: " in raw
     assert b"secret body" not in data      # a delay notice never returns the body
     assert wants_delay_notice(()) and wants_delay_notice(("DELAY",)) and not wants_delay_notice(("FAILURE",))
+
+
+def test_long_remote_replies_cannot_make_the_ndr_undeliverable():
+    data = ndr(failed=[FailedRecipient("b@x.test", None, "5.0.0", "550 " + "x" * 5000)])
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998

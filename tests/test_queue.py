@@ -292,7 +292,8 @@ def test_item_of_a_completed_message_is_dropped_not_retried_forever(spool, monke
     stored = committed(spool, envelope("a@a.test", "b@b.test"))
     manager.submit(stored)                  # A delivers, but its outcome cannot be written
     queue_a = manager.queues[NextHop("A", "")]
-    assert queue_a.status is QueueStatus.Retry and queue_a.message_count == 1
+    # the delivery counts anyway (in memory): no retry, no second delivery
+    assert queue_a.status is QueueStatus.Ready and queue_a.message_count == 0
     monkeypatch.setattr(spool, "record", real_record)
     manager.release(NextHop("B", ""))       # B completes the message: removed
     assert os.listdir(spool.queue_dir) == []
@@ -493,3 +494,40 @@ def test_deferred_recipients_waiting_their_retry_also_get_a_delay_notice(spool):
     for _ in range(20):
         clock.advance(900)
     assert [d[1] for d in bouncer.delays] == [[0]]       # exactly one notice, for b@
+
+
+def test_failed_ndr_write_never_redelivers_the_delivered_recipients(spool):
+    agent = ScriptedAgent("out", {"a@x.test": ["delivered"], "b@x.test": ["failed", "failed"]})
+    manager, clock = scripted_manager(spool, {"out": agent}, [("out", "x.test")])
+    bouncer = RecordingBouncer()
+    failures = [OSError(28, "No space left on device")]
+
+    def bounce(message, outcomes):
+        if failures:
+            return defer.fail(failures.pop())
+        return RecordingBouncer.bounce(bouncer, message, outcomes)
+
+    bouncer.bounce = bounce
+    manager.bouncer = bouncer
+    manager.submit(committed(spool, envelope("a@x.test", "b@x.test")))
+    clock.advance(900)                                   # b@ is tried again; its NDR goes out now
+    assert agent.calls == [["a@x.test", "b@x.test"], ["b@x.test"]]
+    assert [[i for i, _, _ in outs] for _, outs in bouncer.bounced] == [[1]]
+    assert os.listdir(spool.queue_dir) == []
+
+
+def test_expiry_with_a_failing_state_write_sends_one_ndr_and_ends(tmp_path, spool, monkeypatch):
+    a = ScriptedAgent("A", {})
+    b = ScriptedAgent("B", {})
+    manager, clock = scripted_manager(spool, {"A": a, "B": b}, [("A", "a.test"), ("B", "b.test")])
+    manager.bouncer = bouncer = RecordingBouncer()
+    manager.hold(NextHop("A", ""), "waiting")
+    manager.hold(NextHop("B", ""), "waiting")
+    monkeypatch.setattr(spool, "record", lambda *args, **kw: defer.fail(OSError(28, "No space left on device")))
+    manager.submit(committed(spool, envelope("x@a.test", "y@b.test")))
+    for _ in range(2 * 24 * 60 + 20):                    # two days and a bit, minute by minute
+        clock.advance(60)
+    assert sorted(i for _, outs in bouncer.bounced for i, _, _ in outs) == [0, 1]   # one NDR each, once
+    assert manager.queues[NextHop("A", "")].message_count == 0
+    assert manager.queues[NextHop("B", "")].message_count == 0
+    assert os.listdir(spool.queue_dir) == []

@@ -175,3 +175,9 @@ def test_body_8bitmime_declared_only_for_8bit_bodies():
                                   message("c@x.test", data="Subject: t\r\n\r\nJörg\r\n".encode("utf-8"))])
     mails = [c for c in sink.commands if c.startswith("MAIL FROM")]
     assert "BODY=8BITMIME" not in mails[0] and "BODY=8BITMIME" in mails[1]
+
+
+@pytest_twisted.inlineCallbacks
+def test_552_to_rcpt_is_too_many_recipients_so_deferred():
+    sink, result = yield run({"rcpt_replies": {"late@x.test": 552}}, [message("ok@x.test", "late@x.test")])
+    assert sorted(statuses(result)[0]) == [("late@x.test", "deferred", 552), ("ok@x.test", "delivered", 250)]

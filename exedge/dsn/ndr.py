@@ -92,7 +92,7 @@ def build_ndr(*, reporting_mta: str, original_sender: str, envid: str | None, re
         human.append(f"{f.address}")
         if f.remote_mta:
             human.append(f"Remote server: {f.remote_mta}")
-        human += [f"{f.diagnostic}", ""]
+        human += [f"{f.diagnostic[:900]}", ""]
     status = [f"Reporting-MTA: dns; {reporting_mta}"]
     if envid:
         status.append(f"Original-Envelope-Id: {envid}")
@@ -108,7 +108,8 @@ def build_ndr(*, reporting_mta: str, original_sender: str, envid: str | None, re
         ]
         if f.remote_mta:
             status.append(f"Remote-MTA: dns; {f.remote_mta}")
-        status += [f"Diagnostic-Code: smtp; {f.diagnostic}", f"Last-Attempt-Date: {date}"]
+        # a remote reply can be long: keep the field line well under 998 octets
+        status += [f"Diagnostic-Code: smtp; {f.diagnostic[:900]}", f"Last-Attempt-Date: {date}"]
         if delayed:
             status.append(f"Will-Retry-Until: {email.utils.formatdate(retry_until, localtime=False)}")
     if ret == "FULL":

@@ -118,8 +118,9 @@ class QueueManager(Service):
                 outcomes = [Outcome(i, "failed", "5.3.4 Message too large for every send connector "
                                     f"that serves this domain ({message.envelope.size} bytes)", "5.3.4")
                             for i in indexes]
-                self._record(message, outcomes).addErrback(
-                    lambda f: log.failure("refusing {queue_id}", f, queue_id=message.queue_id))
+                self._record(message, outcomes).addCallback(
+                    lambda retry, message=message: self.queue_for(UNREACHABLE).items.append((message, retry))
+                    if retry else None)
                 continue
             queue = self.queue_for(hop)
             queue.items.append((message, indexes))
@@ -193,8 +194,15 @@ class QueueManager(Service):
         return self.clock.seconds() - message.envelope.received_at >= self.policy.message_expiration_timeout
 
     def _expire(self, queue: DeliveryQueue, item):
-        """Give up on these recipients: NDR 4.4.7 with the last reason we had."""
+        """
+        Give up on these recipients: NDR 4.4.7 with the last reason we had.
+        Fires with the recipients whose NDR could not be queued (to try again).
+        """
         message, indexes = item
+        done = self._live.get(message.queue_id)
+        indexes = [i for i in indexes if done is not None and i not in done]
+        if not indexes:
+            return defer.succeed([])
         reason = queue.last_error or queue.hold_reason or "not delivered in time"
         hours = self.policy.message_expiration_timeout / 3600
         detail = f"Message expired after {hours:g} hours; last error: {reason}"
@@ -238,15 +246,16 @@ class QueueManager(Service):
             for item in expired:
                 queue.items.remove(item)
                 d = self._expire(queue, item)
-                d.addErrback(lambda f, queue=queue, item=item: (
-                    log.failure("expiring {queue_id}", f, queue_id=item[0].queue_id),
-                    queue.items.append(item)))
+                d.addCallback(lambda retry, queue=queue, message=item[0]:
+                              queue.items.append((message, retry)) if retry else None)
+                d.addErrback(lambda f, item=item: log.failure("expiring {queue_id}", f, queue_id=item[0].queue_id))
 
     def _cancel_retry(self, queue: DeliveryQueue) -> None:
         if queue._retry_call is not None and queue._retry_call.active():
             queue._retry_call.cancel()
         queue._retry_call = None
         queue.next_retry = None
+
 
     @defer.inlineCallbacks
     def _attempt(self, queue: DeliveryQueue, item):
@@ -255,11 +264,15 @@ class QueueManager(Service):
         indexes = [i for i in indexes if done is not None and i not in done]
         try:
             if indexes and self._expired(message):
-                yield self._expire(queue, (message, indexes))
+                retry = yield self._expire(queue, (message, indexes))
+                if retry:
+                    self._later(queue, (message, retry))
             elif indexes:
                 outcomes = yield self.agents[queue.hop.connector].deliver(message, indexes)
                 left = set(indexes) - {o.index for o in outcomes if o.status in ("delivered", "failed")}
-                yield self._record(message, outcomes)
+                # never raises: delivered recipients count whatever happens to the reports
+                retry = yield self._record(message, outcomes)
+                left |= set(retry)
                 if left:
                     self._later(queue, (message, sorted(left)))
         except Exception as e:
@@ -320,25 +333,41 @@ class QueueManager(Service):
 
     @defer.inlineCallbacks
     def _record(self, message, outcomes):
-        final = [o for o in outcomes if o.status in ("delivered", "failed")]
+        """
+        Take final outcomes into account. Delivered recipients count at once,
+        whatever happens next; a failed recipient counts only once its NDR
+        is in the spool. Never raises: fires with the failed recipients whose
+        NDR could not be queued, for the caller to try again.
+        """
+        done = self._live.get(message.queue_id)
+        if done is None:
+            return []     # another hop completed the message meanwhile
+        final = [o for o in outcomes if o.status in ("delivered", "failed") and o.index not in done]
         by_status: dict[tuple, list[int]] = {}
         for o in final:
             by_status.setdefault((o.status, o.detail), []).append(o.index)
         for (status, detail), indexes in by_status.items():
             log.info("{queue_id} -> {rcpts}: {status} {detail}", queue_id=message.queue_id, status=status,
                      rcpts=", ".join(message.envelope.recipients[i].address for i in indexes), detail=detail)
-        if self.bouncer is not None and any(o.status == "failed" for o in final):
-            # the NDR is safe in the spool before the failure is noted
-            yield self.bouncer.bounce(message, final)
-        if self.bouncer is not None and any(o.status == "delivered" and o.action for o in final):
+        delivered = [o for o in final if o.status == "delivered"]
+        failed = [o for o in final if o.status == "failed"]
+        retry: list[int] = []
+        if self.bouncer is not None and failed:
             try:
-                yield self.bouncer.success(message, final)
+                # the NDR is safe in the spool before the failure is noted
+                yield self.bouncer.bounce(message, failed)
+            except Exception:
+                log.failure("NDR for {queue_id}; will try again", queue_id=message.queue_id)
+                retry = [o.index for o in failed]
+                failed = []
+        if self.bouncer is not None and any(o.action for o in delivered):
+            try:
+                yield self.bouncer.success(message, delivered)
             except Exception:
                 # a lost success notice must never turn a delivery into a retry
                 log.failure("success notice for {queue_id}", queue_id=message.queue_id)
-        # other hops may still hold recipients of this message
-        done = self._live[message.queue_id]
-        done.update(o.index for o in final)
+        taken = delivered + failed
+        done.update(o.index for o in taken)
         if len(done) >= len(message.envelope.recipients):
             # complete: no need to note outcomes first, nor to wait for the
             # unlink; a crash before it means a second delivery, never none
@@ -346,6 +375,14 @@ class QueueManager(Service):
             self._delay_notified.pop(message.queue_id, None)
             self.spool.remove(message).addErrback(
                 lambda f: log.failure("removing {queue_id}", f, queue_id=message.queue_id))
-            return
-        for (status, detail), indexes in by_status.items():
-            yield self.spool.record(message, indexes, status, detail)
+            return retry
+        try:
+            noted: dict[tuple, list[int]] = {}
+            for o in taken:
+                noted.setdefault((o.status, o.detail), []).append(o.index)
+            for (status, detail), indexes in noted.items():
+                yield self.spool.record(message, indexes, status, detail)
+        except Exception:
+            # known in memory; only a crash now could repeat these recipients
+            log.failure("recording outcomes of {queue_id}", queue_id=message.queue_id)
+        return retry

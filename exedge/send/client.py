@@ -346,7 +346,8 @@ class SMTPClient(basic.LineReceiver):
                 if reply.code in (250, 251):
                     state["accepted"].append(rcpt)
                 else:
-                    status = Status.failed if reply.code >= 500 else Status.deferred
+                    # RFC 5321 §4.5.3.1.10: 552 to RCPT means too many recipients, i.e. try later
+                    status = Status.failed if reply.code >= 500 and reply.code != 552 else Status.deferred
                     result.recipients.append(RecipientResult(rcpt.address, status, reply.code, enhanced, text))
             return handle
 

@@ -104,23 +104,29 @@ class MXResolver:
         by_preference: dict[int, list[str]] = {}
         for preference, name in mxs:
             by_preference.setdefault(preference, []).append(name)
-        ordered = []
-        for preference in sorted(by_preference):
-            group = by_preference[preference]
-            self.rng.shuffle(group)
-            ordered += group
         targets = []
-        for host in ordered:
+        for preference in sorted(by_preference):
+            # RFC 5321 §5.1: if we are in this group, this group and every
+            # less preferred one are dropped; decided before any shuffle
+            group = []
             try:
-                self._check(host)
-                addresses = await self._addresses(host)
-                for address in addresses:
-                    self._check(host, address)
+                for host in by_preference[preference]:
+                    self._check(host)
+                    try:
+                        addresses = await self._addresses(host)
+                    except TransientDNSFailure:
+                        if targets or group:
+                            continue    # others can take the mail; skip this host
+                        raise
+                    for address in addresses:
+                        self._check(host, address)
+                    group.append((host, addresses))
             except RoutingFailure:
                 if targets:
-                    break    # RFC 5321 §5.1: ourselves and every less preferred host are dropped
+                    break
                 raise
-            targets += [(host, address) for address in addresses]
+            self.rng.shuffle(group)
+            targets += [(host, address) for host, addresses in group for address in addresses]
         if not targets:
             raise TransientDNSFailure(f"no address for any mail exchanger of {domain}")
         return targets
