@@ -27,7 +27,7 @@ class IQueueSink(Interface):
 class IDeliveryAgent(Interface):
     """
     Carries messages for one send connector to their next hop (a drop
-    directory now; SMTP to smart hosts or MX hosts later).
+    directory, or SMTP to smart hosts or MX hosts).
     """
 
     connector = Attribute("the L{exedge.config.SendConnector} served")

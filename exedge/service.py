@@ -21,9 +21,8 @@ from exedge.queue import QueueManager, Spool
 from exedge.receive import ConnectorTable, ServerContext, listener_services
 from exedge.routing import Router
 from exedge.dsn import Bouncer
-from exedge.send import DropDirectoryAgent
+from exedge.send import DropDirectoryAgent, RelayAgent
 from exedge.send.mx import MXResolver
-from exedge.send.relay import RelayAgent
 
 log = Logger()
 

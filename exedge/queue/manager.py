@@ -74,7 +74,8 @@ class DeliveryQueue:
 class QueueManager(Service):
     """
     Routes committed messages into per-hop queues and runs each queue with
-    its connector's delivery agent, one attempt at a time per queue.
+    its connector's delivery agent, with as many attempts in flight per
+    queue as the agent's concurrency allows.
     """
 
     def __init__(self, spool, router, agents: dict, clock, policy: QueueConfig = QueueConfig(),

@@ -142,6 +142,18 @@ def dot_stuff(data: bytes) -> bytes:
     return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
 
 
+def _settle(result: MessageResult, recipients, reply: Reply, temporary=()) -> None:
+    """The reply decides these recipients: 250 delivered, 5xx failed, else deferred."""
+    enhanced, text = reply.status()
+    if reply.code == 250:
+        status = Status.delivered
+    elif reply.code >= 500 and reply.code not in temporary:
+        status = Status.failed
+    else:
+        status = Status.deferred
+    result.recipients += [RecipientResult(r.address, status, reply.code, enhanced, text) for r in recipients]
+
+
 class SMTPClient(basic.LineReceiver):
     """
     Deliver C{messages} over one connection; C{result} fires with a
@@ -332,32 +344,26 @@ class SMTPClient(basic.LineReceiver):
             if dsn and rcpt.orcpt:
                 rparams += " ORCPT=" + rcpt.orcpt
             commands.append(("RCPT", f"RCPT TO:<{rcpt.address}>{rparams}"))
-        state = {"mail": None, "accepted": [], "rcpt_replies": 0}
+        state = {"mail": None, "accepted": []}
 
         def on_mail(reply):
             state["mail"] = reply
 
         def on_rcpt(rcpt):
             def handle(reply):
-                state["rcpt_replies"] += 1
-                enhanced, text = reply.status()
                 if state["mail"] is not None and state["mail"].code != 250:
                     return      # the MAIL failure decides for everyone
                 if reply.code in (250, 251):
                     state["accepted"].append(rcpt)
                 else:
                     # RFC 5321 §4.5.3.1.10: 552 to RCPT means too many recipients, i.e. try later
-                    status = Status.failed if reply.code >= 500 and reply.code != 552 else Status.deferred
-                    result.recipients.append(RecipientResult(rcpt.address, status, reply.code, enhanced, text))
+                    _settle(result, [rcpt], reply, temporary=(552,))
             return handle
 
         def after_envelope(data_reply=None):
             mail = state["mail"]
             if mail.code != 250:
-                enhanced, text = mail.status()
-                status = Status.failed if mail.code >= 500 else Status.deferred
-                for rcpt in message.recipients:
-                    result.recipients.append(RecipientResult(rcpt.address, status, mail.code, enhanced, text))
+                _settle(result, message.recipients, mail)
                 return self._reset_then_next()
             if not state["accepted"]:
                 return self._reset_then_next()
@@ -368,22 +374,13 @@ class SMTPClient(basic.LineReceiver):
 
         def on_data(reply):
             if reply.code != 354:
-                enhanced, text = reply.status()
-                status = Status.failed if reply.code >= 500 else Status.deferred
-                for rcpt in state["accepted"]:
-                    result.recipients.append(RecipientResult(rcpt.address, status, reply.code, enhanced, text))
+                _settle(result, state["accepted"], reply)
                 return self._reset_then_next()
             self.transport.write(dot_stuff(message.data))
             self._expect("end of data", on_end, self.timeouts.data_end)
 
         def on_end(reply):
-            enhanced, text = reply.status()
-            if reply.code == 250:
-                status = Status.delivered
-            else:
-                status = Status.failed if reply.code >= 500 else Status.deferred
-            for rcpt in state["accepted"]:
-                result.recipients.append(RecipientResult(rcpt.address, status, reply.code, enhanced, text))
+            _settle(result, state["accepted"], reply)
             self._current = []
             if reply.code == 250:
                 return self._next_message()
