@@ -68,7 +68,7 @@ def mx_resolver(config: Config, reactor) -> MXResolver:
     if config.server.dns_servers:
         resolver = client.Resolver(servers=list(config.server.dns_servers), reactor=reactor)
     else:
-        resolver = client.createResolver(reactor=reactor)
+        resolver = client.createResolver()   # resolv.conf and /etc/hosts, on the global reactor
     names = {config.server.fqdn} | {c.fqdn for c in config.receive_connectors if c.fqdn} \
         | {c.fqdn for c in config.send_connectors if c.fqdn}
     bound = {b.host for c in config.receive_connectors for b in c.bindings if not b.is_wildcard}
@@ -100,10 +100,11 @@ def build_service(config: Config, reactor=None) -> MultiService:
         if c.drop_directory:
             agents[c.name] = DropDirectoryAgent(c, spool.run_delivery, defer_to=spool.receiving, clock=reactor)
             continue
-        if not c.smart_hosts and mx is None:
+        if mx is None:
             mx = mx_resolver(config, reactor)
+        # smart hosts given by name are looked up like MX hosts, through [server].dns_servers
         agents[c.name] = RelayAgent(c, helo=c.fqdn or config.server.fqdn, run=spool.run_delivery,
-                                    reactor=reactor, mx=None if c.smart_hosts else mx)
+                                    reactor=reactor, mx=None if c.smart_hosts else mx, resolver=mx)
     manager = QueueManager(spool, router, agents, clock=reactor, policy=config.queue)
     manager.bouncer = Bouncer(spool, config.server.fqdn, manager.submit, reactor)
     queue_holder.append(manager)

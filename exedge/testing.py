@@ -40,6 +40,12 @@ class _Message:
         self.sink.messages.append(received)
         if self.sink.on_message is not None:
             self.sink.on_message(received)
+        self.protocol.deliveries = getattr(self.protocol, "deliveries", 0) + 1
+        limit = self.sink.close_after_deliveries
+        if limit is not None and self.protocol.deliveries >= limit:
+            # after the 250 has gone out: the peer sees a clean answer, then a closed connection
+            from twisted.internet import reactor
+            reactor.callLater(0, self.protocol.transport.loseConnection)
         return defer.succeed(None)
 
     def connectionLost(self) -> None:
@@ -97,13 +103,14 @@ class RecordingSink:
 
     def __init__(self, *, pipelining: bool = True, size: int | None = None, dsn: bool = True,
                  greeting_code: int = 220, rcpt_replies: dict | None = None,
-                 close_after_lines: int | None = None):
+                 close_after_lines: int | None = None, close_after_deliveries: int | None = None):
         self.pipelining = pipelining
         self.size = size
         self.dsn = dsn
         self.greeting_code = greeting_code
         self.rcpt_replies = dict(rcpt_replies or {})   # address -> 4xx/5xx code
         self.close_after_lines = close_after_lines
+        self.close_after_deliveries = close_after_deliveries   # per connection, one per recipient
         self.messages: list[Received] = []
         self.commands: list[str] = []
         self.connections = 0

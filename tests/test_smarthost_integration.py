@@ -207,6 +207,39 @@ enabled = false
         dns.wait(timeout=15)
 
 
+def test_smart_host_names_are_resolved_through_the_configured_dns_servers(start_server, sinks, tmp_path):
+    # "relay.corp.test" exists only in our DNS server: a delivery proves the
+    # name went through [server].dns_servers, not the system resolver
+    sink = sinks("named-sink", host="127.0.0.9")
+    dns, dns_port = start_dns(tmp_path, {"corp.test": {"relay.corp.test": [["A", "127.0.0.9"]]}})
+    try:
+        server = start_server(f"""
+[server]
+fqdn = "edge01.example.com"
+spool_directory = "var/spool"
+dns_servers = ["127.0.0.1:{dns_port}"]
+
+[[receive_connectors]]
+name = "From Internal Org"
+bindings = ["127.0.0.1:{{port}}"]
+remote_ip_ranges = ["127.0.0.1"]
+auth_mechanisms = ["ExternalAuthoritative"]
+permission_groups = ["ExchangeServers"]
+
+[[send_connectors]]
+name = "To Internal Org"
+address_spaces = ["*"]
+dns_routing_enabled = false
+smart_hosts = ["missing.corp.test:{sink.port}", "relay.corp.test:{sink.port}"]
+""")
+        send(server, ["bob@partner.test"], subject="named smart host")
+        got = server.wait_for(sink.files, what="delivery to the smart host found through our DNS server")
+        assert b"X-Sink-Rcpt: <bob@partner.test>" in got[0]
+    finally:
+        os.kill(dns.pid, signal.SIGTERM)
+        dns.wait(timeout=15)
+
+
 @pytest.mark.parametrize("sink_offers_dsn", [False, True])
 def test_notify_success_gets_a_relayed_notice_only_from_a_hop_without_dsn(start_server, sinks, sink_offers_dsn):
     sink = sinks("sink", *([] if sink_offers_dsn else ["--no-dsn"]))

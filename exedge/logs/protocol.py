@@ -26,8 +26,10 @@ class ProtocolLog:
         self.remote = remote
 
     def _emit(self, event: str, data: str) -> None:
+        # the line is formatted here, once: twisted.logger's formatter costs
+        # a lookup per field, and this runs several times per message
         _log.info(
-            "{connector},{session},{local},{remote},{event},{data}",
+            "{line}", line=f"{self.connector},{self.session},{self.local},{self.remote},{event},{data}",
             connector=self.connector, session=self.session, local=self.local,
             remote=self.remote, event=event, data=data,
         )

@@ -21,7 +21,10 @@ PIPELINING, SIZE or DSN parameters, and no timeout in C{sendmail}
   - RFC 5321 §4.5.3.2 timeouts, from the injected clock.
 
 The caller owns the connection attempt (endpoints, smart-host failover,
-MX order); this protocol reports through L{SessionResult}.
+MX order); this protocol reports through L{SessionResult}. A caller that
+keeps connections open for later messages (a connection cache, as Postfix's
+smtp does) gives a C{source} to ask for more once the first messages are
+done, and an C{on_settled} to hear of each message as soon as it is done.
 """
 
 from __future__ import annotations
@@ -164,8 +167,22 @@ class SMTPClient(basic.LineReceiver):
     MAX_LENGTH = MAX_REPLY_LINE
 
     def __init__(self, messages, *, helo: str, clock, timeouts: Timeouts = Timeouts(),
-                 max_messages: int | None = None):
+                 max_messages: int | None = None, source=None, on_settled=None):
+        """
+        C{source(room)}: asked for more messages whenever these are done and
+        the per-connection limit leaves C{room} (None: no limit); returns a
+        Deferred firing with a list, empty to end the session. It is
+        cancelled if the connection is lost while it waits, and must then
+        keep what it had meant to give.
+
+        C{on_settled(MessageResult)}: called for each message once every one
+        of its recipients has an outcome, in a session that got past EHLO.
+        """
         self.queue = list(messages)
+        self.source = source
+        self.on_settled = on_settled
+        self._feeding = None
+        self._reported = 0
         self.helo = helo
         self.clock = clock
         self.timeouts = timeouts
@@ -235,6 +252,8 @@ class SMTPClient(basic.LineReceiver):
     def connectionLost(self, reason: Failure = None) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self._feeding is not None:
+            self._feeding.cancel()     # the source keeps what it was about to give
         if not self._done:
             why = "connection lost"
             if reason is not None and not reason.check(error.ConnectionDone):
@@ -242,12 +261,19 @@ class SMTPClient(basic.LineReceiver):
             self._fail_session(why, 0)
 
     def _fail_session(self, why: str, code: int) -> None:
-        """Stop: every recipient not yet answered for is deferred."""
+        """
+        Stop: every recipient not yet answered for is deferred. Before any
+        transaction that is every message (the caller may try another
+        host); after, messages not yet begun go back untried.
+        """
         if self._done:
             return
         self.session.error, self.session.error_code = why, code
-        for message in self._current + self.queue:
+        waiting = self.queue if not self.session.started else []
+        for message in self._current + waiting:
             self._defer_rest(message, 451, "4.4.2", why)
+        if self.session.started:
+            self.session.untried += self.queue
         self._current, self.queue = [], []
         self._finish()
 
@@ -269,7 +295,34 @@ class SMTPClient(basic.LineReceiver):
         self._done = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self.session.started:
+            self._report()
         self.result.callback(self.session)
+
+    def _report(self) -> None:
+        """Tell the caller of each message that is done and not yet told of."""
+        while self.on_settled is not None and self._reported < len(self.session.messages):
+            self._reported += 1
+            self.on_settled(self.session.messages[self._reported - 1])
+
+    def _ask_source(self) -> None:
+        room = None if self.max_messages is None else self.max_messages - self._sent
+        self._feeding = d = defer.maybeDeferred(self.source, room)
+
+        def fed(messages):
+            self._feeding = None
+            if not messages:
+                self.source = None       # nothing more: end the session
+            self.queue.extend(messages)
+            self._next_message()
+
+        def failed(f):
+            self._feeding = None
+            if not f.check(defer.CancelledError):
+                self.source = None
+                self._quit_after(f"asking for more messages: {f.getErrorMessage()}", 0)
+
+        d.addCallbacks(fed, failed)
 
     # -- the dialogue ----------------------------------------------------------
 
@@ -302,7 +355,11 @@ class SMTPClient(basic.LineReceiver):
         self.transport.loseConnection()
 
     def _next_message(self) -> None:
-        if not self.queue or (self.max_messages is not None and self._sent >= self.max_messages):
+        self._report()
+        at_limit = self.max_messages is not None and self._sent >= self.max_messages
+        if not self.queue and not at_limit and self.source is not None:
+            return self._ask_source()
+        if not self.queue or at_limit:
             # messages beyond the per-connection limit go back to the caller, untried
             self.session.untried, self.queue = self.queue, []
             self._send("QUIT")

@@ -84,6 +84,14 @@ class MXResolver:
         if ip in self.own_addresses or ((ip.is_loopback or ip.is_unspecified) and ip not in self.allowed):
             raise RoutingFailure("5.4.6", f"routing loop: {host} ({address}) is this server")
 
+    def addresses(self, host: str) -> defer.Deferred:
+        """
+        Fires with the A and AAAA addresses of C{host} (a smart host named
+        in the configuration), through the same resolver as MX lookups;
+        fails with L{TransientDNSFailure}.
+        """
+        return defer.ensureDeferred(self._addresses(host))
+
     def targets(self, domain: str) -> defer.Deferred:
         """Fires with [(host, address)] in delivery order, or fails with
         L{RoutingFailure} / L{TransientDNSFailure}."""

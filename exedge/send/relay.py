@@ -12,105 +12,298 @@ host, the outcomes are that host's. A 5xx to a recipient fails that
 recipient only. A permanent answer from DNS (null MX, no such domain,
 routing loop) fails the recipients with its status; when no target can be
 reached, or DNS cannot answer now, the attempt fails and the queue retries.
+
+A session that has sent what it was given stays open for a while (2 s, as
+Postfix's smtp_connection_cache_time_limit) and takes later messages for
+the same destination, until smtp_max_messages_per_connection: under a
+steady load each message then costs one transaction, not a TCP connection,
+a greeting and an EHLO as well. A new message goes to such an idle session
+before a new one is opened; an idle session gives way when another
+destination needs its connection slot.
 """
 
 from __future__ import annotations
 
+import collections
+import ipaddress
+import itertools
+
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from exedge.interfaces import IDeliveryAgent
 from exedge.queue.manager import Outcome
 
 from .client import OutboundMessage, OutboundRecipient, SMTPClient, Status, Timeouts
-from .mx import RoutingFailure
+from .mx import RoutingFailure, TransientDNSFailure
 
 log = Logger()
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class NoTargetReachable(Exception):
     """Every smart host or MX host refused or could not be reached: a transient failure."""
 
 
+class _IdleSession:
+    """A session with nothing to send, waiting for a message to its destination."""
+
+    def __init__(self, room, entries):
+        self.room = room          # messages it may still take (None: no limit)
+        self.entries = entries    # the session's key -> entry map
+        self.timer = None
+        self.d = None
+        self.loading = None       # the read of what it was given
+
+
 @implementer(IDeliveryAgent)
 class RelayAgent:
     concurrency = 256          # items in flight per queue; sessions take them in groups
     max_connections = 20       # concurrent sessions per destination (Exchange: MaxPerDomainOutboundConnections)
+    idle_time = 2.0            # seconds an open session waits for more (Postfix: smtp_connection_cache_time_limit)
 
-    def __init__(self, connector, *, helo: str, run, reactor, mx=None, connect_timeout: float = 30.0):
-        """C{mx}: an L{exedge.send.mx.MXResolver} for DNS routing; None for smart hosts."""
+    def __init__(self, connector, *, helo: str, run, reactor, mx=None, resolver=None,
+                 connect_timeout: float = 30.0):
+        """
+        C{mx}: an L{exedge.send.mx.MXResolver} for DNS routing; None for
+        smart hosts. C{resolver}: the same, to find the addresses of smart
+        hosts given by name through [server].dns_servers (None: the
+        system's resolver).
+        """
+        self.resolver = resolver
         self.connector = connector
         self.helo = helo
         self.run = run
         self.reactor = reactor
         self.mx = mx
         self.connect_timeout = connect_timeout
-        self._pending: dict[str, list] = {}   # destination -> [(message, indexes, Deferred)]
+        self._pending: dict[str, collections.deque] = {}   # destination -> (message, indexes, Deferred)
+        self._idle: dict[str, list[_IdleSession]] = {}
         self._active = 0
+        self._keys = itertools.count()
+        self._pump_call = None
 
     def deliver(self, message, recipients):
         d = defer.Deferred()
         recipients = list(recipients)
         # one queue per next hop: for DNS routing, every recipient shares a domain
         destination = message.envelope.recipients[recipients[0]].address.rpartition("@")[2] if self.mx else ""
-        self._pending.setdefault(destination, []).append((message, recipients, d))
-        self._pump()
+        self._pending.setdefault(destination, collections.deque()).append((message, recipients, d))
+        self._pump_soon()
         return d
 
+    def _pump_soon(self) -> None:
+        """
+        Hand out new work once the current callbacks are done: a session
+        that has just finished a message (and told its caller, who may have
+        queued the next one at once) is then waiting for it, and gets it
+        instead of a new connection. It also hands out a burst in one go.
+        """
+        if self._pump_call is None:
+            self._pump_call = self.reactor.callLater(0, self._pump)
+
+    def _claim(self, destination: str, room) -> list:
+        waiting = self._pending.get(destination)
+        batch = []
+        while waiting and (room is None or len(batch) < room):
+            batch.append(waiting.popleft())
+        if not waiting:
+            self._pending.pop(destination, None)
+        return batch
+
     def _pump(self) -> None:
+        self._pump_call = None
         per_session = self.connector.smtp_max_messages_per_connection
         for destination in list(self._pending):
+            # an open connection first
+            while self._pending.get(destination) and self._idle.get(destination):
+                self._wake(destination, self._idle[destination][0])
             while self._pending.get(destination) and self._active < self.max_connections:
-                waiting = self._pending[destination]
-                batch, self._pending[destination] = waiting[:per_session], waiting[per_session:]
-                if not self._pending[destination]:
-                    del self._pending[destination]
+                batch = self._claim(destination, per_session)
                 self._active += 1
-                d = self._session(destination, batch)
-                d.addErrback(lambda f, batch=batch: self._fail(batch, f))
-                d.addBoth(self._session_over)
+                self._session(destination, batch).addBoth(self._session_over)
+        if self._pending and self._active >= self.max_connections:
+            # work waits for a slot: idle sessions elsewhere give theirs up
+            for destination, idle in list(self._idle.items()):
+                if destination not in self._pending:
+                    for waiter in list(idle):
+                        self._wake(destination, waiter)
+
+    def _wake(self, destination: str, waiter: _IdleSession) -> None:
+        """Give an idle session what waits for its destination (nothing: it ends)."""
+        self._idle[destination].remove(waiter)
+        if not self._idle[destination]:
+            del self._idle[destination]
+        if waiter.timer.active():
+            waiter.timer.cancel()
+        batch = self._claim(destination, waiter.room)
+        waiter.loading = self._load(batch, waiter.entries)
+        waiter.loading.chainDeferred(waiter.d)
+
+    def _source(self, destination: str, entries: dict):
+        """What an open session asks for more: queued messages now, or wait a while for some."""
+        def source(room):
+            batch = self._claim(destination, room)
+            if batch:
+                return self._load(batch, entries)
+            waiter = _IdleSession(room, entries)
+
+            def cancel(_):
+                # the connection went away while idle, or while reading what it was given
+                if waiter.loading is not None:
+                    waiter.loading.cancel()
+                if waiter in self._idle.get(destination, ()):
+                    self._idle[destination].remove(waiter)
+                    if not self._idle[destination]:
+                        del self._idle[destination]
+                if waiter.timer.active():
+                    waiter.timer.cancel()
+
+            waiter.d = defer.Deferred(cancel)
+            idle = min(self.idle_time, self.connector.connection_inactivity_timeout)
+            waiter.timer = self.reactor.callLater(idle, lambda: self._wake(destination, waiter))
+            self._idle.setdefault(destination, []).append(waiter)
+            return waiter.d
+        return source
+
+    def _load(self, batch, entries: dict):
+        """
+        Read the messages of C{batch} (on the delivery thread) into outbound
+        messages keyed in C{entries}. A message that cannot be read fails
+        alone (transiently: the queue retries it). Cancelled meanwhile (the
+        connection was lost), the batch goes back to the head of the line.
+        """
+        if not batch:
+            return defer.succeed([])
+        cancelled = []
+
+        def cancel(_):
+            cancelled.append(True)
+            self._requeue(batch)
+
+        d = defer.Deferred(cancel)
+
+        def read_all():
+            datas = []
+            for message, _, _ in batch:
+                try:
+                    datas.append(message.read_data())
+                except Exception:
+                    datas.append(Failure())
+            return datas
+
+        def loaded(datas):
+            if cancelled:
+                return
+            outbound = []
+            for entry, data in zip(batch, datas):
+                message, indexes, done = entry
+                if isinstance(data, Failure):
+                    log.failure("reading {queue_id} from the spool", data, queue_id=message.queue_id)
+                    done.errback(data)
+                    continue
+                key = next(self._keys)
+                entries[key] = entry
+                env = message.envelope
+                rcpts = tuple(OutboundRecipient(env.recipients[i].address, env.recipients[i].notify,
+                                                env.recipients[i].orcpt) for i in indexes)
+                outbound.append(OutboundMessage(env.sender, rcpts, data, env.ret, env.envid, key=key))
+            d.callback(outbound)
+
+        def thread_failed(f):
+            if not cancelled:
+                for _, _, done in batch:
+                    done.errback(f)
+                d.callback([])
+
+        self.run(read_all).addCallbacks(loaded, thread_failed)
+        return d
+
+    def _requeue(self, batch) -> None:
+        """Entries no session took go back to the head of their line."""
+        for entry in reversed(batch):
+            message, indexes, _ = entry
+            destination = message.envelope.recipients[indexes[0]].address.rpartition("@")[2] if self.mx else ""
+            self._pending.setdefault(destination, collections.deque()).appendleft(entry)
+        self._pump_soon()
 
     @defer.inlineCallbacks
-    def _targets(self, destination: str):
+    def _targets(self, destination: str, errors: list):
+        """[(host, address, port)] in the order to try; names that do not resolve noted in C{errors}."""
         port = self.connector.port
-        if self.mx is None:
-            return [(host, host, p or port) for host, p in self.connector.smart_hosts]
-        found = yield self.mx.targets(destination)
-        return [(host, address, port) for host, address in found]
+        if self.mx is not None:
+            found = yield self.mx.targets(destination)
+            return [(host, address, port) for host, address in found]
+        targets = []
+        for host, p in self.connector.smart_hosts:
+            if _is_address(host) or self.resolver is None:
+                targets.append((host, host, p or port))
+                continue
+            try:
+                addresses = yield self.resolver.addresses(host)
+            except TransientDNSFailure as e:
+                errors.append(f"{host}: {e}")
+                continue
+            if not addresses:
+                errors.append(f"{host}: no A or AAAA record")
+            targets += [(host, address, p or port) for address in addresses]
+        return targets
+
+    def _endpoint(self, address: str, port: int):
+        # an address needs no name lookup (HostnameEndpoint would still
+        # send it through getaddrinfo on a thread)
+        if _is_address(address):
+            kind = endpoints.TCP6ClientEndpoint if ":" in address else endpoints.TCP4ClientEndpoint
+            return kind(self.reactor, address, port, timeout=self.connect_timeout)
+        return endpoints.HostnameEndpoint(self.reactor, address, port, timeout=self.connect_timeout)
 
     def _session_over(self, _) -> None:
         self._active -= 1
         self._pump()
 
-    def _fail(self, batch, failure) -> None:
-        for _, _, d in batch:
-            if not d.called:
-                d.errback(failure)
-
     @defer.inlineCallbacks
     def _session(self, destination: str, batch):
+        entries: dict = {}
         try:
-            targets = yield self._targets(destination)
+            yield self._converse(destination, batch, entries)
+        except Exception:
+            # a transient failure for every message this session was given
+            failure = Failure()
+            for _, _, d in batch + list(entries.values()):
+                if not d.called:
+                    d.errback(failure)
+
+    @defer.inlineCallbacks
+    def _converse(self, destination: str, batch, entries: dict):
+        errors: list[str] = []
+        try:
+            targets = yield self._targets(destination, errors)
         except RoutingFailure as e:
             for message, indexes, d in batch:
                 d.callback([Outcome(i, "failed", f"{e.status} {e.text}", e.status) for i in indexes])
             return
-        datas = yield self.run(lambda: [message.read_data() for message, _, _ in batch])
-        outbound = []
-        for n, ((message, indexes, _), data) in enumerate(zip(batch, datas)):
-            env = message.envelope
-            rcpts = tuple(OutboundRecipient(env.recipients[i].address, env.recipients[i].notify,
-                                            env.recipients[i].orcpt) for i in indexes)
-            outbound.append(OutboundMessage(env.sender, rcpts, data, env.ret, env.envid, key=n))
-        errors = []
+        outbound = yield self._load(batch, entries)
+        if not outbound:
+            return
         for host, address, port in targets:
+            remote = f"{host}:{port}" if port != 25 else host
             client = SMTPClient(outbound, helo=self.helo, clock=self.reactor,
                                 timeouts=Timeouts().capped(self.connector.connection_inactivity_timeout),
-                                max_messages=self.connector.smtp_max_messages_per_connection)
-            endpoint = endpoints.HostnameEndpoint(self.reactor, address, port, timeout=self.connect_timeout)
+                                max_messages=self.connector.smtp_max_messages_per_connection,
+                                source=self._source(destination, entries))
+            client.on_settled = lambda result, client=client, remote=remote: self._settled(
+                entries, result, client.session.extensions, remote)
             try:
-                yield endpoint.connect(protocol.Factory.forProtocol(lambda: client))
+                yield self._endpoint(address, port).connect(protocol.Factory.forProtocol(lambda: client))
             except Exception as e:
                 errors.append(f"{host}:{port}: {e.__class__.__name__}: {e}")
                 continue
@@ -118,28 +311,27 @@ class RelayAgent:
             if not result.started:
                 errors.append(f"{host}:{port}: {result.error}")
                 continue
-            self._deliver_results(destination, batch, result, f"{host}:{port}" if port != 25 else host)
+            # messages past the per-connection limit, or not begun when the
+            # connection failed, wait for the next session
+            untried = [entries.pop(m.key) for m in result.untried]
+            if untried:
+                self._requeue(untried)
             return
         raise NoTargetReachable("; ".join(errors) or "no smart hosts")
 
-    def _deliver_results(self, destination: str, batch, result, remote: str) -> None:
-        for message_result in result.messages:
-            message, indexes, d = batch[message_result.message.key]
-            by_address: dict[str, list[int]] = {}
-            for i in indexes:
-                by_address.setdefault(message.envelope.recipients[i].address, []).append(i)
-            outcomes = []
-            for r in message_result.recipients:
-                slots = by_address.get(r.address)
-                if not slots:
-                    continue
-                status = {Status.delivered: "delivered", Status.failed: "failed",
-                          Status.deferred: "deferred"}[r.status]
-                action = "" if status != "delivered" or "DSN" in result.extensions else "relayed"
-                outcomes.append(Outcome(slots.pop(0), status, f"{r.code} {r.enhanced} {r.text}".strip(),
-                                        r.enhanced, remote, action))
-            d.callback(outcomes)
-        # messages past the per-connection limit wait for the next session
-        untried = [batch[m.key] for m in result.untried]
-        if untried:
-            self._pending[destination] = untried + self._pending.get(destination, [])
+    def _settled(self, entries: dict, message_result, extensions: dict, remote: str) -> None:
+        message, indexes, d = entries.pop(message_result.message.key)
+        by_address: dict[str, list[int]] = {}
+        for i in indexes:
+            by_address.setdefault(message.envelope.recipients[i].address, []).append(i)
+        outcomes = []
+        for r in message_result.recipients:
+            slots = by_address.get(r.address)
+            if not slots:
+                continue
+            status = {Status.delivered: "delivered", Status.failed: "failed",
+                      Status.deferred: "deferred"}[r.status]
+            action = "" if status != "delivered" or "DSN" in extensions else "relayed"
+            outcomes.append(Outcome(slots.pop(0), status, f"{r.code} {r.enhanced} {r.text}".strip(),
+                                    r.enhanced, remote, action))
+        d.callback(outcomes)
