@@ -130,3 +130,20 @@ def test_an_idle_session_closed_by_the_peer_is_forgotten():
         assert statuses(first) == statuses(second) == ["delivered"] and sink.connections == 2
     finally:
         yield sink.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_each_outcome_names_its_own_recipient_even_for_repeated_addresses():
+    sink = yield RecordingSink(rcpt_replies={"y@partner.test": 550}).start(reactor)
+    try:
+        a = agent(sink.port)
+        env = Envelope(sender="a@s.test", recipients=(
+            Recipient("x@partner.test", ("NEVER",)), Recipient("y@partner.test"),
+            Recipient("x@partner.test", ("SUCCESS",), "rfc822;x@partner.test")))
+        outcomes = yield a.deliver(Stored("Q9", env), [0, 1, 2]).addTimeout(10, reactor)
+        assert sorted((o.index, o.status) for o in outcomes) == [(0, "delivered"), (1, "failed"), (2, "delivered")]
+        rcpts = [c for c in sink.commands if c.startswith("RCPT")]
+        assert rcpts == ["RCPT TO:<x@partner.test> NOTIFY=NEVER", "RCPT TO:<y@partner.test>",
+                         "RCPT TO:<x@partner.test> NOTIFY=SUCCESS ORCPT=rfc822;x@partner.test"]
+    finally:
+        yield sink.stop()

@@ -181,3 +181,20 @@ def test_body_8bitmime_declared_only_for_8bit_bodies():
 def test_552_to_rcpt_is_too_many_recipients_so_deferred():
     sink, result = yield run({"rcpt_replies": {"late@x.test": 552}}, [message("ok@x.test", "late@x.test")])
     assert sorted(statuses(result)[0]) == [("late@x.test", "deferred", 552), ("ok@x.test", "delivered", 250)]
+
+
+def test_each_pipelined_reply_gets_its_own_rfc_wait():
+    # MAIL, RCPT and DATA go in one write; once the RCPT reply is in, the
+    # DATA reply is due within data_init (120 s), not another RCPT wait
+    clock = task.Clock()
+    transport = StringTransport()
+    client = SMTPClient([message("b@x.test")], helo="e.test", clock=clock)
+    client.makeConnection(transport)
+    client.dataReceived(b"220 peer ready\r\n")
+    client.dataReceived(b"250-peer\r\n250 PIPELINING\r\n")
+    assert transport.value().endswith(b"MAIL FROM:<a@s.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n")
+    client.dataReceived(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n")
+    clock.advance(119)
+    assert not client.result.called
+    clock.advance(2)
+    assert client.result.called and "timeout waiting for the DATA reply" in client.result.result.error

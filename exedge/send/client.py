@@ -65,6 +65,7 @@ class OutboundRecipient:
     address: str
     notify: tuple[str, ...] = ()
     orcpt: str | None = None
+    key: object = None                # the caller's handle, carried to the result
 
 
 @attrs.frozen
@@ -90,6 +91,7 @@ class RecipientResult:
     code: int
     enhanced: str
     text: str
+    key: object = None                # the OutboundRecipient's
 
 
 @attrs.define
@@ -154,7 +156,8 @@ def _settle(result: MessageResult, recipients, reply: Reply, temporary=()) -> No
         status = Status.failed
     else:
         status = Status.deferred
-    result.recipients += [RecipientResult(r.address, status, reply.code, enhanced, text) for r in recipients]
+    result.recipients += [RecipientResult(r.address, status, reply.code, enhanced, text, r.key)
+                          for r in recipients]
 
 
 class SMTPClient(basic.LineReceiver):
@@ -190,7 +193,7 @@ class SMTPClient(basic.LineReceiver):
         self.result = defer.Deferred()
         self.session = SessionResult()
         self._lines: list[str] = []
-        self._waiting: list = []        # (what, on_reply) in the order replies are due
+        self._waiting: list = []        # (what, on_reply, timeout) in the order replies are due
         self._timer = None
         self._done = False
         self._sent = 0
@@ -205,7 +208,7 @@ class SMTPClient(basic.LineReceiver):
         self.transport.write(line.encode("ascii") + b"\r\n")
 
     def _expect(self, what: str, on_reply, timeout: float) -> None:
-        self._waiting.append((what, on_reply))
+        self._waiting.append((what, on_reply, timeout))
         self._arm(timeout)
 
     def _arm(self, timeout: float) -> None:
@@ -235,9 +238,9 @@ class SMTPClient(basic.LineReceiver):
         if more:
             return
         reply, self._lines = Reply(code, tuple(self._lines)), []
-        _, on_reply = self._waiting.pop(0)
+        _, on_reply, _ = self._waiting.pop(0)
         if self._waiting:
-            self._arm(self.timeouts.rcpt)
+            self._arm(self._waiting[0][2])     # the wait RFC 5321 gives the next reply due
         elif self._timer is not None and self._timer.active():
             self._timer.cancel()
         on_reply(reply)
@@ -279,10 +282,11 @@ class SMTPClient(basic.LineReceiver):
 
     def _defer_rest(self, entry, code: int, enhanced: str, text: str) -> None:
         result = entry if isinstance(entry, MessageResult) else self._result_for(entry)
-        answered = {r.address for r in result.recipients}
+        answered = {(r.key, r.address) for r in result.recipients}
         for rcpt in result.message.recipients:
-            if rcpt.address not in answered:
-                result.recipients.append(RecipientResult(rcpt.address, Status.deferred, code, enhanced, text))
+            if (rcpt.key, rcpt.address) not in answered:
+                result.recipients.append(RecipientResult(rcpt.address, Status.deferred, code, enhanced, text,
+                                                         rcpt.key))
 
     def _result_for(self, message: OutboundMessage) -> MessageResult:
         result = MessageResult(message)
@@ -377,7 +381,7 @@ class SMTPClient(basic.LineReceiver):
             for rcpt in message.recipients:
                 result.recipients.append(RecipientResult(
                     rcpt.address, Status.failed, 552, "5.3.4",
-                    f"message size {len(message.data)} exceeds the next hop's limit of {size_limit}"))
+                    f"message size {len(message.data)} exceeds the next hop's limit of {size_limit}", rcpt.key))
             return self._next_message()
         self._transaction(message, result)
 
@@ -447,10 +451,11 @@ class SMTPClient(basic.LineReceiver):
             # MAIL, every RCPT and DATA in one write; replies come back in order
             lines = [c for _, c in commands] + ["DATA"]
             self.transport.write("".join(line + "\r\n" for line in lines).encode("ascii"))
-            self._waiting.append(("MAIL", on_mail))
+            self._waiting.append(("MAIL", on_mail, self.timeouts.mail))
             for rcpt in message.recipients:
-                self._waiting.append(("RCPT", on_rcpt(rcpt)))
-            self._waiting.append(("DATA", lambda reply: self._pipelined_data(reply, state, after_envelope)))
+                self._waiting.append(("RCPT", on_rcpt(rcpt), self.timeouts.rcpt))
+            self._waiting.append(("DATA", lambda reply: self._pipelined_data(reply, state, after_envelope),
+                                  self.timeouts.data_init))
             self._arm(self.timeouts.mail)
         else:
             def step(i):

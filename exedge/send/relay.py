@@ -215,7 +215,7 @@ class RelayAgent:
                 entries[key] = entry
                 env = message.envelope
                 rcpts = tuple(OutboundRecipient(env.recipients[i].address, env.recipients[i].notify,
-                                                env.recipients[i].orcpt) for i in indexes)
+                                                env.recipients[i].orcpt, key=i) for i in indexes)
                 outbound.append(OutboundMessage(env.sender, rcpts, data, env.ret, env.envid, key=key))
             d.callback(outbound)
 
@@ -321,17 +321,13 @@ class RelayAgent:
 
     def _settled(self, entries: dict, message_result, extensions: dict, remote: str) -> None:
         message, indexes, d = entries.pop(message_result.message.key)
-        by_address: dict[str, list[int]] = {}
-        for i in indexes:
-            by_address.setdefault(message.envelope.recipients[i].address, []).append(i)
+        # each result names its recipient's index: the same address twice
+        # (with different NOTIFY or ORCPT, say) cannot swap outcomes
         outcomes = []
         for r in message_result.recipients:
-            slots = by_address.get(r.address)
-            if not slots:
-                continue
             status = {Status.delivered: "delivered", Status.failed: "failed",
                       Status.deferred: "deferred"}[r.status]
             action = "" if status != "delivered" or "DSN" in extensions else "relayed"
-            outcomes.append(Outcome(slots.pop(0), status, f"{r.code} {r.enhanced} {r.text}".strip(),
+            outcomes.append(Outcome(r.key, status, f"{r.code} {r.enhanced} {r.text}".strip(),
                                     r.enhanced, remote, action))
         d.callback(outcomes)
