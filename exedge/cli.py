@@ -3,13 +3,17 @@ The `exedge` command. Sub-commands:
 
   exedge check-config FILE     validate FILE; each problem with file, line and key; exit 1 on error
   exedge check-config --defaults   every key with its default and meaning
+  exedge user add|remove|list (--config FILE | --file CREDENTIALS)
+                               local AUTH users ([directory] credentials_file)
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 
+from exedge import tls
 from exedge.config import ConfigError, defaults, load
 
 
@@ -27,6 +31,7 @@ def check_config(args) -> int:
         return 2
     try:
         config = load(args.file)
+        tls.receive_contexts(config)      # the certificates it names, as start-up checks them
     except ConfigError as e:
         for problem in e.problems:
             print(problem)
@@ -40,6 +45,66 @@ def check_config(args) -> int:
     return 0
 
 
+def _credentials_path(args) -> str | None:
+    if args.file:
+        return args.file
+    if not args.config:
+        print("exedge user: give --config FILE (its [directory] credentials_file) or --file", file=sys.stderr)
+        return None
+    try:
+        config = load(args.config)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return None
+    if not config.directory.credentials_file:
+        print(f"exedge user: {args.config} has no [directory] credentials_file", file=sys.stderr)
+        return None
+    return config.directory.credentials_file
+
+
+def _password(args) -> str | None:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass(f"Password for {args.name}: ")
+    if getpass.getpass("Again: ") != first:
+        print("exedge user: the passwords differ", file=sys.stderr)
+        return None
+    return first
+
+
+def user(args) -> int:
+    from exedge.auth.credentials import CredentialsFile
+
+    path = _credentials_path(args)
+    if path is None:
+        return 2
+    store = CredentialsFile(path)
+    try:
+        if args.action == "list":
+            for entry in sorted(store.read().values(), key=lambda e: e.name):
+                print(f"{entry.name}\t{','.join(('ExchangeUsers',) + entry.groups)}")
+            return 0
+        if not args.name:
+            print(f"exedge user {args.action}: a user NAME is required", file=sys.stderr)
+            return 2
+        if args.action == "remove":
+            if not store.remove(args.name):
+                print(f"exedge user remove: no user {args.name!r} in {path}", file=sys.stderr)
+                return 1
+            print(f"removed {args.name.lower()} from {path}")
+            return 0
+        password = _password(args)
+        if password is None:
+            return 1
+        store.add(args.name, password, tuple(args.group))
+    except (ValueError, OSError) as e:
+        print(f"exedge user {args.action}: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.name.lower()} saved in {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="exedge", description="exedge SMTP edge transport server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +112,16 @@ def main(argv=None) -> int:
     p.add_argument("file", nargs="?")
     p.add_argument("--defaults", action="store_true", help="print every key with its default")
     p.set_defaults(func=check_config)
+    p = sub.add_parser("user", help="manage local AUTH users (passwords hashed with scrypt)")
+    p.add_argument("action", choices=["add", "remove", "list"])
+    p.add_argument("name", nargs="?", help="user name, e.g. smtpgateway@fabrikam.com")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--config", help="the exedge configuration (uses its [directory] credentials_file)")
+    where.add_argument("--file", help="the credentials file itself")
+    p.add_argument("--group", action="append", default=[],
+                   help="permission group the user also holds: ExchangeServers, ExchangeLegacyServers, Partners")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    p.set_defaults(func=user)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -16,6 +16,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from exedge import tls
+from exedge.auth.credentials import FileChecker, portal_for
 from exedge.config import Config
 from exedge.queue import QueueManager, Spool
 from exedge.receive import ConnectorTable, ServerContext, listener_services
@@ -55,6 +57,25 @@ class SpoolService(Service):
         super().stopService()
         self.pool.stop()
         self.delivery_pool.stop()
+
+
+class ThreadPoolService(Service):
+    """A bounded thread pool that lives as long as the server (password checks)."""
+
+    def __init__(self, name: str, size: int, reactor):
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
+
+    def run(self, f):
+        return deferToThreadPool(self.reactor, self.pool, f)
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
 
 
 def mx_resolver(config: Config, reactor) -> MXResolver:
@@ -110,6 +131,11 @@ def build_service(config: Config, reactor=None) -> MultiService:
     queue_holder.append(manager)
     spool_service.setServiceParent(top)
     manager.setServiceParent(top)
+    portal = None
+    if config.directory.credentials_file:
+        auth_pool = ThreadPoolService("exedge-auth", config.directory.auth_threads, reactor)
+        auth_pool.setServiceParent(top)
+        portal = portal_for(FileChecker(config.directory.credentials_file, auth_pool.run))
     context = ServerContext(
         server=config.server,
         connectors=ConnectorTable(config.receive_connectors),
@@ -117,6 +143,8 @@ def build_service(config: Config, reactor=None) -> MultiService:
         store=spool,
         sink=manager,
         clock=reactor,
+        tls=tls.receive_contexts(config),      # certificates checked before anything listens
+        portal=portal,
     )
     for service in listener_services(reactor, context):
         service.setServiceParent(top)

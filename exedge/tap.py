@@ -28,4 +28,9 @@ def makeService(options):
         raise SystemExit(1)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    return build_service(config)
+    try:
+        return build_service(config)
+    except ConfigError as e:      # what only files can tell: certificates
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        raise SystemExit(1)

@@ -500,3 +500,49 @@ def test_slow_disk_stops_reading_message_data_until_spills_are_written(tmp_path)
     run.flush()
     assert s.transport.value().startswith(b"250 2.6.0 ")
     assert s.sink.messages[0].data_length > 5 * 1000 * 1000
+
+
+def auth_session(tmp_path, **knobs):
+    from exedge.auth.credentials import CredentialsFile, FileChecker, portal_for
+    users = tmp_path / "users.txt"
+    CredentialsFile(str(users)).add("smtpgateway@fabrikam.com", "pw-1")
+    s = Session(tmp_path, internet='auth_mechanisms = ["BasicAuth"]\n'
+                                   'permission_groups = ["AnonymousUsers", "ExchangeUsers"]\n' + knobs.pop("internet", ""),
+                **knobs)
+    s.context.portal = portal_for(FileChecker(str(users), lambda f: defer.maybeDeferred(f)))
+    s.send(b"EHLO client.test\r\n")
+    return s
+
+
+def plain(user: bytes, password: bytes) -> bytes:
+    import base64
+    return b"AUTH PLAIN " + base64.b64encode(b"\0" + user + b"\0" + password) + b"\r\n"
+
+
+def test_failed_auth_is_answered_after_the_auth_tarpit_on_the_clock(tmp_path):
+    s = auth_session(tmp_path, internet='auth_tarpit_interval = "5"\nmax_logon_failures = 2\n')
+    assert s.send(plain(b"smtpgateway@fabrikam.com", b"wrong")) == b""
+    s.clock.advance(4.9)
+    assert s.transport.value() == b""
+    s.clock.advance(0.2)
+    assert s.transport.value().startswith(b"535 5.7.8")
+    assert s.send(b"NOOP\r\n").startswith(b"250")            # the session goes on
+    s.send(plain(b"smtpgateway@fabrikam.com", b"wrong again"))
+    s.clock.advance(5)
+    assert s.transport.value().startswith(b"421 4.7.0") and s.transport.disconnecting
+
+
+def test_success_is_not_tarpitted_and_mail_parameter_auth_is_accepted(tmp_path):
+    s = auth_session(tmp_path, internet='auth_tarpit_interval = "5"\n')
+    assert s.codes(plain(b"SMTPGATEWAY@fabrikam.com", b"pw-1")) == ["235 2.7.0"]
+    assert s.codes(b"MAIL FROM:<alice@example.com> AUTH=<>\r\n") == ["250 2.1.0"]
+    assert s.codes(b"RCPT TO:<bob@partner.test>\r\n") == ["250 2.1.5"]     # relay as ExchangeUsers
+
+
+def test_auth_not_offered_without_basic_auth_and_ehlo_lists_it_when_offered(tmp_path):
+    s = auth_session(tmp_path)
+    assert s.send(b"EHLO client.test\r\n").endswith(b"250 AUTH PLAIN LOGIN\r\n")
+    (tmp_path / "x").mkdir()
+    plain_session = Session(tmp_path / "x")
+    plain_session.send(b"EHLO client.test\r\n")
+    assert plain_session.codes(plain(b"a", b"b")) == ["502 5.5.1"]

@@ -141,6 +141,17 @@ def _validate(cfg: dict, out: _Collector) -> None:
             out.problem(("accepted_domains", i, "domain_name"), f"duplicate accepted domain {dom.domain_name!r}")
         seen_domains[dom.domain_name] = i
 
+    modes: dict = {}
+    for i, rc in enumerate(cfg["receive_connectors"]):
+        # TLS starts before a connector is chosen on an implicit-TLS port:
+        # every connector on a binding must agree on how it starts
+        for binding in (rc.bindings if rc is not None else ()):
+            first = modes.setdefault(binding, (i, rc.tls_mode))
+            if first[1] != rc.tls_mode:
+                out.problem(("receive_connectors", i, "tls_mode"),
+                            f"binding {binding} is {first[1]} in receive_connectors[{first[0]}]; "
+                            "connectors sharing a binding must share tls_mode")
+
     pairs: dict[tuple, int] = {}
     for i, rc in enumerate(cfg["receive_connectors"]):
         if rc is None:
@@ -176,6 +187,12 @@ def _validate(cfg: dict, out: _Collector) -> None:
                     out.problem(path + ("remote_ip_ranges",),
                                 f"binding {binding} with range {rng} is already used by receive_connectors[{pairs[key]}]")
                 pairs[key] = i
+        if rc.tls_mode == "Implicit" and "Tls" not in mechs:
+            out.problem(path + ("tls_mode",), "Implicit TLS needs Tls in auth_mechanisms")
+        if mechs & {"BasicAuth", "BasicAuthRequireTLS"} and cfg["directory"] is not None \
+                and not cfg["directory"].credentials_file:
+            out.problem(path + ("auth_mechanisms",),
+                        "BasicAuth without a [directory] credentials_file: AUTH will not be offered", warning=True)
         trusting = "ExternalAuthoritative" in mechs
         if trusting and any(r.size >= 2**24 for r in rc.remote_ip_ranges):
             out.problem(path + ("remote_ip_ranges",),
@@ -221,11 +238,13 @@ def loads(text: str, source: str = "<config>") -> m.Config:
     return m.Config(
         server=cfg["server"],
         queue=cfg["queue"],
+        directory=cfg["directory"],
         accepted_domains=tuple(cfg["accepted_domains"]),
         receive_connectors=tuple(cfg["receive_connectors"]),
         send_connectors=tuple(cfg["send_connectors"]),
         source=source,
         warnings=tuple(out.warnings),
+        lines=out.index,
     )
 
 

@@ -130,6 +130,16 @@ class ServerConfig:
     dns_servers: tuple = setting(list_of(host_port(53)), (), "DNS servers for routing as \"ip\" or \"ip:port\"; empty = the system resolver")
     spool_threads: int = setting(integer(1, 64), 4, "threads that write and fsync received messages, so disks never block the event loop")
     delivery_threads: int = setting(integer(1, 64), 1, "threads for delivery-side disk work (drop directories, outcomes, removal)")
+    certificate_file: str | None = setting(text, None, "PEM certificate (chain) for receive connectors that set none; without one, Tls connectors use a self-signed certificate made at start-up")
+    private_key_file: str | None = setting(text, None, "PEM private key of certificate_file (default: the same file)")
+
+
+@attrs.frozen(kw_only=True)
+class DirectoryConfig:
+    """Where AUTH credentials are checked."""
+
+    credentials_file: str | None = setting(text, None, "local users (exedge user add/remove/list): user name, scrypt hash, groups")
+    auth_threads: int = setting(integer(1, 64), 4, "threads that check passwords, so a slow check never blocks the event loop")
 
 
 @attrs.frozen(kw_only=True)
@@ -174,6 +184,11 @@ class ReceiveConnector:
     eight_bit_mime_enabled: bool = setting(boolean, True, "advertise 8BITMIME")
     delivery_status_notification_enabled: bool = setting(boolean, True, "advertise DSN")
     protocol_logging_level: str = setting(choice("None", "Verbose"), "None", "Verbose: log every command and reply")
+    certificate_file: str | None = setting(text, None, "PEM certificate (chain) for STARTTLS; must name fqdn (default: [server].certificate_file)")
+    private_key_file: str | None = setting(text, None, "PEM private key of certificate_file (default: the same file)")
+    tls_mode: str = setting(choice("StartTls", "Implicit"), "StartTls", "StartTls: offer STARTTLS (with Tls in auth_mechanisms); Implicit: TLS from the first byte (port 465 style)")
+    max_logon_failures: int = setting(integer(0, 10), 3, "failed AUTH attempts before 421 and disconnect (0: no limit)")
+    auth_tarpit_interval: float = setting(timespan(600), 5.0, "delay before each failed-AUTH reply")
     comment: str = setting(text, "", "free text")
 
     def effective_fqdn(self, server: ServerConfig) -> str:
@@ -302,16 +317,26 @@ class QueueConfig:
 class Config:
     server: ServerConfig
     queue: QueueConfig = QueueConfig()
+    directory: DirectoryConfig = DirectoryConfig()
     accepted_domains: tuple
     receive_connectors: tuple
     send_connectors: tuple
     source: str = ""
     warnings: tuple = ()
+    lines: object = attrs.field(default=None, eq=False, repr=False)   # key -> line index of the source
+
+    def problem(self, path: tuple, message: str):
+        """A L{Problem} at the line of C{path}, for checks made after loading (files it names)."""
+        from .loader import Problem, _key_text
+        from .locate import find_line
+        line = find_line(self.lines, path) if self.lines is not None else None
+        return Problem(self.source, line, _key_text(path), message)
 
 
 SECTIONS = {
     "server": (ServerConfig, False),
     "queue": (QueueConfig, False),
+    "directory": (DirectoryConfig, False),
     "accepted_domains": (AcceptedDomain, True),
     "receive_connectors": (ReceiveConnector, True),
     "send_connectors": (SendConnector, True),

@@ -22,17 +22,23 @@ Here:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.utils
 import functools
 import uuid
 
 import attrs
+from twisted.cred import error as cred_error
+from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.logger import Logger
 from twisted.protocols import basic
 from zope.interface import implementer
 
+from exedge import tls
+from exedge.auth.credentials import DirectoryUnavailable, IIdentity
 from exedge.auth.permissions import Permissions, Right, session_permissions
 from exedge.logs import ProtocolLog
 from exedge.queue.envelope import Envelope, Recipient
@@ -70,6 +76,8 @@ class ServerContext:
     store: object             # IMessageStore
     sink: object              # IQueueSink
     clock: object             # IReactorTime
+    tls: dict = attrs.field(factory=dict)   # receive connector name -> TLS options (exedge.tls)
+    portal: object = None     # twisted.cred Portal for AUTH; None: no AUTH anywhere
 
 
 @functools.lru_cache(maxsize=4)
@@ -98,6 +106,7 @@ class _ReplyBackpressure:
         pass
 
 
+@implementer(IHandshakeListener)
 class SMTPServer(basic.LineReceiver):
     delimiter = b"\r\n"
     MAX_LENGTH = 510   # RFC 5321 §4.5.3.1.4: 512 octets with the CRLF
@@ -118,6 +127,11 @@ class SMTPServer(basic.LineReceiver):
         self._closing = False
         self._discarding = False
         self._overflowed = False
+        self.tls_active = False
+        self.tls_info: str | None = None     # for the Received header
+        self.identity = None                 # the AUTHenticated Identity
+        self.logon_failures = 0
+        self._auth_step = None               # the next line belongs to an AUTH dialogue
         self._idle_call = None
         self._life_call = None
 
@@ -144,12 +158,32 @@ class SMTPServer(basic.LineReceiver):
         self.fqdn = connector.effective_fqdn(self.ctx.server)
         self.permissions = session_permissions(connector.permission_groups, connector.auth_mechanisms)
         self.plog.info(f"rights: {self.permissions.explain()}")
+
         self._arm_idle()
         self._life_call = self.ctx.clock.callLater(connector.connection_timeout, self._timed_out,
                                                    "Connection time limit exceeded")
+        if connector.tls_mode == "Implicit":
+            # TLS from the first byte; the banner once the handshake is done
+            # (written before, it would count as unread replies and stop
+            # the reading that the handshake needs)
+            self.transport.startTLS(self.ctx.tls[connector.name])
+            self.tls_active = True
+            return
+        self._greet()
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake of an implicit-TLS session is done."""
+        if self.helo is None and self.connector is not None and self.connector.tls_mode == "Implicit" \
+                and not self._closing and not self._greeted:
+            self._greet()
+
+    _greeted = False
+
+    def _greet(self) -> None:
+        self._greeted = True
         # a client that does not read its replies stops being read
         self.transport.registerProducer(_ReplyBackpressure(self), True)
-        banner = connector.banner or f"220 {self.fqdn} exedge ESMTP service ready"
+        banner = self.connector.banner or f"220 {self.fqdn} exedge ESMTP service ready"
         self._write((banner if banner.startswith("220") else f"220 {banner}").encode("ascii", "replace") + b"\r\n")
 
     def _refuse(self, reply: Reply) -> None:
@@ -270,7 +304,14 @@ class SMTPServer(basic.LineReceiver):
         if self._discarding:          # the end of an over-long line
             self._discarding = False
             return
-        self.plog.received(line)
+        if self._auth_step is not None:
+            step, self._auth_step = self._auth_step, None
+            self.plog.received(b"(authentication data)")      # never a password in the log
+            return self._answer(step(line.decode("latin-1").strip(" ")))
+        if line[:5].upper() == b"AUTH ":
+            self.plog.received(b" ".join(line.split(b" ")[:2]) + b" ...")
+        else:
+            self.plog.received(line)
         self._answer(self._command(line))
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -324,6 +365,8 @@ class SMTPServer(basic.LineReceiver):
         if self._closing:
             return
         self._write(reply.encode())
+        if reply.after is not None:
+            reply.after()
         if self._close_after_answer is not None:
             self.plog.info(self._close_after_answer.text)
             return self._refuse(self._close_after_answer)
@@ -378,8 +421,160 @@ class SMTPServer(basic.LineReceiver):
         ext.append("ENHANCEDSTATUSCODES")
         if c.eight_bit_mime_enabled:
             ext.append("8BITMIME")
-        # STARTTLS and AUTH are added here by the TLS/AUTH work
+        if self._tls_offered():
+            ext.append("STARTTLS")
+        if self._auth_offered():
+            ext.append("AUTH PLAIN LOGIN")
         return ext
+
+    # -- STARTTLS (RFC 3207) -------------------------------------------------
+
+    def _tls_offered(self) -> bool:
+        return (not self.tls_active and "Tls" in self.connector.auth_mechanisms
+                and self.connector.name in self.ctx.tls)
+
+    def do_STARTTLS(self, arg: str):
+        if self.tls_active:
+            return bad_sequence("TLS already active")
+        if not self._tls_offered():
+            return self._not_offered(arg)
+        if arg:
+            return syntax_error("Syntax: STARTTLS")
+        if self.helo is None or not self.esmtp:
+            return bad_sequence("Send EHLO first", "5.5.1")
+        # whatever the client sent after STARTTLS in plain text is not
+        # trusted and never read (CVE-2011-0411): LineReceiver takes its
+        # next line from this buffer, so emptying it here stops it
+        self.clearLineBuffer()
+        self._discarding = self._overflowed = False
+        return Reply(220, "2.0.0", "SMTP server ready", after=self._start_tls)
+
+    def _start_tls(self) -> None:
+        self.transport.startTLS(self.ctx.tls[self.connector.name])
+        self.tls_active = True
+        # RFC 3207 §4.2: the client starts over, knowing nothing
+        self.helo, self.esmtp, self.txn, self.identity = None, False, None, None
+        self.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms)
+        self.plog.info("STARTTLS: TLS negotiation started")
+
+    # -- AUTH (RFC 4954) -------------------------------------------------------
+
+    def _auth_offered(self) -> bool:
+        mechs = self.connector.auth_mechanisms
+        if "BasicAuth" not in mechs or self.ctx.portal is None:
+            return False
+        return self.tls_active or "BasicAuthRequireTLS" not in mechs
+
+    def do_AUTH(self, arg: str):
+        mechs = self.connector.auth_mechanisms
+        if not self._auth_offered():
+            if "BasicAuthRequireTLS" in mechs and self.ctx.portal is not None and not self.tls_active:
+                return Reply(538, "5.7.11", "Encryption required for requested authentication mechanism",
+                             protocol_error=True, tarpit=True)
+            return self._not_offered(arg)
+        if self.helo is None or not self.esmtp:
+            return bad_sequence("Send EHLO first")
+        if self.identity is not None:
+            return bad_sequence("Already authenticated")
+        if self.txn is not None:
+            return bad_sequence("AUTH not permitted during a mail transaction")
+        mechanism, _, initial = arg.partition(" ")
+        if not mechanism:
+            return syntax_error("Syntax: AUTH mechanism [initial-response]")
+        mechanism, initial = mechanism.upper(), initial.strip(" ")
+        if mechanism == "PLAIN":
+            if initial:
+                return self._auth_plain(initial)
+            self._auth_step = self._auth_plain
+            return Reply(334, None, "")
+        if mechanism == "LOGIN":
+            if initial:
+                return self._auth_login_user(initial)
+            self._auth_step = self._auth_login_user
+            return Reply(334, None, "VXNlcm5hbWU6")          # "Username:"
+        return Reply(504, "5.5.4", "Unrecognized authentication type", protocol_error=True, tarpit=True)
+
+    @staticmethod
+    def _decode(text: str):
+        """The client's base64 response, or the Reply that ends the dialogue."""
+        if text == "*":
+            return Reply(501, "5.0.0", "Authentication cancelled")
+        if text == "=":
+            return b""                                       # RFC 4954: an empty initial response
+        try:
+            return base64.b64decode(text.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            return syntax_error("Cannot decode the authentication response (not base64)", "5.5.2")
+
+    def _auth_plain(self, text: str):
+        data = self._decode(text)
+        if isinstance(data, Reply):
+            return data
+        parts = data.split(b"\0")
+        if len(parts) != 3:
+            return syntax_error("Malformed PLAIN response (authzid NUL authcid NUL password)", "5.5.2")
+        authzid, user, password = parts
+        if authzid and authzid != user:
+            return self._auth_failed()                       # no acting for another user
+        return self._auth_check(user, password)
+
+    def _auth_login_user(self, text: str):
+        user = self._decode(text)
+        if isinstance(user, Reply):
+            return user
+        self._auth_step = functools.partial(self._auth_login_password, user)
+        return Reply(334, None, "UGFzc3dvcmQ6")              # "Password:"
+
+    def _auth_login_password(self, user: bytes, text: str):
+        password = self._decode(text)
+        if isinstance(password, Reply):
+            return password
+        return self._auth_check(user, password)
+
+    def _auth_check(self, user: bytes, password: bytes):
+        try:
+            user_text, password_text = user.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._auth_failed()
+        if not user_text or not password_text:
+            # an empty password is an anonymous bind that AD answers with
+            # success: never let it reach the directory
+            return self._auth_failed()
+        d = self.ctx.portal.login(UsernamePassword(user_text, password_text), None, IIdentity)
+        d.addCallbacks(self._authenticated, self._auth_error, errbackArgs=(user_text,))
+        return d
+
+    def _authenticated(self, result):
+        _, identity, _ = result
+        self.identity = identity
+        self.logon_failures = 0
+        self.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms,
+                                               authenticated_as=identity.principals)
+        self.plog.info(f"authenticated as {identity.name}; rights: {self.permissions.explain()}")
+        return Reply(235, "2.7.0", "Authentication successful")
+
+    def _auth_error(self, failure, user: str):
+        if failure.check(cred_error.UnauthorizedLogin):
+            self.plog.info(f"authentication failed for {user}")
+            return self._auth_failed()
+        if not failure.check(DirectoryUnavailable):
+            log.failure("session {session}: checking credentials", failure, session=self.session_id)
+        self.plog.info(f"authentication for {user} could not be checked: {failure.getErrorMessage()}")
+        return Reply(454, "4.7.0", "Temporary authentication failure")
+
+    def _auth_failed(self):
+        """535 after auth_tarpit_interval; past max_logon_failures, 421 and close."""
+        self.logon_failures += 1
+        limit = self.connector.max_logon_failures
+        if limit and self.logon_failures >= limit:
+            reply = Reply(421, "4.7.0", "Too many failed authentication attempts, closing transmission channel",
+                          close=True)
+        else:
+            reply = Reply(535, "5.7.8", "Authentication credentials invalid")
+        delay = self.connector.auth_tarpit_interval
+        if delay <= 0:
+            return reply
+        return task.deferLater(self.ctx.clock, delay, lambda: reply)
 
     def do_MAIL(self, arg: str) -> Reply:
         if self.helo is None:
@@ -429,7 +624,11 @@ class SMTPServer(basic.LineReceiver):
         limit = self._size_limit()
         if txn.declared_size is not None and txn.declared_size > limit:
             return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-        if sender is not None and not sender.is_literal and self.ctx.router.is_authoritative(sender.domain) \
+        # the spoofing check is for anonymous peers: an authenticated user
+        # sending as an address of ours is the normal case (Exchange leaves
+        # Send-As to the mailbox side; here the identity is in the log)
+        if sender is not None and not sender.is_literal and self.identity is None \
+                and self.ctx.router.is_authoritative(sender.domain) \
                 and Right.AcceptAuthoritativeDomainSender not in self.permissions:
             return Reply(550, "5.7.1", "Client does not have permissions to send as this sender", tarpit=True)
         self.txn = txn
@@ -515,11 +714,20 @@ class SMTPServer(basic.LineReceiver):
         return Reply(354, None, "Start mail input; end with <CRLF>.<CRLF>")
 
     def _received_header(self, queue_id: str) -> bytes:
+        # RFC 3848: ESMTPS with TLS, ESMTPA authenticated, ESMTPSA both
         protocol = "ESMTP" if self.esmtp else "SMTP"
+        if self.esmtp and (self.tls_active or self.identity is not None):
+            protocol += ("S" if self.tls_active else "") + ("A" if self.identity is not None else "")
         now = _rfc5322_date(int(self.ctx.clock.seconds()))
+        using = ""
+        if self.tls_active:
+            if self.tls_info is None:
+                self.tls_info = tls.describe(self.transport) or "TLS"
+            using = f"\t({self.tls_info})\r\n"
         return (
             f"Received: from {self.helo} ([{self.peer_host}])\r\n"
             f"\tby {self.fqdn} (exedge, receive connector \"{self.connector.name}\")\r\n"
+            f"{using}"
             f"\twith {protocol} id {queue_id};\r\n"
             f"\t{now}\r\n"
         ).encode("ascii", "replace")
@@ -580,9 +788,9 @@ class SMTPServer(basic.LineReceiver):
         return Reply(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery")
 
     def do_HELP(self, arg: str) -> Reply:
-        return Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+        return Reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
 
     def _not_offered(self, arg: str) -> Reply:
         return Reply(502, "5.5.1", "Command not implemented", protocol_error=True, tarpit=True)
 
-    do_EXPN = do_TURN = do_ETRN = do_ATRN = do_BDAT = do_STARTTLS = do_AUTH = _not_offered
+    do_EXPN = do_TURN = do_ETRN = do_ATRN = do_BDAT = _not_offered

@@ -14,6 +14,7 @@ class Reply:
     protocol_error: bool = False  # counts towards max_protocol_errors
     tarpit: bool = False        # delayed by tarpit_interval for untrusted peers
     close: bool = False         # close the connection after sending
+    after: object = attrs.field(default=None, eq=False)   # called once the reply is written (STARTTLS)
 
     def encode(self) -> bytes:
         lines = (self.text,) + self.more

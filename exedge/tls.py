@@ -1,0 +1,151 @@
+"""
+TLS for receive connectors: certificates checked at start-up, contexts
+built once, and what a session's TLS was, for the Received header.
+
+A connector that offers Tls must present a certificate that names its
+FQDN (checked with service_identity, as a client would): a mismatch is a
+configuration error at start-up, not a surprise for the first partner
+that validates. A connector with Tls and no certificate anywhere gets a
+self-signed one made at start-up for its FQDN, as Exchange does at
+install, so STARTTLS works out of the box for opportunistic peers; the
+log says so.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import crypto
+from service_identity import VerificationError
+from service_identity.cryptography import verify_certificate_hostname
+from twisted.internet import ssl
+from twisted.logger import Logger
+
+from exedge.config import Config, ConfigError
+
+log = Logger()
+
+
+def self_signed(fqdn: str, days: int = 365) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) naming C{fqdn}: an EC P-256 key, in memory only."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, fqdn)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(fqdn)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+def _pem_certificates(data: bytes) -> list:
+    return x509.load_pem_x509_certificates(data)
+
+
+def server_options(cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
+    """Modern defaults: TLS 1.2 or later, Twisted's cipher choice, the chain as given."""
+    chain = _pem_certificates(cert_pem)
+    return ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(serialization.load_pem_private_key(key_pem, None)),
+        certificate=crypto.X509.from_cryptography(chain[0]),
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def receive_contexts(config: Config) -> dict[str, ssl.CertificateOptions]:
+    """
+    The TLS options of every receive connector that offers Tls, by name.
+    Raises L{ConfigError} naming the key and line of each certificate that
+    cannot be read, has no matching key, or does not name the connector's FQDN.
+    """
+    contexts: dict[str, ssl.CertificateOptions] = {}
+    problems = []
+    made: dict[str, ssl.CertificateOptions] = {}
+    for i, rc in enumerate(config.receive_connectors):
+        if "Tls" not in rc.auth_mechanisms or not rc.enabled:
+            continue
+        fqdn = rc.effective_fqdn(config.server)
+        if rc.certificate_file:
+            where, cert_file, key_file = ("receive_connectors", i), rc.certificate_file, rc.private_key_file
+        elif config.server.certificate_file:
+            where, cert_file, key_file = ("server",), config.server.certificate_file, config.server.private_key_file
+        else:
+            if fqdn not in made:
+                made[fqdn] = server_options(*self_signed(fqdn))
+                log.warn("receive connector {name}: no certificate_file; STARTTLS uses a self-signed "
+                         "certificate for {fqdn}", name=rc.name, fqdn=fqdn)
+            contexts[rc.name] = made[fqdn]
+            continue
+        key_file = key_file or cert_file
+        try:
+            cert_pem = _read(cert_file)
+            key_pem = cert_pem if key_file == cert_file else _read(key_file)
+        except OSError as e:
+            key = "certificate_file" if e.filename == cert_file else "private_key_file"
+            problems.append(config.problem(where + (key,), f"cannot read {e.filename}: {e.strerror}"))
+            continue
+        try:
+            leaf = _pem_certificates(cert_pem)[0]
+        except ValueError as e:
+            problems.append(config.problem(where + ("certificate_file",), f"{cert_file}: not a PEM certificate ({e})"))
+            continue
+        try:
+            verify_certificate_hostname(leaf, fqdn)
+        except VerificationError:
+            names = _names(leaf)
+            problems.append(config.problem(
+                where + ("certificate_file",),
+                f"{cert_file} names {', '.join(names) or 'nothing'}, not {fqdn} "
+                f"(the fqdn of receive connector {rc.name!r}): clients that check would refuse it"))
+            continue
+        try:
+            contexts[rc.name] = server_options(cert_pem, key_pem)
+        except Exception as e:   # a key that does not parse or does not match the certificate
+            problems.append(config.problem(where + ("private_key_file",),
+                                           f"{key_file}: no usable private key for {cert_file} ({e})"))
+    if problems:
+        raise ConfigError(problems)
+    return contexts
+
+
+def _names(cert) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        return [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+
+
+def describe(transport) -> str | None:
+    """
+    "version=TLSv1.3 cipher=TLS_AES_256_GCM_SHA384 bits=256/256; no client
+    certificate" for a TLS transport, None for plain text.
+    """
+    connection = getattr(transport, "getHandle", lambda: None)()
+    get_cipher = getattr(connection, "get_cipher_name", None)
+    if get_cipher is None or get_cipher() is None:
+        return None
+    text = (f"version={connection.get_protocol_version_name()} cipher={get_cipher()} "
+            f"bits={connection.get_cipher_bits()}")
+    peer = connection.get_peer_certificate()
+    if peer is None:
+        return text + "; no client certificate"
+    return text + "; client certificate presented, not verified"
