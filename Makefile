@@ -24,13 +24,21 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test debian-test-deps
 
-# Debian packages the tests use (swaks as a second real SMTP client).
+# Debian packages the tests use: swaks (a second real SMTP client) and a
+# Samba AD domain controller (the directory for AUTH; ../shared/research/
+# directory-servers.md). policy-rc.d keeps Debian from starting services.
+SAMBA_PACKAGES := samba samba-dsdb-modules samba-vfs-modules samba-ad-provision
 debian-test-deps:
-	@if ! command -v swaks >/dev/null 2>&1; then \
+	@missing=""; \
+	command -v swaks >/dev/null 2>&1 || missing="$$missing swaks"; \
+	command -v samba >/dev/null 2>&1 || missing="$$missing $(SAMBA_PACKAGES)"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq swaks >/dev/null) \
-	      || echo "warning: could not install swaks; its tests will be skipped"; \
-	  else echo "note: swaks not installed; its tests will be skipped"; fi; \
+	    (apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $$missing >/dev/null) \
+	      || echo "warning: could not install$$missing"; \
+	  else echo "note: not installed:$$missing (their tests are skipped outside CI)"; fi; \
 	fi
 
 # Start the server on the embedded default configuration (loopback only).

@@ -18,6 +18,7 @@ from twisted.python.threadpool import ThreadPool
 
 from exedge import tls
 from exedge.auth.credentials import FileChecker, portal_for
+from exedge.auth.directory import DirectoryChecker
 from exedge.config import Config
 from exedge.queue import QueueManager, Spool
 from exedge.receive import ConnectorTable, ServerContext, listener_services
@@ -132,10 +133,14 @@ def build_service(config: Config, reactor=None) -> MultiService:
     spool_service.setServiceParent(top)
     manager.setServiceParent(top)
     portal = None
-    if config.directory.credentials_file:
+    if config.directory.credentials_file or config.directory.servers:
         auth_pool = ThreadPoolService("exedge-auth", config.directory.auth_threads, reactor)
         auth_pool.setServiceParent(top)
-        portal = portal_for(FileChecker(config.directory.credentials_file, auth_pool.run))
+        if config.directory.servers:
+            checker = DirectoryChecker(config.directory, auth_pool.run)
+        else:
+            checker = FileChecker(config.directory.credentials_file, auth_pool.run)
+        portal = portal_for(checker)
     context = ServerContext(
         server=config.server,
         connectors=ConnectorTable(config.receive_connectors),

@@ -1,3 +1,7 @@
+import os
+import shutil
+import subprocess
+
 import pytest
 
 from harness import Server, config_text, free_port
@@ -20,3 +24,30 @@ def start_server(tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+DIRECTORY_SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "directory")
+
+
+@pytest.fixture(scope="session")
+def samba_ad(tmp_path_factory):
+    """
+    A real Samba AD domain controller for FABRIKAM.COM on a loopback address
+    (provisioned once per machine, copied per session), with the users of
+    tests/directory/start_samba_ad.sh. Outside CI it is skipped when samba
+    is missing; in CI (CI=true) that is a failure.
+    """
+    if not shutil.which("samba") or os.geteuid() != 0:
+        message = "samba (AD DC) not installed, or not root"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    work = tmp_path_factory.mktemp("samba-ad")
+    env = dict(os.environ, SAMBA_AD_MAX_RUNTIME="5400")
+    r = subprocess.run(["bash", os.path.join(DIRECTORY_SCRIPTS, "start_samba_ad.sh"), str(work), "auto"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    if r.returncode:
+        pytest.fail(f"samba did not start: {r.stderr[-2000:]}")
+    info = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    yield info
+    subprocess.run(["bash", os.path.join(DIRECTORY_SCRIPTS, "stop_samba_ad.sh"), str(work)], timeout=60)

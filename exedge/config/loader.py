@@ -141,6 +141,15 @@ def _validate(cfg: dict, out: _Collector) -> None:
             out.problem(("accepted_domains", i, "domain_name"), f"duplicate accepted domain {dom.domain_name!r}")
         seen_domains[dom.domain_name] = i
 
+    directory = cfg["directory"]
+    if directory is not None:
+        if directory.servers and directory.credentials_file:
+            out.problem(("directory", "servers"), "use servers (LDAP) or credentials_file (local), not both")
+        if directory.servers and not directory.base_dn:
+            out.problem(("directory", "base_dn"), "needed with servers (where users and groups are searched)")
+        if directory.bind_mode == "Search" and not directory.service_account:
+            out.problem(("directory", "service_account"), "bind_mode = \"Search\" needs a service_account")
+
     modes: dict = {}
     for i, rc in enumerate(cfg["receive_connectors"]):
         # TLS starts before a connector is chosen on an implicit-TLS port:
@@ -190,9 +199,10 @@ def _validate(cfg: dict, out: _Collector) -> None:
         if rc.tls_mode == "Implicit" and "Tls" not in mechs:
             out.problem(path + ("tls_mode",), "Implicit TLS needs Tls in auth_mechanisms")
         if mechs & {"BasicAuth", "BasicAuthRequireTLS"} and cfg["directory"] is not None \
-                and not cfg["directory"].credentials_file:
+                and not cfg["directory"].credentials_file and not cfg["directory"].servers:
             out.problem(path + ("auth_mechanisms",),
-                        "BasicAuth without a [directory] credentials_file: AUTH will not be offered", warning=True)
+                        "BasicAuth without [directory] servers or credentials_file: AUTH will not be offered",
+                        warning=True)
         trusting = "ExternalAuthoritative" in mechs
         if trusting and any(r.size >= 2**24 for r in rc.remote_ip_ranges):
             out.problem(path + ("remote_ip_ranges",),

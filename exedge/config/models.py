@@ -134,12 +134,54 @@ class ServerConfig:
     private_key_file: str | None = setting(text, None, "PEM private key of certificate_file (default: the same file)")
 
 
+def ldap_url(value: Any) -> str:
+    from exedge.auth.directory import parse_server_url
+    if not isinstance(value, str):
+        raise ValueError(f"expected \"ldaps://host:port\", got {value!r}")
+    parse_server_url(value.strip())
+    return value.strip()
+
+
+def group_map(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError("expected a table of directory group = permission group")
+    out = {}
+    for group, permission in value.items():
+        if permission not in ("ExchangeServers", "ExchangeLegacyServers", "Partners"):
+            raise ValueError(f"{group!r}: maps to ExchangeServers, ExchangeLegacyServers or Partners, "
+                             f"not {permission!r} (every user is in ExchangeUsers)")
+        out[group] = permission
+    return out
+
+
+def secret_ref(value: Any) -> dict:
+    """{ username = "...", password_file = "..." }: the secret itself never in this file."""
+    if not isinstance(value, dict) or set(value) != {"username", "password_file"}:
+        raise ValueError("expected { username = \"...\", password_file = \"...\" } (no inline password)")
+    return {"username": text(value["username"]), "password_file": text(value["password_file"])}
+
+
 @attrs.frozen(kw_only=True)
 class DirectoryConfig:
-    """Where AUTH credentials are checked."""
+    """Where AUTH credentials are checked: a local file, or LDAP / Active Directory."""
 
     credentials_file: str | None = setting(text, None, "local users (exedge user add/remove/list): user name, scrypt hash, groups")
+    servers: tuple = setting(list_of(ldap_url), (), "LDAP servers in failover order: ldaps://dc1.fabrikam.com (636) or ldap://... (StartTLS)")
+    base_dn: str | None = setting(text, None, "where users and groups are searched, e.g. DC=fabrikam,DC=com")
+    bind_mode: str = setting(choice("Upn", "Search"), "Upn", "Upn: bind with the name given (AD: user@domain); Search: find the DN with service_account, bind with it")
+    service_account: dict | None = setting(secret_ref, None, "{ username, password_file } for Search mode")
+    ca_file: str | None = setting(text, None, "CA certificates that sign the directory servers' certificates (default: the system's)")
+    timeout: float = setting(timespan(120), 5.0, "connect and answer timeout per directory server")
+    group_permissions: dict = setting(group_map, {"Exchange Servers": "ExchangeServers"}, "directory group (cn) = permission group its members hold, nested groups included")
     auth_threads: int = setting(integer(1, 64), 4, "threads that check passwords, so a slow check never blocks the event loop")
+
+    @property
+    def service_account_username(self) -> str | None:
+        return self.service_account["username"] if self.service_account else None
+
+    @property
+    def service_account_password_file(self) -> str | None:
+        return self.service_account["password_file"] if self.service_account else None
 
 
 @attrs.frozen(kw_only=True)

@@ -555,7 +555,8 @@ class SMTPServer(basic.LineReceiver):
 
     def _auth_error(self, failure, user: str):
         if failure.check(cred_error.UnauthorizedLogin):
-            self.plog.info(f"authentication failed for {user}")
+            reason = failure.getErrorMessage().removeprefix(f"{user}: ").removeprefix(f"{user.lower()}: ")
+            self.plog.info(f"authentication failed for {user}: {reason}")
             return self._auth_failed()
         if not failure.check(DirectoryUnavailable):
             log.failure("session {session}: checking credentials", failure, session=self.session_id)

@@ -1,0 +1,183 @@
+"""
+AUTH against a real Active Directory: a Samba AD DC (the samba_ad session
+fixture) with FABRIKAM.COM's users, checked by exedge over LDAPS with CA
+validation, driven by smtplib.
+"""
+
+import base64
+import smtplib
+import socket
+import ssl
+import threading
+
+import pytest
+from ldap3 import SIMPLE, Connection, Server, Tls
+
+from harness import free_port
+
+
+def config(ad, *, servers=None, groups='["AnonymousUsers", "ExchangeUsers"]', extra_connector=""):
+    servers = servers or [f"ldaps://{ad['LDAP_HOST']}:636"]
+    return f"""
+[server]
+fqdn = "edge01.example.com"
+spool_directory = "var/spool"
+
+[[accepted_domains]]
+domain_name = "example.com"
+
+[[receive_connectors]]
+name = "Client Frontend"
+bindings = ["127.0.0.1:{{port}}"]
+remote_ip_ranges = ["127.0.0.0/8"]
+auth_mechanisms = ["Tls", "BasicAuth"]
+permission_groups = {groups}
+tarpit_interval = 0
+auth_tarpit_interval = 0
+max_logon_failures = 10
+{extra_connector}
+
+[[send_connectors]]
+name = "Local drop"
+address_spaces = ["example.com"]
+drop_directory = "var/drop"
+
+[directory]
+servers = {servers!r}
+base_dn = "{ad['BASE_DN']}"
+ca_file = "{ad['TLS_CA_FILE']}"
+timeout = 3
+""".replace("'", '"')
+
+
+def auth(port, user, password, mechanism="PLAIN"):
+    """(code, text) of AUTH on a fresh session."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+        c.ehlo("client.test")
+        if not (user + password).isascii():       # smtplib encodes credentials as ASCII; RFC 4954 says UTF-8
+            response = base64.b64encode(f"\0{user}\0{password}".encode("utf-8")).decode()
+            return c.docmd("AUTH", f"{mechanism} {response}")
+        c.user, c.password = user, password
+        try:
+            return c.auth(mechanism, getattr(c, "auth_" + mechanism.lower()), initial_response_ok=True)
+        except smtplib.SMTPAuthenticationError as e:
+            return e.smtp_code, e.smtp_error
+
+
+@pytest.mark.parametrize("user,password,mechanism", [
+    ("smtpgateway@fabrikam.com", "Gatew4y!pass", "PLAIN"),
+    ("SMTPGateway@Fabrikam.com", "Gatew4y!pass", "LOGIN"),
+    ("jdoe@corp.fabrikam.com", "Jd0e!passw0rd", "PLAIN"),      # UPN suffix is not the mail domain
+    ("joerg@fabrikam.com", "Pässwörd!1€", "PLAIN"),            # non-ASCII password
+])
+def test_auth_by_user_principal_name(start_server, samba_ad, user, password, mechanism):
+    server = start_server(config(samba_ad))
+    code, text = auth(server.port, user, password, mechanism)
+    assert (code, text[:5]) == (235, b"2.7.0")
+    assert f"authenticated as {user.lower()}" in server.log
+
+
+@pytest.mark.parametrize("user,password", [
+    ("smtpgateway@fabrikam.com", "wrong"),
+    ("nobody@fabrikam.com", "Gatew4y!pass"),
+    ("bob@fabrikam.com", "Bob!pass1"),                         # disabled (data 533)
+    ("smtpgateway", "Gatew4y!pass"),                           # not a UPN
+])
+def test_refused_logons_get_535(start_server, samba_ad, user, password):
+    server = start_server(config(samba_ad))
+    code, text = auth(server.port, user, password)
+    assert (code, text[:5]) == (535, b"5.7.8")
+
+
+def test_locked_out_account_is_refused_even_with_its_password(start_server, samba_ad):
+    server = start_server(config(samba_ad))
+    ad = Server(samba_ad["LDAP_HOST"], port=636, use_ssl=True,
+                tls=Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=samba_ad["TLS_CA_FILE"]))
+    for _ in range(3):      # the domain locks an account after 3 bad passwords
+        assert not Connection(ad, user="mallory@fabrikam.com", password="bad", authentication=SIMPLE).bind()
+    code, _ = auth(server.port, "mallory@fabrikam.com", "Mall0ry!pass")
+    assert code == 535
+    assert "authentication failed for mallory@fabrikam.com: account locked out" in server.log
+
+
+def test_exchange_servers_group_membership_grants_the_server_rights(start_server, samba_ad, tmp_path):
+    # a connector for servers only: a plain user authenticates but may not
+    # submit; members of "Exchange Servers" (directly or through a nested
+    # group) relay with every server right
+    server = start_server(config(samba_ad, groups='["ExchangeServers"]'))
+    for user, password in (("edgesync@fabrikam.com", "Edg3sync!pass"), ("relay01@fabrikam.com", "R3lay01!pass")):
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as c:
+            c.ehlo("client.test")
+            c.login(user, password)
+            c.mail("app@fabrikam.com")
+            assert c.rcpt("someone@partner.test")[0] == 250
+        assert f"authenticated as {user}; rights: Exchange Servers -> Submit, AcceptAnyRecipient" in server.log
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as c:
+        c.ehlo("client.test")
+        c.login("smtpgateway@fabrikam.com", "Gatew4y!pass")
+        assert c.docmd("MAIL", "FROM:<app@fabrikam.com>")[0] == 530
+
+
+class Forwarder:
+    """A TCP relay to the directory that can be started late: the directory 'comes back'."""
+
+    def __init__(self, target):
+        self.target = target
+        self.port = free_port()
+        self.sock = None
+
+    def start(self):
+        self.sock = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target, timeout=10)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self):
+        if self.sock is not None:
+            self.sock.close()
+
+
+def test_directory_down_means_454_then_success_once_it_is_back(start_server, samba_ad):
+    forwarder = Forwarder((samba_ad["LDAP_HOST"], 636))
+    # the certificate names 127.0.0.1 too, so the forwarder's address verifies
+    server = start_server(config(samba_ad, servers=[f"ldaps://127.0.0.1:{forwarder.port}"]))
+    try:
+        code, text = auth(server.port, "smtpgateway@fabrikam.com", "Gatew4y!pass")
+        assert (code, text[:5]) == (454, b"4.7.0")                   # never 535, never accepted
+        forwarder.start()
+        code, text = auth(server.port, "smtpgateway@fabrikam.com", "Gatew4y!pass")
+        assert (code, text[:5]) == (235, b"2.7.0")
+    finally:
+        forwarder.stop()
+
+
+def test_the_empty_password_never_reaches_the_directory(start_server, samba_ad):
+    # real AD answers an empty-password simple bind as an anonymous success
+    server = start_server(config(samba_ad))
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as c:
+        c.ehlo("client.test")
+        code, text = c.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0smtpgateway@fabrikam.com\0").decode())
+    assert (code, text[:5]) == (535, b"5.7.8")
+    assert "authentication failed for smtpgateway" not in server.log     # the directory was never asked
