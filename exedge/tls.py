@@ -149,3 +149,67 @@ def describe(transport) -> str | None:
     if peer is None:
         return text + "; no client certificate"
     return text + "; client certificate presented, not verified"
+
+
+# -- sending -------------------------------------------------------------------
+
+
+def _trust(ca_file: str | None):
+    if not ca_file:
+        return ssl.platformTrust()
+    return ssl.trustRootFromCertificates(
+        [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in _pem_certificates(_read(ca_file))])
+
+
+def client_policy(connector, host: str):
+    """
+    (TLS options or None, TLS required) for a session of this send
+    connector to C{host} (the smart host as configured, or the MX host).
+
+    EncryptionOnly (the default, opportunistic) accepts any certificate;
+    CertificateValidation checks the chain; DomainValidation also the name
+    (tls_domain, or the host dialled). BasicAuthRequireTLS to a smart host
+    means DomainValidation against the smart host's configured name, as
+    Exchange requires, so credentials go only to the host they are for.
+    """
+    if connector.ignore_start_tls:
+        return None, False
+    level = connector.tls_auth_level or "EncryptionOnly"
+    name = connector.tls_domain or host
+    required = connector.require_tls
+    if connector.smart_host_auth_mechanism == "BasicAuthRequireTLS":
+        level, name, required = "DomainValidation", host, True
+    if level == "EncryptionOnly":
+        return ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2), required
+    trust = _trust(connector.tls_ca_file)
+    if level == "CertificateValidation":
+        return ssl.CertificateOptions(trustRoot=trust, raiseMinimumTo=ssl.TLSVersion.TLSv1_2), required
+    return ssl.optionsForClientTLS(name, trustRoot=trust), required
+
+
+def send_credentials(config: Config) -> dict[str, tuple[str, str]]:
+    """
+    Each send connector's smart-host credentials, read from its
+    password_file at start-up (never inline, never logged); a file that
+    cannot be read is a configuration error with the key and line.
+    """
+    found, problems = {}, []
+    for i, c in enumerate(config.send_connectors):
+        if not c.authentication_credential or c.smart_host_auth_mechanism not in ("BasicAuth", "BasicAuthRequireTLS"):
+            continue
+        path = c.authentication_credential["password_file"]
+        try:
+            with open(path, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except OSError as e:
+            problems.append(config.problem(("send_connectors", i, "authentication_credential"),
+                                           f"cannot read password_file {path}: {e.strerror}"))
+            continue
+        if not password:
+            problems.append(config.problem(("send_connectors", i, "authentication_credential"),
+                                           f"password_file {path} is empty"))
+            continue
+        found[c.name] = (c.authentication_credential["username"], password)
+    if problems:
+        raise ConfigError(problems)
+    return found

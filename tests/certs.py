@@ -6,6 +6,7 @@ a CA, and leaf certificates it signs for the names a test needs.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 
 from cryptography import x509
@@ -21,6 +22,13 @@ def _name(cn: str) -> x509.Name:
 def _pem_key(key) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
+
+
+def _san(name: str):
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 class CA:
@@ -50,7 +58,7 @@ class CA:
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
             .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
             .sign(self.key, hashes.SHA256())
         )

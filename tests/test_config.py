@@ -856,3 +856,28 @@ def test_queue_table_has_exchange_edge_defaults_and_accepts_overrides():
     with pytest.raises(ConfigError) as e:
         loads('[queue]\nmessage_expiration = "5d"\n', source="t.toml")
     assert e.value.problems[0].key == "queue.message_expiration" and e.value.problems[0].line == 2
+
+
+def test_send_connector_tls_and_auth_rules_name_the_key():
+    import pytest as _pytest
+    from exedge.config import ConfigError, loads as _loads
+    base = '''[[send_connectors]]
+name = "x"
+address_spaces = ["*"]
+smart_hosts = ["mbx01.example.com"]
+dns_routing_enabled = false
+'''
+
+    def problems(extra):
+        with _pytest.raises(ConfigError) as e:
+            _loads(base + extra)
+        return "\n".join(str(p) for p in e.value.problems)
+
+    assert "<config>:6: send_connectors[0].tls_auth_level: needs require_tls = true" in problems(
+        'tls_auth_level = "DomainValidation"\n')
+    assert "<config>:6: send_connectors[0].smart_host_auth_mechanism: " \
+           "BasicAuthRequireTLS needs authentication_credential = { username" in problems('smart_host_auth_mechanism = "BasicAuthRequireTLS"\n')
+    inline = problems('smart_host_auth_mechanism = "BasicAuth"\n'
+                      'authentication_credential = { username = "u", password = "inline" }\n')
+    assert "<config>:7: send_connectors[0].authentication_credential: expected { username" in inline
+    assert "no inline password" in inline

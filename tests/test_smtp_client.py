@@ -198,3 +198,32 @@ def test_each_pipelined_reply_gets_its_own_rfc_wait():
     assert not client.result.called
     clock.advance(2)
     assert client.result.called and "timeout waiting for the DATA reply" in client.result.result.error
+
+
+def test_required_tls_without_starttls_sends_no_mail():
+    from twisted.internet import ssl
+    transport = StringTransport()
+    client = SMTPClient([message("b@x.test")], helo="e.test", clock=task.Clock(),
+                        tls=ssl.CertificateOptions(), tls_required=True)
+    client.makeConnection(transport)
+    client.dataReceived(b"220 peer ready\r\n250-peer\r\n250 PIPELINING\r\n")
+    result = client.result.result
+    assert not result.started and "does not offer STARTTLS" in result.error
+    assert b"MAIL" not in transport.value() and transport.value().endswith(b"QUIT\r\n")
+
+
+def test_credentials_only_inside_tls_unless_plain_basic_auth_is_chosen():
+    transport = StringTransport()
+    client = SMTPClient([message("b@x.test")], helo="e.test", clock=task.Clock(),
+                        credentials=("edge", "secret"))           # no TLS options: never inside TLS
+    client.makeConnection(transport)
+    client.dataReceived(b"220 peer ready\r\n250-peer\r\n250 AUTH PLAIN\r\n")
+    assert b"AUTH" not in transport.value() and not client.result.result.started
+    transport = StringTransport()
+    client = SMTPClient([message("b@x.test")], helo="e.test", clock=task.Clock(),
+                        credentials=("edge", "secret"), auth_requires_tls=False)
+    client.makeConnection(transport)
+    client.dataReceived(b"220 peer ready\r\n250-peer\r\n250 AUTH PLAIN\r\n")
+    assert transport.value().endswith(b"AUTH PLAIN AGVkZ2UAc2VjcmV0\r\n")
+    client.dataReceived(b"235 2.7.0 ok\r\n")
+    assert transport.value().endswith(b"MAIL FROM:<a@s.test>\r\n")

@@ -123,6 +123,25 @@ def _validate(cfg: dict, out: _Collector) -> None:
             out.problem(path + ("dns_routing_enabled",), "must be false when smart_hosts are set (as in Exchange)")
         if not conn.drop_directory and not conn.smart_hosts and conn.dns_routing_enabled is False:
             out.problem(path + ("smart_hosts",), "dns_routing_enabled = false needs smart_hosts (or a drop_directory)")
+        if conn.tls_auth_level and not conn.require_tls:
+            out.problem(path + ("tls_auth_level",), "needs require_tls = true (as in Exchange)")
+        if conn.tls_domain and conn.tls_auth_level != "DomainValidation":
+            out.problem(path + ("tls_domain",), "only used with tls_auth_level = \"DomainValidation\"")
+        if conn.ignore_start_tls and conn.require_tls:
+            out.problem(path + ("ignore_start_tls",), "cannot be combined with require_tls")
+        auth = conn.smart_host_auth_mechanism
+        if auth in ("BasicAuth", "BasicAuthRequireTLS"):
+            if not conn.smart_hosts:
+                out.problem(path + ("smart_host_auth_mechanism",), f"{auth} authenticates to smart_hosts: set them")
+            if not conn.authentication_credential:
+                out.problem(path + ("smart_host_auth_mechanism",),
+                            f"{auth} needs authentication_credential = "
+                            f"{{ username = \"...\", password_file = \"...\" }}")
+            if auth == "BasicAuthRequireTLS" and conn.ignore_start_tls:
+                out.problem(path + ("ignore_start_tls",), "BasicAuthRequireTLS needs STARTTLS")
+        elif conn.authentication_credential:
+            out.problem(path + ("authentication_credential",),
+                        "set smart_host_auth_mechanism = \"BasicAuth\" or \"BasicAuthRequireTLS\" to use it")
         if not conn.drop_directory:
             continue
         # files are named by queue id: two connectors in one directory would

@@ -337,6 +337,13 @@ class SendConnector:
     connection_inactivity_timeout: float = setting(v.parse_timespan, 600.0, "longest wait for a reply from the next hop")
     max_message_size: int | None = setting(lambda x: v.parse_size(x, allow_unlimited=True), _send_size_default, "largest message this connector carries", per_usage=True)
     enabled: bool = setting(boolean, True, "false: never chosen for routing")
+    ignore_start_tls: bool = setting(boolean, False, "never use STARTTLS (Exchange's IgnoreStartTLS)")
+    require_tls: bool = setting(boolean, False, "deliver only over TLS; a next hop without STARTTLS is a transient failure")
+    tls_auth_level: str | None = setting(choice("EncryptionOnly", "CertificateValidation", "DomainValidation"), None, "with require_tls: what the next hop's certificate must prove (default EncryptionOnly)")
+    tls_domain: str | None = setting(v.parse_fqdn, None, "DomainValidation: the name the certificate must carry (default: the host dialled)")
+    tls_ca_file: str | None = setting(text, None, "CA certificates for validating next hops (default: the system's)")
+    smart_host_auth_mechanism: str = setting(choice("None", "BasicAuth", "BasicAuthRequireTLS", "ExternalAuthoritative"), "None", "how this connector authenticates to its smart hosts")
+    authentication_credential: dict | None = setting(secret_ref, None, "{ username, password_file } for BasicAuth to smart hosts")
     comment: str = setting(text, "", "free text")
 
 

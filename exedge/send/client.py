@@ -29,6 +29,7 @@ done, and an C{on_settled} to hear of each message as soon as it is done.
 
 from __future__ import annotations
 
+import base64
 import enum
 import re
 
@@ -110,7 +111,9 @@ class SessionResult:
     error: str | None = None          # connection-level failure text
     error_code: int = 0               # its SMTP code when there was one (421, 554, ...)
     untried: list = attrs.field(factory=list)   # messages past the per-connection limit
-    started: bool = False             # a transaction began (else: greeting or EHLO failed)
+    started: bool = False             # a transaction began (else: greeting, EHLO, TLS or AUTH failed)
+    tls: bool = False                 # the session ran inside STARTTLS
+    authenticated: bool = False
 
 
 @attrs.frozen
@@ -170,7 +173,8 @@ class SMTPClient(basic.LineReceiver):
     MAX_LENGTH = MAX_REPLY_LINE
 
     def __init__(self, messages, *, helo: str, clock, timeouts: Timeouts = Timeouts(),
-                 max_messages: int | None = None, source=None, on_settled=None):
+                 max_messages: int | None = None, source=None, on_settled=None,
+                 tls=None, tls_required: bool = False, credentials=None, auth_requires_tls: bool = True):
         """
         C{source(room)}: asked for more messages whenever these are done and
         the per-connection limit leaves C{room} (None: no limit); returns a
@@ -180,7 +184,18 @@ class SMTPClient(basic.LineReceiver):
 
         C{on_settled(MessageResult)}: called for each message once every one
         of its recipients has an outcome, in a session that got past EHLO.
+
+        C{tls}: client TLS options for STARTTLS when offered (None: never);
+        with C{tls_required}, a peer without it ends the session before any
+        mail. C{credentials}: (user, password) for AUTH PLAIN or LOGIN, sent
+        only inside TLS unless C{auth_requires_tls} is false. A certificate
+        that fails validation ends the handshake, so nothing (credentials
+        least of all) is ever written to an unverified peer.
         """
+        self.tls = tls
+        self.tls_required = tls_required
+        self.credentials = credentials
+        self.auth_requires_tls = auth_requires_tls
         self.queue = list(messages)
         self.source = source
         self.on_settled = on_settled
@@ -339,10 +354,11 @@ class SMTPClient(basic.LineReceiver):
 
     def _on_ehlo(self, reply: Reply) -> None:
         if reply.code == 250:
+            self.session.extensions = {}
             for line in reply.lines[1:]:
                 keyword, _, value = line.partition(" ")
                 self.session.extensions[keyword.upper()] = value.strip()
-            return self._next_message()
+            return self._secure()
         if 500 <= reply.code < 600:
             self._send(f"HELO {self.helo}")
             return self._expect("HELO", self._on_helo, self.timeouts.other)
@@ -351,6 +367,64 @@ class SMTPClient(basic.LineReceiver):
     def _on_helo(self, reply: Reply) -> None:
         if reply.code != 250:
             return self._quit_after(f"HELO: {reply}", reply.code)
+        self._secure()
+
+    # -- STARTTLS and AUTH, before any mail ------------------------------------
+
+    def _secure(self) -> None:
+        ext = self.session.extensions
+        if self.tls is not None and not self.session.tls:
+            if "STARTTLS" in ext:
+                self._send("STARTTLS")
+                return self._expect("STARTTLS", self._on_starttls, self.timeouts.other)
+            if self.tls_required:
+                return self._quit_after("the next hop does not offer STARTTLS and TLS is required", 0)
+        if self.credentials is not None and not self.session.authenticated:
+            return self._authenticate()
+        self._next_message()
+
+    def _on_starttls(self, reply: Reply) -> None:
+        if reply.code != 220:
+            if self.tls_required or (self.credentials is not None and self.auth_requires_tls):
+                return self._quit_after(f"STARTTLS refused: {reply}", reply.code)
+            self.tls = None          # opportunistic: go on in plain text
+            return self._secure()
+        self.transport.startTLS(self.tls)
+        self.session.tls = True
+        # RFC 3207: start over; what the server offers may differ inside TLS
+        self._send(f"EHLO {self.helo}")
+        self._expect("EHLO", self._on_ehlo, self.timeouts.other)
+
+    def _authenticate(self) -> None:
+        if self.auth_requires_tls and not self.session.tls:
+            return self._quit_after("credentials are sent only inside TLS, and this session has none", 0)
+        user, password = self.credentials
+        mechanisms = self.session.extensions.get("AUTH", "").upper().split()
+        b64 = lambda text: base64.b64encode(text.encode("utf-8")).decode("ascii")   # noqa: E731
+        if "PLAIN" in mechanisms:
+            self._send("AUTH PLAIN " + b64(f"\0{user}\0{password}"))
+            return self._expect("AUTH", self._on_auth, self.timeouts.other)
+        if "LOGIN" in mechanisms:
+            def password_step(reply):
+                if reply.code != 334:
+                    return self._on_auth(reply)
+                self._send(b64(password))
+                self._expect("AUTH", self._on_auth, self.timeouts.other)
+
+            def user_step(reply):
+                if reply.code != 334:
+                    return self._on_auth(reply)
+                self._send(b64(user))
+                self._expect("AUTH", password_step, self.timeouts.other)
+
+            self._send("AUTH LOGIN")
+            return self._expect("AUTH", user_step, self.timeouts.other)
+        self._quit_after("the next hop offers no AUTH PLAIN or LOGIN", 0)
+
+    def _on_auth(self, reply: Reply) -> None:
+        if reply.code != 235:
+            return self._quit_after(f"AUTH as {self.credentials[0]}: {reply}", reply.code)
+        self.session.authenticated = True
         self._next_message()
 
     def _quit_after(self, why: str, code: int) -> None:

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from exedge import tls
 from exedge.interfaces import IDeliveryAgent
 from exedge.queue.manager import Outcome
 
@@ -72,7 +73,7 @@ class RelayAgent:
     idle_time = 2.0            # seconds an open session waits for more (Postfix: smtp_connection_cache_time_limit)
 
     def __init__(self, connector, *, helo: str, run, reactor, mx=None, resolver=None,
-                 connect_timeout: float = 30.0):
+                 connect_timeout: float = 30.0, credentials=None):
         """
         C{mx}: an L{exedge.send.mx.MXResolver} for DNS routing; None for
         smart hosts. C{resolver}: the same, to find the addresses of smart
@@ -80,6 +81,8 @@ class RelayAgent:
         system's resolver).
         """
         self.resolver = resolver
+        self.credentials = credentials      # (user, password) for smart-host AUTH, or None
+        self._tls: dict[str, tuple] = {}    # host -> (client TLS options, required)
         self.connector = connector
         self.helo = helo
         self.run = run
@@ -258,6 +261,12 @@ class RelayAgent:
             targets += [(host, address, p or port) for address in addresses]
         return targets
 
+    def _tls_for(self, host: str) -> tuple:
+        """The STARTTLS policy towards C{host}, built once per host."""
+        if host not in self._tls:
+            self._tls[host] = tls.client_policy(self.connector, host)
+        return self._tls[host]
+
     def _endpoint(self, address: str, port: int):
         # an address needs no name lookup (HostnameEndpoint would still
         # send it through getaddrinfo on a thread)
@@ -296,10 +305,13 @@ class RelayAgent:
             return
         for host, address, port in targets:
             remote = f"{host}:{port}" if port != 25 else host
+            tls_options, tls_required = self._tls_for(host)
             client = SMTPClient(outbound, helo=self.helo, clock=self.reactor,
                                 timeouts=Timeouts().capped(self.connector.connection_inactivity_timeout),
                                 max_messages=self.connector.smtp_max_messages_per_connection,
-                                source=self._source(destination, entries))
+                                source=self._source(destination, entries),
+                                tls=tls_options, tls_required=tls_required, credentials=self.credentials,
+                                auth_requires_tls=self.connector.smart_host_auth_mechanism != "BasicAuth")
             client.on_settled = lambda result, client=client, remote=remote: self._settled(
                 entries, result, client.session.extensions, remote)
             try:

@@ -1,0 +1,123 @@
+"""
+The send side of TLS and smart-host authentication, between two real
+exedge servers: the edge relays to a smart host that is another exedge
+(its Received header says how the message came in).
+"""
+
+import os
+import smtplib
+import time
+
+from certs import CA
+
+EDGE = """
+[server]
+fqdn = "edge01.example.com"
+spool_directory = "var/spool"
+
+[[receive_connectors]]
+name = "From Internal Org"
+bindings = ["127.0.0.1:{{port}}"]
+remote_ip_ranges = ["127.0.0.1"]
+auth_mechanisms = ["ExternalAuthoritative"]
+permission_groups = ["ExchangeServers"]
+
+[[send_connectors]]
+name = "To smart host"
+address_spaces = ["*"]
+dns_routing_enabled = false
+smart_hosts = ["127.0.0.1:{smart_port}"]
+{send}
+"""
+
+SMART_HOST = """
+[server]
+fqdn = "{fqdn}"
+spool_directory = "var/spool"
+{server}
+
+[[accepted_domains]]
+domain_name = "partner.test"
+
+[[receive_connectors]]
+name = "From edge"
+bindings = ["127.0.0.1:{{port}}"]
+remote_ip_ranges = ["127.0.0.1"]
+fqdn = "{fqdn}"
+tarpit_interval = 0
+auth_tarpit_interval = 0
+{receive}
+
+[[send_connectors]]
+name = "Mailboxes"
+address_spaces = ["partner.test"]
+drop_directory = "var/drop"
+"""
+
+
+def send(server, rcpt="bob@partner.test"):
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.sendmail("app@example.com", [rcpt], b"Subject: via smart host\r\nFrom: app@example.com\r\n\r\nhello\r\n")
+
+
+def received_headers(path) -> str:
+    return open(path, "rb").read().split(b"\r\n\r\n")[0].decode()
+
+
+def test_opportunistic_tls_to_the_next_hop_shows_in_its_received_header(start_server):
+    smart = start_server(SMART_HOST.format(fqdn="mbx01.example.com", server="", receive="""
+auth_mechanisms = ["Tls"]
+permission_groups = ["AnonymousUsers"]"""))      # a self-signed certificate: fine for opportunistic TLS
+    edge = start_server(EDGE.format(smart_port=smart.port, send=""))
+    send(edge)
+    headers = received_headers(smart.wait_for(smart.drop_files, what="delivery at the smart host")[0])
+    assert "by mbx01.example.com" in headers and "with ESMTPS id" in headers and "version=TLSv1.3" in headers
+
+
+def smart_host_with_auth(start_server, tmp_path, names):
+    ca = CA(tmp_path)
+    cert, key = ca.issue("smart", *names)
+    users = tmp_path / "users.txt"
+    from exedge.auth.credentials import CredentialsFile
+    CredentialsFile(str(users)).add("edge01@fabrikam.com", "Sm4rt!host")
+    smart = start_server(SMART_HOST.format(fqdn=names[0], server="", receive=f"""
+auth_mechanisms = ["Tls", "BasicAuth"]          # offers AUTH in plain text too: a client must not use it
+permission_groups = ["ExchangeUsers"]
+certificate_file = "{cert}"
+private_key_file = "{key}"
+protocol_logging_level = "Verbose"
+
+[directory]
+credentials_file = "{users}"
+"""))
+    secret = tmp_path / "smart-host.secret"
+    secret.write_text("Sm4rt!host\n")
+    os.chmod(secret, 0o600)
+    send_block = f"""smart_host_auth_mechanism = "BasicAuthRequireTLS"
+authentication_credential = {{{{ username = "edge01@fabrikam.com", password_file = "{secret}" }}}}
+tls_ca_file = "{ca.cert_file}"
+"""
+    return smart, send_block
+
+
+def test_basic_auth_require_tls_to_a_smart_host_whose_certificate_names_it(start_server, tmp_path):
+    # smart_hosts names 127.0.0.1: the certificate must carry exactly that
+    smart, send_block = smart_host_with_auth(start_server, tmp_path, ["mbx01.example.com", "127.0.0.1"])
+    edge = start_server(EDGE.format(smart_port=smart.port, send=send_block))
+    send(edge)
+    headers = received_headers(smart.wait_for(smart.drop_files, what="delivery at the smart host")[0])
+    assert "with ESMTPSA id" in headers
+    assert "authenticated as edge01@fabrikam.com" in smart.log
+    assert "Sm4rt!host" not in edge.log and "Sm4rt!host" not in smart.log
+
+
+def test_smart_host_certificate_with_another_name_gets_no_credentials_and_no_mail(start_server, tmp_path):
+    smart, send_block = smart_host_with_auth(start_server, tmp_path, ["mbx01.example.com"])
+    edge = start_server(EDGE.format(smart_port=smart.port, send=send_block))
+    send(edge)
+    edge.wait_for(lambda: "transient failure" in edge.log, what="the failed attempt")
+    assert "VerificationError" in edge.log and "Mismatch" in edge.log           # the name check stopped it
+    time.sleep(0.5)
+    assert smart.drop_files() == []
+    assert ",<,AUTH" not in smart.log and "authenticated as" not in smart.log   # no credentials were sent
+    assert len(os.listdir(edge.path("var", "spool", "queue"))) == 1           # still queued, for a retry
