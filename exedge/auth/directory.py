@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import re
 import ssl
+import threading
 import urllib.parse
 
 from ldap3 import BASE, SIMPLE, SUBTREE, Connection, Server, Tls
@@ -89,6 +90,7 @@ class DirectoryChecker:
         self.run = run
         self.tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file or None)
         self.servers = [(url,) + parse_server_url(url) for url in config.servers]
+        self._local = threading.local()     # per auth thread: open connections by server URL
         self.group_permissions = {k.lower(): v for k, v in config.group_permissions.items()}
         self.service_password = None
         if config.service_account_password_file:
@@ -105,6 +107,28 @@ class DirectoryChecker:
 
     # -- blocking: the auth thread pool ----------------------------------------
 
+    def _pooled(self, url: str, server, secure: bool) -> Connection:
+        """
+        This thread's open connection to C{url}: each check binds again on
+        it (LDAP allows a new bind on an open connection), so a login costs
+        a bind and a search, not a TCP and TLS handshake with the DC too.
+        """
+        pool = getattr(self._local, "connections", None)
+        if pool is None:
+            pool = self._local.connections = {}
+        conn = pool.get(url)
+        if conn is None or conn.closed:
+            conn = pool[url] = self._connection(server, secure, None, None)
+        return conn
+
+    def _discard(self, url: str) -> None:
+        conn = getattr(self._local, "connections", {}).pop(url, None)
+        if conn is not None:
+            try:
+                conn.unbind()
+            except Exception:
+                pass
+
     def _connection(self, server, secure: bool, user: str, password: str) -> Connection:
         conn = Connection(server, user=user, password=password, authentication=SIMPLE,
                           receive_timeout=max(1, math.ceil(self.config.timeout)),   # ldap3 packs it as an int
@@ -120,28 +144,36 @@ class DirectoryChecker:
             raise cred_error.UnauthorizedLogin("empty user name or password")
         problems = []
         for url, host, port, secure in self.servers:
-            # a fresh Server each time: ldap3 remembers an address that
-            # failed as unavailable, and a directory that is back must be used
+            # a fresh Server for a new connection: ldap3 remembers an address
+            # that failed as unavailable, and a directory that is back must be used
             server = Server(host, port=port, use_ssl=secure, tls=self.tls,
                             connect_timeout=self.config.timeout, get_info=None)
-            try:
-                return self._check_on(server, secure, name, password)
-            except _UNREACHABLE as e:
-                problems.append(f"{url}: {e.__class__.__name__}: {e}")
+            for attempt in (1, 2):
+                try:
+                    return self._check_on(url, server, secure, name, password)
+                except _UNREACHABLE as e:
+                    self._discard(url)
+                    if attempt == 2 or not self._local.was_pooled:
+                        problems.append(f"{url}: {e.__class__.__name__}: {e}")
+                        break
+                    # a pooled connection the DC had closed: once more on a new one
         raise DirectoryUnavailable("no directory server answered: " + "; ".join(problems))
 
-    def _check_on(self, server, secure: bool, name: str, password: str):
+    def _check_on(self, url: str, server, secure: bool, name: str, password: str):
         bind_name = name
         if self.config.bind_mode == "Search":
             bind_name = self._find_dn(server, secure, name)
-        conn = self._connection(server, secure, bind_name, password)
-        try:
-            if not conn.bind():
-                self._refused(conn.result, name)
-            user_dn = self._user_dn(conn, name) if self.config.bind_mode == "Upn" else bind_name
-            groups = self._groups(conn, user_dn) if user_dn else []
-        finally:
-            conn.unbind()
+        self._local.was_pooled = url in getattr(self._local, "connections", {})
+        conn = self._pooled(url, server, secure)
+        # a new bind on the open connection (not ldap3's rebind(), which
+        # binds back as the previous user when this one is refused)
+        conn.user, conn.password = bind_name, password
+        if not conn.bind():
+            if conn.result.get("result") is None or conn.closed:
+                raise ldap_errors.LDAPSessionTerminatedByServerError("connection closed during bind")
+            self._refused(conn.result, name)
+        user_dn = self._user_dn(conn, name) if self.config.bind_mode == "Upn" else bind_name
+        groups = self._groups(conn, user_dn) if user_dn else []
         permission_groups = []
         for group in groups:
             mapped = self.group_permissions.get(group.lower())
