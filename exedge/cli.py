@@ -33,6 +33,7 @@ def check_config(args) -> int:
         config = load(args.file)
         tls.receive_contexts(config)      # the certificates it names, as start-up checks them
         tls.send_credentials(config)      # and the password files
+        tls.client_ca_stores(config)
     except ConfigError as e:
         for problem in e.problems:
             print(problem)

@@ -152,6 +152,7 @@ def build_service(config: Config, reactor=None) -> MultiService:
         clock=reactor,
         tls=tls.receive_contexts(config),      # certificates checked before anything listens
         portal=portal,
+        client_ca=tls.client_ca_stores(config),
     )
     for service in listener_services(reactor, context):
         service.setServiceParent(top)

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from service_identity.cryptography import verify_certificate_hostname
 from twisted.internet import ssl
@@ -54,10 +54,25 @@ def _pem_certificates(data: bytes) -> list:
     return x509.load_pem_x509_certificates(data)
 
 
-def server_options(cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
+class _AskForClientCertificate(ssl.CertificateOptions):
+    """
+    Asks the client for a certificate and takes whatever it presents: many
+    MTAs present self-signed ones, and failing their handshake would cost
+    mail that needs no proof. Whether a certificate proves a partner's
+    domain is decided later, at MAIL, by L{client_certificate_names}.
+    """
+
+    def _makeContext(self):
+        context = super()._makeContext()
+        context.set_verify(SSL.VERIFY_PEER, lambda connection, cert, errno, depth, ok: True)
+        return context
+
+
+def server_options(cert_pem: bytes, key_pem: bytes, ask_client: bool = False) -> ssl.CertificateOptions:
     """Modern defaults: TLS 1.2 or later, Twisted's cipher choice, the chain as given."""
     chain = _pem_certificates(cert_pem)
-    return ssl.CertificateOptions(
+    kind = _AskForClientCertificate if ask_client else ssl.CertificateOptions
+    return kind(
         privateKey=crypto.PKey.from_cryptography_key(serialization.load_pem_private_key(key_pem, None)),
         certificate=crypto.X509.from_cryptography(chain[0]),
         extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
@@ -88,11 +103,12 @@ def receive_contexts(config: Config) -> dict[str, ssl.CertificateOptions]:
         elif config.server.certificate_file:
             where, cert_file, key_file = ("server",), config.server.certificate_file, config.server.private_key_file
         else:
-            if fqdn not in made:
-                made[fqdn] = server_options(*self_signed(fqdn))
+            key = (fqdn, bool(rc.tls_receive_domain_secure_list))
+            if key not in made:
+                made[key] = server_options(*self_signed(fqdn), ask_client=key[1])
                 log.warn("receive connector {name}: no certificate_file; STARTTLS uses a self-signed "
                          "certificate for {fqdn}", name=rc.name, fqdn=fqdn)
-            contexts[rc.name] = made[fqdn]
+            contexts[rc.name] = made[key]
             continue
         key_file = key_file or cert_file
         try:
@@ -117,13 +133,64 @@ def receive_contexts(config: Config) -> dict[str, ssl.CertificateOptions]:
                 f"(the fqdn of receive connector {rc.name!r}): clients that check would refuse it"))
             continue
         try:
-            contexts[rc.name] = server_options(cert_pem, key_pem)
+            contexts[rc.name] = server_options(cert_pem, key_pem, ask_client=bool(rc.tls_receive_domain_secure_list))
         except Exception as e:   # a key that does not parse or does not match the certificate
             problems.append(config.problem(where + ("private_key_file",),
                                            f"{key_file}: no usable private key for {cert_file} ({e})"))
     if problems:
         raise ConfigError(problems)
     return contexts
+
+
+def client_ca_stores(config: Config) -> dict:
+    """Receive connector name -> an X509Store of its tls_client_ca_file (ConfigError if unreadable)."""
+    stores, problems = {}, []
+    for i, rc in enumerate(config.receive_connectors):
+        if not rc.tls_client_ca_file:
+            continue
+        try:
+            certs = _pem_certificates(_read(rc.tls_client_ca_file))
+        except (OSError, ValueError) as e:
+            problems.append(config.problem(("receive_connectors", i, "tls_client_ca_file"),
+                                           f"cannot read CA certificates from {rc.tls_client_ca_file}: {e}"))
+            continue
+        store = crypto.X509Store()
+        for c in certs:
+            store.add_cert(crypto.X509.from_cryptography(c))
+        stores[rc.name] = store
+    if problems:
+        raise ConfigError(problems)
+    return stores
+
+
+def client_certificate_names(transport, store) -> tuple[list[str] | None, str]:
+    """
+    (names the client's certificate verifiably carries, why not) for a
+    TLS session: None when there is no certificate or it does not verify
+    against C{store}.
+    """
+    connection = getattr(transport, "getHandle", lambda: None)()
+    leaf = connection.get_peer_certificate() if hasattr(connection, "get_peer_certificate") else None
+    if leaf is None:
+        return None, "no client certificate"
+    chain = connection.get_peer_cert_chain() or []
+    intermediates = [c for c in chain if c.digest("sha256") != leaf.digest("sha256")]
+    try:
+        crypto.X509StoreContext(store, leaf, chain=intermediates).verify_certificate()
+    except crypto.X509StoreContextError as e:
+        return None, f"client certificate does not verify: {e}"
+    return _names(leaf.to_cryptography()), ""
+
+
+def names_domain(names: list[str], domain: str) -> bool:
+    """Does a certificate with these DNS names name C{domain} (wildcards as service_identity reads them)?"""
+    domain = domain.lower()
+    for name in names:
+        name = name.lower()
+        if name == domain or (name.startswith("*.") and domain.count(".") >= 2
+                              and domain.split(".", 1)[1] == name[2:]):
+            return True
+    return False
 
 
 def _names(cert) -> list[str]:
@@ -134,7 +201,7 @@ def _names(cert) -> list[str]:
         return [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
 
 
-def describe(transport) -> str | None:
+def describe(transport, store=None) -> str | None:
     """
     "version=TLSv1.3 cipher=TLS_AES_256_GCM_SHA384 bits=256/256; no client
     certificate" for a TLS transport, None for plain text.
@@ -148,6 +215,10 @@ def describe(transport) -> str | None:
     peer = connection.get_peer_certificate()
     if peer is None:
         return text + "; no client certificate"
+    if store is not None:
+        names, _ = client_certificate_names(transport, store)
+        if names is not None:
+            return text + f"; client certificate verified for {', '.join(names[:3])}"
     return text + "; client certificate presented, not verified"
 
 

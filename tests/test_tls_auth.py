@@ -259,3 +259,54 @@ private_key_file = "{key}"
         assert say(b"Subject: 465\r\n\r\nx\r\n.").startswith(b"250")
     data = open(server.wait_for(server.drop_files, what="the delivery")[0], "rb").read()
     assert b"with ESMTPS id" in data
+
+
+def partner_server(start_server, ca, tmp_path):
+    cert, key = ca.issue("edge01", "edge01.example.com")
+    return start_server(internet=f'''auth_mechanisms = ["Tls"]
+certificate_file = "{cert}"
+private_key_file = "{key}"
+tls_receive_domain_secure_list = ["contoso.com"]
+tls_client_ca_file = "{ca.cert_file}"
+''')
+
+
+def partner_session(server, ca, client_cert=None):
+    """An smtplib session inside STARTTLS, presenting C{client_cert} (paths) if given."""
+    ctx = client_context(ca)
+    if client_cert:
+        ctx.load_cert_chain(*client_cert)
+    c = smtplib.SMTP("127.0.0.1", server.port, timeout=10)
+    c.ehlo("mail.contoso.com")
+    c._host = "edge01.example.com"
+    c.starttls(context=ctx)
+    c.ehlo("mail.contoso.com")
+    return c
+
+
+def test_domain_secure_partner_needs_a_certificate_naming_its_domain(start_server, ca, tmp_path):
+    server = partner_server(start_server, ca, tmp_path)
+    good = ca.issue("contoso", "mail.contoso.com", "contoso.com", client=True)
+    wrong_name = ca.issue("fabrikam", "mail.fabrikam.com", client=True)
+    (tmp_path / "other").mkdir()
+    other_ca = CA(tmp_path / "other")
+    untrusted = other_ca.issue("forged", "contoso.com", client=True)
+
+    with partner_session(server, ca, good) as c:
+        assert c.mail("alice@contoso.com")[0] == 250
+        assert c.rcpt("bob@example.com")[0] == 250
+        c.data(b"Subject: partner\r\n\r\nsecure\r\n")
+    data = open(server.wait_for(server.drop_files, what="the partner's message")[0], "rb").read()
+    assert b"client certificate verified for mail.contoso.com" in data.split(b"\r\n\r\n")[0]
+
+    for cert in (None, wrong_name, untrusted):
+        with partner_session(server, ca, cert) as c:
+            code, text = c.mail("alice@contoso.com")
+            assert (code, text[:5]) == (550, b"5.7.1"), cert
+            c.rset()
+            assert c.mail("someone@other.test")[0] == 250          # other senders are not partners
+
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:      # no TLS at all
+        c.ehlo("mail.contoso.com")
+        code, text = c.mail("alice@contoso.com")
+        assert (code, text[:5]) == (451, b"4.7.1")

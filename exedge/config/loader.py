@@ -215,6 +215,10 @@ def _validate(cfg: dict, out: _Collector) -> None:
                     out.problem(path + ("remote_ip_ranges",),
                                 f"binding {binding} with range {rng} is already used by receive_connectors[{pairs[key]}]")
                 pairs[key] = i
+        if rc.tls_receive_domain_secure_list and not rc.tls_client_ca_file:
+            out.problem(path + ("tls_receive_domain_secure_list",), "needs tls_client_ca_file to verify partners' certificates")
+        if rc.tls_receive_domain_secure_list and "Tls" not in mechs:
+            out.problem(path + ("tls_receive_domain_secure_list",), "needs Tls in auth_mechanisms")
         if rc.tls_mode == "Implicit" and "Tls" not in mechs:
             out.problem(path + ("tls_mode",), "Implicit TLS needs Tls in auth_mechanisms")
         if mechs & {"BasicAuth", "BasicAuthRequireTLS"} and cfg["directory"] is not None \

@@ -229,6 +229,8 @@ class ReceiveConnector:
     certificate_file: str | None = setting(text, None, "PEM certificate (chain) for STARTTLS; must name fqdn (default: [server].certificate_file)")
     private_key_file: str | None = setting(text, None, "PEM private key of certificate_file (default: the same file)")
     tls_mode: str = setting(choice("StartTls", "Implicit"), "StartTls", "StartTls: offer STARTTLS (with Tls in auth_mechanisms); Implicit: TLS from the first byte (port 465 style)")
+    tls_receive_domain_secure_list: tuple = setting(list_of(v.parse_domain), (), "partner domains (domain secure): their mail must come over TLS with a client certificate that names the domain and verifies against tls_client_ca_file")
+    tls_client_ca_file: str | None = setting(text, None, "CA certificates that sign partners' client certificates")
     max_logon_failures: int = setting(integer(0, 10), 3, "failed AUTH attempts before 421 and disconnect (0: no limit)")
     auth_tarpit_interval: float = setting(timespan(600), 5.0, "delay before each failed-AUTH reply")
     comment: str = setting(text, "", "free text")

@@ -78,6 +78,7 @@ class ServerContext:
     clock: object             # IReactorTime
     tls: dict = attrs.field(factory=dict)   # receive connector name -> TLS options (exedge.tls)
     portal: object = None     # twisted.cred Portal for AUTH; None: no AUTH anywhere
+    client_ca: dict = attrs.field(factory=dict)   # receive connector name -> X509Store for partner certificates
 
 
 @functools.lru_cache(maxsize=4)
@@ -625,6 +626,9 @@ class SMTPServer(basic.LineReceiver):
         limit = self._size_limit()
         if txn.declared_size is not None and txn.declared_size > limit:
             return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        refusal = self._domain_secure(sender)
+        if refusal is not None:
+            return refusal
         # the spoofing check is for anonymous peers: an authenticated user
         # sending as an address of ours is the normal case (Exchange leaves
         # Send-As to the mailbox side; here the identity is in the log)
@@ -634,6 +638,26 @@ class SMTPServer(basic.LineReceiver):
             return Reply(550, "5.7.1", "Client does not have permissions to send as this sender", tarpit=True)
         self.txn = txn
         return Reply(250, "2.1.0", "Sender OK")
+
+    def _domain_secure(self, sender) -> Reply | None:
+        """
+        Mail from a partner domain (tls_receive_domain_secure_list) must come
+        over TLS from a client whose certificate verifies against the
+        partner CA and names that domain (Exchange's domain security).
+        """
+        secure = self.connector.tls_receive_domain_secure_list
+        if sender is None or sender.is_literal or sender.domain.lower() not in secure:
+            return None
+        if not self.tls_active:
+            self.plog.info(f"domain secure: {sender.domain} without TLS")
+            return Reply(451, "4.7.1", f"Mail from {sender.domain} must use TLS with a client certificate",
+                         tarpit=True)
+        names, why = tls.client_certificate_names(self.transport, self.ctx.client_ca.get(self.connector.name))
+        if names is None or not tls.names_domain(names, sender.domain):
+            why = why or f"client certificate names {', '.join(names) or 'nothing'}, not {sender.domain}"
+            self.plog.info(f"domain secure: {sender.domain} refused: {why}")
+            return Reply(550, "5.7.1", f"Domain secure: {why}", tarpit=True)
+        return None
 
     def _size_limit(self) -> int:
         if Right.BypassMessageSizeLimit in self.permissions:
@@ -723,7 +747,7 @@ class SMTPServer(basic.LineReceiver):
         using = ""
         if self.tls_active:
             if self.tls_info is None:
-                self.tls_info = tls.describe(self.transport) or "TLS"
+                self.tls_info = tls.describe(self.transport, self.ctx.client_ca.get(self.connector.name)) or "TLS"
             using = f"\t({self.tls_info})\r\n"
         return (
             f"Received: from {self.helo} ([{self.peer_host}])\r\n"
