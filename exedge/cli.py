@@ -34,6 +34,7 @@ def check_config(args) -> int:
         tls.receive_contexts(config)      # the certificates it names, as start-up checks them
         tls.send_credentials(config)      # and the password files
         tls.client_ca_stores(config)
+        tls.send_client_certificates(config)
     except ConfigError as e:
         for problem in e.problems:
             print(problem)

@@ -119,6 +119,7 @@ def build_service(config: Config, reactor=None) -> MultiService:
     agents = {}
     mx = None
     credentials = tls.send_credentials(config)     # password files read now: a bad one stops start-up
+    client_certificates = tls.send_client_certificates(config)
     for c in config.send_connectors:
         if c.drop_directory:
             agents[c.name] = DropDirectoryAgent(c, spool.run_delivery, defer_to=spool.receiving, clock=reactor)
@@ -128,7 +129,8 @@ def build_service(config: Config, reactor=None) -> MultiService:
         # smart hosts given by name are looked up like MX hosts, through [server].dns_servers
         agents[c.name] = RelayAgent(c, helo=c.fqdn or config.server.fqdn, run=spool.run_delivery,
                                     reactor=reactor, mx=None if c.smart_hosts else mx, resolver=mx,
-                                    credentials=credentials.get(c.name))
+                                    credentials=credentials.get(c.name),
+                                    client_certificate=client_certificates.get(c.name))
     manager = QueueManager(spool, router, agents, clock=reactor, policy=config.queue)
     manager.bouncer = Bouncer(spool, config.server.fqdn, manager.submit, reactor)
     queue_holder.append(manager)

@@ -232,7 +232,26 @@ def _trust(ca_file: str | None):
         [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in _pem_certificates(_read(ca_file))])
 
 
-def client_policy(connector, host: str):
+def send_client_certificates(config: Config) -> dict:
+    """Send connector name -> the PrivateCertificate it presents (ConfigError if unusable)."""
+    found, problems = {}, []
+    for i, c in enumerate(config.send_connectors):
+        if not c.tls_certificate_file:
+            continue
+        key_file = c.tls_private_key_file or c.tls_certificate_file
+        try:
+            cert_pem = _read(c.tls_certificate_file)
+            key_pem = cert_pem if key_file == c.tls_certificate_file else _read(key_file)
+            found[c.name] = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+        except Exception as e:
+            problems.append(config.problem(("send_connectors", i, "tls_certificate_file"),
+                                           f"cannot load {c.tls_certificate_file} with its key: {e}"))
+    if problems:
+        raise ConfigError(problems)
+    return found
+
+
+def client_policy(connector, host: str, domain: str = "", client_certificate=None):
     """
     (TLS options or None, TLS required) for a session of this send
     connector to C{host} (the smart host as configured, or the MX host).
@@ -245,17 +264,25 @@ def client_policy(connector, host: str):
     """
     if connector.ignore_start_tls:
         return None, False
+    if domain and domain.lower() in connector.tls_send_domain_secure_list:
+        # domain security: mutual TLS, and the partner's server must be the partner's
+        return ssl.optionsForClientTLS(domain.lower(), trustRoot=_trust(connector.tls_ca_file),
+                                       clientCertificate=client_certificate), True
     level = connector.tls_auth_level or "EncryptionOnly"
     name = connector.tls_domain or host
     required = connector.require_tls
     if connector.smart_host_auth_mechanism == "BasicAuthRequireTLS":
         level, name, required = "DomainValidation", host, True
+    mine = {}
+    if client_certificate is not None:
+        mine = {"privateKey": client_certificate.privateKey.original,
+                "certificate": client_certificate.original}
     if level == "EncryptionOnly":
-        return ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2), required
+        return ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2, **mine), required
     trust = _trust(connector.tls_ca_file)
     if level == "CertificateValidation":
-        return ssl.CertificateOptions(trustRoot=trust, raiseMinimumTo=ssl.TLSVersion.TLSv1_2), required
-    return ssl.optionsForClientTLS(name, trustRoot=trust), required
+        return ssl.CertificateOptions(trustRoot=trust, raiseMinimumTo=ssl.TLSVersion.TLSv1_2, **mine), required
+    return ssl.optionsForClientTLS(name, trustRoot=trust, clientCertificate=client_certificate), required
 
 
 def send_credentials(config: Config) -> dict[str, tuple[str, str]]:

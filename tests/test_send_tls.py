@@ -121,3 +121,103 @@ def test_smart_host_certificate_with_another_name_gets_no_credentials_and_no_mai
     assert smart.drop_files() == []
     assert ",<,AUTH" not in smart.log and "authenticated as" not in smart.log   # no credentials were sent
     assert len(os.listdir(edge.path("var", "spool", "queue"))) == 1           # still queued, for a retry
+
+
+PARTNER = """
+[server]
+fqdn = "mail.contoso.test"
+spool_directory = "var/spool"
+
+[[accepted_domains]]
+domain_name = "contoso.test"
+
+[[receive_connectors]]
+name = "Probe"
+bindings = ["127.0.0.1:{{port}}"]
+remote_ip_ranges = ["127.0.0.1"]
+auth_mechanisms = ["None"]
+permission_groups = ["AnonymousUsers"]
+
+[[receive_connectors]]
+name = "From partners"
+usage = "Partner"
+bindings = ["127.0.0.9:{{port}}"]
+remote_ip_ranges = ["127.0.0.0/8"]
+fqdn = "mail.contoso.test"
+certificate_file = "{cert}"
+private_key_file = "{key}"
+tls_receive_domain_secure_list = ["fabrikam.test"]
+tls_client_ca_file = "{ca}"
+tarpit_interval = 0
+
+[[send_connectors]]
+name = "Mailboxes"
+address_spaces = ["contoso.test"]
+drop_directory = "var/drop"
+"""
+
+EDGE_TO_PARTNER = """
+[server]
+fqdn = "edge01.fabrikam.test"
+spool_directory = "var/spool"
+dns_servers = ["127.0.0.1:{dns_port}"]
+
+[[receive_connectors]]
+name = "From Internal Org"
+bindings = ["127.0.0.1:{{port}}"]
+remote_ip_ranges = ["127.0.0.1"]
+auth_mechanisms = ["ExternalAuthoritative"]
+permission_groups = ["ExchangeServers"]
+
+[[send_connectors]]
+name = "To partners"
+address_spaces = ["contoso.test"]
+port = {partner_port}
+tls_send_domain_secure_list = ["contoso.test"]
+tls_certificate_file = "{cert}"
+tls_private_key_file = "{key}"
+tls_ca_file = "{ca}"
+
+[[send_connectors]]
+name = "Test address allowance"
+address_spaces = ["unused.invalid"]
+smart_hosts = ["127.0.0.9"]
+dns_routing_enabled = false
+enabled = false
+"""
+
+
+def mutual_tls(start_server, tmp_path, partner_names):
+    import signal
+    from test_smarthost_integration import start_dns
+    ca = CA(tmp_path)
+    partner_cert, partner_key = ca.issue("partner", *partner_names)
+    edge_cert, edge_key = ca.issue("edge-client", "fabrikam.test", "edge01.fabrikam.test", client=True)
+    partner = start_server(PARTNER.format(cert=partner_cert, key=partner_key, ca=ca.cert_file))
+    dns, dns_port = start_dns(tmp_path, {"contoso.test": {
+        "contoso.test": [["MX", 10, "mail.contoso.test"]], "mail.contoso.test": [["A", "127.0.0.9"]]}})
+    edge = start_server(EDGE_TO_PARTNER.format(dns_port=dns_port, partner_port=partner.port, cert=edge_cert,
+                                               key=edge_key, ca=ca.cert_file))
+    with smtplib.SMTP("127.0.0.1", edge.port, timeout=10) as c:
+        c.sendmail("app@fabrikam.test", ["bob@contoso.test"], b"Subject: partner\r\n\r\nmutual TLS\r\n")
+    return edge, partner, lambda: (os.kill(dns.pid, signal.SIGTERM), dns.wait(timeout=15))
+
+
+def test_domain_secure_partners_get_mail_over_mutual_tls(start_server, tmp_path):
+    edge, partner, stop_dns = mutual_tls(start_server, tmp_path, ["mail.contoso.test", "contoso.test"])
+    try:
+        headers = received_headers(partner.wait_for(partner.drop_files, what="delivery to the partner")[0])
+        assert "with ESMTPS id" in headers and "client certificate verified for fabrikam.test" in headers
+    finally:
+        stop_dns()
+
+
+def test_a_partner_server_whose_certificate_does_not_name_the_domain_gets_nothing(start_server, tmp_path):
+    edge, partner, stop_dns = mutual_tls(start_server, tmp_path, ["mail.contoso.test"])
+    try:
+        edge.wait_for(lambda: "transient failure" in edge.log, what="the refused attempt")
+        assert "VerificationError" in edge.log
+        time.sleep(0.3)
+        assert partner.drop_files() == [] and len(os.listdir(edge.path("var", "spool", "queue"))) == 1
+    finally:
+        stop_dns()

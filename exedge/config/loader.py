@@ -129,6 +129,15 @@ def _validate(cfg: dict, out: _Collector) -> None:
             out.problem(path + ("tls_domain",), "only used with tls_auth_level = \"DomainValidation\"")
         if conn.ignore_start_tls and conn.require_tls:
             out.problem(path + ("ignore_start_tls",), "cannot be combined with require_tls")
+        if conn.tls_send_domain_secure_list:
+            if conn.smart_hosts or conn.drop_directory:
+                out.problem(path + ("tls_send_domain_secure_list",),
+                            "domain security is checked against the partner's own servers: needs DNS routing")
+            if not conn.tls_certificate_file:
+                out.problem(path + ("tls_send_domain_secure_list",),
+                            "partners expect a client certificate: set tls_certificate_file")
+            if conn.ignore_start_tls:
+                out.problem(path + ("ignore_start_tls",), "cannot be combined with tls_send_domain_secure_list")
         auth = conn.smart_host_auth_mechanism
         if auth in ("BasicAuth", "BasicAuthRequireTLS"):
             if not conn.smart_hosts:

@@ -39,7 +39,7 @@ from zope.interface import implementer
 
 from exedge import tls
 from exedge.auth.credentials import DirectoryUnavailable, IIdentity
-from exedge.auth.permissions import Permissions, Right, session_permissions
+from exedge.auth.permissions import Permissions, Principal, Right, session_permissions
 from exedge.logs import ProtocolLog
 from exedge.queue.envelope import Envelope, Recipient
 
@@ -406,6 +406,8 @@ class SMTPServer(basic.LineReceiver):
             return syntax_error(f"Syntax: {'EHLO' if esmtp else 'HELO'} domain or address literal")
         self._reset()
         self.helo, self.esmtp = arg, esmtp
+        if self.tls_active and self.identity is None:
+            self._partner_by_certificate()
         greeting = f"{self.fqdn} Hello [{self.peer_host}]"
         if not esmtp:
             return Reply(250, None, greeting)
@@ -638,6 +640,26 @@ class SMTPServer(basic.LineReceiver):
             return Reply(550, "5.7.1", "Client does not have permissions to send as this sender", tarpit=True)
         self.txn = txn
         return Reply(250, "2.1.0", "Sender OK")
+
+    def _partner_by_certificate(self) -> None:
+        """
+        A client whose certificate verifies against the partner CA and names
+        a domain-secure partner is that partner's server: it holds
+        MS Exchange\Partner Servers (the Partners permission group), as a
+        domain-secured session does in Exchange. Decided at the first EHLO
+        inside TLS, when the handshake is done.
+        """
+        store = self.ctx.client_ca.get(self.connector.name)
+        if store is None or not self.connector.tls_receive_domain_secure_list \
+                or "Partners" not in self.connector.permission_groups:
+            return      # without the Partners group the peer stays what it was (anonymous)
+        names, _ = tls.client_certificate_names(self.transport, store)
+        partners = [d for d in self.connector.tls_receive_domain_secure_list if names and tls.names_domain(names, d)]
+        if not partners:
+            return
+        self.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms,
+                                               authenticated_as=(Principal.PartnerServers,))
+        self.plog.info(f"domain secure partner {', '.join(partners)}; rights: {self.permissions.explain()}")
 
     def _domain_secure(self, sender) -> Reply | None:
         """

@@ -73,7 +73,7 @@ class RelayAgent:
     idle_time = 2.0            # seconds an open session waits for more (Postfix: smtp_connection_cache_time_limit)
 
     def __init__(self, connector, *, helo: str, run, reactor, mx=None, resolver=None,
-                 connect_timeout: float = 30.0, credentials=None):
+                 connect_timeout: float = 30.0, credentials=None, client_certificate=None):
         """
         C{mx}: an L{exedge.send.mx.MXResolver} for DNS routing; None for
         smart hosts. C{resolver}: the same, to find the addresses of smart
@@ -82,7 +82,8 @@ class RelayAgent:
         """
         self.resolver = resolver
         self.credentials = credentials      # (user, password) for smart-host AUTH, or None
-        self._tls: dict[str, tuple] = {}    # host -> (client TLS options, required)
+        self.client_certificate = client_certificate   # presented to next hops that ask
+        self._tls: dict[tuple, tuple] = {}  # (host, domain) -> (client TLS options, required)
         self.connector = connector
         self.helo = helo
         self.run = run
@@ -261,11 +262,12 @@ class RelayAgent:
             targets += [(host, address, p or port) for address in addresses]
         return targets
 
-    def _tls_for(self, host: str) -> tuple:
-        """The STARTTLS policy towards C{host}, built once per host."""
-        if host not in self._tls:
-            self._tls[host] = tls.client_policy(self.connector, host)
-        return self._tls[host]
+    def _tls_for(self, host: str, domain: str) -> tuple:
+        """The STARTTLS policy towards C{host} for mail to C{domain}, built once."""
+        key = (host, domain)
+        if key not in self._tls:
+            self._tls[key] = tls.client_policy(self.connector, host, domain, self.client_certificate)
+        return self._tls[key]
 
     def _endpoint(self, address: str, port: int):
         # an address needs no name lookup (HostnameEndpoint would still
@@ -305,7 +307,7 @@ class RelayAgent:
             return
         for host, address, port in targets:
             remote = f"{host}:{port}" if port != 25 else host
-            tls_options, tls_required = self._tls_for(host)
+            tls_options, tls_required = self._tls_for(host, destination)
             client = SMTPClient(outbound, helo=self.helo, clock=self.reactor,
                                 timeouts=Timeouts().capped(self.connector.connection_inactivity_timeout),
                                 max_messages=self.connector.smtp_max_messages_per_connection,
