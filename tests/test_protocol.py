@@ -546,3 +546,20 @@ def test_auth_not_offered_without_basic_auth_and_ehlo_lists_it_when_offered(tmp_
     plain_session = Session(tmp_path / "x")
     plain_session.send(b"EHLO client.test\r\n")
     assert plain_session.codes(plain(b"a", b"b")) == ["502 5.5.1"]
+
+
+@pytest.mark.parametrize("peer,expected", [("127.0.0.2", "app+40fabrikam.test"), ("127.0.0.1", None)])
+def test_mail_auth_parameter_kept_only_from_trusted_sessions(tmp_path, peer, expected):
+    s = Session(tmp_path, peer=peer)
+    s.send(b"EHLO client.test\r\n")
+    assert s.codes(b"MAIL FROM:<app@partner.test> AUTH=app+40fabrikam.test\r\n") == ["250 2.1.0"]
+    assert s.proto.txn.auth == expected
+    assert s.codes(b"RSET\r\n") == ["250 2.0.0"]
+    assert s.codes(b"MAIL FROM:<app@partner.test> AUTH=bad=xtext\r\n") == ["501 5.5.4"]
+
+
+def test_mail_auth_parameter_of_an_authenticated_user_is_that_user(tmp_path):
+    s = auth_session(tmp_path)
+    assert s.codes(plain(b"smtpgateway@fabrikam.com", b"pw-1")) == ["235 2.7.0"]
+    assert s.codes(b"MAIL FROM:<alice@example.com> AUTH=<>\r\n") == ["250 2.1.0"]
+    assert s.proto.txn.auth == "smtpgateway@fabrikam.com"

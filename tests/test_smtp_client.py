@@ -226,4 +226,17 @@ def test_credentials_only_inside_tls_unless_plain_basic_auth_is_chosen():
     client.dataReceived(b"220 peer ready\r\n250-peer\r\n250 AUTH PLAIN\r\n")
     assert transport.value().endswith(b"AUTH PLAIN AGVkZ2UAc2VjcmV0\r\n")
     client.dataReceived(b"235 2.7.0 ok\r\n")
-    assert transport.value().endswith(b"MAIL FROM:<a@s.test>\r\n")
+    assert transport.value().endswith(b"MAIL FROM:<a@s.test> AUTH=<>\r\n")   # RFC 4954 §5: nobody to vouch for
+
+
+def test_auth_parameter_passed_on_only_over_an_authenticated_session():
+    for credentials, expected in ((("edge", "secret"), b"MAIL FROM:<a@s.test> AUTH=app+2Bx@fabrikam.test\r\n"),
+                                  (None, b"MAIL FROM:<a@s.test>\r\n")):
+        transport = StringTransport()
+        client = SMTPClient([message("b@x.test", auth="app+2Bx@fabrikam.test")], helo="e.test",
+                            clock=task.Clock(), credentials=credentials, auth_requires_tls=False)
+        client.makeConnection(transport)
+        client.dataReceived(b"220 peer ready\r\n250-peer\r\n250 AUTH PLAIN\r\n")
+        if credentials:
+            client.dataReceived(b"235 2.7.0 ok\r\n")
+        assert transport.value().endswith(expected)

@@ -24,6 +24,7 @@ class Envelope:
     recipients: tuple[Recipient, ...]
     ret: str | None = None             # FULL | HDRS
     envid: str | None = None
+    auth: str | None = None            # RFC 4954 AUTH= to pass on (xtext; "<>" for none)
     body: str | None = None            # 7BIT | 8BITMIME
     size: int = 0                      # octets stored, Received header included
     receive_connector: str = ""

@@ -63,6 +63,7 @@ class Transaction:
     body: str | None = None
     ret: str | None = None
     envid: str | None = None
+    auth: str | None = None
     recipients: list[Recipient] = attrs.field(factory=list)
 
 
@@ -619,7 +620,7 @@ class SMTPServer(basic.LineReceiver):
                 elif key == "ENVID":
                     txn.envid = check_xtext(value or "", 100)
                 elif key == "AUTH":
-                    pass  # RFC 4954 §5: not trusted from this peer, so not passed on
+                    txn.auth = self._mail_auth(value)
                 else:
                     return Reply(555, "5.5.4", f"MAIL parameter {key} not recognized or not implemented",
                                  protocol_error=True)
@@ -679,6 +680,22 @@ class SMTPServer(basic.LineReceiver):
             why = why or f"client certificate names {', '.join(names) or 'nothing'}, not {sender.domain}"
             self.plog.info(f"domain secure: {sender.domain} refused: {why}")
             return Reply(550, "5.7.1", f"Domain secure: {why}", tarpit=True)
+        return None
+
+    def _mail_auth(self, value: str | None) -> str | None:
+        """
+        RFC 4954 §5: the AUTH= of MAIL is passed on only when this session
+        may vouch for it: servers we trust (the authentication flag) pass
+        theirs on; for an authenticated user it is that user; from anyone
+        else it is dropped (never an error: the parameter is advisory).
+        """
+        if value is None or (value != "<>" and value != check_xtext(value, 500)):
+            raise ValueError("AUTH needs xtext or <>")
+        if Right.AcceptAuthenticationFlag in self.permissions:
+            return value
+        if self.identity is not None:
+            return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}"
+                           for c in self.identity.name)
         return None
 
     def _size_limit(self) -> int:
@@ -790,7 +807,7 @@ class SMTPServer(basic.LineReceiver):
         envelope = Envelope(
             sender=str(txn.sender) if txn.sender else "",
             recipients=tuple(txn.recipients),
-            ret=txn.ret, envid=txn.envid, body=txn.body,
+            ret=txn.ret, envid=txn.envid, auth=txn.auth, body=txn.body,
             size=reader.size, receive_connector=self.connector.name,
             peer=f"{self.peer_host}:{self.transport.getPeer().port}",
             helo=self.helo or "", received_at=self.ctx.clock.seconds(),

@@ -77,6 +77,7 @@ class OutboundMessage:
     ret: str | None = None
     envid: str | None = None
     key: object = None                # the caller's handle (e.g. a queue id)
+    auth: str | None = None           # RFC 4954 AUTH= to pass on, xtext or "<>"
 
 
 class Status(enum.Enum):
@@ -471,6 +472,9 @@ class SMTPClient(basic.LineReceiver):
             params.append(f"RET={message.ret}")
         if dsn and message.envid:
             params.append(f"ENVID={message.envid}")
+        if self.session.authenticated and "AUTH" in ext:
+            # RFC 4954 §5: only over an authenticated session; <> when we cannot vouch
+            params.append(f"AUTH={message.auth or '<>'}")
         commands = [("MAIL", f"MAIL FROM:<{message.sender}>" + "".join(" " + p for p in params))]
         for rcpt in message.recipients:
             rparams = ""

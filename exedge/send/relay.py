@@ -220,7 +220,8 @@ class RelayAgent:
                 env = message.envelope
                 rcpts = tuple(OutboundRecipient(env.recipients[i].address, env.recipients[i].notify,
                                                 env.recipients[i].orcpt, key=i) for i in indexes)
-                outbound.append(OutboundMessage(env.sender, rcpts, data, env.ret, env.envid, key=key))
+                outbound.append(OutboundMessage(env.sender, rcpts, data, env.ret, env.envid, key=key,
+                                                auth=env.auth))
             d.callback(outbound)
 
         def thread_failed(f):
