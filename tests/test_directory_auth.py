@@ -181,3 +181,20 @@ def test_the_empty_password_never_reaches_the_directory(start_server, samba_ad):
         code, text = c.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0smtpgateway@fabrikam.com\0").decode())
     assert (code, text[:5]) == (535, b"5.7.8")
     assert "authentication failed for smtpgateway" not in server.log     # the directory was never asked
+
+
+def test_starttls_on_port_389_and_search_then_bind_with_a_service_account(start_server, samba_ad, tmp_path):
+    # ldap:// means StartTLS (AD refuses simple binds in plain text); Search
+    # mode lets users log on with a name the directory cannot bind with
+    # (the sAMAccountName), found by the service account
+    secret = tmp_path / "svc.secret"
+    secret.write_text(samba_ad["ADMIN_PASSWORD"] + "\n")
+    text = config(samba_ad, servers=[f"ldap://{samba_ad['LDAP_HOST']}:389"]) + f"""bind_mode = "Search"
+service_account = {{{{ username = "{samba_ad['ADMIN_UPN']}", password_file = "{secret}" }}}}
+"""
+    server = start_server(text)
+    code, text_ = auth(server.port, "edgesync", "Edg3sync!pass")
+    assert (code, text_[:5]) == (235, b"2.7.0")
+    assert "authenticated as edgesync; rights:" in server.log
+    assert auth(server.port, "edgesync", "wrong")[0] == 535
+    assert auth(server.port, "nobody", "Edg3sync!pass")[0] == 535
