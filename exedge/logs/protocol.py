@@ -5,9 +5,9 @@ The protocol log, in Exchange's vocabulary: per session, "+" connect,
 Events go through C{twisted.logger} under the namespace
 C{exedge.protocol}, so they land wherever twistd sends its log and carry
 structured fields (connector, session, event, data) for observers.
-Connect, disconnect and "*" events are always logged: the rights a session
-got and why must be visible. Command traffic is logged when the connector's
-protocol_logging_level is Verbose.
+Connect (carrying the rights the session got and why: they must be
+visible), disconnect and "*" events are always logged. Command traffic is
+logged when the connector's protocol_logging_level is Verbose.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ class ProtocolLog:
             remote=self.remote, event=event, data=data,
         )
 
-    def connect(self) -> None:
-        self._emit("+", "")
+    def connect(self, text: str = "") -> None:
+        """The session starts; C{text} says what it may do (or why it is refused)."""
+        self._emit("+", text)
 
     def disconnect(self) -> None:
         self._emit("-", "")

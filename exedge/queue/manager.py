@@ -348,8 +348,10 @@ class QueueManager(Service):
         for o in final:
             by_status.setdefault((o.status, o.detail), []).append(o.index)
         for (status, detail), indexes in by_status.items():
-            log.info("{queue_id} -> {rcpts}: {status} {detail}", queue_id=message.queue_id, status=status,
-                     rcpts=", ".join(message.envelope.recipients[i].address for i in indexes), detail=detail)
+            rcpts = ", ".join(message.envelope.recipients[i].address for i in indexes)
+            # formatted here once (as the protocol log does); the fields stay for observers
+            log.info("{line}", line=f"{message.queue_id} -> {rcpts}: {status} {detail}",
+                     queue_id=message.queue_id, status=status, rcpts=rcpts, detail=detail)
         delivered = [o for o in final if o.status == "delivered"]
         failed = [o for o in final if o.status == "failed"]
         retry: list[int] = []

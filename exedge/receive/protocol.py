@@ -148,18 +148,18 @@ class SMTPServer(basic.LineReceiver):
         self.plog = ProtocolLog(connector.name if connector else "-", self.session_id,
                                 bool(connector and connector.protocol_logging_level == "Verbose"),
                                 where, f"{peer.host}:{peer.port}")
-        self.plog.connect()
         if connector is None:
-            self.plog.info(f"no receive connector on {where} accepts {peer.host}")
+            self.plog.connect(f"no receive connector on {where} accepts {peer.host}")
             return self._refuse(Reply(554, "5.7.1", "No receive connector accepts your address; closing"))
         self.connector = connector
         if not self.ctx.connectors.admit(connector, peer.host):
-            self.plog.info("connection limit reached")
+            self.plog.connect("connection limit reached")
             return self._refuse(Reply(421, "4.3.2", "Service not available, too many connections; try again later"))
         self._admitted = True
         self.fqdn = connector.effective_fqdn(self.ctx.server)
         self.permissions = session_permissions(connector.permission_groups, connector.auth_mechanisms)
-        self.plog.info(f"rights: {self.permissions.explain()}")
+        # one event, not two: this runs once per message under a one-message-per-session load
+        self.plog.connect(f"rights: {self.permissions.explain()}")
 
         self._arm_idle()
         self._life_call = self.ctx.clock.callLater(connector.connection_timeout, self._timed_out,
