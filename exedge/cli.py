@@ -35,6 +35,8 @@ def check_config(args) -> int:
         tls.send_credentials(config)      # and the password files
         tls.client_ca_stores(config)
         tls.send_client_certificates(config)
+        from exedge.pipeline import build_pipeline, describe
+        build_pipeline(config, None)
     except ConfigError as e:
         for problem in e.problems:
             print(problem)
@@ -42,6 +44,8 @@ def check_config(args) -> int:
         return 1
     for warning in config.warnings:
         print(f"warning: {warning}")
+    for line in describe(config):
+        print(line)
     print(f"{args.file}: OK ({len(config.receive_connectors)} receive connector(s), "
           f"{len(config.send_connectors)} send connector(s), "
           f"{len(config.accepted_domains)} accepted domain(s))")

@@ -20,6 +20,7 @@ from exedge import tls
 from exedge.auth.credentials import FileChecker, portal_for
 from exedge.auth.directory import DirectoryChecker
 from exedge.config import Config
+from exedge.pipeline import build_pipeline
 from exedge.queue import QueueManager, Spool
 from exedge.receive import ConnectorTable, ServerContext, listener_services
 from exedge.routing import Router
@@ -155,6 +156,7 @@ def build_service(config: Config, reactor=None) -> MultiService:
         tls=tls.receive_contexts(config),      # certificates checked before anything listens
         portal=portal,
         client_ca=tls.client_ca_stores(config),
+        pipeline=build_pipeline(config, reactor),   # stages found and options checked before anything listens
     )
     for service in listener_services(reactor, context):
         service.setServiceParent(top)

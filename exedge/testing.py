@@ -194,10 +194,21 @@ class DNSZoneServer:
     def start(self, reactor, port: int = 0, host: str = "127.0.0.1"):
         from twisted.names import dns, server
 
+        from twisted.internet.error import CannotListenError
+
         factory = server.DNSServerFactory(authorities=self.authorities)
-        self._udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface=host)
-        self.port = self._udp.getHost().port
-        self._tcp = reactor.listenTCP(self.port, factory, interface=host)
+        # UDP picks the port; the same TCP port may be taken (by any
+        # client's ephemeral port): then try another, a bounded number of times
+        for attempt in range(20):
+            self._udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface=host)
+            self.port = self._udp.getHost().port
+            try:
+                self._tcp = reactor.listenTCP(self.port, factory, interface=host)
+                return self
+            except CannotListenError:
+                self._udp.stopListening()
+                if port or attempt == 19:
+                    raise
         return self
 
     def stop(self):

@@ -242,6 +242,25 @@ def _validate(cfg: dict, out: _Collector) -> None:
                         warning=True)
 
 
+def _pipeline(items: Any, out: _Collector) -> list:
+    """[[pipeline]] tables: the common keys checked here, the rest kept as the stage's options."""
+    if not isinstance(items, list):
+        out.problem(("pipeline",), "must be an array of tables: write [[pipeline]]")
+        return []
+    common = {f.name for f in attrs.fields(m.PipelineEntry)} - {"options"}
+    entries = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            out.problem(("pipeline", i), "must be a table")
+            entries.append(None)
+            continue
+        known = {k: item[k] for k in item if k in common}
+        options = {k: item[k] for k in item if k not in common}
+        entry = _build(m.PipelineEntry, known, ("pipeline", i), out)
+        entries.append(attrs.evolve(entry, options=options) if entry is not None else None)
+    return entries
+
+
 def loads(text: str, source: str = "<config>") -> m.Config:
     """Parse configuration text; raise L{ConfigError} listing every problem."""
     out = _Collector(source, text)
@@ -263,6 +282,9 @@ def loads(text: str, source: str = "<config>") -> m.Config:
 
     cfg: dict[str, Any] = {}
     for section, (model, is_list) in m.SECTIONS.items():
+        if section == "pipeline":
+            cfg[section] = _pipeline(raw.get(section, []), out)
+            continue
         if is_list:
             items = raw.get(section, [])
             if not isinstance(items, list):
@@ -281,6 +303,7 @@ def loads(text: str, source: str = "<config>") -> m.Config:
         server=cfg["server"],
         queue=cfg["queue"],
         directory=cfg["directory"],
+        pipeline=tuple(cfg["pipeline"]),
         accepted_domains=tuple(cfg["accepted_domains"]),
         receive_connectors=tuple(cfg["receive_connectors"]),
         send_connectors=tuple(cfg["send_connectors"]),

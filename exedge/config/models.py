@@ -130,6 +130,7 @@ class ServerConfig:
     dns_servers: tuple = setting(list_of(host_port(53)), (), "DNS servers for routing as \"ip\" or \"ip:port\"; empty = the system resolver")
     spool_threads: int = setting(integer(1, 64), 4, "threads that write and fsync received messages, so disks never block the event loop")
     delivery_threads: int = setting(integer(1, 64), 1, "threads for delivery-side disk work (drop directories, outcomes, removal)")
+    plugin_directory: str = setting(text, "plugins", "where drop-in pipeline stages are found (a package directory with __init__.py)")
     certificate_file: str | None = setting(text, None, "PEM certificate (chain) for receive connectors that set none; without one, Tls connectors use a self-signed certificate made at start-up")
     private_key_file: str | None = setting(text, None, "PEM private key of certificate_file (default: the same file)")
 
@@ -182,6 +183,18 @@ class DirectoryConfig:
     @property
     def service_account_password_file(self) -> str | None:
         return self.service_account["password_file"] if self.service_account else None
+
+
+@attrs.frozen(kw_only=True)
+class PipelineEntry:
+    """One [[pipeline]] table: a stage, where it runs, and its own options (checked by the stage)."""
+
+    stage: str = setting(text, doc="the stage's name: a built-in one or a drop-in plugin's")
+    priority: int = setting(integer(0, 10000), 100, "lower runs first")
+    enabled: bool = setting(boolean, True, "false: the stage does not run")
+    receive_connectors: tuple = setting(list_of(text), (), "connectors it applies to (empty: all)")
+    timeout: float = setting(timespan(3600), 30.0, "longest wait for the stage's answer; then 451 4.3.0")
+    options: dict = attrs.field(factory=dict, metadata={"parse": dict, "doc": "every other key: the stage's options", "required": False, "per_usage": False})
 
 
 @attrs.frozen(kw_only=True)
@@ -372,6 +385,7 @@ class Config:
     server: ServerConfig
     queue: QueueConfig = QueueConfig()
     directory: DirectoryConfig = DirectoryConfig()
+    pipeline: tuple = ()
     accepted_domains: tuple
     receive_connectors: tuple
     send_connectors: tuple
@@ -394,4 +408,5 @@ SECTIONS = {
     "accepted_domains": (AcceptedDomain, True),
     "receive_connectors": (ReceiveConnector, True),
     "send_connectors": (SendConnector, True),
+    "pipeline": (PipelineEntry, True),
 }

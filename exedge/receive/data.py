@@ -42,6 +42,7 @@ class DataReader:
         self._midline = False
         self._in_headers = True
         self._header = bytearray()
+        self.header = b""
 
     def feed(self, data: bytes) -> tuple[bool, bytes]:
         """Consume C{data}; returns (end of data reached, bytes after the end)."""
@@ -113,6 +114,7 @@ class DataReader:
     def _end_headers(self) -> None:
         self._in_headers = False
         hops = len(_RECEIVED.findall(self._header))
+        self.header = bytes(self._header)       # for pipeline stages, parsed only if one asks
         self._header = bytearray()
         if hops > self.max_hop_count:
             self._fail(554, "5.4.6", "Hop count exceeded - possible mail loop")

@@ -41,6 +41,7 @@ from exedge import tls
 from exedge.auth.credentials import DirectoryUnavailable, IIdentity
 from exedge.auth.permissions import Permissions, Principal, Right, session_permissions
 from exedge.logs import ProtocolLog
+from exedge.pipeline import Message, SessionView
 from exedge.queue.envelope import Envelope, Recipient
 
 from .address import (
@@ -80,6 +81,7 @@ class ServerContext:
     tls: dict = attrs.field(factory=dict)   # receive connector name -> TLS options (exedge.tls)
     portal: object = None     # twisted.cred Portal for AUTH; None: no AUTH anywhere
     client_ca: dict = attrs.field(factory=dict)   # receive connector name -> X509Store for partner certificates
+    pipeline: object = None   # exedge.pipeline.Pipeline; None or empty: no stages
 
 
 @functools.lru_cache(maxsize=4)
@@ -129,6 +131,7 @@ class SMTPServer(basic.LineReceiver):
         self._closing = False
         self._discarding = False
         self._overflowed = False
+        self.view = None                     # what pipeline stages see of this session
         self.tls_active = False
         self.tls_info: str | None = None     # for the Received header
         self.identity = None                 # the AUTHenticated Identity
@@ -183,6 +186,27 @@ class SMTPServer(basic.LineReceiver):
 
     def _greet(self) -> None:
         self._greeted = True
+        if self.ctx.pipeline:
+            # the stages see the connection first; the banner waits for them
+            self.view = SessionView(self)
+            self._hold()
+            d = self.ctx.pipeline.run("on_connect", self.view)
+            d.addCallback(self._connect_verdict)
+            d.addErrback(self._broken)
+            return
+        self._banner()
+
+    def _connect_verdict(self, verdict) -> None:
+        if self._closing:
+            return
+        if verdict.final:
+            reply = self._verdict_reply(verdict)
+            code = reply.code if verdict.kind == "reject" else 421
+            return self._refuse(Reply(code, reply.status, reply.text))
+        self._banner()
+        self._release()
+
+    def _banner(self) -> None:
         # a client that does not read its replies stops being read
         self.transport.registerProducer(_ReplyBackpressure(self), True)
         banner = self.connector.banner or f"220 {self.fqdn} exedge ESMTP service ready"
@@ -206,6 +230,8 @@ class SMTPServer(basic.LineReceiver):
             self.ctx.connectors.release(self.connector, self.peer_host)
         if self.plog is not None:
             self.plog.disconnect()
+        if self.ctx.pipeline and self.view is not None:
+            self.ctx.pipeline.run("on_disconnect", self.view)   # verdict ignored; failures are logged
 
     def _arm_idle(self) -> None:
         self._idle_call = self.ctx.clock.callLater(self.connector.connection_inactivity_timeout,
@@ -410,9 +436,8 @@ class SMTPServer(basic.LineReceiver):
         if self.tls_active and self.identity is None:
             self._partner_by_certificate()
         greeting = f"{self.fqdn} Hello [{self.peer_host}]"
-        if not esmtp:
-            return Reply(250, None, greeting)
-        return Reply(250, None, greeting, more=tuple(self._extensions()))
+        reply = Reply(250, None, greeting, more=tuple(self._extensions()) if esmtp else ())
+        return self._staged("on_helo", reply, (arg,), undo=lambda: setattr(self, "helo", None))
 
     def _extensions(self) -> list[str]:
         c = self.connector
@@ -640,7 +665,8 @@ class SMTPServer(basic.LineReceiver):
                 and Right.AcceptAuthoritativeDomainSender not in self.permissions:
             return Reply(550, "5.7.1", "Client does not have permissions to send as this sender", tarpit=True)
         self.txn = txn
-        return Reply(250, "2.1.0", "Sender OK")
+        return self._staged("on_mail", Reply(250, "2.1.0", "Sender OK"), (str(sender) if sender else "",),
+                            undo=lambda: setattr(self, "txn", None))
 
     def _partner_by_certificate(self) -> None:
         """
@@ -743,8 +769,10 @@ class SMTPServer(basic.LineReceiver):
         refusal = self._relay_check(mailbox)
         if refusal is not None:
             return refusal
-        self.txn.recipients.append(Recipient(f"{mailbox.local}@{mailbox.domain}", notify, orcpt))
-        return Reply(250, "2.1.5", "Recipient OK")
+        address = f"{mailbox.local}@{mailbox.domain}"
+        self.txn.recipients.append(Recipient(address, notify, orcpt))
+        return self._staged("on_rcpt", Reply(250, "2.1.5", "Recipient OK"), (address,),
+                            undo=self.txn.recipients.pop)
 
     def _postmaster_domain(self) -> str:
         for domain in self.ctx.router.accepted_domains:
@@ -769,6 +797,12 @@ class SMTPServer(basic.LineReceiver):
             return bad_sequence("Need MAIL command")
         if not self.txn.recipients:
             return Reply(554, "5.5.1", "No valid recipients", protocol_error=True)
+        if self.ctx.pipeline:
+            d = self.ctx.pipeline.run("on_data", self.view)
+            return d.addCallback(lambda v: self._verdict_reply(v) if v.final else self._start_data())
+        return self._start_data()
+
+    def _start_data(self) -> Reply:
         self.incoming = self.ctx.store.begin()
         self.incoming.write(self._received_header(self.incoming.queue_id))
         c = self.connector
@@ -776,6 +810,30 @@ class SMTPServer(basic.LineReceiver):
                                  max_header_size=c.max_header_size, max_hop_count=c.max_hop_count)
         self.setRawMode()
         return Reply(354, None, "Start mail input; end with <CRLF>.<CRLF>")
+
+    # -- the pipeline ----------------------------------------------------------
+
+    def _staged(self, hook: str, reply: Reply, args: tuple, undo=None):
+        """C{reply} once the stages agree with it; their verdict's reply (and C{undo}) if not."""
+        if not self.ctx.pipeline:
+            return reply
+
+        def decide(verdict):
+            if not verdict.final:
+                return reply
+            if undo is not None:
+                undo()
+            return self._verdict_reply(verdict)
+
+        return self.ctx.pipeline.run(hook, self.view, *args).addCallback(decide)
+
+    def _verdict_reply(self, verdict) -> Reply:
+        if verdict.kind == "disconnect":
+            return Reply(421, verdict.status or "4.7.0", verdict.text or "Closing connection", close=True)
+        default = (550, "5.7.1") if verdict.kind == "reject" else (451, "4.7.1")
+        self.plog.info(f"pipeline: {verdict.kind} {verdict.code or default[0]} {verdict.text}")
+        return Reply(verdict.code or default[0], verdict.status or default[1], verdict.text or "Refused",
+                     tarpit=verdict.kind == "reject")
 
     def _received_header(self, queue_id: str) -> bytes:
         # RFC 3848: ESMTPS with TLS, ESMTPA authenticated, ESMTPSA both
@@ -804,6 +862,20 @@ class SMTPServer(basic.LineReceiver):
             code, status, text = reader.error
             self.plog.info(f"message refused: {code} {status} {text}")
             return Reply(code, status, text)
+        if self.ctx.pipeline:
+            message = Message(str(txn.sender) if txn.sender else "", [r.address for r in txn.recipients],
+                              reader.header, reader.size)
+            d = self.ctx.pipeline.run("on_message", self.view, message)
+            return d.addCallback(self._message_verdict, txn, incoming, reader)
+        return self._commit(txn, incoming, reader)
+
+    def _message_verdict(self, verdict, txn, incoming, reader):
+        if verdict.final:
+            incoming.abort()
+            return self._verdict_reply(verdict)
+        return self._commit(txn, incoming, reader)
+
+    def _commit(self, txn, incoming, reader):
         envelope = Envelope(
             sender=str(txn.sender) if txn.sender else "",
             recipients=tuple(txn.recipients),

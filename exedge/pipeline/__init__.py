@@ -1,0 +1,13 @@
+"""
+The pipeline room: every SMTP event passes through ordered stages, built-in
+(Exchange's Edge agents) or dropped into the plugin directory.
+"""
+
+from .registry import build_pipeline, describe, discover
+from .runner import Entry, Pipeline, SessionView
+from .stage import ACCEPT, CONTINUE, IStage, IStageFactory, Message, Stage, Verdict, defer_, disconnect, reject
+
+__all__ = [
+    "ACCEPT", "CONTINUE", "Entry", "IStage", "IStageFactory", "Message", "Pipeline", "SessionView", "Stage",
+    "Verdict", "build_pipeline", "defer_", "describe", "discover", "disconnect", "reject",
+]

@@ -1,0 +1,138 @@
+"""
+Which stages exist and which run: built-ins, drop-in plugins, and the
+[[pipeline]] entries that configure them.
+
+Drop-ins are modules in the plugin directory ([server] plugin_directory,
+"plugins" by default), found with C{twisted.plugin.getPlugins}. The
+directory is loaded as a package of its own (research §5: getPlugins needs
+a regular package; its dropin.cache is written there). Each module is
+imported first on its own, so a broken plugin is reported with its file
+and error instead of Twisted's bare "Unhandled Error".
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+from twisted.plugin import getPlugins
+
+from exedge.config import ConfigError
+
+from .builtin import BUILTIN
+from .runner import Entry, Pipeline
+from .stage import IStageFactory, hooks_of
+
+PACKAGE = "exedge_dropins"
+
+
+def _package(directory: str):
+    """The plugin directory imported as the package C{exedge_dropins} (it needs an __init__.py)."""
+    directory = os.path.abspath(directory)
+    module = sys.modules.get(PACKAGE)
+    if module is not None and list(getattr(module, "__path__", [])) == [directory]:
+        return module
+    for name in [n for n in sys.modules if n == PACKAGE or n.startswith(PACKAGE + ".")]:
+        del sys.modules[name]
+    spec = importlib.util.spec_from_file_location(PACKAGE, os.path.join(directory, "__init__.py"),
+                                                  submodule_search_locations=[directory])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def discover(directory: str) -> tuple[dict, list[tuple[str, str]], dict]:
+    """
+    (name -> factory, [(file, error)] of broken plugins, name -> where it came from).
+    Built-ins come first; a drop-in cannot take a built-in's name.
+    """
+    factories = dict(BUILTIN)
+    origins = {name: "built-in" for name in BUILTIN}
+    broken: list[tuple[str, str]] = []
+    if not os.path.isdir(directory):
+        return factories, broken, origins
+    if not os.path.exists(os.path.join(directory, "__init__.py")):
+        broken.append((directory, "not a package: add an empty __init__.py (twisted.plugin needs one)"))
+        return factories, broken, origins
+    try:
+        package = _package(directory)
+    except Exception as e:
+        broken.append((os.path.join(directory, "__init__.py"), f"{e.__class__.__name__}: {e}"))
+        return factories, broken, origins
+    for filename in sorted(os.listdir(directory)):
+        if not filename.endswith(".py") or filename.startswith("_"):
+            continue
+        try:
+            importlib.import_module(f"{PACKAGE}.{filename[:-3]}")
+        except Exception as e:
+            broken.append((os.path.join(directory, filename), f"{e.__class__.__name__}: {e}"))
+    for factory in getPlugins(IStageFactory, package):
+        where = getattr(sys.modules.get(type(factory).__module__), "__file__", None) or directory
+        if factory.name in factories:
+            broken.append((where, f"stage name {factory.name!r} is already taken ({origins[factory.name]})"))
+            continue
+        factories[factory.name] = factory
+        origins[factory.name] = where
+    return factories, broken, origins
+
+
+def build_pipeline(config, clock) -> Pipeline:
+    """The configured pipeline; ConfigError naming the entry and key for every problem."""
+    factories, broken, origins = discover(config.server.plugin_directory)
+    problems = [config.problem(("server", "plugin_directory"), f"broken plugin {path}: {error}")
+                for path, error in broken]
+    connectors = {c.name for c in config.receive_connectors}
+    entries = []
+    for i, item in enumerate(config.pipeline):
+        if item is None or not item.enabled:
+            continue
+        factory = factories.get(item.stage)
+        if factory is None:
+            problems.append(config.problem(("pipeline", i, "stage"),
+                                           f"no stage {item.stage!r} (known: {', '.join(sorted(factories))})"))
+            continue
+        for name in item.receive_connectors:
+            if name not in connectors:
+                problems.append(config.problem(("pipeline", i, "receive_connectors"),
+                                               f"no receive connector {name!r}"))
+        options = {}
+        for key, value in item.options.items():
+            parse = factory.options.get(key)
+            if parse is None:
+                problems.append(config.problem(
+                    ("pipeline", i, key), f"stage {item.stage} has no option {key!r} "
+                                          f"(its options: {', '.join(sorted(factory.options)) or 'none'})"))
+                continue
+            try:
+                options[key] = parse(value)
+            except ValueError as e:
+                problems.append(config.problem(("pipeline", i, key), f"stage {item.stage}: {e}"))
+        if problems:
+            continue
+        stage = factory.build(options)
+        entries.append(Entry(stage, item.priority, frozenset(item.receive_connectors) or None, item.timeout,
+                             origins[item.stage]))
+    if problems:
+        raise ConfigError(problems)
+    return Pipeline(entries, clock)
+
+
+def describe(config) -> list[str]:
+    """Every stage found, where it came from and its hooks (for check-config)."""
+    factories, broken, origins = discover(config.server.plugin_directory)
+    lines = []
+    for name in sorted(factories):
+        f = factories[name]
+        hooks = getattr(f, "hooks", None)
+        if hooks is None:
+            try:
+                hooks = hooks_of(f.build({}))
+            except Exception:
+                hooks = ["?"]
+        kind = " (anti-spam)" if f.anti_spam else ""
+        lines.append(f"stage {name}{kind}: {origins[name]}; hooks: {', '.join(hooks)}")
+    lines += [f"broken plugin {path}: {error}" for path, error in broken]
+    return lines

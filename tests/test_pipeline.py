@@ -1,0 +1,231 @@
+"""
+The plugin pipeline: verdicts on a StringTransport session with the
+clock, and drop-in plugins copied into a real server's plugins/ directory.
+"""
+
+import os
+import shutil
+import smtplib
+import subprocess
+import sys
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.testing import StringTransport
+
+from exedge.config import ConfigError, loads
+from exedge.pipeline import ACCEPT, Entry, Pipeline, Stage, build_pipeline, defer_, disconnect, reject
+from exedge.pipeline.builtin import ConnectionFilter, SenderFilter
+from harness import TWISTD, config_text, free_port
+from test_protocol import Session
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXEDGE = os.path.join(os.path.dirname(sys.executable), "exedge")
+
+
+def session_with(tmp_path, *stages, peer="127.0.0.1", timeout=30.0, connectors=None):
+    s = Session(tmp_path, peer=peer)
+    s.context.pipeline = Pipeline([Entry(st, i, connectors, timeout) for i, st in enumerate(stages)], s.clock)
+    s.proto.connectionLost()          # start again: the banner now waits for the stages
+    s.transport = StringTransport(hostAddress=s.transport.getHost(), peerAddress=s.transport.getPeer())
+    s.proto = type(s.proto)(s.context)
+    s.proto.makeConnection(s.transport)
+    return s
+
+
+class Says(Stage):
+    """A stage that answers each hook with the verdict given for it."""
+
+    name = "says"
+
+    def __init__(self, **verdicts):
+        self.verdicts = verdicts
+        self.calls = []
+
+    def __getattribute__(self, attr):
+        if attr.startswith("on_"):
+            def hook(session, *args):
+                self.calls.append((attr, args))
+                return self.verdicts.get(attr)
+            return hook
+        return object.__getattribute__(self, attr)
+
+
+def test_each_verdict_becomes_its_reply(tmp_path):
+    s = session_with(tmp_path, Says(on_mail=reject("no", "5.7.1", 550), on_rcpt=defer_("later", "4.7.1", 451)))
+    assert s.transport.value().startswith(b"220 ")
+    s.send(b"EHLO client.test\r\n")
+    assert s.codes(b"MAIL FROM:<a@partner.test>\r\n") == ["550 5.7.1"]
+    assert s.proto.txn is None                                       # the refused MAIL left nothing
+    (tmp_path / "x").mkdir()
+    s2 = session_with(tmp_path / "x", Says(on_rcpt=defer_("later", "4.7.1", 451)))
+    s2.send(b"EHLO client.test\r\n")
+    assert s2.codes(b"MAIL FROM:<a@partner.test>\r\n") == ["250 2.1.0"]
+    assert s2.codes(b"RCPT TO:<bob@example.com>\r\n") == ["451 4.7.1"]
+    assert s2.proto.txn.recipients == []
+
+
+def test_disconnect_and_accept(tmp_path):
+    s = session_with(tmp_path, Says(on_helo=disconnect("go away")))
+    assert s.codes(b"EHLO client.test\r\n") == ["421 4.7.0"] and s.transport.disconnecting
+    (tmp_path / "y").mkdir()
+    second = Says(on_mail=reject("never asked"))
+    s = session_with(tmp_path / "y", Says(on_mail=ACCEPT), second)
+    s.send(b"EHLO client.test\r\n")
+    assert s.codes(b"MAIL FROM:<a@partner.test>\r\n") == ["250 2.1.0"]     # accept skips the rest
+    assert [c for c, _ in second.calls if c == "on_mail"] == []
+
+
+def test_a_stage_that_raises_costs_the_event_a_451_and_the_session_goes_on(tmp_path):
+    class Boom(Stage):
+        name = "boom"
+
+        def on_rcpt(self, session, recipient):
+            raise RuntimeError("bug")
+
+    s = session_with(tmp_path, Boom())
+    s.send(b"EHLO client.test\r\n")
+    s.send(b"MAIL FROM:<a@partner.test>\r\n")
+    assert s.codes(b"RCPT TO:<bob@example.com>\r\n") == ["451 4.3.0"]
+    assert s.codes(b"NOOP\r\n") == ["250 2.0.0"]
+
+
+def test_a_stage_that_never_answers_hits_its_timeout_on_the_clock(tmp_path):
+    class Silent(Stage):
+        name = "silent"
+
+        async def on_mail(self, session, sender):
+            await defer.Deferred()
+
+    s = session_with(tmp_path, Silent(), timeout=10)
+    s.send(b"EHLO client.test\r\n")
+    assert s.send(b"MAIL FROM:<a@partner.test>\r\nNOOP\r\n") == b""       # held, in order
+    s.clock.advance(9)
+    assert s.transport.value() == b""
+    s.clock.advance(2)
+    assert s.transport.value() == b"451 4.3.0 Temporary server error; please try again later\r\n250 2.0.0 OK\r\n"
+
+
+def test_the_message_hook_sees_lazily_parsed_headers_and_can_refuse(tmp_path):
+    class NoSpamSubjects(Stage):
+        name = "subjects"
+
+        def on_message(self, session, message):
+            if "spam" in (message.headers["Subject"] or "").lower():
+                return reject("Spam subject", "5.7.1", 550)
+
+    s = session_with(tmp_path, NoSpamSubjects())
+    s.send(b"EHLO client.test\r\nMAIL FROM:<a@partner.test>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+    assert s.codes(b"Subject: SPAM offer\r\n\r\nbuy\r\n.\r\n") == ["550 5.7.1"]
+    assert s.sink.messages == []
+    s.send(b"MAIL FROM:<a@partner.test>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+    assert s.codes(b"Subject: hello\r\n\r\nhi\r\n.\r\n") == ["250 2.6.0"]
+    assert len(s.sink.messages) == 1
+
+
+def test_sender_filter(tmp_path):
+    f = SenderFilter(blocked_senders=("bad@partner.test",), blocked_domains=("*.spam.test", "junk.test"),
+                     block_blank_senders=True)
+    s = session_with(tmp_path, f)
+    s.send(b"EHLO client.test\r\n")
+    for sender, code in ((b"bad@partner.test", "554 5.1.0"), (b"x@mail.spam.test", "554 5.1.0"),
+                         (b"x@spam.test", "554 5.1.0"), (b"x@junk.test", "554 5.1.0"), (b"", "554 5.1.0"),
+                         (b"good@partner.test", "250 2.1.0")):
+        assert s.codes(b"MAIL FROM:<" + sender + b">\r\n") == [code], sender
+        s.send(b"RSET\r\n")
+
+
+def test_anti_spam_stages_are_skipped_for_sessions_that_bypass_anti_spam(tmp_path):
+    # 127.0.0.2 is an externally secured server in the test configuration
+    f = SenderFilter(blocked_senders=("bad@partner.test",))
+    s = session_with(tmp_path, f, peer="127.0.0.2")
+    s.send(b"EHLO client.test\r\n")
+    assert s.codes(b"MAIL FROM:<bad@partner.test>\r\n") == ["250 2.1.0"]
+
+
+def test_connection_filter_blocks_at_rcpt_and_allow_list_skips_the_rest(tmp_path):
+    import ipaddress
+    block = ConnectionFilter(ip_block_list=(ipaddress.ip_network("127.0.0.0/24"),))
+    s = session_with(tmp_path, block)
+    s.send(b"EHLO client.test\r\nMAIL FROM:<a@partner.test>\r\n")
+    assert s.codes(b"RCPT TO:<bob@example.com>\r\n") == ["550 5.7.1"]
+    assert s.codes(b"RCPT TO:<carol@example.com>\r\n") == ["550 5.7.1"]      # each recipient is refused (and logged)
+    (tmp_path / "z").mkdir()
+    allow = ConnectionFilter(ip_allow_list=(ipaddress.ip_network("127.0.0.1/32"),))
+    s = session_with(tmp_path / "z", allow, SenderFilter(blocked_senders=("a@partner.test",)))
+    s.send(b"EHLO client.test\r\n")
+    assert s.codes(b"MAIL FROM:<a@partner.test>\r\n") == ["250 2.1.0"]       # allowed: anti-spam skipped
+
+
+def test_unknown_stage_and_option_are_config_errors_naming_the_entry():
+    cfg = loads(config_text(25) + '''
+[[pipeline]]
+stage = "sender_filter"
+blocked_senders = ["x@y.test"]
+colour = "blue"
+
+[[pipeline]]
+stage = "no_such_stage"
+''')
+    with pytest.raises(ConfigError) as e:
+        build_pipeline(cfg, None)
+    text = "\n".join(map(str, e.value.problems))
+    assert "pipeline[0].colour: stage sender_filter has no option 'colour'" in text
+    assert "pipeline[1].stage: no stage 'no_such_stage'" in text
+
+
+def test_drop_in_plugins_are_discovered_and_run(start_server, tmp_path):
+    config = config_text(0).replace("127.0.0.1:0", "127.0.0.1:{port}").replace("{", "{{").replace("}", "}}") \
+        .replace("{{port}}", "{port}") + '''
+[[pipeline]]
+stage = "deny_spammers"
+words = ["spammer"]
+
+[[pipeline]]
+stage = "raises"
+
+[[pipeline]]
+stage = "hangs"
+timeout = "1s"
+'''
+    from harness import Server
+    port = free_port()
+    workdir = tmp_path / "edge"
+    (workdir / "plugins").mkdir(parents=True)
+    open(workdir / "plugins" / "__init__.py", "w").close()
+    for name in ("deny_spammers.py", "misbehaving.py"):
+        shutil.copy(os.path.join(HERE, "plugin_files", name), workdir / "plugins" / name)
+    server = Server(workdir, config.format(port=port), port).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+            c.ehlo("client.test")
+            code, text = c.mail("big.spammer@partner.test")
+            assert (code, text) == (550, b"5.7.1 Sender big.spammer@partner.test is not welcome here")
+            c.rset()
+            assert c.mail("slow@partner.test")[0] == 451                       # the hanging stage timed out
+            c.rset()
+            assert c.mail("alice@partner.test")[0] == 250
+            assert c.rcpt("boom@example.com")[0] == 451                        # the raising stage
+            assert c.rcpt("bob@example.com")[0] == 250                         # and the session goes on
+            c.data(b"Subject: ok\r\n\r\nfine\r\n")
+        assert server.wait_for(server.drop_files, what="the message that passed")
+        assert "stage raises failed in on_rcpt" in server.log and "this plugin has a bug" in server.log
+        check = subprocess.run([EXEDGE, "check-config", server.config_path], capture_output=True, text=True,
+                               timeout=60, cwd=workdir)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "stage deny_spammers: " in check.stdout and "deny_spammers.py; hooks: on_mail" in check.stdout
+    finally:
+        server.stop()
+
+
+def test_a_broken_plugin_stops_start_up_with_its_file(tmp_path):
+    workdir = tmp_path / "edge"
+    (workdir / "plugins").mkdir(parents=True)
+    open(workdir / "plugins" / "__init__.py", "w").close()
+    shutil.copy(os.path.join(HERE, "plugin_files", "broken.py"), workdir / "plugins" / "broken.py")
+    path = workdir / "c.toml"
+    path.write_text(config_text(free_port()))
+    r = subprocess.run([TWISTD, "-n", "--pidfile=", "exedge", "--config", str(path)],
+                       capture_output=True, text=True, timeout=60, cwd=workdir)
+    assert r.returncode == 1
+    assert "broken plugin" in r.stderr and "broken.py: ModuleNotFoundError" in r.stderr
