@@ -82,19 +82,31 @@ class Pipeline:
     def __init__(self, entries, clock):
         self.entries = sorted(entries, key=lambda e: e.priority)
         self.clock = clock
+        self._by_connector: dict[str, list[Entry]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.entries)
 
     def stages_for(self, connector: str) -> list[Entry]:
-        return [e for e in self.entries if e.connectors is None or connector in e.connectors]
+        found = self._by_connector.get(connector)
+        if found is None:
+            found = self._by_connector[connector] = [
+                e for e in self.entries if e.connectors is None or connector in e.connectors]
+        return found
 
-    def run(self, hook: str, session: SessionView, *args) -> defer.Deferred:
-        """Fires with the deciding L{Verdict} (CONTINUE when no stage decided)."""
-        return defer.ensureDeferred(self._run(hook, session, args))
+    def run(self, hook: str, session: SessionView, *args):
+        """
+        The deciding L{Verdict} (CONTINUE when no stage decided): at once
+        when every stage answers at once, as a Deferred as soon as one
+        answers with a Deferred or a coroutine. Most stages answer at once,
+        and a session pays for Deferreds only when a stage needs one.
+        """
+        return self._from(self.stages_for(session.connector), 0, hook, session, args)
 
-    async def _run(self, hook: str, session: SessionView, args) -> Verdict:
-        for entry in self.stages_for(session.connector):
+    def _from(self, entries, i, hook, session, args):
+        while i < len(entries):
+            entry = entries[i]
+            i += 1
             stage = entry.stage
             if stage.anti_spam and session.bypass_anti_spam:
                 continue
@@ -103,24 +115,50 @@ class Pipeline:
                 continue
             try:
                 result = method(session, *args)
-                if inspect.isawaitable(result):
-                    result = defer.ensureDeferred(result)
-                if isinstance(result, defer.Deferred):
-                    result = await result.addTimeout(entry.timeout, self.clock)
-            except defer.TimeoutError:
-                log.error("stage {stage}: no answer to {hook} within {timeout}s", stage=stage.name, hook=hook,
-                          timeout=entry.timeout)
-                return STAGE_FAILED
             except Exception:
                 log.failure("stage {stage} failed in {hook}", stage=stage.name, hook=hook)
                 return STAGE_FAILED
-            verdict = CONTINUE if result is None else result
-            if not isinstance(verdict, Verdict):
-                log.error("stage {stage}: {hook} returned {value!r}, not a Verdict", stage=stage.name, hook=hook,
-                          value=verdict)
-                return STAGE_FAILED
-            if verdict.kind == "accept":
-                return CONTINUE          # this event is decided: skip the remaining stages
-            if verdict.final:
+            if inspect.isawaitable(result):
+                result = defer.ensureDeferred(result)
+            if isinstance(result, defer.Deferred):
+                d = result.addTimeout(entry.timeout, self.clock)
+                d.addCallbacks(self._judge, self._failed, callbackArgs=(stage, hook), errbackArgs=(entry, hook))
+                return d.addCallback(self._go_on, entries, i, hook, session, args)
+            verdict = self._judge(result, stage, hook)
+            if verdict is not None:
                 return verdict
         return CONTINUE
+
+    def _go_on(self, verdict, entries, i, hook, session, args):
+        if verdict is not None:
+            return verdict
+        return self._from(entries, i, hook, session, args)
+
+    @staticmethod
+    def _judge(result, stage, hook):
+        """The verdict that ends this event, or None to ask the next stage."""
+        if result is None:
+            return None
+        if not isinstance(result, Verdict):
+            log.error("stage {stage}: {hook} returned {value!r}, not a Verdict", stage=stage.name, hook=hook,
+                      value=result)
+            return STAGE_FAILED
+        if result.kind == "accept":
+            return CONTINUE          # this event is decided: skip the remaining stages
+        return result if result.final else None
+
+    @staticmethod
+    def _failed(failure, entry, hook):
+        if failure.check(defer.TimeoutError):
+            log.error("stage {stage}: no answer to {hook} within {timeout}s", stage=entry.stage.name, hook=hook,
+                      timeout=entry.timeout)
+        else:
+            log.failure("stage {stage} failed in {hook}", failure, stage=entry.stage.name, hook=hook)
+        return STAGE_FAILED
+
+
+def then(value, f, *args):
+    """f(value) now, or once C{value} (a Deferred) fires."""
+    if isinstance(value, defer.Deferred):
+        return value.addCallback(f, *args)
+    return f(value, *args)

@@ -42,6 +42,7 @@ from exedge.auth.credentials import DirectoryUnavailable, IIdentity
 from exedge.auth.permissions import Permissions, Principal, Right, session_permissions
 from exedge.logs import ProtocolLog
 from exedge.pipeline import Message, SessionView
+from exedge.pipeline.runner import then
 from exedge.queue.envelope import Envelope, Recipient
 
 from .address import (
@@ -189,14 +190,17 @@ class SMTPServer(basic.LineReceiver):
         if self.ctx.pipeline:
             # the stages see the connection first; the banner waits for them
             self.view = SessionView(self)
-            self._hold()
-            d = self.ctx.pipeline.run("on_connect", self.view)
-            d.addCallback(self._connect_verdict)
-            d.addErrback(self._broken)
+            verdict = self.ctx.pipeline.run("on_connect", self.view)
+            if isinstance(verdict, defer.Deferred):
+                self._hold()
+                verdict.addCallback(self._connect_verdict, held=True)
+                verdict.addErrback(self._broken)
+            else:
+                self._connect_verdict(verdict, held=False)
             return
         self._banner()
 
-    def _connect_verdict(self, verdict) -> None:
+    def _connect_verdict(self, verdict, held: bool) -> None:
         if self._closing:
             return
         if verdict.final:
@@ -204,7 +208,8 @@ class SMTPServer(basic.LineReceiver):
             code = reply.code if verdict.kind == "reject" else 421
             return self._refuse(Reply(code, reply.status, reply.text))
         self._banner()
-        self._release()
+        if held:
+            self._release()
 
     def _banner(self) -> None:
         # a client that does not read its replies stops being read
@@ -798,8 +803,8 @@ class SMTPServer(basic.LineReceiver):
         if not self.txn.recipients:
             return Reply(554, "5.5.1", "No valid recipients", protocol_error=True)
         if self.ctx.pipeline:
-            d = self.ctx.pipeline.run("on_data", self.view)
-            return d.addCallback(lambda v: self._verdict_reply(v) if v.final else self._start_data())
+            return then(self.ctx.pipeline.run("on_data", self.view),
+                        lambda v: self._verdict_reply(v) if v.final else self._start_data())
         return self._start_data()
 
     def _start_data(self) -> Reply:
@@ -825,7 +830,7 @@ class SMTPServer(basic.LineReceiver):
                 undo()
             return self._verdict_reply(verdict)
 
-        return self.ctx.pipeline.run(hook, self.view, *args).addCallback(decide)
+        return then(self.ctx.pipeline.run(hook, self.view, *args), decide)
 
     def _verdict_reply(self, verdict) -> Reply:
         if verdict.kind == "disconnect":
@@ -865,8 +870,8 @@ class SMTPServer(basic.LineReceiver):
         if self.ctx.pipeline:
             message = Message(str(txn.sender) if txn.sender else "", [r.address for r in txn.recipients],
                               reader.header, reader.size)
-            d = self.ctx.pipeline.run("on_message", self.view, message)
-            return d.addCallback(self._message_verdict, txn, incoming, reader)
+            return then(self.ctx.pipeline.run("on_message", self.view, message),
+                        self._message_verdict, txn, incoming, reader)
         return self._commit(txn, incoming, reader)
 
     def _message_verdict(self, verdict, txn, incoming, reader):
