@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 
@@ -229,3 +230,48 @@ def test_a_broken_plugin_stops_start_up_with_its_file(tmp_path):
                        capture_output=True, text=True, timeout=60, cwd=workdir)
     assert r.returncode == 1
     assert "broken plugin" in r.stderr and "broken.py: ModuleNotFoundError" in r.stderr
+
+
+def test_recipient_filter_knows_our_users_and_blocked_recipients(tmp_path):
+    from exedge.pipeline.builtin import RecipientFilter
+    users = tmp_path / "recipients.txt"
+    users.write_text("# our mailboxes\nBob@example.com\ncarol@example.com\n")
+    s = session_with(tmp_path, RecipientFilter(blocked_recipients=("carol@example.com",),
+                                               recipients_file=str(users)))
+    s.send(b"EHLO client.test\r\nMAIL FROM:<a@partner.test>\r\n")
+    assert s.codes(b"RCPT TO:<bob@example.com>\r\n") == ["250 2.1.5"]           # case-insensitive
+    assert s.codes(b"RCPT TO:<nobody@example.com>\r\n") == ["550 5.1.1"]
+    assert s.codes(b"RCPT TO:<carol@example.com>\r\n") == ["550 5.7.1"]
+    assert s.proto.txn.recipients[0].address == "bob@example.com" and len(s.proto.txn.recipients) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_recipients_file_is_read_again_when_it_changes(tmp_path):
+    from twisted.internet import reactor, task
+    from exedge.pipeline.builtin import RecipientsFile
+    path = tmp_path / "r.txt"
+    path.write_text("a@example.com\n")
+    known = RecipientsFile(str(path), interval=0)
+    assert "a@example.com" in known and "b@example.com" not in known
+    path.write_text("a@example.com\nb@example.com\n")
+    for _ in range(50):                        # the reload runs on a thread: bounded wait
+        if "b@example.com" in known:
+            break
+        yield task.deferLater(reactor, 0.02, lambda: None)
+    assert "b@example.com" in known
+
+
+def test_unknown_recipient_refused_through_real_smtp(start_server, tmp_path):
+    users = tmp_path / "recipients.txt"
+    users.write_text("bob@example.com\n")
+    server = start_server(extra=f'''
+[[pipeline]]
+stage = "recipient_filter"
+recipients_file = "{users}"
+''')
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.ehlo("client.test")
+        c.mail("alice@partner.test")
+        code, text = c.rcpt("nobody@example.com")
+        assert (code, text) == (550, b"5.1.1 User unknown")
+        assert c.rcpt("bob@example.com")[0] == 250

@@ -72,6 +72,10 @@ class SessionView:
         txn = self._p.txn
         return [r.address for r in txn.recipients] if txn else []
 
+    def is_authoritative(self, domain: str) -> bool:
+        """Is C{domain} one of ours (an Authoritative accepted domain)?"""
+        return self._p.ctx.router.is_authoritative(domain)
+
     @property
     def bypass_anti_spam(self) -> bool:
         perms = self._p.permissions
