@@ -80,6 +80,17 @@ class ThreadPoolService(Service):
         self.pool.stop()
 
 
+def _dns_resolver(config: Config, reactor):
+    """
+    [server].dns_servers alone when set (client.Resolver with servers only:
+    createResolver would mix resolv.conf in, research §4), else the
+    system's configuration.
+    """
+    if config.server.dns_servers:
+        return client.Resolver(servers=list(config.server.dns_servers), reactor=reactor)
+    return client.createResolver()   # resolv.conf and /etc/hosts, on the global reactor
+
+
 def mx_resolver(config: Config, reactor) -> MXResolver:
     """
     MX lookups on [server].dns_servers alone when set (client.Resolver with
@@ -88,10 +99,7 @@ def mx_resolver(config: Config, reactor) -> MXResolver:
     detection, is every name and bound address of this server; smart-host
     addresses are the loopback addresses a route may lead to.
     """
-    if config.server.dns_servers:
-        resolver = client.Resolver(servers=list(config.server.dns_servers), reactor=reactor)
-    else:
-        resolver = client.createResolver()   # resolv.conf and /etc/hosts, on the global reactor
+    resolver = _dns_resolver(config, reactor)
     names = {config.server.fqdn} | {c.fqdn for c in config.receive_connectors if c.fqdn} \
         | {c.fqdn for c in config.send_connectors if c.fqdn}
     bound = {b.host for c in config.receive_connectors for b in c.bindings if not b.is_wildcard}
@@ -156,7 +164,7 @@ def build_service(config: Config, reactor=None) -> MultiService:
         tls=tls.receive_contexts(config),      # certificates checked before anything listens
         portal=portal,
         client_ca=tls.client_ca_stores(config),
-        pipeline=build_pipeline(config, reactor),   # stages found and options checked before anything listens
+        pipeline=build_pipeline(config, reactor, _dns_resolver(config, reactor)),   # stages checked before anything listens
     )
     for service in listener_services(reactor, context):
         service.setServiceParent(top)

@@ -9,7 +9,8 @@ import ipaddress
 import os
 import time
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
+from twisted.names import dns, error as dns_error
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -99,19 +100,85 @@ class SenderFilterFactory:
         return SenderFilter(**options)
 
 
+DEFAULT_DNSBL_RESPONSE = "Recipient not authorized, your IP has been found on a block list"
+
+
+def _provider(value):
+    """{ zone, ip_address_match = [...] | bitmask = n, rejection_response } of a DNS list provider."""
+    if not isinstance(value, dict) or "zone" not in value:
+        raise ValueError(f"a provider is {{ zone = \"...\", ... }}, got {value!r}")
+    unknown = set(value) - {"zone", "ip_address_match", "bitmask", "rejection_response"}
+    if unknown:
+        raise ValueError(f"provider {value['zone']!r}: unknown key(s) {', '.join(sorted(unknown))}")
+    matches = frozenset(str(ipaddress.IPv4Address(a)) for a in value.get("ip_address_match", ()))
+    bitmask = value.get("bitmask")
+    if bitmask is not None and (not isinstance(bitmask, int) or not 0 < bitmask < 256):
+        raise ValueError(f"provider {value['zone']!r}: bitmask is 1..255")
+    return {"zone": v.parse_domain(value["zone"]), "match": matches, "bitmask": bitmask,
+            "response": str(value.get("rejection_response", DEFAULT_DNSBL_RESPONSE))}
+
+
+def _listed(provider, addresses) -> bool:
+    """Does this answer mean "listed"? Exact 127.0.0.x codes, a bitmask of the last octet, or any 127/8."""
+    for a in addresses:
+        if provider["match"]:
+            if a in provider["match"]:
+                return True
+        elif provider["bitmask"] is not None:
+            if a.startswith("127.") and int(a.rsplit(".", 1)[1]) & provider["bitmask"]:
+                return True
+        elif a.startswith("127."):
+            return True
+    return False
+
+
 class ConnectionFilter(Stage):
     """
-    Exchange's Connection Filtering agent, IP lists: a blocked peer is
-    refused at each RCPT (so every recipient is logged), an allowed one
-    skips the remaining anti-spam stages.
+    Exchange's Connection Filtering agent: IP block and allow lists, and
+    DNS block and allow list providers (queried through [server].dns_servers
+    when the peer connects, without holding up the banner). A blocked peer
+    is refused at each RCPT (so every recipient is logged); an allowed one
+    skips the remaining anti-spam stages. A provider that does not answer
+    lists nobody: a DNS outage must not stop mail.
     """
 
     name = "connection_filter"
     anti_spam = True
 
-    def __init__(self, ip_block_list=(), ip_allow_list=()):
+    def __init__(self, ip_block_list=(), ip_allow_list=(), block_list_providers=(), allow_list_providers=(),
+                 resolver=None, dns_timeout=5.0, clock=None):
         self.block = ip_block_list
         self.allow = ip_allow_list
+        self.block_providers = block_list_providers
+        self.allow_providers = allow_list_providers
+        self.resolver = resolver
+        self.dns_timeout = dns_timeout
+        self.clock = clock
+
+    async def _query(self, provider, peer: str) -> bool:
+        name = ipaddress.ip_address(peer).reverse_pointer.rsplit(".in-addr.arpa", 1)[0].rsplit(".ip6.arpa", 1)[0]
+        try:
+            d = self.resolver.lookupAddress(f"{name}.{provider['zone']}")
+            if self.clock is not None:
+                d.addTimeout(self.dns_timeout, self.clock)
+            answers, _, _ = await d
+        except dns_error.DomainError:
+            return False                 # NXDOMAIN: not listed
+        except Exception as e:
+            log.warn("DNS list {zone}: no answer for {peer} ({error})", zone=provider["zone"], peer=peer,
+                     error=e.__class__.__name__)
+            return False
+        return _listed(provider, [a.payload.dottedQuad() for a in answers if a.type == dns.A])
+
+    async def _verdict(self, peer: str):
+        """None (nothing to say), "allowed", or the rejection text of the first block list that lists the peer."""
+        for provider in self.allow_providers:
+            if await self._query(provider, peer):
+                return "allowed"
+        for provider in self.block_providers:
+            if await self._query(provider, peer):
+                return provider["response"].format(ip=peer, zone=provider["zone"])
+        return None
 
     def _in(self, networks, peer: str) -> bool:
         try:
@@ -124,24 +191,56 @@ class ConnectionFilter(Stage):
         if self._in(self.allow, session.peer):
             session.notes["anti_spam_allowed"] = True
             return ACCEPT
+        if (self.block_providers or self.allow_providers) and self.resolver is not None \
+                and not self._in(self.block, session.peer):
+            # started now, awaited at the first RCPT: the banner does not wait
+            session.notes["dns_lists"] = defer.ensureDeferred(self._verdict(session.peer))
         return None
+
+    def on_mail(self, session, sender):
+        # an allow list must be known before the other anti-spam stages judge the sender
+        return self._with_dns_lists(session, lambda result: ACCEPT if result == "allowed" else None)
 
     def on_rcpt(self, session, recipient):
         if self._in(self.block, session.peer):
             return reject(f"External client with IP address {session.peer} does not have permissions "
                           "to submit to this server", "5.7.1", 550)
-        return None
+        return self._with_dns_lists(session, lambda result: reject(result, "5.7.1", 550)
+                                    if result and result != "allowed" else None)
+
+    def _with_dns_lists(self, session, decide):
+        """decide(the DNS lists' answer), waiting for it if the lookups started at connect are not done."""
+        pending = session.notes.get("dns_lists")
+        if pending is None:
+            return None
+
+        def settle(result):
+            session.notes["dns_lists"] = result
+            if result == "allowed":
+                session.notes["anti_spam_allowed"] = True
+            return decide(result)
+
+        if not isinstance(pending, defer.Deferred):
+            return settle(pending)
+        if pending.called:
+            return settle(pending.result)
+        waiting = defer.Deferred()    # a copy to wait on: a timeout here must not cancel the lookups
+        pending.addCallback(lambda result: (waiting.called or waiting.callback(result), result)[1])
+        return waiting.addCallback(settle)
 
 
 @implementer(IStageFactory)
 class ConnectionFilterFactory:
     name = "connection_filter"
     anti_spam = True
-    hooks = ("on_connect", "on_rcpt")
-    options = {"ip_block_list": _list(_network), "ip_allow_list": _list(_network)}
+    hooks = ("on_connect", "on_mail", "on_rcpt")
+    options = {"ip_block_list": _list(_network), "ip_allow_list": _list(_network),
+               "block_list_providers": _list(_provider), "allow_list_providers": _list(_provider),
+               "dns_timeout": lambda x: float(v.parse_timespan(x))}
 
-    def build(self, options):
-        return ConnectionFilter(**options)
+    def build(self, options, context=None):
+        return ConnectionFilter(**options, resolver=getattr(context, "resolver", None),
+                                clock=getattr(context, "clock", None))
 
 
 class RecipientsFile:

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 
+import attrs
 from twisted.plugin import getPlugins
 
 from exedge.config import ConfigError
@@ -79,7 +81,25 @@ def discover(directory: str) -> tuple[dict, list[tuple[str, str]], dict]:
     return factories, broken, origins
 
 
-def build_pipeline(config, clock) -> Pipeline:
+@attrs.frozen
+class StageContext:
+    """What a stage may use of the server: its clock, its DNS resolver, the configuration."""
+
+    clock: object
+    resolver: object
+    config: object
+
+
+def _build(factory, options, context):
+    """factory.build(options, context), or build(options) for factories that take no context."""
+    try:
+        params = inspect.signature(factory.build).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return factory.build(options, context) if len(params) >= 2 else factory.build(options)
+
+
+def build_pipeline(config, clock, resolver=None) -> Pipeline:
     """The configured pipeline; ConfigError naming the entry and key for every problem."""
     factories, broken, origins = discover(config.server.plugin_directory)
     problems = [config.problem(("server", "plugin_directory"), f"broken plugin {path}: {error}")
@@ -112,7 +132,7 @@ def build_pipeline(config, clock) -> Pipeline:
                 problems.append(config.problem(("pipeline", i, key), f"stage {item.stage}: {e}"))
         if problems:
             continue
-        stage = factory.build(options)
+        stage = _build(factory, options, StageContext(clock, resolver, config))
         entries.append(Entry(stage, item.priority, frozenset(item.receive_connectors) or None, item.timeout,
                              origins[item.stage]))
     if problems:
@@ -129,7 +149,7 @@ def describe(config) -> list[str]:
         hooks = getattr(f, "hooks", None)
         if hooks is None:
             try:
-                hooks = hooks_of(f.build({}))
+                hooks = hooks_of(_build(f, {}, StageContext(None, None, config)))
             except Exception:
                 hooks = ["?"]
         kind = " (anti-spam)" if f.anti_spam else ""
