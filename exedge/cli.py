@@ -14,6 +14,7 @@ import getpass
 import sys
 
 from exedge import tls
+from exedge.auth.secrets import load_secrets
 from exedge.config import ConfigError, defaults, load
 
 
@@ -32,7 +33,7 @@ def check_config(args) -> int:
     try:
         config = load(args.file)
         tls.receive_contexts(config)      # the certificates it names, as start-up checks them
-        tls.send_credentials(config)      # and the password files
+        load_secrets(config)              # and the password files
         tls.client_ca_stores(config)
         tls.send_client_certificates(config)
         from exedge.pipeline import build_pipeline, describe

@@ -19,6 +19,7 @@ from twisted.python.threadpool import ThreadPool
 from exedge import tls
 from exedge.auth.credentials import FileChecker, portal_for
 from exedge.auth.directory import DirectoryChecker
+from exedge.auth.secrets import load_secrets
 from exedge.config import Config
 from exedge.pipeline import build_pipeline
 from exedge.queue import QueueManager, Spool
@@ -127,7 +128,7 @@ def build_service(config: Config, reactor=None) -> MultiService:
     spool = spool_service.spool
     agents = {}
     mx = None
-    credentials = tls.send_credentials(config)     # password files read now: a bad one stops start-up
+    secrets = load_secrets(config)      # every password file read now: a bad one stops start-up
     client_certificates = tls.send_client_certificates(config)
     for c in config.send_connectors:
         if c.drop_directory:
@@ -138,7 +139,7 @@ def build_service(config: Config, reactor=None) -> MultiService:
         # smart hosts given by name are looked up like MX hosts, through [server].dns_servers
         agents[c.name] = RelayAgent(c, helo=c.fqdn or config.server.fqdn, run=spool.run_delivery,
                                     reactor=reactor, mx=None if c.smart_hosts else mx, resolver=mx,
-                                    credentials=credentials.get(c.name),
+                                    credentials=secrets.smart_hosts.get(c.name),
                                     client_certificate=client_certificates.get(c.name))
     manager = QueueManager(spool, router, agents, clock=reactor, policy=config.queue)
     manager.bouncer = Bouncer(spool, config.server.fqdn, manager.submit, reactor)
@@ -150,7 +151,7 @@ def build_service(config: Config, reactor=None) -> MultiService:
         auth_pool = ThreadPoolService("exedge-auth", config.directory.auth_threads, reactor)
         auth_pool.setServiceParent(top)
         if config.directory.servers:
-            checker = DirectoryChecker(config.directory, auth_pool.run)
+            checker = DirectoryChecker(config.directory, auth_pool.run, secrets.directory_service)
         else:
             checker = FileChecker(config.directory.credentials_file, auth_pool.run)
         portal = portal_for(checker)

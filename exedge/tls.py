@@ -59,7 +59,7 @@ class _AskForClientCertificate(ssl.CertificateOptions):
     Asks the client for a certificate and takes whatever it presents: many
     MTAs present self-signed ones, and failing their handshake would cost
     mail that needs no proof. Whether a certificate proves a partner's
-    domain is decided later, at MAIL, by L{client_certificate_names}.
+    domain is decided later, at MAIL, by L{verified_client_certificate}.
     """
 
     def _makeContext(self):
@@ -126,7 +126,7 @@ def receive_contexts(config: Config) -> dict[str, ssl.CertificateOptions]:
         try:
             verify_certificate_hostname(leaf, fqdn)
         except VerificationError:
-            names = _names(leaf)
+            names = certificate_names(leaf)
             problems.append(config.problem(
                 where + ("certificate_file",),
                 f"{cert_file} names {', '.join(names) or 'nothing'}, not {fqdn} "
@@ -163,11 +163,10 @@ def client_ca_stores(config: Config) -> dict:
     return stores
 
 
-def client_certificate_names(transport, store) -> tuple[list[str] | None, str]:
+def verified_client_certificate(transport, store):
     """
-    (names the client's certificate verifiably carries, why not) for a
-    TLS session: None when there is no certificate or it does not verify
-    against C{store}.
+    (the client's certificate, "") when it verifies against C{store}, else
+    (None, why); the certificate is a C{cryptography} one.
     """
     connection = getattr(transport, "getHandle", lambda: None)()
     leaf = connection.get_peer_certificate() if hasattr(connection, "get_peer_certificate") else None
@@ -179,21 +178,19 @@ def client_certificate_names(transport, store) -> tuple[list[str] | None, str]:
         crypto.X509StoreContext(store, leaf, chain=intermediates).verify_certificate()
     except crypto.X509StoreContextError as e:
         return None, f"client certificate does not verify: {e}"
-    return _names(leaf.to_cryptography()), ""
+    return leaf.to_cryptography(), ""
 
 
-def names_domain(names: list[str], domain: str) -> bool:
-    """Does a certificate with these DNS names name C{domain} (wildcards as service_identity reads them)?"""
-    domain = domain.lower()
-    for name in names:
-        name = name.lower()
-        if name == domain or (name.startswith("*.") and domain.count(".") >= 2
-                              and domain.split(".", 1)[1] == name[2:]):
-            return True
-    return False
+def names_domain(cert, domain: str) -> bool:
+    """Does C{cert} name C{domain}? (service_identity's rules, as for server certificates)"""
+    try:
+        verify_certificate_hostname(cert, domain)
+    except VerificationError:
+        return False
+    return True
 
 
-def _names(cert) -> list[str]:
+def certificate_names(cert) -> list[str]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         return san.get_values_for_type(x509.DNSName)
@@ -201,10 +198,11 @@ def _names(cert) -> list[str]:
         return [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
 
 
-def describe(transport, store=None) -> str | None:
+def describe(transport, verified=None) -> str | None:
     """
     "version=TLSv1.3 cipher=TLS_AES_256_GCM_SHA384 bits=256/256; no client
-    certificate" for a TLS transport, None for plain text.
+    certificate" for a TLS transport, None for plain text. C{verified}: the
+    client certificate, when the session has verified it.
     """
     connection = getattr(transport, "getHandle", lambda: None)()
     get_cipher = getattr(connection, "get_cipher_name", None)
@@ -215,10 +213,8 @@ def describe(transport, store=None) -> str | None:
     peer = connection.get_peer_certificate()
     if peer is None:
         return text + "; no client certificate"
-    if store is not None:
-        names, _ = client_certificate_names(transport, store)
-        if names is not None:
-            return text + f"; client certificate verified for {', '.join(names[:3])}"
+    if verified is not None:
+        return text + f"; client certificate verified for {', '.join(certificate_names(verified)[:3])}"
     return text + "; client certificate presented, not verified"
 
 
@@ -283,31 +279,3 @@ def client_policy(connector, host: str, domain: str = "", client_certificate=Non
     if level == "CertificateValidation":
         return ssl.CertificateOptions(trustRoot=trust, raiseMinimumTo=ssl.TLSVersion.TLSv1_2, **mine), required
     return ssl.optionsForClientTLS(name, trustRoot=trust, clientCertificate=client_certificate), required
-
-
-def send_credentials(config: Config) -> dict[str, tuple[str, str]]:
-    """
-    Each send connector's smart-host credentials, read from its
-    password_file at start-up (never inline, never logged); a file that
-    cannot be read is a configuration error with the key and line.
-    """
-    found, problems = {}, []
-    for i, c in enumerate(config.send_connectors):
-        if not c.authentication_credential or c.smart_host_auth_mechanism not in ("BasicAuth", "BasicAuthRequireTLS"):
-            continue
-        path = c.authentication_credential["password_file"]
-        try:
-            with open(path, encoding="utf-8") as f:
-                password = f.readline().rstrip("\r\n")
-        except OSError as e:
-            problems.append(config.problem(("send_connectors", i, "authentication_credential"),
-                                           f"cannot read password_file {path}: {e.strerror}"))
-            continue
-        if not password:
-            problems.append(config.problem(("send_connectors", i, "authentication_credential"),
-                                           f"password_file {path} is empty"))
-            continue
-        found[c.name] = (c.authentication_credential["username"], password)
-    if problems:
-        raise ConfigError(problems)
-    return found

@@ -1,6 +1,10 @@
+import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -51,3 +55,30 @@ def samba_ad(tmp_path_factory):
     info = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
     yield info
     subprocess.run(["bash", os.path.join(DIRECTORY_SCRIPTS, "stop_samba_ad.sh"), str(work)], timeout=60)
+
+
+@pytest.fixture
+def dns_zones(tmp_path):
+    """
+    dns_zones(zones) -> the port of a twisted.names server on 127.0.0.1
+    serving C{zones} (python -m exedge.testing --dns), stopped by PID after
+    the test.
+    """
+    started = []
+
+    def start(zones: dict) -> int:
+        port = free_port()
+        path = tmp_path / f"zones{len(started)}.json"
+        path.write_text(json.dumps(zones))
+        proc = subprocess.Popen([sys.executable, "-m", "exedge.testing", "--dns", str(path), "--port", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        started.append(proc)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the DNS server died"
+        return port
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)

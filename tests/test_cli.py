@@ -107,3 +107,18 @@ def test_nonexistent_file(tmp_path):
     assert str(path) in out
     assert "cannot read" in out.lower() or "no such file" in out.lower()
     assert "Traceback" not in out
+
+
+def test_password_files_that_cannot_be_read_are_named_with_their_line(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(textwrap.dedent(f'''\
+        [directory]
+        servers = ["ldaps://dc1.fabrikam.test"]
+        base_dn = "DC=fabrikam,DC=test"
+        bind_mode = "Search"
+        service_account = {{ username = "svc", password_file = "{tmp_path}/missing.secret" }}
+        '''))
+    result = run("check-config", str(path))
+    assert result.returncode == 1
+    assert f"{path}:5: directory.service_account: cannot read password_file {tmp_path}/missing.secret" \
+        in result.stdout

@@ -277,18 +277,15 @@ recipients_file = "{users}"
         assert c.rcpt("bob@example.com")[0] == 250
 
 
-def test_dns_block_list_rejects_at_rcpt_with_the_providers_text_and_allow_lists_win(start_server, tmp_path):
-    import signal
-    from test_smarthost_integration import start_dns
+def test_dns_block_list_rejects_at_rcpt_with_the_providers_text_and_allow_lists_win(start_server, dns_zones):
     # 127.0.0.1 is listed by bl.test (code 127.0.0.2) and by strict.test with another code;
     # 127.0.0.5 (an ordinary Internet peer) is on bl.test and on the allow list wl.test
-    dns, dns_port = start_dns(tmp_path, {
+    dns_port = dns_zones({
         "bl.test": {"1.0.0.127.bl.test": [["A", "127.0.0.2"]], "5.0.0.127.bl.test": [["A", "127.0.0.2"]]},
         "strict.test": {"1.0.0.127.strict.test": [["A", "127.0.0.10"]]},
         "wl.test": {"5.0.0.127.wl.test": [["A", "127.0.0.2"]]},
     })
-    try:
-        server = start_server(extra='''
+    server = start_server(extra='''
 [[pipeline]]
 stage = "connection_filter"
 block_list_providers = [
@@ -301,20 +298,17 @@ allow_list_providers = [{ zone = "wl.test" }]
 stage = "sender_filter"
 blocked_senders = ["alice@partner.test"]
 ''')
-        text = open(server.config_path).read().replace('dns_servers = []', f'dns_servers = ["127.0.0.1:{dns_port}"]')
-        open(server.config_path, "w").write(text)
-        server.stop()
-        server.start()
-        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
-            c.ehlo("client.test")
-            c.mail("bob@partner.test")
-            code, msg = c.rcpt("carol@example.com")
-            assert (code, msg) == (550, b"5.7.1 Listed by bl.test: see https://bl.test/127.0.0.1")
-            assert c.rcpt("dave@example.com")[0] == 550                      # every recipient, each logged
-        with smtplib.SMTP("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.5", 0)) as c:
-            c.ehlo("client.test")
-            assert c.mail("alice@partner.test")[0] == 250                  # allow-listed: anti-spam skipped
-            assert c.rcpt("carol@example.com")[0] == 250
-    finally:
-        os.kill(dns.pid, signal.SIGTERM)
-        dns.wait(timeout=15)
+    text = open(server.config_path).read().replace('dns_servers = []', f'dns_servers = ["127.0.0.1:{dns_port}"]')
+    open(server.config_path, "w").write(text)
+    server.stop()
+    server.start()
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.ehlo("client.test")
+        c.mail("bob@partner.test")
+        code, msg = c.rcpt("carol@example.com")
+        assert (code, msg) == (550, b"5.7.1 Listed by bl.test: see https://bl.test/127.0.0.1")
+        assert c.rcpt("dave@example.com")[0] == 550                      # every recipient, each logged
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.5", 0)) as c:
+        c.ehlo("client.test")
+        assert c.mail("alice@partner.test")[0] == 250                  # allow-listed: anti-spam skipped
+        assert c.rcpt("carol@example.com")[0] == 250

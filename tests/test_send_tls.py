@@ -187,37 +187,29 @@ enabled = false
 """
 
 
-def mutual_tls(start_server, tmp_path, partner_names):
-    import signal
-    from test_smarthost_integration import start_dns
+def mutual_tls(start_server, dns_zones, tmp_path, partner_names):
     ca = CA(tmp_path)
     partner_cert, partner_key = ca.issue("partner", *partner_names)
     edge_cert, edge_key = ca.issue("edge-client", "fabrikam.test", "edge01.fabrikam.test", client=True)
     partner = start_server(PARTNER.format(cert=partner_cert, key=partner_key, ca=ca.cert_file))
-    dns, dns_port = start_dns(tmp_path, {"contoso.test": {
+    dns_port = dns_zones({"contoso.test": {
         "contoso.test": [["MX", 10, "mail.contoso.test"]], "mail.contoso.test": [["A", "127.0.0.9"]]}})
     edge = start_server(EDGE_TO_PARTNER.format(dns_port=dns_port, partner_port=partner.port, cert=edge_cert,
                                                key=edge_key, ca=ca.cert_file))
     with smtplib.SMTP("127.0.0.1", edge.port, timeout=10) as c:
         c.sendmail("app@fabrikam.test", ["bob@contoso.test"], b"Subject: partner\r\n\r\nmutual TLS\r\n")
-    return edge, partner, lambda: (os.kill(dns.pid, signal.SIGTERM), dns.wait(timeout=15))
+    return edge, partner
 
 
-def test_domain_secure_partners_get_mail_over_mutual_tls(start_server, tmp_path):
-    edge, partner, stop_dns = mutual_tls(start_server, tmp_path, ["mail.contoso.test", "contoso.test"])
-    try:
-        headers = received_headers(partner.wait_for(partner.drop_files, what="delivery to the partner")[0])
-        assert "with ESMTPS id" in headers and "client certificate verified for fabrikam.test" in headers
-    finally:
-        stop_dns()
+def test_domain_secure_partners_get_mail_over_mutual_tls(start_server, dns_zones, tmp_path):
+    edge, partner = mutual_tls(start_server, dns_zones, tmp_path, ["mail.contoso.test", "contoso.test"])
+    headers = received_headers(partner.wait_for(partner.drop_files, what="delivery to the partner")[0])
+    assert "with ESMTPS id" in headers and "client certificate verified for fabrikam.test" in headers
 
 
-def test_a_partner_server_whose_certificate_does_not_name_the_domain_gets_nothing(start_server, tmp_path):
-    edge, partner, stop_dns = mutual_tls(start_server, tmp_path, ["mail.contoso.test"])
-    try:
-        edge.wait_for(lambda: "transient failure" in edge.log, what="the refused attempt")
-        assert "VerificationError" in edge.log
-        time.sleep(0.3)
-        assert partner.drop_files() == [] and len(os.listdir(edge.path("var", "spool", "queue"))) == 1
-    finally:
-        stop_dns()
+def test_a_partner_server_whose_certificate_does_not_name_the_domain_gets_nothing(start_server, dns_zones, tmp_path):
+    edge, partner = mutual_tls(start_server, dns_zones, tmp_path, ["mail.contoso.test"])
+    edge.wait_for(lambda: "transient failure" in edge.log, what="the refused attempt")
+    assert "VerificationError" in edge.log
+    time.sleep(0.3)
+    assert partner.drop_files() == [] and len(os.listdir(edge.path("var", "spool", "queue"))) == 1

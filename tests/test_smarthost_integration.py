@@ -143,27 +143,14 @@ def test_no_smart_host_reachable_keeps_the_message_queued(start_server):
     assert server.drop_files() == []     # no NDR for a transient failure
 
 
-def start_dns(tmp_path, zones):
-    import json
-    port = free_port()
-    path = tmp_path / "zones.json"
-    path.write_text(json.dumps(zones))
-    proc = subprocess.Popen([sys.executable, "-m", "exedge.testing", "--dns", str(path), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    time.sleep(0.5)
-    assert proc.poll() is None, "the DNS server died"
-    return proc, port
-
-
-def test_mx_routing_delivers_to_the_mx_host_and_null_mx_bounces(start_server, sinks, tmp_path):
+def test_mx_routing_delivers_to_the_mx_host_and_null_mx_bounces(start_server, sinks, dns_zones):
     sink = sinks("mx-sink", host="127.0.0.9")
-    dns, dns_port = start_dns(tmp_path, {"remote.test": {
+    dns_port = dns_zones({"remote.test": {
         "remote.test": [["MX", 20, "mx2.remote.test"], ["MX", 10, "mx1.remote.test"]],
         "mx1.remote.test": [["A", "127.0.0.9"]], "mx2.remote.test": [["A", "127.0.0.8"]],
         "null.remote.test": [["MX", 0, "."]],
     }})
-    try:
-        server = start_server(f"""
+    server = start_server(f"""
 [server]
 fqdn = "edge01.example.com"
 spool_directory = "var/spool"
@@ -196,24 +183,20 @@ smart_hosts = ["127.0.0.9"]
 dns_routing_enabled = false
 enabled = false
 """)
-        send(server, ["bob@remote.test", "eve@null.remote.test"], subject="mx test")
-        got = server.wait_for(sink.files, what="delivery to the preferred MX host")
-        assert got[0].split(b"\r\n")[1] == b"X-Sink-Rcpt: <bob@remote.test>"
-        ndr = open(server.wait_for(server.drop_files, what="the null-MX NDR")[0], "rb").read()
-        assert b"Final-Recipient: rfc822; eve@null.remote.test" in ndr and b"Status: 5.1.10" in ndr
-        assert b"bob@remote.test" not in ndr.split(b"message/delivery-status")[1].split(b"rfc822-headers")[0]
-    finally:
-        os.kill(dns.pid, signal.SIGTERM)
-        dns.wait(timeout=15)
+    send(server, ["bob@remote.test", "eve@null.remote.test"], subject="mx test")
+    got = server.wait_for(sink.files, what="delivery to the preferred MX host")
+    assert got[0].split(b"\r\n")[1] == b"X-Sink-Rcpt: <bob@remote.test>"
+    ndr = open(server.wait_for(server.drop_files, what="the null-MX NDR")[0], "rb").read()
+    assert b"Final-Recipient: rfc822; eve@null.remote.test" in ndr and b"Status: 5.1.10" in ndr
+    assert b"bob@remote.test" not in ndr.split(b"message/delivery-status")[1].split(b"rfc822-headers")[0]
 
 
-def test_smart_host_names_are_resolved_through_the_configured_dns_servers(start_server, sinks, tmp_path):
+def test_smart_host_names_are_resolved_through_the_configured_dns_servers(start_server, sinks, dns_zones):
     # "relay.corp.test" exists only in our DNS server: a delivery proves the
     # name went through [server].dns_servers, not the system resolver
     sink = sinks("named-sink", host="127.0.0.9")
-    dns, dns_port = start_dns(tmp_path, {"corp.test": {"relay.corp.test": [["A", "127.0.0.9"]]}})
-    try:
-        server = start_server(f"""
+    dns_port = dns_zones({"corp.test": {"relay.corp.test": [["A", "127.0.0.9"]]}})
+    server = start_server(f"""
 [server]
 fqdn = "edge01.example.com"
 spool_directory = "var/spool"
@@ -232,12 +215,9 @@ address_spaces = ["*"]
 dns_routing_enabled = false
 smart_hosts = ["missing.corp.test:{sink.port}", "relay.corp.test:{sink.port}"]
 """)
-        send(server, ["bob@partner.test"], subject="named smart host")
-        got = server.wait_for(sink.files, what="delivery to the smart host found through our DNS server")
-        assert b"X-Sink-Rcpt: <bob@partner.test>" in got[0]
-    finally:
-        os.kill(dns.pid, signal.SIGTERM)
-        dns.wait(timeout=15)
+    send(server, ["bob@partner.test"], subject="named smart host")
+    got = server.wait_for(sink.files, what="delivery to the smart host found through our DNS server")
+    assert b"X-Sink-Rcpt: <bob@partner.test>" in got[0]
 
 
 @pytest.mark.parametrize("sink_offers_dsn", [False, True])

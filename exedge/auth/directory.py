@@ -84,18 +84,19 @@ def parse_server_url(url: str) -> tuple[str, int, bool]:
 class DirectoryChecker:
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, config, run):
-        """C{config}: the [directory] section; C{run(f)}: C{f} on the auth thread pool, as a Deferred."""
+    def __init__(self, config, run, service_account=None):
+        """
+        C{config}: the [directory] section; C{run(f)}: C{f} on the auth
+        thread pool, as a Deferred; C{service_account}: (user, password)
+        for Search mode (L{exedge.auth.secrets}).
+        """
         self.config = config
         self.run = run
         self.tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file or None)
         self.servers = [(url,) + parse_server_url(url) for url in config.servers]
         self._local = threading.local()     # per auth thread: open connections by server URL
         self.group_permissions = {k.lower(): v for k, v in config.group_permissions.items()}
-        self.service_password = None
-        if config.service_account_password_file:
-            with open(config.service_account_password_file, encoding="utf-8") as f:
-                self.service_password = f.readline().rstrip("\r\n")
+        self.service_account = service_account
 
     def requestAvatarId(self, credentials):
         name, password = credentials.username, credentials.password
@@ -113,16 +114,20 @@ class DirectoryChecker:
         it (LDAP allows a new bind on an open connection), so a login costs
         a bind and a search, not a TCP and TLS handshake with the DC too.
         """
-        pool = getattr(self._local, "connections", None)
-        if pool is None:
-            pool = self._local.connections = {}
+        pool = self._connections()
         conn = pool.get(url)
         if conn is None or conn.closed:
             conn = pool[url] = self._connection(server, secure, None, None)
         return conn
 
+    def _connections(self) -> dict:
+        """This auth thread's open connections, by server URL."""
+        if not hasattr(self._local, "connections"):
+            self._local.connections = {}
+        return self._local.connections
+
     def _discard(self, url: str) -> None:
-        conn = getattr(self._local, "connections", {}).pop(url, None)
+        conn = self._connections().pop(url, None)
         if conn is not None:
             try:
                 conn.unbind()
@@ -149,11 +154,12 @@ class DirectoryChecker:
             server = Server(host, port=port, use_ssl=secure, tls=self.tls,
                             connect_timeout=self.config.timeout, get_info=None)
             for attempt in (1, 2):
+                pooled = url in self._connections()
                 try:
                     return self._check_on(url, server, secure, name, password)
                 except _UNREACHABLE as e:
                     self._discard(url)
-                    if attempt == 2 or not self._local.was_pooled:
+                    if attempt == 2 or not pooled:
                         problems.append(f"{url}: {e.__class__.__name__}: {e}")
                         break
                     # a pooled connection the DC had closed: once more on a new one
@@ -163,7 +169,6 @@ class DirectoryChecker:
         bind_name = name
         if self.config.bind_mode == "Search":
             bind_name = self._find_dn(server, secure, name)
-        self._local.was_pooled = url in getattr(self._local, "connections", {})
         conn = self._pooled(url, server, secure)
         # a new bind on the open connection (not ldap3's rebind(), which
         # binds back as the previous user when this one is refused)
@@ -186,9 +191,9 @@ class DirectoryChecker:
         if code == 49:   # invalidCredentials, with AD's reason in "data XXX"
             m = _DATA_RE.search(message)
             reason = AD_BIND_REASONS.get(m.group(1).lower(), "refused") if m else "bad user name or password"
-            raise cred_error.UnauthorizedLogin(f"{name}: {reason}")
+            raise cred_error.UnauthorizedLogin(reason)
         if code in (34, 32):   # invalidDNSyntax / noSuchObject: not a name this directory binds with
-            raise cred_error.UnauthorizedLogin(f"{name}: not a valid bind name here ({result.get('description')})")
+            raise cred_error.UnauthorizedLogin(f"not a valid bind name here ({result.get('description')})")
         raise DirectoryUnavailable(f"bind for {name} answered {code} {result.get('description')}: {message}")
 
     def _entries(self, conn) -> list:
@@ -203,8 +208,8 @@ class DirectoryChecker:
 
     def _find_dn(self, server, secure: bool, name: str) -> str:
         """Search mode: the service account finds the user's DN."""
-        account = self.config.service_account_username
-        conn = self._connection(server, secure, account, self.service_password or "")
+        account, password = self.service_account
+        conn = self._connection(server, secure, account, password)
         try:
             if not conn.bind():
                 raise DirectoryUnavailable(f"service account {account} cannot bind: {conn.result.get('description')}")
@@ -216,7 +221,7 @@ class DirectoryChecker:
         finally:
             conn.unbind()
         if len(found) != 1:
-            raise cred_error.UnauthorizedLogin(f"{name}: {'no such user' if not found else 'ambiguous name'}")
+            raise cred_error.UnauthorizedLogin("no such user" if not found else "ambiguous name")
         return found[0]["dn"]
 
     def _groups(self, conn, user_dn: str) -> list[str]:

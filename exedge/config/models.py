@@ -176,14 +176,6 @@ class DirectoryConfig:
     group_permissions: dict = setting(group_map, {"Exchange Servers": "ExchangeServers"}, "directory group (cn) = permission group its members hold, nested groups included")
     auth_threads: int = setting(integer(1, 64), 4, "threads that check passwords, so a slow check never blocks the event loop")
 
-    @property
-    def service_account_username(self) -> str | None:
-        return self.service_account["username"] if self.service_account else None
-
-    @property
-    def service_account_password_file(self) -> str | None:
-        return self.service_account["password_file"] if self.service_account else None
-
 
 @attrs.frozen(kw_only=True)
 class PipelineEntry:

@@ -133,8 +133,7 @@ def build_pipeline(config, clock, resolver=None) -> Pipeline:
         if problems:
             continue
         stage = _build(factory, options, StageContext(clock, resolver, config))
-        entries.append(Entry(stage, item.priority, frozenset(item.receive_connectors) or None, item.timeout,
-                             origins[item.stage]))
+        entries.append(Entry(stage, item.priority, frozenset(item.receive_connectors) or None, item.timeout))
     if problems:
         raise ConfigError(problems)
     return Pipeline(entries, clock)

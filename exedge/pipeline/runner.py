@@ -32,7 +32,6 @@ class Entry:
     priority: int = 100
     connectors: frozenset | None = None    # None: every receive connector
     timeout: float = 30.0
-    origin: str = "built-in"
 
 
 class SessionView:

@@ -114,8 +114,8 @@ class DataReader:
     def _end_headers(self) -> None:
         self._in_headers = False
         hops = len(_RECEIVED.findall(self._header))
-        self.header = bytes(self._header)       # for pipeline stages, parsed only if one asks
-        self._header = bytearray()
+        # handed over, not copied: pipeline stages parse it only if one asks
+        self.header, self._header = self._header, bytearray()
         if hops > self.max_hop_count:
             self._fail(554, "5.4.6", "Hop count exceeded - possible mail loop")
 

@@ -134,7 +134,8 @@ class SMTPServer(basic.LineReceiver):
         self._overflowed = False
         self.view = None                     # what pipeline stages see of this session
         self.tls_active = False
-        self.tls_info: str | None = None     # for the Received header
+        self.tls_info: str | None = None
+        self._client_cert = None             # (verified certificate or None, why), once TLS is up     # for the Received header
         self.identity = None                 # the AUTHenticated Identity
         self.logon_failures = 0
         self._auth_step = None               # the next line belongs to an AUTH dialogue
@@ -589,8 +590,8 @@ class SMTPServer(basic.LineReceiver):
 
     def _auth_error(self, failure, user: str):
         if failure.check(cred_error.UnauthorizedLogin):
-            reason = failure.getErrorMessage().removeprefix(f"{user}: ").removeprefix(f"{user.lower()}: ")
-            self.plog.info(f"authentication failed for {user}: {reason}")
+            # checkers give the reason alone (IUsernamePassword checkers know the name we log)
+            self.plog.info(f"authentication failed for {user}: {failure.getErrorMessage()}")
             return self._auth_failed()
         if not failure.check(DirectoryUnavailable):
             log.failure("session {session}: checking credentials", failure, session=self.session_id)
@@ -673,6 +674,14 @@ class SMTPServer(basic.LineReceiver):
         return self._staged("on_mail", Reply(250, "2.1.0", "Sender OK"), (str(sender) if sender else "",),
                             undo=lambda: setattr(self, "txn", None))
 
+    def _client_certificate(self):
+        """The client's certificate verified against the partner CA, once per session: (cert or None, why)."""
+        if self._client_cert is None:
+            store = self.ctx.client_ca.get(self.connector.name)
+            self._client_cert = (tls.verified_client_certificate(self.transport, store) if store is not None
+                                 else (None, "no partner CA for this connector"))
+        return self._client_cert
+
     def _partner_by_certificate(self) -> None:
         """
         A client whose certificate verifies against the partner CA and names
@@ -681,12 +690,11 @@ class SMTPServer(basic.LineReceiver):
         domain-secured session does in Exchange. Decided at the first EHLO
         inside TLS, when the handshake is done.
         """
-        store = self.ctx.client_ca.get(self.connector.name)
-        if store is None or not self.connector.tls_receive_domain_secure_list \
-                or "Partners" not in self.connector.permission_groups:
+        if not self.connector.tls_receive_domain_secure_list or "Partners" not in self.connector.permission_groups:
             return      # without the Partners group the peer stays what it was (anonymous)
-        names, _ = tls.client_certificate_names(self.transport, store)
-        partners = [d for d in self.connector.tls_receive_domain_secure_list if names and tls.names_domain(names, d)]
+        cert, _ = self._client_certificate()
+        partners = [d for d in self.connector.tls_receive_domain_secure_list
+                    if cert is not None and tls.names_domain(cert, d)]
         if not partners:
             return
         self.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms,
@@ -706,9 +714,10 @@ class SMTPServer(basic.LineReceiver):
             self.plog.info(f"domain secure: {sender.domain} without TLS")
             return Reply(451, "4.7.1", f"Mail from {sender.domain} must use TLS with a client certificate",
                          tarpit=True)
-        names, why = tls.client_certificate_names(self.transport, self.ctx.client_ca.get(self.connector.name))
-        if names is None or not tls.names_domain(names, sender.domain):
-            why = why or f"client certificate names {', '.join(names) or 'nothing'}, not {sender.domain}"
+        cert, why = self._client_certificate()
+        if cert is None or not tls.names_domain(cert, sender.domain):
+            why = why or f"client certificate names {', '.join(tls.certificate_names(cert)) or 'nothing'}, " \
+                         f"not {sender.domain}"
             self.plog.info(f"domain secure: {sender.domain} refused: {why}")
             return Reply(550, "5.7.1", f"Domain secure: {why}", tarpit=True)
         return None
@@ -849,7 +858,8 @@ class SMTPServer(basic.LineReceiver):
         using = ""
         if self.tls_active:
             if self.tls_info is None:
-                self.tls_info = tls.describe(self.transport, self.ctx.client_ca.get(self.connector.name)) or "TLS"
+                verified = self._client_certificate()[0] if self.connector.name in self.ctx.client_ca else None
+                self.tls_info = tls.describe(self.transport, verified) or "TLS"
             using = f"\t({self.tls_info})\r\n"
         return (
             f"Received: from {self.helo} ([{self.peer_host}])\r\n"

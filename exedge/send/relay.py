@@ -99,11 +99,14 @@ class RelayAgent:
     def deliver(self, message, recipients):
         d = defer.Deferred()
         recipients = list(recipients)
-        # one queue per next hop: for DNS routing, every recipient shares a domain
-        destination = message.envelope.recipients[recipients[0]].address.rpartition("@")[2] if self.mx else ""
-        self._pending.setdefault(destination, collections.deque()).append((message, recipients, d))
+        self._pending.setdefault(self._destination(message, recipients), collections.deque()).append(
+            (message, recipients, d))
         self._pump_soon()
         return d
+
+    def _destination(self, message, indexes) -> str:
+        """The session key: the domain for DNS routing (one queue per next hop shares it), else one line."""
+        return message.envelope.recipients[indexes[0]].address.rpartition("@")[2] if self.mx else ""
 
     def _pump_soon(self) -> None:
         """
@@ -237,8 +240,7 @@ class RelayAgent:
         """Entries no session took go back to the head of their line."""
         for entry in reversed(batch):
             message, indexes, _ = entry
-            destination = message.envelope.recipients[indexes[0]].address.rpartition("@")[2] if self.mx else ""
-            self._pending.setdefault(destination, collections.deque()).appendleft(entry)
+            self._pending.setdefault(self._destination(message, indexes), collections.deque()).appendleft(entry)
         self._pump_soon()
 
     @defer.inlineCallbacks
