@@ -155,6 +155,9 @@ def build_service(config: Config, reactor=None) -> MultiService:
         else:
             checker = FileChecker(config.directory.credentials_file, auth_pool.run)
         portal = portal_for(checker)
+    pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor))   # stages checked before anything listens
+    if pipeline.routes:
+        manager.route_hook = pipeline.route
     context = ServerContext(
         server=config.server,
         connectors=ConnectorTable(config.receive_connectors),
@@ -165,7 +168,7 @@ def build_service(config: Config, reactor=None) -> MultiService:
         tls=tls.receive_contexts(config),      # certificates checked before anything listens
         portal=portal,
         client_ca=tls.client_ca_stores(config),
-        pipeline=build_pipeline(config, reactor, _dns_resolver(config, reactor)),   # stages checked before anything listens
+        pipeline=pipeline,
     )
     for service in listener_services(reactor, context):
         service.setServiceParent(top)

@@ -85,6 +85,14 @@ def name(value: Any) -> str:
     return value
 
 
+def mailbox(value: Any) -> str:
+    value = text(value).strip()
+    local, at, domain = value.rpartition("@")
+    if not at or not local or any(c in value for c in " <>\r\n"):
+        raise ValueError(f"expected user@domain, got {value!r}")
+    return f"{local}@{v.parse_domain(domain)}"
+
+
 def choice(*choices: str):
     return lambda value: v.parse_choice(value, choices)
 
@@ -133,6 +141,7 @@ class ServerConfig:
     plugin_directory: str = setting(text, "plugins", "where drop-in pipeline stages are found (a package directory with __init__.py)")
     certificate_file: str | None = setting(text, None, "PEM certificate (chain) for receive connectors that set none; without one, Tls connectors use a self-signed certificate made at start-up")
     private_key_file: str | None = setting(text, None, "PEM private key of certificate_file (default: the same file)")
+    quarantine_mailbox: str | None = setting(mailbox, None, "where pipeline stages send messages they quarantine; without one, a quarantined message is refused (550 5.7.1)")
 
 
 def ldap_url(value: Any) -> str:

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from exedge.auth.permissions import Right
 
-from .stage import CONTINUE, Verdict
+from .stage import CONTINUE, Stage, Verdict
 
 log = Logger()
 
@@ -96,6 +96,81 @@ class Pipeline:
             found = self._by_connector[connector] = [
                 e for e in self.entries if e.connectors is None or connector in e.connectors]
         return found
+
+    def verb(self, session: SessionView, verb: str):
+        """
+        The handler of a stage's own SMTP verb in this session (a callable
+        taking the argument and giving a Verdict, at once or later), or None.
+        """
+        for entry in self.stages_for(session.connector):
+            method = getattr(entry.stage, "verbs", {}).get(verb)
+            if method is not None:
+                return lambda argument: self._call(entry, verb, method, session, argument)
+        return None
+
+    def ehlo_keywords(self, session: SessionView) -> list[str]:
+        """The EHLO keywords of the stages that run in this session."""
+        out: list[str] = []
+        for entry in self.stages_for(session.connector):
+            for keyword in getattr(entry.stage, "ehlo_keywords", ()):
+                if keyword not in out:
+                    out.append(keyword)
+        return out
+
+    def _call(self, entry, hook, method, *args):
+        """One stage's answer, with the same failure and timeout handling as a hook."""
+        try:
+            result = method(*args)
+        except Exception:
+            log.failure("stage {stage} failed in {hook}", stage=entry.stage.name, hook=hook)
+            return STAGE_FAILED
+        if inspect.isawaitable(result):
+            result = defer.ensureDeferred(result)
+        if isinstance(result, defer.Deferred):
+            d = result.addTimeout(entry.timeout, self.clock)
+            return d.addCallbacks(self._checked, self._failed, callbackArgs=(entry.stage, hook),
+                                  errbackArgs=(entry, hook))
+        return self._checked(result, entry.stage, hook)
+
+    @staticmethod
+    def _checked(result, stage, hook):
+        if result is None:
+            return CONTINUE
+        if not isinstance(result, Verdict):
+            log.error("stage {stage}: {hook} returned {value!r}, not a Verdict", stage=stage.name, hook=hook,
+                      value=result)
+            return STAGE_FAILED
+        return result
+
+    @property
+    def routes(self) -> bool:
+        """Does any stage look at routing?"""
+        return any(getattr(type(e.stage), "on_route", None) not in (None, Stage.on_route) for e in self.entries)
+
+    def route(self, envelope, recipient: str, route):
+        """
+        The next hop after the stages' on_route hooks: C{route}, another
+        Route a stage chose, or a reject Verdict (the recipient bounces).
+        Synchronous: routing runs for every recipient and must not wait.
+        Every enabled stage is asked, whichever connector received the
+        message (bounces that exedge writes were received by none):
+        receive_connectors limits the SMTP hooks only.
+        """
+        for entry in self.entries:
+            method = getattr(entry.stage, "on_route", None)
+            if method is None:
+                continue
+            try:
+                result = method(envelope, recipient, route)
+            except Exception:
+                log.failure("stage {stage} failed in on_route", stage=entry.stage.name)
+                continue                      # a broken stage does not bounce mail
+            if isinstance(result, Verdict):
+                if result.kind in ("reject", "defer"):
+                    return result
+            elif result is not None:
+                route = result
+        return route
 
     def run(self, hook: str, session: SessionView, *args):
         """

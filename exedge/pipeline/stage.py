@@ -11,11 +11,10 @@ stage's name, whether it is an anti-spam stage and which options it takes.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
-
 import attrs
 from zope.interface import Attribute, Interface, implementer
+
+from .message import Message  # noqa: F401  (stages import it from here)
 
 
 @attrs.frozen
@@ -26,7 +25,7 @@ class Verdict:
     defer (4xx) or disconnect (421 and close).
     """
 
-    kind: str
+    kind: str            # continue | accept | reject | defer | disconnect | ok (a verb's positive answer)
     code: int = 0
     status: str = ""
     text: str = ""
@@ -48,6 +47,11 @@ def defer_(text: str, status: str = "4.7.1", code: int = 451) -> Verdict:
     return Verdict("defer", code, status, text)
 
 
+def ok(text: str = "OK", status: str = "2.0.0", code: int = 250) -> Verdict:
+    """The positive answer of a stage's own SMTP verb (L{IStage.verbs})."""
+    return Verdict("ok", code, status, text)
+
+
 def disconnect(text: str = "Closing connection", status: str = "4.7.0") -> Verdict:
     return Verdict("disconnect", 421, status, text)
 
@@ -64,6 +68,12 @@ class IStage(Interface):
     def on_helo(session, helo):
         """HELO or EHLO with this argument."""
 
+    def on_starttls(session):
+        """The TLS handshake after STARTTLS (or of an implicit-TLS connector) is done."""
+
+    def on_auth(session, user):
+        """AUTH succeeded for C{user}, before the 235; a reject becomes the AUTH reply."""
+
     def on_mail(session, sender):
         """MAIL FROM; C{sender} is "user@domain", or "" for the null sender."""
 
@@ -73,8 +83,26 @@ class IStage(Interface):
     def on_data(session):
         """DATA, before the 354."""
 
+    def on_headers(session, message):
+        """
+        The header section has been read (L{Message}; its body is not
+        read). SMTP cannot answer before the final dot, so the verdict is
+        the reply to the final dot, as Exchange's OnEndOfHeaders.
+        """
+
     def on_message(session, message):
-        """The final dot, before the message is committed: L{Message}."""
+        """The final dot, before the message is committed: L{Message}, with its actions."""
+
+    def on_queued(session, queue_id):
+        """The message is on disk and acknowledged (the verdict is ignored)."""
+
+    def on_route(message, recipient, route):
+        """
+        Routing chose C{route} (L{exedge.routing.router.Route}) for
+        C{recipient}; return None to keep it, another Route to override it,
+        or a reject verdict to bounce that recipient. C{message} is the
+        envelope (L{exedge.queue.envelope.Envelope}).
+        """
 
     def on_disconnect(session):
         """The connection is gone (the verdict is ignored)."""
@@ -87,6 +115,7 @@ class IStageFactory(Interface):
     anti_spam = Attribute("is it an anti-spam stage")
     options = Attribute("dict: option name -> parser (value -> parsed value, ValueError if bad)")
     hooks = Attribute("optional: the hook names it implements, for check-config")
+    needs_body = Attribute("optional, default False: does on_message read the body (for check-config)")
 
     def build(options):
         """An L{IStage} configured with the parsed C{options}."""
@@ -98,6 +127,8 @@ class Stage:
 
     name = "stage"
     anti_spam = False
+    verbs: dict = {}             # "VERB": method(session, argument) -> Verdict (ok/reject/defer)
+    ehlo_keywords: tuple = ()    # advertised in the EHLO reply of the sessions the stage runs in
 
     def on_connect(self, session):
         return None
@@ -111,17 +142,33 @@ class Stage:
     def on_rcpt(self, session, recipient):
         return None
 
+    def on_starttls(self, session):
+        return None
+
+    def on_auth(self, session, user):
+        return None
+
     def on_data(self, session):
+        return None
+
+    def on_headers(self, session, message):
         return None
 
     def on_message(self, session, message):
         return None
 
+    def on_queued(self, session, queue_id):
+        return None
+
     def on_disconnect(self, session):
         return None
 
+    def on_route(self, message, recipient, route):
+        return None
 
-HOOKS = ("on_connect", "on_helo", "on_mail", "on_rcpt", "on_data", "on_message", "on_disconnect")
+
+HOOKS = ("on_connect", "on_helo", "on_starttls", "on_auth", "on_mail", "on_rcpt", "on_data", "on_headers",
+         "on_message", "on_queued", "on_disconnect", "on_route")
 
 
 def hooks_of(stage) -> list[str]:
@@ -129,22 +176,3 @@ def hooks_of(stage) -> list[str]:
     return [h for h in HOOKS if getattr(type(stage), h, None) is not getattr(Stage, h)]
 
 
-class Message:
-    """
-    The message at the final dot: envelope and header section. The headers
-    are parsed once, on first use, and shared by every stage that asks.
-    """
-
-    def __init__(self, sender: str, recipients: list[str], header: bytes, size: int):
-        self.sender = sender
-        self.recipients = recipients
-        self.header_bytes = header
-        self.size = size
-        self._headers = None
-
-    @property
-    def headers(self):
-        if self._headers is None:
-            self._headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
-                self.header_bytes)
-        return self._headers

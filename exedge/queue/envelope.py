@@ -31,6 +31,7 @@ class Envelope:
     peer: str = ""                     # "ip:port"
     helo: str = ""
     received_at: float = 0.0
+    notes: dict = attrs.field(factory=dict)   # str -> str that pipeline stages keep with the message (on_route reads them)
 
     def to_json(self) -> bytes:
         # by hand rather than attrs.asdict: this runs once per message on a

@@ -87,6 +87,7 @@ class QueueManager(Service):
         self.policy = policy
         self.concurrency = concurrency   # attempts in flight per queue
         self.bouncer = bouncer           # turns failed recipients into NDRs
+        self.route_hook = None           # the pipeline's on_route (envelope, recipient, Route) -> Route | Verdict
         self.queues: dict[NextHop, DeliveryQueue] = {}
         # every message in the spool, with its recipients that have a final
         # outcome: a message split over several hops is removed when the
@@ -113,16 +114,28 @@ class QueueManager(Service):
         self._route(message, pending)
 
     def _route(self, message, pending) -> None:
-        recipients = [(i, message.envelope.recipients[i].address) for i in pending]
-        for hop, indexes in self.router.group_by_hop(recipients, message.envelope.size).items():
-            if hop == TOO_LARGE:
-                outcomes = [Outcome(i, "failed", "5.3.4 Message too large for every send connector "
-                                    f"that serves this domain ({message.envelope.size} bytes)", "5.3.4")
-                            for i in indexes]
-                self._record(message, outcomes).addCallback(
-                    lambda retry, message=message: self.queue_for(UNREACHABLE).items.append((message, retry))
-                    if retry else None)
+        envelope = message.envelope
+        hops: dict[NextHop, list[int]] = {}
+        refused: list[Outcome] = []
+        for i in pending:
+            address = envelope.recipients[i].address
+            route = self.router.route(address.rpartition("@")[2], envelope.size)
+            if route.hop == TOO_LARGE:
+                refused.append(Outcome(i, "failed", "5.3.4 Message too large for every send connector "
+                                       f"that serves this domain ({envelope.size} bytes)", "5.3.4"))
                 continue
+            if self.route_hook is not None and route.connector is not None:
+                chosen = self.route_hook(envelope, address, route)
+                if getattr(chosen, "kind", None) == "reject":
+                    status = chosen.status or "5.7.1"
+                    refused.append(Outcome(i, "failed", f"{status} {chosen.text}", status))
+                    continue
+                route = chosen if chosen is not None and hasattr(chosen, "hop") else route
+            hops.setdefault(route.hop, []).append(i)
+        if refused:
+            self._record(message, refused).addCallback(
+                lambda retry: self.queue_for(UNREACHABLE).items.append((message, retry)) if retry else None)
+        for hop, indexes in hops.items():
             queue = self.queue_for(hop)
             queue.items.append((message, indexes))
             self._kick(queue)

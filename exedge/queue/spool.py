@@ -135,8 +135,65 @@ class IncomingMessage:
 
     def _write_chunks(self, chunks: list[bytes]) -> None:
         if self._file is None:
-            self._file = open(self.path, "wb")
+            self._file = open(self.path, "w+b")      # "+": pipeline stages may read it back
         self._file.writelines(chunks)
+
+    def read_back(self) -> defer.Deferred:
+        """
+        Everything written so far (for pipeline stages that need the body):
+        from memory for a small message, from the file on a spool thread
+        once it has spilled. In order with the writes.
+        """
+        done = defer.Deferred()
+
+        def step(_):
+            chunks = list(self._chunks)
+            if self._file is None:
+                done.callback(b"".join(chunks))
+                return None
+            return self.spool.run(lambda: self._read_file() + b"".join(chunks)).addCallback(done.callback)
+
+        self._tail.addCallback(step)
+        self._tail.addErrback(lambda f: (done.errback(f), f)[1])
+        return done
+
+    def _read_file(self) -> bytes:
+        f = self._file
+        f.flush()
+        with open(self.path, "rb") as reader:
+            return reader.read()
+
+    def rewrite(self, transform) -> defer.Deferred:
+        """
+        Replace what was written with C{transform(it)} (pipeline actions:
+        header edits, a stripped attachment); fires with the new length.
+        The message is not acknowledged yet, so rewriting in place is safe:
+        a crash leaves a file in incoming/ that start-up removes.
+        """
+        done = defer.Deferred()
+
+        def step(_):
+            chunks, self._chunks, self._buffered = self._chunks, [], 0
+            if self._file is None:
+                data = transform(b"".join(chunks))
+                self._chunks, self._buffered = [data], len(data)
+                done.callback(len(data))
+                return None
+            return self.spool.run(lambda: self._rewrite_file(chunks, transform)).addCallback(done.callback)
+
+        self._tail.addCallback(step)
+        self._tail.addErrback(lambda f: (done.errback(f), f)[1])
+        return done
+
+    def _rewrite_file(self, chunks: list[bytes], transform) -> int:
+        f = self._file
+        f.flush()
+        f.seek(0)
+        data = transform(f.read() + b"".join(chunks))
+        f.seek(0)
+        f.truncate()
+        f.write(data)
+        return len(data)
 
     def commit(self, envelope: Envelope) -> defer.Deferred:
         """Write, fsync and rename into the queue; fires with L{StoredMessage}."""

@@ -111,6 +111,23 @@ class _ReplyBackpressure:
         pass
 
 
+def _redirected(recipients, redirects) -> list:
+    """The recipients after the pipeline's redirects; ORCPT keeps who it was addressed to."""
+    out, seen = [], set()
+    for r in recipients:
+        targets = redirects.get(r.address.lower())
+        if targets is None:
+            if r.address.lower() not in seen:
+                seen.add(r.address.lower())
+                out.append(r)
+            continue
+        for target in targets:
+            if target.lower() not in seen:
+                seen.add(target.lower())
+                out.append(Recipient(target, r.notify, r.orcpt or f"rfc822;{r.address}"))
+    return out
+
+
 @implementer(IHandshakeListener)
 class SMTPServer(basic.LineReceiver):
     delimiter = b"\r\n"
@@ -141,6 +158,7 @@ class SMTPServer(basic.LineReceiver):
         self._auth_step = None               # the next line belongs to an AUTH dialogue
         self._idle_call = None
         self._life_call = None
+        self._prefix_length = 0              # our Received field, at the start of the spooled message
 
     # -- connection ----------------------------------------------------------
 
@@ -179,10 +197,30 @@ class SMTPServer(basic.LineReceiver):
         self._greet()
 
     def handshakeCompleted(self) -> None:
-        """IHandshakeListener: the TLS handshake of an implicit-TLS session is done."""
-        if self.helo is None and self.connector is not None and self.connector.tls_mode == "Implicit" \
-                and not self._closing and not self._greeted:
-            self._greet()
+        """IHandshakeListener: the TLS handshake is done (of STARTTLS, or of an implicit-TLS session)."""
+        if self._closing or self.connector is None:
+            return
+        if self.connector.tls_mode == "Implicit" and not self._greeted:
+            # implicit TLS: the stages see on_connect with session.tls already true
+            return self._greet()
+        if self.ctx.pipeline and self.view is not None:
+            verdict = self.ctx.pipeline.run("on_starttls", self.view)
+            if isinstance(verdict, defer.Deferred):
+                self._hold()     # the client's EHLO waits for the stages' word on the handshake
+                verdict.addCallback(self._tls_verdict, held=True)
+                verdict.addErrback(self._broken)
+            else:
+                self._tls_verdict(verdict, held=False)
+
+    def _tls_verdict(self, verdict, held: bool) -> None:
+        if self._closing:
+            return
+        if verdict.final:
+            # nothing to answer after a handshake: any refusal ends the session
+            reply = self._verdict_reply(verdict)
+            return self._refuse(Reply(421, "4.7.0" if verdict.kind != "disconnect" else reply.status, reply.text))
+        if held:
+            self._release()
 
     _greeted = False
 
@@ -423,6 +461,10 @@ class SMTPServer(basic.LineReceiver):
         if any(b in line for b in _BAD_COMMAND_BYTES):
             return syntax_error("Invalid characters in command (bare CR, LF or NUL)", "5.5.2", 500)
         verb, _, arg = line.partition(b" ")
+        if self.ctx.pipeline and verb.isalpha() and self.view is not None:
+            stage_verb = self.ctx.pipeline.verb(self.view, verb.decode("ascii").upper())
+            if stage_verb is not None:
+                return then(stage_verb(arg.decode("latin-1").strip(" ")), self._verb_reply)
         handler = getattr(self, "do_" + verb.decode("ascii", "replace").upper(), None) if verb.isalpha() else None
         if handler is None:
             return syntax_error("Command unrecognized", "5.5.1", 500)
@@ -460,6 +502,8 @@ class SMTPServer(basic.LineReceiver):
             ext.append("STARTTLS")
         if self._auth_offered():
             ext.append("AUTH PLAIN LOGIN")
+        if self.ctx.pipeline and self.view is not None:
+            ext.extend(self.ctx.pipeline.ehlo_keywords(self.view))
         return ext
 
     # -- STARTTLS (RFC 3207) -------------------------------------------------
@@ -586,7 +630,13 @@ class SMTPServer(basic.LineReceiver):
         self.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms,
                                                authenticated_as=identity.principals)
         self.plog.info(f"authenticated as {identity.name}; rights: {self.permissions.explain()}")
-        return Reply(235, "2.7.0", "Authentication successful")
+        reply = Reply(235, "2.7.0", "Authentication successful")
+        return self._staged("on_auth", reply, (identity.name,), undo=self._unauthenticate)
+
+    def _unauthenticate(self) -> None:
+        """A stage refused the authenticated user: back to the rights of an anonymous session."""
+        self.identity = None
+        self.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms)
 
     def _auth_error(self, failure, user: str):
         if failure.check(cred_error.UnauthorizedLogin):
@@ -683,7 +733,7 @@ class SMTPServer(basic.LineReceiver):
         return self._client_cert
 
     def _partner_by_certificate(self) -> None:
-        """
+        r"""
         A client whose certificate verifies against the partner CA and names
         a domain-secure partner is that partner's server: it holds
         MS Exchange\Partner Servers (the Partners permission group), as a
@@ -818,7 +868,9 @@ class SMTPServer(basic.LineReceiver):
 
     def _start_data(self) -> Reply:
         self.incoming = self.ctx.store.begin()
-        self.incoming.write(self._received_header(self.incoming.queue_id))
+        received = self._received_header(self.incoming.queue_id)
+        self._prefix_length = len(received)
+        self.incoming.write(received)
         c = self.connector
         self.reader = DataReader(self.incoming.write, max_size=self._size_limit(),
                                  max_header_size=c.max_header_size, max_hop_count=c.max_hop_count)
@@ -840,6 +892,15 @@ class SMTPServer(basic.LineReceiver):
             return self._verdict_reply(verdict)
 
         return then(self.ctx.pipeline.run(hook, self.view, *args), decide)
+
+    def _verb_reply(self, verdict) -> Reply:
+        """A stage verb's answer: its own positive reply, or the refusal."""
+        if verdict.kind == "ok":
+            first, *more = (verdict.text or "OK").split("\n")
+            return Reply(verdict.code or 250, verdict.status or None, first, more=tuple(more))
+        if not verdict.final:
+            return Reply(250, "2.0.0", "OK")
+        return self._verdict_reply(verdict)
 
     def _verdict_reply(self, verdict) -> Reply:
         if verdict.kind == "disconnect":
@@ -879,25 +940,62 @@ class SMTPServer(basic.LineReceiver):
             return Reply(code, status, text)
         if self.ctx.pipeline:
             message = Message(str(txn.sender) if txn.sender else "", [r.address for r in txn.recipients],
-                              reader.header, reader.size)
-            return then(self.ctx.pipeline.run("on_message", self.view, message),
-                        self._message_verdict, txn, incoming, reader)
-        return self._commit(txn, incoming, reader)
+                              reader.header, reader.size, read=lambda: self._client_bytes(incoming))
+            run = self.ctx.pipeline.run
+            verdict = then(run("on_headers", self.view, message),
+                           lambda v: v if v.final else run("on_message", self.view, message))
+            return then(verdict, self._message_verdict, message, txn, incoming, reader)
+        return self._commit(txn, incoming, reader.size)
 
-    def _message_verdict(self, verdict, txn, incoming, reader):
+    def _client_bytes(self, incoming):
+        """What the client sent, as stages see it: the spooled bytes after our Received field."""
+        skip = self._prefix_length
+        return incoming.read_back().addCallback(lambda data: data[skip:])
+
+    def _message_verdict(self, verdict, message, txn, incoming, reader):
         if verdict.final:
             incoming.abort()
             return self._verdict_reply(verdict)
-        return self._commit(txn, incoming, reader)
+        if message.deleted is not None:
+            # the stage's "delete": the client is told 250, nobody gets it (Exchange's SilentDelete)
+            incoming.abort()
+            self.plog.info(f"message deleted by the pipeline: {message.deleted}")
+            return Reply(250, "2.6.0", f"<{incoming.queue_id}> Queued mail for delivery")
+        if message.quarantined is not None:
+            mailbox = self.ctx.server.quarantine_mailbox
+            if mailbox is None:
+                incoming.abort()
+                self.plog.info(f"quarantine without a quarantine_mailbox, refused: {message.quarantined}")
+                return Reply(550, "5.7.1", "Message rejected as spam by content filtering", tarpit=True)
+            message.add_header("X-Exedge-Quarantine-Reason", message.quarantined[:200])
+            message.add_header("X-Exedge-Original-Recipients", ", ".join(r.address for r in txn.recipients))
+            txn.recipients = [Recipient(mailbox)]
+            self.plog.info(f"message quarantined to {mailbox}: {message.quarantined}")
+        elif message.redirects:
+            txn.recipients = _redirected(txn.recipients, message.redirects)
+            self.plog.info("recipients redirected by the pipeline: " +
+                           ", ".join(f"{k} -> {', '.join(v)}" for k, v in message.redirects.items()))
+        notes = message.notes
+        if not message.edited:
+            return self._commit(txn, incoming, reader.size, notes)
+        prefix = self._prefix_length
+        d = incoming.rewrite(message.edit(prefix))
+        d.addCallbacks(lambda length: self._commit(txn, incoming, length - prefix, notes), self._rewrite_failed,
+                       errbackArgs=(incoming,))
+        return d
 
-    def _commit(self, txn, incoming, reader):
+    def _rewrite_failed(self, failure, incoming) -> Reply:
+        incoming.abort()
+        return self._queue_failed(failure, incoming.queue_id)
+
+    def _commit(self, txn, incoming, size: int, notes=None):
         envelope = Envelope(
             sender=str(txn.sender) if txn.sender else "",
             recipients=tuple(txn.recipients),
             ret=txn.ret, envid=txn.envid, auth=txn.auth, body=txn.body,
-            size=reader.size, receive_connector=self.connector.name,
+            size=size, receive_connector=self.connector.name,
             peer=f"{self.peer_host}:{self.transport.getPeer().port}",
-            helo=self.helo or "", received_at=self.ctx.clock.seconds(),
+            helo=self.helo or "", received_at=self.ctx.clock.seconds(), notes=notes or {},
         )
         d = incoming.commit(envelope)
         d.addCallbacks(self._queued, self._queue_failed, errbackArgs=(incoming.queue_id,))
@@ -912,6 +1010,8 @@ class SMTPServer(basic.LineReceiver):
             # the message is on disk: it is acknowledged, and start-up recovery queues it
             log.failure("queueing {queue_id} failed; it waits in the spool for a restart",
                         queue_id=stored.queue_id)
+        if self.ctx.pipeline and self.view is not None:
+            self.ctx.pipeline.run("on_queued", self.view, stored.queue_id)   # verdict ignored
         return Reply(250, "2.6.0", f"<{stored.queue_id}> Queued mail for delivery")
 
     def _queue_failed(self, failure, queue_id: str) -> Reply:

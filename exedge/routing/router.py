@@ -37,6 +37,31 @@ TOO_LARGE = NextHop("(message too large)", "")
 
 
 @attrs.frozen
+class Route:
+    """
+    Where one recipient goes: the chosen connector's next hop, and the
+    other candidates, best first (pipeline stages may pick one of them in
+    on_route, as content restrictions do).
+    """
+
+    hop: NextHop
+    domain: str
+    connector: SendConnector | None = None
+    alternatives: tuple = ()
+
+    def via(self, connector: SendConnector) -> "Route":
+        """This recipient through C{connector} instead."""
+        rest = tuple(c for c in self.alternatives if c is not connector)
+        return Route(_hop(connector, self.domain), self.domain, connector, rest)
+
+
+def _hop(conn: SendConnector, domain: str) -> NextHop:
+    # DNS routing: one queue per destination domain; otherwise one per connector
+    dns_routed = not conn.drop_directory and not conn.smart_hosts
+    return NextHop(conn.name, domain.lower() if dns_routed else "")
+
+
+@attrs.frozen
 class Router:
     accepted_domains: tuple[AcceptedDomain, ...]
     send_connectors: tuple[SendConnector, ...]
@@ -76,14 +101,14 @@ class Router:
         ranked.sort(key=lambda item: item[:3])
         return [item[3] for item in ranked]
 
-    def next_hop(self, domain: str, size: int = 0) -> NextHop:
+    def route(self, domain: str, size: int = 0) -> Route:
         found = self.candidates(domain, size)
         if not found:
-            return TOO_LARGE if size and self.candidates(domain, 0) else UNREACHABLE
-        conn = found[0]
-        # DNS routing: one queue per destination domain; otherwise one per connector
-        dns_routed = not conn.drop_directory and not conn.smart_hosts
-        return NextHop(conn.name, domain.lower() if dns_routed else "")
+            return Route(TOO_LARGE if size and self.candidates(domain, 0) else UNREACHABLE, domain.lower())
+        return Route(_hop(found[0], domain), domain.lower(), found[0], tuple(found[1:]))
+
+    def next_hop(self, domain: str, size: int = 0) -> NextHop:
+        return self.route(domain, size).hop
 
     def group_by_hop(self, recipients: Iterable[tuple[int, str]], size: int) -> dict[NextHop, list[int]]:
         """Recipients (index, address) that share a next hop travel together."""
