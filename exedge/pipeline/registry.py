@@ -23,9 +23,12 @@ from twisted.plugin import getPlugins
 
 from exedge.config import ConfigError
 
-from .builtin import BUILTIN
+from . import builtin, content
 from .runner import Entry, Pipeline
 from .stage import IStageFactory, hooks_of
+
+# every built-in stage, by name
+BUILTIN = {f.name: f for f in (*builtin.BUILTIN.values(), *content.FACTORIES)}
 
 PACKAGE = "exedge_dropins"
 
@@ -132,7 +135,11 @@ def build_pipeline(config, clock, resolver=None) -> Pipeline:
                 problems.append(config.problem(("pipeline", i, key), f"stage {item.stage}: {e}"))
         if problems:
             continue
-        stage = _build(factory, options, StageContext(clock, resolver, config))
+        try:
+            stage = _build(factory, options, StageContext(clock, resolver, config))
+        except ValueError as e:
+            problems.append(config.problem(("pipeline", i), f"stage {item.stage}: {e}"))
+            continue
         entries.append(Entry(stage, item.priority, frozenset(item.receive_connectors) or None, item.timeout))
     if problems:
         raise ConfigError(problems)

@@ -75,6 +75,11 @@ class SessionView:
         """Is C{domain} one of ours (an Authoritative accepted domain)?"""
         return self._p.ctx.router.is_authoritative(domain)
 
+    def has_right(self, right: Right) -> bool:
+        """Does the session hold this right (exedge.auth.permissions.Right)?"""
+        perms = self._p.permissions
+        return perms is not None and right in perms
+
     @property
     def bypass_anti_spam(self) -> bool:
         perms = self._p.permissions

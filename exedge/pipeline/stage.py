@@ -14,7 +14,9 @@ from __future__ import annotations
 import attrs
 from zope.interface import Attribute, Interface, implementer
 
-from .message import Message  # noqa: F401  (stages import it from here)
+from .message import Message
+
+__all__ = ["Message", "Verdict", "IStage", "IStageFactory", "Stage"]  # Message: stages import it from here
 
 
 @attrs.frozen

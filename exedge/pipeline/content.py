@@ -1,0 +1,343 @@
+"""
+Built-in stages that look at the message itself: the header firewall,
+content restrictions (Exchange 2000's connector restrictions, on receive
+and at routing) and the attachment filter (research §1.4, §1.8).
+
+Each reads as little as it can: the header firewall and content
+restrictions scan the raw header section with a regular expression
+instead of parsing it; only the attachment filter reads the body, and
+only when the header says the message could carry an attachment.
+"""
+
+from __future__ import annotations
+
+import email.errors
+import email.header
+import email.parser
+import email.policy
+import email.utils
+import fnmatch
+import io
+import re
+from email.generator import BytesGenerator
+
+from zope.interface import implementer
+
+from exedge.auth.permissions import Right
+from exedge.config import values as v
+
+from .builtin import _bool, _choice, _list
+from .stage import IStageFactory, Stage, reject
+
+# -- the header firewall -----------------------------------------------------
+
+# Which fields need which right (ms-Exch-Accept-Headers-*): without it they are removed.
+FIREWALL = (
+    (Right.AcceptRoutingHeaders, ("received", "resent-*")),
+    (Right.AcceptOrganizationHeaders, ("x-ms-exchange-organization-*", "x-exedge-*")),
+    (Right.AcceptForestHeaders, ("x-ms-exchange-forest-*",)),
+)
+
+
+def _field_pattern(names) -> re.Pattern:
+    alternatives = "|".join(re.escape(n[:-1]) + r"[!-9;-~]*" if n.endswith("*") else re.escape(n) for n in names)
+    return re.compile(rb"^(?:" + alternatives.encode() + rb")[ \t]*:", re.I | re.M)
+
+
+class HeaderFirewall(Stage):
+    """
+    Exchange's header firewall: a peer may not hand us the fields that our
+    own servers trust (X-MS-Exchange-Organization-SCL: -1 would let spam
+    skip the content filter) unless it holds the right to set them. Our
+    own Received field is added after the client's header and is kept.
+    """
+
+    name = "header_firewall"
+    anti_spam = False
+
+    def __init__(self):
+        self.rules = [(right, names, _field_pattern(names)) for right, names in FIREWALL]
+
+    def on_message(self, session, message):
+        for right, names, pattern in self.rules:
+            if not session.has_right(right) and pattern.search(message.header_bytes):
+                for name in names:
+                    message.remove_header(name)
+        return None
+
+
+@implementer(IStageFactory)
+class HeaderFirewallFactory:
+    name = "header_firewall"
+    anti_spam = False
+    hooks = ("on_message",)
+    options: dict = {}
+
+    def build(self, options):
+        return HeaderFirewall()
+
+
+# -- content restrictions ------------------------------------------------------
+
+PRIORITIES = ("High", "Normal", "Low")
+_PRIORITY_FIELD = re.compile(rb"^(importance|x-priority|priority)[ \t]*:[ \t]*([^\r\n]*)", re.I | re.M)
+
+
+def message_priority(header: bytes) -> str:
+    """High, Normal or Low, from Importance, X-Priority (1-5) or Priority (RFC 2156) fields."""
+    for name, value in _PRIORITY_FIELD.findall(header):
+        name, value = name.lower(), value.strip().lower()
+        if name == b"importance" and value in (b"high", b"low"):
+            return value.decode().capitalize()
+        if name == b"x-priority" and value[:1] in (b"1", b"2"):
+            return "High"
+        if name == b"x-priority" and value[:1] in (b"4", b"5"):
+            return "Low"
+        if name == b"priority" and value in (b"urgent", b"non-urgent"):
+            return "High" if value == b"urgent" else "Low"
+    return "Normal"
+
+
+def _restriction(value):
+    """{ allow_system_messages, allowed_priorities, max_message_size } for one connector."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected {{ allow_system_messages = ..., allowed_priorities = [...], "
+                         f"max_message_size = ... }}, got {value!r}")
+    unknown = set(value) - {"allow_system_messages", "allowed_priorities", "max_message_size"}
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}")
+    return Restriction(
+        allow_system=_bool(value.get("allow_system_messages", True)),
+        priorities=frozenset(_list(_choice(*PRIORITIES))(value.get("allowed_priorities", list(PRIORITIES)))),
+        max_size=v.parse_size(value["max_message_size"]) if "max_message_size" in value else None)
+
+
+class Restriction:
+    """What one connector carries: system messages or not, which priorities, how large."""
+
+    def __init__(self, allow_system=True, priorities=frozenset(PRIORITIES), max_size=None):
+        self.allow_system = allow_system
+        self.priorities = priorities
+        self.max_size = max_size
+
+    def refuses(self, system: bool, priority: str, size: int) -> str | None:
+        """Why this connector may not carry such a message, or None."""
+        if system and not self.allow_system:
+            return "system messages (delivery reports) are not allowed"
+        if priority not in self.priorities:
+            return f"messages of {priority.lower()} priority are not allowed"
+        if self.max_size is not None and size > self.max_size:
+            return f"messages over {self.max_size} bytes are not allowed"
+        return None
+
+
+class ContentRestrictions(Stage):
+    """
+    Exchange 2000's connector content restrictions. On a receive connector
+    (the stage's own options): delivery reports refused at MAIL, a
+    priority refused at the end of the header section, a size at the final
+    dot. At routing (C{send_connectors}): a message a connector may not
+    carry goes to the next candidate connector, or bounces with the reason.
+    The priority travels in the envelope (a note) so routing need not read
+    the message again.
+    """
+
+    name = "content_restrictions"
+    anti_spam = False
+
+    def __init__(self, allow_system_messages=True, allowed_priorities=PRIORITIES, max_message_size=None,
+                 send_connectors=None):
+        self.receive = Restriction(allow_system_messages, frozenset(allowed_priorities), max_message_size)
+        self.send = dict(send_connectors or {})
+
+    def on_mail(self, session, sender):
+        if not sender and not self.receive.allow_system:
+            return reject("System messages (delivery reports) are not accepted on this connector", "5.7.1", 550)
+        return None
+
+    def on_headers(self, session, message):
+        priority = message_priority(message.header_bytes)
+        message.annotate("priority", priority)
+        if priority not in self.receive.priorities:
+            return reject(f"Messages of {priority.lower()} priority are not accepted on this connector",
+                          "5.7.1", 550)
+        return None
+
+    def on_message(self, session, message):
+        if self.receive.max_size is not None and message.size > self.receive.max_size:
+            return reject("Message size exceeds the limit of this connector", "5.3.4", 552)
+        return None
+
+    def on_route(self, envelope, recipient, route):
+        rule = self.send.get(route.connector.name)
+        facts = (envelope.sender == "", envelope.notes.get("priority", "Normal"), envelope.size)
+        why = rule.refuses(*facts) if rule is not None else None
+        if why is None:
+            return None
+        for other in route.alternatives:
+            alternative = self.send.get(other.name)
+            if alternative is None or alternative.refuses(*facts) is None:
+                return route.via(other)
+        return reject(f"No send connector may carry this message to {route.domain}: "
+                      f"on {route.connector.name}, {why}", "5.7.1", 550)
+
+
+@implementer(IStageFactory)
+class ContentRestrictionsFactory:
+    name = "content_restrictions"
+    anti_spam = False
+    hooks = ("on_mail", "on_headers", "on_message", "on_route")
+    options = {
+        "allow_system_messages": _bool,
+        "allowed_priorities": _list(_choice(*PRIORITIES)),
+        "max_message_size": v.parse_size,
+        "send_connectors": lambda value: _connector_table(value),
+    }
+
+    def build(self, options, context=None):
+        table = options.get("send_connectors") or {}
+        config = getattr(context, "config", None)
+        if config is not None:
+            known = {c.name for c in config.send_connectors}
+            unknown = sorted(set(table) - known)
+            if unknown:
+                raise ValueError(f"send_connectors: no send connector {', '.join(map(repr, unknown))}")
+        return ContentRestrictions(**options)
+
+
+def _connector_table(value):
+    if not isinstance(value, dict):
+        raise ValueError('expected a table: send_connectors = { "To Partner" = { ... } }')
+    out = {}
+    for name, rule in value.items():
+        try:
+            out[name] = _restriction(rule)
+        except ValueError as e:
+            raise ValueError(f"send_connectors.{name}: {e}") from None
+    return out
+
+
+# -- the attachment filter -------------------------------------------------------
+
+DEFAULT_FILE_NAMES = (
+    "*.exe", "*.bat", "*.cmd", "*.com", "*.cpl", "*.hta", "*.js", "*.jse", "*.lnk", "*.msi", "*.msp",
+    "*.mst", "*.pif", "*.reg", "*.scr", "*.sct", "*.shb", "*.shs", "*.vb", "*.vbe", "*.vbs", "*.wsc",
+    "*.wsf", "*.wsh", "*.ps1", "*.ps1xml", "*.ps2", "*.psc1", "*.msh", "*.xnk",
+)
+DEFAULT_CONTENT_TYPES = (
+    "application/x-msdownload", "message/partial", "text/scriptlet", "application/prg", "application/msaccess",
+    "text/javascript", "application/x-javascript", "application/javascript", "x-internet-signup", "application/hta",
+)
+REMOVED_TEXT = "This attachment was removed."
+_MAYBE_ATTACHMENT = re.compile(rb"^content-type[ \t]*:[ \t]*(multipart/|message/)|name[ \t]*\*?[0-9]*\*?[ \t]*=",
+                               re.I | re.M)
+
+
+def _file_name(part) -> str:
+    """The part's file name, RFC 2231 and encoded words decoded (filename=, else name=)."""
+    raw = part.get_filename() or part.get_param("name") or ""
+    if isinstance(raw, tuple):                                  # RFC 2231 (charset, language, value)
+        raw = email.utils.collapse_rfc2231_value(raw)
+    try:
+        return str(email.header.make_header(email.header.decode_header(str(raw))))
+    except (email.errors.HeaderParseError, LookupError, UnicodeDecodeError):
+        return str(raw)
+
+
+class AttachmentFilter(Stage):
+    """
+    Exchange's attachment filter, by file name (wildcards), extension and
+    MIME type, in every part of nested multiparts and attached messages.
+    One action for all entries: Strip (the part becomes a short text part
+    saying it was removed), Reject (554 5.6.1) or SilentDelete.
+    """
+
+    name = "attachment_filter"
+    anti_spam = False
+    needs_body = True
+
+    def __init__(self, file_names=DEFAULT_FILE_NAMES, content_types=DEFAULT_CONTENT_TYPES, action="Strip",
+                 rejection_response="Message rejected due to unacceptable attachments",
+                 admin_message=REMOVED_TEXT):
+        self.file_names = tuple(n.lower() for n in file_names)
+        self.content_types = tuple(t.lower() for t in content_types)
+        self.action = action
+        self.rejection_response = rejection_response
+        self.admin_message = admin_message
+
+    def _blocked(self, part) -> str | None:
+        """What about this part is blocked (for the log), or None."""
+        ctype = part.get_content_type()
+        if any(fnmatch.fnmatchcase(ctype, t) for t in self.content_types):
+            return ctype
+        name = _file_name(part)
+        if name and any(fnmatch.fnmatchcase(name.lower(), n) for n in self.file_names):
+            return name
+        return None
+
+    async def on_message(self, session, message):
+        if not _MAYBE_ATTACHMENT.search(message.header_bytes):
+            return None                   # a single text part without a name: nothing to read
+        content = await message.body()
+        parsed = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(content)
+        found: list[str] = []
+        self._strip(parsed, found)
+        if not found:
+            return None
+        session.notes["attachments_blocked"] = found
+        if self.action == "Reject":
+            return reject(self.rejection_response, "5.6.1", 554)
+        if self.action == "SilentDelete":
+            message.delete(f"attachment filter: {', '.join(found)}")
+            return None
+        message.replace(_serialize(parsed))
+        return None
+
+    def _strip(self, part, found: list) -> None:
+        """Replace C{part}'s blocked descendants (or itself) in place; C{found} gets what was blocked."""
+        what = self._blocked(part)
+        if what is not None:
+            found.append(what)
+            self._neutralize(part, what)
+        elif part.is_multipart():
+            for child in part.get_payload():
+                self._strip(child, found)
+
+    def _neutralize(self, part, what: str) -> None:
+        """
+        The part becomes a text notice, in place: a top-level part keeps
+        its From, To and Subject, only its content fields are replaced.
+        """
+        for field in ("Content-Type", "Content-Transfer-Encoding", "Content-Disposition",
+                      "Content-Description", "Content-ID", "Content-Location"):
+            del part[field]
+        text = f"{self.admin_message}\r\nOriginal file: {what}\r\n"
+        part.set_payload(text, "us-ascii" if text.isascii() else "utf-8")     # readable when it can be
+        part.add_header("Content-Disposition", "attachment", filename=f"{what}.txt"[-200:])
+
+
+def _serialize(message) -> bytes:
+    out = io.BytesIO()
+    BytesGenerator(out, mangle_from_=False, policy=email.policy.compat32.clone(linesep="\r\n")).flatten(message)
+    return out.getvalue()
+
+
+@implementer(IStageFactory)
+class AttachmentFilterFactory:
+    name = "attachment_filter"
+    anti_spam = False
+    needs_body = True
+    hooks = ("on_message",)
+    options = {
+        "file_names": _list(lambda x: str(x).strip()),
+        "content_types": _list(lambda x: str(x).strip()),
+        "action": _choice("Strip", "Reject", "SilentDelete"),
+        "rejection_response": str,
+        "admin_message": str,
+    }
+
+    def build(self, options):
+        return AttachmentFilter(**options)
+
+
+FACTORIES = (HeaderFirewallFactory(), ContentRestrictionsFactory(), AttachmentFilterFactory())
