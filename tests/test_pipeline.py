@@ -4,6 +4,7 @@ clock, and drop-in plugins copied into a real server's plugins/ directory.
 """
 
 import os
+import re
 import shutil
 import smtplib
 import subprocess
@@ -215,6 +216,9 @@ timeout = "1s"
                                timeout=60, cwd=workdir)
         assert check.returncode == 0, check.stdout + check.stderr
         assert "stage deny_spammers: " in check.stdout and "deny_spammers.py; hooks: on_mail" in check.stdout
+        assert "stage attachment_filter (reads the body): built-in; hooks: on_message" in check.stdout
+        assert "stage content_restrictions: built-in; hooks: on_mail, on_headers, on_message, on_route" \
+            in check.stdout
     finally:
         server.stop()
 
@@ -312,3 +316,39 @@ blocked_senders = ["alice@partner.test"]
         c.ehlo("client.test")
         assert c.mail("alice@partner.test")[0] == 250                  # allow-listed: anti-spam skipped
         assert c.rcpt("carol@example.com")[0] == 250
+
+
+def test_ip_list_entries_expire_on_the_clock(tmp_path):
+    from twisted.internet import task
+    cfg = loads(config_text(25) + '''
+[[pipeline]]
+stage = "connection_filter"
+ip_block_list = [
+  { address = "127.0.0.0/24", expires = 1970-01-01T01:00:00Z, comment = "an hour's block" },
+  { address = "127.0.0.9", expires = "1970-01-02T00:00:00+00:00" },
+]
+''')
+    clock = task.Clock()
+    stage = build_pipeline(cfg, clock).entries[0].stage
+    s = session_with(tmp_path, stage)
+    s.clock = stage.clock = clock
+    s.send(b"EHLO client.test\r\nMAIL FROM:<a@partner.test>\r\n")
+    assert s.codes(b"RCPT TO:<bob@example.com>\r\n") == ["550 5.7.1"]
+    clock.advance(3600)
+    assert s.codes(b"RCPT TO:<bob@example.com>\r\n") == ["250 2.1.5"]          # expired on the hour
+
+
+@pytest.mark.parametrize("entry, error", [
+    ('{ address = "127.0.0.1", expires = 2026-01-01T00:00:00 }', "give a time zone"),
+    ('{ address = "127.0.0.1", expires = "soon" }', "not a date-time"),
+    ('{ adress = "127.0.0.1" }', "expected { address"),
+    ('"300.1.1.1"', "address or CIDR"),
+])
+def test_bad_ip_list_entries_are_config_errors(entry, error):
+    cfg = loads(config_text(25) + f'''
+[[pipeline]]
+stage = "connection_filter"
+ip_block_list = [{entry}]
+''')
+    with pytest.raises(ConfigError, match=r"pipeline\[0\]\.ip_block_list.*" + re.escape(error)):
+        build_pipeline(cfg, None)

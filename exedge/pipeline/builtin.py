@@ -5,6 +5,7 @@ Built-in stages, with Exchange's Edge behaviour and replies (research
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import os
 import time
@@ -52,6 +53,32 @@ def _network(value):
         return ipaddress.ip_network(str(value).strip(), strict=False)
     except ValueError:
         raise ValueError(f"expected an address or CIDR range, got {value!r}") from None
+
+
+def _list_entry(value):
+    """
+    An IP list entry: "192.0.2.0/24", or { address = "...", expires = ... }
+    with expires a TOML date-time or an RFC 3339 string (Exchange's
+    Add-IPBlockListEntry -ExpirationTime). Gives (network, expiry or None).
+    """
+    if not isinstance(value, dict):
+        return _network(value), None
+    unknown = set(value) - {"address", "expires", "comment"}
+    if unknown or "address" not in value:
+        raise ValueError(f"expected {{ address = \"...\", expires = 2026-12-31T00:00:00Z }}, got {value!r}")
+    expires = value.get("expires")
+    if isinstance(expires, str):
+        try:
+            expires = datetime.datetime.fromisoformat(expires.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"expires: not a date-time: {expires!r}") from None
+    if expires is not None:
+        if not isinstance(expires, datetime.datetime):
+            raise ValueError(f"expires: expected a date-time such as 2026-12-31T00:00:00Z, got {expires!r}")
+        if expires.tzinfo is None:
+            raise ValueError(f"expires: give a time zone (Z or +hh:mm): {expires.isoformat()}")
+        expires = expires.timestamp()
+    return _network(value["address"]), expires
 
 
 class SenderFilter(Stage):
@@ -147,8 +174,9 @@ class ConnectionFilter(Stage):
 
     def __init__(self, ip_block_list=(), ip_allow_list=(), block_list_providers=(), allow_list_providers=(),
                  resolver=None, dns_timeout=5.0, clock=None):
-        self.block = ip_block_list
-        self.allow = ip_allow_list
+        # entries are (network, expiry time or None); a bare network never expires
+        self.block = tuple(e if isinstance(e, tuple) else (e, None) for e in ip_block_list)
+        self.allow = tuple(e if isinstance(e, tuple) else (e, None) for e in ip_allow_list)
         self.block_providers = block_list_providers
         self.allow_providers = allow_list_providers
         self.resolver = resolver
@@ -180,12 +208,22 @@ class ConnectionFilter(Stage):
                 return provider["response"].format(ip=peer, zone=provider["zone"])
         return None
 
-    def _in(self, networks, peer: str) -> bool:
+    def _in(self, entries, peer: str) -> bool:
+        """Is the peer in one of these (network, expiry) entries that has not expired?"""
         try:
             address = ipaddress.ip_address(peer)
         except ValueError:
             return False
-        return any(address in n for n in networks)
+        now = None
+        for network, expires in entries:
+            if address in network:
+                if expires is None:
+                    return True
+                if now is None:
+                    now = self.clock.seconds() if self.clock is not None else time.time()
+                if now < expires:
+                    return True
+        return False
 
     def on_connect(self, session):
         if self._in(self.allow, session.peer):
@@ -234,7 +272,7 @@ class ConnectionFilterFactory:
     name = "connection_filter"
     anti_spam = True
     hooks = ("on_connect", "on_mail", "on_rcpt")
-    options = {"ip_block_list": _list(_network), "ip_allow_list": _list(_network),
+    options = {"ip_block_list": _list(_list_entry), "ip_allow_list": _list(_list_entry),
                "block_list_providers": _list(_provider), "allow_list_providers": _list(_provider),
                "dns_timeout": lambda x: float(v.parse_timespan(x))}
 

@@ -158,7 +158,7 @@ def describe(config) -> list[str]:
                 hooks = hooks_of(_build(f, {}, StageContext(None, None, config)))
             except Exception:
                 hooks = ["?"]
-        kind = " (anti-spam)" if f.anti_spam else ""
+        kind = (" (anti-spam)" if f.anti_spam else "") + (" (reads the body)" if getattr(f, "needs_body", False) else "")
         lines.append(f"stage {name}{kind}: {origins[name]}; hooks: {', '.join(hooks)}")
     lines += [f"broken plugin {path}: {error}" for path, error in broken]
     return lines
