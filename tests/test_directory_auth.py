@@ -125,6 +125,7 @@ class Forwarder:
         self.target = target
         self.port = free_port()
         self.sock = None
+        self.open: list = []
 
     def start(self):
         self.sock = socket.create_server(("127.0.0.1", self.port))
@@ -137,6 +138,7 @@ class Forwarder:
             except OSError:
                 return
             upstream = socket.create_connection(self.target, timeout=10)
+            self.open += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -155,8 +157,18 @@ class Forwarder:
                     pass
 
     def stop(self):
+        """The directory goes away: no new connections, and the open ones are cut."""
         if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)     # wakes the accept(): close() alone does not on Linux
+            except OSError:
+                pass
             self.sock.close()
+        for s in self.open:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def test_directory_down_means_454_then_success_once_it_is_back(start_server, samba_ad):
@@ -198,3 +210,50 @@ service_account = {{{{ username = "{samba_ad['ADMIN_UPN']}", password_file = "{s
     assert "authenticated as edgesync; rights:" in server.log
     assert auth(server.port, "edgesync", "wrong")[0] == 535
     assert auth(server.port, "nobody", "Edg3sync!pass")[0] == 535
+
+
+def test_recipient_lookup_in_the_directory_with_a_short_cache(start_server, samba_ad, tmp_path):
+    # Exchange's Recipient Filter with Recipient Lookup: mail or any proxy
+    # address, either case; unknown users 550 5.1.1; a directory that cannot
+    # answer defers (451 4.4.3) what it has not answered before
+    forwarder = Forwarder((samba_ad["LDAP_HOST"], 636))
+    forwarder.start()
+    secret = tmp_path / "svc.secret"
+    secret.write_text(samba_ad["ADMIN_PASSWORD"] + "\n")
+    text = config(samba_ad, servers=[f"ldaps://127.0.0.1:{forwarder.port}"]) + f"""service_account = {{{{ username = "{samba_ad['ADMIN_UPN']}", password_file = "{secret}" }}}}
+
+[[accepted_domains]]
+domain_name = "fabrikam.com"
+
+[[pipeline]]
+stage = "recipient_filter"
+recipient_lookup = "Directory"
+lookup_cache = "5m"
+"""
+    server = start_server(text)
+    try:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as c:
+            c.ehlo("client.test")
+            c.mail("someone@partner.test")
+            assert c.rcpt("smtpgateway@fabrikam.com")[0] == 250            # mail
+            assert c.rcpt("John.Doe@FABRIKAM.com")[0] == 250               # secondary proxy address, any case
+            assert c.rcpt("nobody@fabrikam.com") == (550, b"5.1.1 User unknown")
+            assert c.rcpt("someone@elsewhere.test")[0] == 550              # not ours: the relay check's answer
+            forwarder.stop()                                               # the directory goes away
+            assert c.rcpt("smtpgateway@fabrikam.com")[0] == 250            # answered from the cache
+            assert c.rcpt("nobody@fabrikam.com")[0] == 550
+            assert c.rcpt("edgesync@fabrikam.com") == (451, b"4.4.3 Recipient address lookup failed; try again later")
+    finally:
+        forwarder.stop()
+
+
+def test_recipient_lookup_needs_a_service_account(tmp_path, samba_ad):
+    from exedge.config import ConfigError, loads
+    from exedge.pipeline import build_pipeline
+    cfg = loads(config(samba_ad).replace("{port}", "2525") + """
+[[pipeline]]
+stage = "recipient_filter"
+recipient_lookup = "Directory"
+""")
+    with pytest.raises(ConfigError, match="needs \\[directory\\] servers and service_account"):
+        build_pipeline(cfg, None)

@@ -240,3 +240,48 @@ class DirectoryChecker:
                 first = dn.split(",", 1)[0]
                 groups.append(first.split("=", 1)[1] if "=" in first else first)
         return groups
+
+
+class DirectoryRecipients(DirectoryChecker):
+    """
+    Recipient lookup for the recipient filter (Exchange's Recipient Lookup
+    against AD): is there an object whose mail or proxyAddresses is this
+    address? AD compares both case-insensitively, and "smtp:" matches the
+    primary "SMTP:" as well. Runs as the service account, on a thread.
+    """
+
+    def known(self, address: str) -> bool:
+        """Blocking: True / False, or DirectoryUnavailable when no server answers."""
+        problems = []
+        for url, host, port, secure in self.servers:
+            server = Server(host, port=port, use_ssl=secure, tls=self.tls,
+                            connect_timeout=self.config.timeout, get_info=None)
+            for attempt in (1, 2):
+                pooled = url in self._connections()
+                try:
+                    return self._known_on(url, server, secure, address)
+                except _UNREACHABLE as e:
+                    self._discard(url)
+                    if attempt == 2 or not pooled:
+                        problems.append(f"{url}: {e.__class__.__name__}: {e}")
+                        break
+        raise DirectoryUnavailable("no directory server answered: " + "; ".join(problems))
+
+    def _known_on(self, url: str, server, secure: bool, address: str) -> bool:
+        conn = self._connections().get(url)
+        if conn is None or conn.closed:
+            account, password = self.service_account
+            conn = self._connections()[url] = self._connection(server, secure, account, password)
+            if not conn.bind():
+                self._discard(url)
+                raise DirectoryUnavailable(f"service account {account} cannot bind: "
+                                           f"{conn.result.get('description')}")
+        value = escape_filter_chars(address)
+        conn.search(self.config.base_dn, f"(|(mail={value})(proxyAddresses=smtp:{value}))", SUBTREE,
+                    attributes=["distinguishedName"], size_limit=1)
+        if conn.closed:
+            raise ldap_errors.LDAPSessionTerminatedByServerError("connection closed during search")
+        code = conn.result.get("result")
+        if code not in (0, 4):           # success, or sizeLimitExceeded: more than one match is still known
+            raise DirectoryUnavailable(f"recipient search answered {code} {conn.result.get('description')}")
+        return bool(self._entries(conn))

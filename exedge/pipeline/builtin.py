@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from exedge.config import values as v
 
-from .stage import ACCEPT, IStageFactory, Stage, reject
+from .stage import ACCEPT, IStageFactory, Stage, defer_, reject
 
 log = Logger()
 
@@ -332,29 +332,83 @@ class RecipientsFile:
         return address.lower() in self.addresses
 
 
+class DirectoryLookup:
+    """
+    Recipient lookups against the directory ([directory] servers with a
+    service_account), on threads, with answers kept briefly (a known
+    address for C{known_ttl}, an unknown one for C{unknown_ttl}) so a
+    dictionary attack costs the directory one search per address a minute.
+    """
+
+    MAX_CACHED = 50000
+
+    def __init__(self, config, clock, known_ttl=300.0, unknown_ttl=60.0):
+        from exedge.auth.directory import DirectoryRecipients
+        from exedge.auth.secrets import load_secrets
+        service = load_secrets(config).directory_service
+        self.directory = DirectoryRecipients(config.directory, threads.deferToThread, service)
+        self.clock = clock
+        self.ttl = {True: known_ttl, False: unknown_ttl}
+        self.cache: dict[str, tuple[bool, float]] = {}
+
+    def known(self, address: str):
+        """True/False now when cached, else a Deferred of it (DirectoryUnavailable when it cannot say)."""
+        hit = self.cache.get(address)
+        now = self.clock.seconds()
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        d = threads.deferToThread(self.directory.known, address)
+        d.addCallback(self._keep, address)
+        return d
+
+    def _keep(self, known: bool, address: str) -> bool:
+        if len(self.cache) >= self.MAX_CACHED:
+            self.cache.clear()              # bounded: a harvest cannot grow it without limit
+        self.cache[address] = (known, self.clock.seconds() + self.ttl[known])
+        return known
+
+
 class RecipientFilter(Stage):
     """
     Exchange's Recipient Filter agent: blocked recipients, and recipient
-    validation for Authoritative domains against the local recipients file
-    (550 5.1.1 User unknown, tarpitted like every refusal to an
-    unauthenticated peer, which slows directory harvesting).
+    validation for Authoritative domains against the directory or the
+    local recipients file (550 5.1.1 User unknown, tarpitted like every
+    refusal to an unauthenticated peer, which slows directory harvesting).
+    A directory that cannot answer defers the recipient (451 4.4.3):
+    accepting would mean bouncing later to a forged sender.
     """
 
     name = "recipient_filter"
     anti_spam = True
 
-    def __init__(self, blocked_recipients=(), recipients_file=None):
+    def __init__(self, blocked_recipients=(), recipients_file=None, directory=None):
         self.blocked = set(blocked_recipients)
         self.known = RecipientsFile(recipients_file) if recipients_file else None
+        self.directory = directory
 
     def on_rcpt(self, session, recipient):
         address = recipient.lower()
         if address in self.blocked:
             return reject("Recipient not authorized", "5.7.1", 550)
-        if self.known is not None and session.is_authoritative(address.rpartition("@")[2]) \
-                and address not in self.known:
+        if (self.known is None and self.directory is None) or not session.is_authoritative(address.rpartition("@")[2]):
+            return None
+        if self.known is not None and address in self.known:
+            return None
+        if self.directory is None:
             return reject("User unknown", "5.1.1", 550)
-        return None
+        found = self.directory.known(address)
+        if isinstance(found, defer.Deferred):
+            return found.addCallbacks(self._decide, self._unavailable)
+        return self._decide(found)
+
+    @staticmethod
+    def _decide(known: bool):
+        return None if known else reject("User unknown", "5.1.1", 550)
+
+    @staticmethod
+    def _unavailable(failure):
+        log.warn("recipient lookup failed: {error}", error=failure.getErrorMessage())
+        return defer_("Recipient address lookup failed; try again later", "4.4.3", 451)
 
 
 def _readable_file(value):
@@ -372,10 +426,25 @@ class RecipientFilterFactory:
     name = "recipient_filter"
     anti_spam = True
     hooks = ("on_rcpt",)
-    options = {"blocked_recipients": _list(_address), "recipients_file": _readable_file}
+    options = {"blocked_recipients": _list(_address), "recipients_file": _readable_file,
+               "recipient_lookup": _choice("None", "Directory"),
+               "lookup_cache": lambda x: float(v.parse_timespan(x))}
 
-    def build(self, options):
-        return RecipientFilter(**options)
+    def build(self, options, context=None):
+        lookup = options.pop("recipient_lookup", "None")
+        ttl = options.pop("lookup_cache", 300.0)
+        directory = None
+        if lookup == "Directory":
+            config = context.config
+            if not config.directory.servers or config.directory.service_account is None:
+                raise ValueError('recipient_lookup = "Directory" needs [directory] servers and service_account')
+            directory = DirectoryLookup(config, context.clock or _wall_clock(), ttl, min(ttl, 60.0))
+        return RecipientFilter(**options, directory=directory)
+
+
+def _wall_clock():
+    from twisted.internet import reactor
+    return reactor
 
 
 BUILTIN = {f.name: f for f in (SenderFilterFactory(), ConnectionFilterFactory(), RecipientFilterFactory())}

@@ -70,7 +70,7 @@ for b in samba samba-tool openssl python3 /usr/bin/python3 flock; do
 done
 [ "$(id -u)" = 0 ] || { echo "samba must run as root" >&2; exit 3; }
 SAMBA_VERSION=$(samba -V 2>/dev/null | awk '{print $2}')
-TEMPLATE=${SAMBA_AD_TEMPLATE:-${TMPDIR:-/tmp}/exedge-samba-ad-template-v2-$SAMBA_VERSION}
+TEMPLATE=${SAMBA_AD_TEMPLATE:-${TMPDIR:-/tmp}/exedge-samba-ad-template-v3-$SAMBA_VERSION}
 
 if [ -f "$WORKDIR/samba.pid" ] && kill -0 "$(cat "$WORKDIR/samba.pid")" 2>/dev/null; then
   echo "an instance is already running in $WORKDIR (pid $(cat "$WORKDIR/samba.pid"))" >&2; exit 4
@@ -116,7 +116,9 @@ for sam, pw, upn, enabled, groups in users:
                givenname=sam.capitalize(), surname="Test")
     dn = db.search(db.domain_dn(), expression=f"(sAMAccountName={sam})", attrs=[])[0].dn
     m = ldb.Message(dn)
-    m["proxyAddresses"] = ldb.MessageElement([f"SMTP:{sam}@{dom}"], ldb.FLAG_MOD_REPLACE, "proxyAddresses")
+    # jdoe also receives as john.doe@ (a secondary proxy address, lower-case smtp:)
+    proxies = [f"SMTP:{sam}@{dom}"] + (["smtp:John.Doe@" + dom] if sam == "jdoe" else [])
+    m["proxyAddresses"] = ldb.MessageElement(proxies, ldb.FLAG_MOD_REPLACE, "proxyAddresses")
     if upn:
         m["userPrincipalName"] = ldb.MessageElement(upn, ldb.FLAG_MOD_REPLACE, "userPrincipalName")
     db.modify(m)
