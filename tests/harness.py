@@ -30,11 +30,12 @@ def _override(block: str, knobs: str) -> str:
 
 
 def config_text(port: int, *, internet: str = "", internal: str = "", extra: str = "",
-                tarpit: str = "0") -> str:
+                tarpit: str = "0", server: str = "") -> str:
     """
     The issue's contract configuration on C{port}, with test knobs:
     C{internet}/C{internal} are "key = value" lines for the two receive
-    connectors (replacing keys already set), C{extra} is appended.
+    connectors (replacing keys already set), C{server} lines for [server],
+    C{extra} is appended.
     """
     internet_block = _override(f"""name = "From Internet"
 usage = "Internet"
@@ -60,6 +61,7 @@ tarpit_interval = "{tarpit}"
 fqdn = "edge01.example.com"
 spool_directory = "var/spool"
 dns_servers = []
+{server}
 
 [[accepted_domains]]
 domain_name = "example.com"

@@ -7,6 +7,7 @@ with `exedge user`.
 
 import base64
 import os
+import shutil
 import smtplib
 import socket
 import ssl
@@ -42,7 +43,7 @@ def add_user(path, name, password=PASSWORD, *groups):
 
 
 def tls_server(start_server, ca, tmp_path, *, mechanisms='["Tls"]', groups='["AnonymousUsers"]',
-               extra_internet="", users=True):
+               extra_internet="", users=True, extra_server="", extra=""):
     cert, key = ca.issue("edge01", "edge01.example.com")
     credentials = tmp_path / "users.txt"
     if users:
@@ -52,7 +53,8 @@ def tls_server(start_server, ca, tmp_path, *, mechanisms='["Tls"]', groups='["An
         internet=f'auth_mechanisms = {mechanisms}\npermission_groups = {groups}\n'
                  f'certificate_file = "{cert}"\nprivate_key_file = "{key}"\n'
                  f'auth_tarpit_interval = 0\nprotocol_logging_level = "Verbose"\n' + extra_internet,
-        extra=f'\n[directory]\ncredentials_file = "{credentials}"\n')
+        extra=f'\n[directory]\ncredentials_file = "{credentials}"\n' + extra,
+        server=extra_server)
 
 
 def ehlo_keywords(c: smtplib.SMTP) -> set:
@@ -310,3 +312,34 @@ def test_domain_secure_partner_needs_a_certificate_naming_its_domain(start_serve
         c.ehlo("mail.contoso.com")
         code, text = c.mail("alice@contoso.com")
         assert (code, text[:5]) == (451, b"4.7.1")
+
+
+def test_stages_see_the_tls_handshake_and_may_refuse_a_logon(start_server, ca, tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "__init__.py").write_text("")
+    shutil.copy(os.path.join(os.path.dirname(__file__), "plugin_files", "session_policy.py"), plugins)
+    server = tls_server(start_server, ca, tmp_path, mechanisms='["Tls", "BasicAuth"]',
+                        groups='["AnonymousUsers", "ExchangeUsers"]', extra_server=f'plugin_directory = "{plugins}"',
+                        extra=f'''
+[[pipeline]]
+stage = "session_policy"
+barred = ["edgesync@fabrikam.com"]
+''')
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.ehlo("client.test")
+        assert c.mail("alice@partner.test") == (530, b"5.7.10 Use STARTTLS first")
+        c._host = "edge01.example.com"
+        assert c.starttls(context=client_context(ca))[0] == 220
+        c.ehlo("client.test")
+        c.user, c.password = "edgesync@fabrikam.com", PASSWORD
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            c.auth("PLAIN", c.auth_plain)
+        assert refused.value.smtp_code == 535 and b"may not log on here" in refused.value.smtp_error
+        c.mail("alice@partner.test")
+        assert c.rcpt("bob@partner.test")[0] == 550          # still anonymous: no relay
+        c.rset()
+        c.user, c.password = "smtpgateway@fabrikam.com", PASSWORD
+        assert c.auth("PLAIN", c.auth_plain)[0] == 235
+        c.mail("alice@partner.test")
+        assert c.rcpt("bob@partner.test")[0] == 250
