@@ -340,4 +340,7 @@ class RecipientFilterFactory:
         return RecipientFilter(**options)
 
 
-BUILTIN = {f.name: f for f in (SenderFilterFactory(), ConnectionFilterFactory(), RecipientFilterFactory())}
+from .sender_id import SenderIdFactory  # noqa: E402  (its own module; imported here, beside its one use)
+
+BUILTIN = {f.name: f for f in (SenderFilterFactory(), ConnectionFilterFactory(), RecipientFilterFactory(),
+                                SenderIdFactory())}
