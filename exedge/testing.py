@@ -168,7 +168,8 @@ class DNSZoneServer:
     An authoritative DNS server on loopback (UDP and TCP on one port) for
     routing tests: C{zones} maps a zone name to {owner name: [records]},
     with records written as ("MX", 10, "mx1.example.test"), ("A", "127.0.0.1"),
-    ("AAAA", "::1"). A null MX (RFC 7505) is ("MX", 0, ".").
+    ("AAAA", "::1"), ("TXT", "v=spf1 -all") (several strings: ("TXT", "a", "b")).
+    A null MX (RFC 7505) is ("MX", 0, ".").
     """
 
     def __init__(self, zones: dict):
@@ -183,6 +184,8 @@ class DNSZoneServer:
                 return dns.Record_A(spec[1], ttl=60)
             if kind == "AAAA":
                 return dns.Record_AAAA(spec[1], ttl=60)
+            if kind == "TXT":
+                return dns.Record_TXT(*(part.encode() for part in spec[1:]), ttl=60)
             raise ValueError(f"unsupported record {spec!r}")
 
         self.authorities = [

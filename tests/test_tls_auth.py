@@ -321,7 +321,7 @@ def test_stages_see_the_tls_handshake_and_may_refuse_a_logon(start_server, ca, t
     shutil.copy(os.path.join(os.path.dirname(__file__), "plugin_files", "session_policy.py"), plugins)
     server = tls_server(start_server, ca, tmp_path, mechanisms='["Tls", "BasicAuth"]',
                         groups='["AnonymousUsers", "ExchangeUsers"]', extra_server=f'plugin_directory = "{plugins}"',
-                        extra=f'''
+                        extra='''
 [[pipeline]]
 stage = "session_policy"
 barred = ["edgesync@fabrikam.com"]

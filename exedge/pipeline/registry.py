@@ -23,12 +23,12 @@ from twisted.plugin import getPlugins
 
 from exedge.config import ConfigError
 
-from . import builtin, content
+from . import builtin, content, sender_id
 from .runner import Entry, Pipeline
 from .stage import IStageFactory, hooks_of
 
 # every built-in stage, by name
-BUILTIN = {f.name: f for f in (*builtin.BUILTIN.values(), *content.FACTORIES)}
+BUILTIN = {f.name: f for f in (*builtin.BUILTIN.values(), sender_id.SenderIdFactory(), *content.FACTORIES)}
 
 PACKAGE = "exedge_dropins"
 
