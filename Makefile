@@ -24,14 +24,16 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test debian-test-deps
 
-# Debian packages the tests use: swaks (a second real SMTP client) and a
+# Debian packages the tests use: swaks (a second real SMTP client), a
 # Samba AD domain controller (the directory for AUTH; ../shared/research/
-# directory-servers.md). policy-rc.d keeps Debian from starting services.
+# directory-servers.md) and rspamd (the plugins/rspamd_scan.py stage; the
+# tests start their own daemon). policy-rc.d keeps Debian from starting services.
 SAMBA_PACKAGES := samba samba-dsdb-modules samba-vfs-modules samba-ad-provision
 debian-test-deps:
 	@missing=""; \
 	command -v swaks >/dev/null 2>&1 || missing="$$missing swaks"; \
 	command -v samba >/dev/null 2>&1 || missing="$$missing $(SAMBA_PACKAGES)"; \
+	command -v rspamd >/dev/null 2>&1 || missing="$$missing rspamd"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -33,10 +33,14 @@ class Message:
     The message at the final dot. C{header_bytes} is the client's header
     section; C{read} (a callable returning a Deferred of bytes) reads the
     whole message back from the spool when a stage asks for the body.
+    C{queue_id} is the id it will be queued under (our Received field
+    names it), for stages that tell an outside service about the message.
     """
 
-    def __init__(self, sender: str, recipients: list[str], header: bytes, size: int, read=None):
+    def __init__(self, sender: str, recipients: list[str], header: bytes, size: int, read=None,
+                 queue_id: str | None = None):
         self.sender = sender
+        self.queue_id = queue_id
         self.recipients = recipients
         self.header_bytes = header
         self.size = size

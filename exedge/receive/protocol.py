@@ -940,7 +940,8 @@ class SMTPServer(basic.LineReceiver):
             return Reply(code, status, text)
         if self.ctx.pipeline:
             message = Message(str(txn.sender) if txn.sender else "", [r.address for r in txn.recipients],
-                              reader.header, reader.size, read=lambda: self._client_bytes(incoming))
+                              reader.header, reader.size, read=lambda: self._client_bytes(incoming),
+                              queue_id=incoming.queue_id)
             run = self.ctx.pipeline.run
             verdict = then(run("on_headers", self.view, message),
                            lambda v: v if v.final else run("on_message", self.view, message))
