@@ -3,9 +3,11 @@ What the pipeline costs: durable accept rate of exedge with the default
 built-in pipeline against the same exedge with an empty one, in one run.
 
 The pipeline is the built-in stages that need no network: connection_filter
-(IP block and allow lists that do not match the load) and sender_filter
-(blocked senders and domains that do not match), so every message passes
-through every hook and is accepted. Same load generator, sizes and method
+(IP block and allow lists that do not match the load), sender_filter
+(blocked senders and domains that do not match), recipient_filter (a
+blocked recipient that does not match) and content_restrictions (a
+priority the load does not carry, a size limit it stays under), so every
+message passes through every hook and is accepted. Same load generator, sizes and method
 as accept_rate.py (it reuses its code); rounds alternate the two servers.
 
     .venv/bin/python bench/pipeline_rate.py [--messages N] [--rounds R] [--concurrency C]
@@ -41,6 +43,17 @@ stage = "sender_filter"
 priority = 20
 blocked_senders = ["spammer@junk.example"]
 blocked_domains = ["*.spam.example", "junk.example"]
+
+[[pipeline]]
+stage = "recipient_filter"
+priority = 30
+blocked_recipients = ["former.employee@example.com"]
+
+[[pipeline]]
+stage = "content_restrictions"
+priority = 40
+allowed_priorities = ["Normal", "Low"]
+max_message_size = "10MB"
 """
 
 

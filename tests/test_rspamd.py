@@ -249,7 +249,7 @@ def test_check_config_lists_the_stage(start_server):
     check = subprocess.run([EXEDGE, "check-config", server.config_path], capture_output=True, text=True,
                            timeout=60, cwd=server.workdir)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "stage rspamd (anti-spam): " in check.stdout and "rspamd_scan.py; hooks: on_message" in check.stdout
+    assert "stage rspamd (anti-spam) (reads the body): " in check.stdout and "rspamd_scan.py; hooks: on_message" in check.stdout
 
 
 def test_unreachable_scanner_accepts_by_default_and_defers_when_asked(start_server):
