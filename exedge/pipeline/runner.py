@@ -91,6 +91,7 @@ class Pipeline:
         self.entries = sorted(entries, key=lambda e: e.priority)
         self.clock = clock
         self._by_connector: dict[str, list[Entry]] = {}
+        self._by_hook: dict[tuple[str, str], list] = {}
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -100,6 +101,22 @@ class Pipeline:
         if found is None:
             found = self._by_connector[connector] = [
                 e for e in self.entries if e.connectors is None or connector in e.connectors]
+        return found
+
+    def _hooked(self, connector: str, hook: str) -> list:
+        """
+        (entry, method) of the stages on this connector that implement
+        C{hook}: a hook no stage implements costs a dictionary lookup.
+        """
+        key = (connector, hook)
+        found = self._by_hook.get(key)
+        if found is None:
+            found = self._by_hook[key] = []
+            for e in self.stages_for(connector):
+                method = getattr(e.stage, hook, None)
+                # Stage's pass-through defaults are not worth a call
+                if method is not None and getattr(method, "__func__", None) is not getattr(Stage, hook, None):
+                    found.append((e, method))
         return found
 
     def verb(self, session: SessionView, verb: str):
@@ -184,17 +201,17 @@ class Pipeline:
         answers with a Deferred or a coroutine. Most stages answer at once,
         and a session pays for Deferreds only when a stage needs one.
         """
-        return self._from(self.stages_for(session.connector), 0, hook, session, args)
+        hooked = self._hooked(session.connector, hook)
+        if not hooked:
+            return CONTINUE
+        return self._from(hooked, 0, hook, session, args)
 
     def _from(self, entries, i, hook, session, args):
         while i < len(entries):
-            entry = entries[i]
+            entry, method = entries[i]
             i += 1
             stage = entry.stage
             if stage.anti_spam and session.bypass_anti_spam:
-                continue
-            method = getattr(stage, hook, None)
-            if method is None:
                 continue
             try:
                 result = method(session, *args)
