@@ -13,6 +13,7 @@ union of those principals' rights, computed once per session.
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Iterable
 
 import attrs
@@ -86,8 +87,14 @@ class Permissions:
         return right in self.rights
 
     def explain(self) -> str:
-        who = ", ".join(p.value for p in self.principals) or "no principal"
-        return f"{who} -> {', '.join(self.rights.names()) or 'no rights'}"
+        return _explain(self)
+
+
+@functools.lru_cache(maxsize=256)
+def _explain(permissions: Permissions) -> str:
+    # once per kind of session, not once per connection: it is in every connect line
+    who = ", ".join(p.value for p in permissions.principals) or "no principal"
+    return f"{who} -> {', '.join(permissions.rights.names()) or 'no rights'}"
 
 
 def session_permissions(
@@ -96,6 +103,12 @@ def session_permissions(
     *,
     authenticated_as: Iterable[Principal] = (),
 ) -> Permissions:
+    """The rights of a session (see L{_permissions}); computed once per kind of session."""
+    return _permissions(tuple(permission_groups), tuple(auth_mechanisms), tuple(authenticated_as))
+
+
+@functools.lru_cache(maxsize=256)
+def _permissions(permission_groups: tuple, auth_mechanisms: tuple, authenticated_as: tuple) -> Permissions:
     """
     The rights of a session on a connector with these groups and
     mechanisms. C{authenticated_as} names principals proven by AUTH or TLS;

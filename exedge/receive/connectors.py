@@ -29,6 +29,7 @@ class ConnectorTable:
         self.connectors: tuple[ReceiveConnector, ...] = tuple(c for c in connectors if c.enabled)
         self._open = collections.Counter()       # connector name -> sessions
         self._per_source = collections.Counter()  # (connector name, peer ip) -> sessions
+        self._selected: dict = {}                  # (local host, port, peer) -> connector
 
     def listen_bindings(self) -> list[Binding]:
         """
@@ -43,6 +44,18 @@ class ConnectorTable:
         )
 
     def select(self, local_host: str, local_port: int, peer_host: str) -> ReceiveConnector | None:
+        """The connector for this listener and peer: most specific remote range wins (cached: peers return)."""
+        key = (local_host, local_port, peer_host)
+        try:
+            return self._selected[key]
+        except KeyError:
+            pass
+        if len(self._selected) >= 4096:
+            self._selected.clear()     # bounded: a scan from many addresses cannot grow it
+        found = self._selected[key] = self._select(local_host, local_port, peer_host)
+        return found
+
+    def _select(self, local_host: str, local_port: int, peer_host: str) -> ReceiveConnector | None:
         local = _address(local_host)
         peer = _address(peer_host)
         best = None

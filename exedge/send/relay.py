@@ -320,7 +320,9 @@ class RelayAgent:
             client.on_settled = lambda result, client=client, remote=remote: self._settled(
                 entries, result, client.session.extensions, remote)
             try:
-                yield self._endpoint(address, port).connect(protocol.Factory.forProtocol(lambda: client))
+                factory = protocol.Factory.forProtocol(lambda: client)
+                factory.noisy = False     # "Starting factory" per outbound connection says nothing the log needs
+                yield self._endpoint(address, port).connect(factory)
             except Exception as e:
                 errors.append(f"{host}:{port}: {e.__class__.__name__}: {e}")
                 continue
