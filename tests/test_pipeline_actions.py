@@ -406,3 +406,10 @@ stage = "header_firewall"
     names = sorted(p.get_filename() for p in parsed.walk() if p.get_filename())
     assert names == ["invoice.pdf.scr.txt", "photo.jpg"]
     assert parsed["X-MS-Exchange-Organization-SCL"] is None
+
+
+def test_a_blocked_type_without_a_file_name_is_caught_at_the_top_level(tmp_path):
+    s = session_with(tmp_path, AttachmentFilter(action="Reject"))
+    raw = (b"From: a@partner.test\r\nSubject: update\r\nContent-Type: application/x-msdownload\r\n"
+           b"Content-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA\r\n")
+    assert _send(s, raw) == ["554 5.6.1"]

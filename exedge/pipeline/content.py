@@ -229,6 +229,7 @@ DEFAULT_CONTENT_TYPES = (
     "text/javascript", "application/x-javascript", "application/javascript", "x-internet-signup", "application/hta",
 )
 REMOVED_TEXT = "This attachment was removed."
+_CONTENT_TYPE = re.compile(rb"^content-type[ \t]*:[ \t]*([^;\r\n]+)", re.I | re.M)
 _MAYBE_ATTACHMENT = re.compile(rb"^content-type[ \t]*:[ \t]*(multipart/|message/)|name[ \t]*\*?[0-9]*\*?[ \t]*=",
                                re.I | re.M)
 
@@ -265,6 +266,12 @@ class AttachmentFilter(Stage):
         self.rejection_response = rejection_response
         self.admin_message = admin_message
 
+    def _blocked_type(self, header: bytes) -> bool:
+        """Is the top-level Content-Type (read from the raw header) a blocked one?"""
+        found = _CONTENT_TYPE.search(header)
+        ctype = found.group(1).strip().lower().decode("latin-1") if found else "text/plain"
+        return any(fnmatch.fnmatchcase(ctype, t) for t in self.content_types)
+
     def _blocked(self, part) -> str | None:
         """What about this part is blocked (for the log), or None."""
         ctype = part.get_content_type()
@@ -276,8 +283,8 @@ class AttachmentFilter(Stage):
         return None
 
     async def on_message(self, session, message):
-        if not _MAYBE_ATTACHMENT.search(message.header_bytes):
-            return None                   # a single text part without a name: nothing to read
+        if not _MAYBE_ATTACHMENT.search(message.header_bytes) and not self._blocked_type(message.header_bytes):
+            return None                   # one part, no file name, an allowed type: nothing to read
         content = await message.body()
         parsed = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(content)
         found: list[str] = []
