@@ -147,6 +147,13 @@ class DirectoryChecker:
     def check(self, name: str, password: str):
         if not name or not password:
             raise cred_error.UnauthorizedLogin("empty user name or password")
+        return self._on_any_server(lambda url, server, secure: self._check_on(url, server, secure, name, password))
+
+    def _on_any_server(self, work):
+        """
+        C{work(url, server, secure)} on the first server that answers, in
+        the configured order; DirectoryUnavailable when none does.
+        """
         problems = []
         for url, host, port, secure in self.servers:
             # a fresh Server for a new connection: ldap3 remembers an address
@@ -156,7 +163,7 @@ class DirectoryChecker:
             for attempt in (1, 2):
                 pooled = url in self._connections()
                 try:
-                    return self._check_on(url, server, secure, name, password)
+                    return work(url, server, secure)
                 except _UNREACHABLE as e:
                     self._discard(url)
                     if attempt == 2 or not pooled:
@@ -252,20 +259,7 @@ class DirectoryRecipients(DirectoryChecker):
 
     def known(self, address: str) -> bool:
         """Blocking: True / False, or DirectoryUnavailable when no server answers."""
-        problems = []
-        for url, host, port, secure in self.servers:
-            server = Server(host, port=port, use_ssl=secure, tls=self.tls,
-                            connect_timeout=self.config.timeout, get_info=None)
-            for attempt in (1, 2):
-                pooled = url in self._connections()
-                try:
-                    return self._known_on(url, server, secure, address)
-                except _UNREACHABLE as e:
-                    self._discard(url)
-                    if attempt == 2 or not pooled:
-                        problems.append(f"{url}: {e.__class__.__name__}: {e}")
-                        break
-        raise DirectoryUnavailable("no directory server answered: " + "; ".join(problems))
+        return self._on_any_server(lambda url, server, secure: self._known_on(url, server, secure, address))
 
     def _known_on(self, url: str, server, secure: bool, address: str) -> bool:
         conn = self._connections().get(url)

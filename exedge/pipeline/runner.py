@@ -140,7 +140,15 @@ class Pipeline:
         return out
 
     def _call(self, entry, hook, method, *args):
-        """One stage's answer, with the same failure and timeout handling as a hook."""
+        """A verb's answer: a Verdict (CONTINUE for None), at once or as a Deferred."""
+        return self._ask(entry, hook, method, args, self._checked)
+
+    def _ask(self, entry, hook, method, args, judge):
+        """
+        C{judge(answer, stage, hook)} of one stage's answer, at once or as
+        a Deferred; a stage that raises or exceeds its timeout gives
+        STAGE_FAILED. The one place hooks and verbs are called.
+        """
         try:
             result = method(*args)
         except Exception:
@@ -150,19 +158,21 @@ class Pipeline:
             result = defer.ensureDeferred(result)
         if isinstance(result, defer.Deferred):
             d = result.addTimeout(entry.timeout, self.clock)
-            return d.addCallbacks(self._checked, self._failed, callbackArgs=(entry.stage, hook),
-                                  errbackArgs=(entry, hook))
-        return self._checked(result, entry.stage, hook)
+            return d.addCallbacks(judge, self._failed, callbackArgs=(entry.stage, hook), errbackArgs=(entry, hook))
+        return judge(result, entry.stage, hook)
+
+    @classmethod
+    def _checked(cls, result, stage, hook):
+        return CONTINUE if result is None else cls._verdict(result, stage, hook)
 
     @staticmethod
-    def _checked(result, stage, hook):
-        if result is None:
-            return CONTINUE
-        if not isinstance(result, Verdict):
-            log.error("stage {stage}: {hook} returned {value!r}, not a Verdict", stage=stage.name, hook=hook,
-                      value=result)
-            return STAGE_FAILED
-        return result
+    def _verdict(result, stage, hook):
+        """C{result} if it is a Verdict; else an error in the log and STAGE_FAILED."""
+        if isinstance(result, Verdict):
+            return result
+        log.error("stage {stage}: {hook} returned {value!r}, not a Verdict", stage=stage.name, hook=hook,
+                  value=result)
+        return STAGE_FAILED
 
     @property
     def routes(self) -> bool:
@@ -213,18 +223,9 @@ class Pipeline:
             stage = entry.stage
             if stage.anti_spam and session.bypass_anti_spam:
                 continue
-            try:
-                result = method(session, *args)
-            except Exception:
-                log.failure("stage {stage} failed in {hook}", stage=stage.name, hook=hook)
-                return STAGE_FAILED
-            if inspect.isawaitable(result):
-                result = defer.ensureDeferred(result)
-            if isinstance(result, defer.Deferred):
-                d = result.addTimeout(entry.timeout, self.clock)
-                d.addCallbacks(self._judge, self._failed, callbackArgs=(stage, hook), errbackArgs=(entry, hook))
-                return d.addCallback(self._go_on, entries, i, hook, session, args)
-            verdict = self._judge(result, stage, hook)
+            verdict = self._ask(entry, hook, method, (session, *args), self._judge)
+            if isinstance(verdict, defer.Deferred):
+                return verdict.addCallback(self._go_on, entries, i, hook, session, args)
             if verdict is not None:
                 return verdict
         return CONTINUE
@@ -234,15 +235,12 @@ class Pipeline:
             return verdict
         return self._from(entries, i, hook, session, args)
 
-    @staticmethod
-    def _judge(result, stage, hook):
+    @classmethod
+    def _judge(cls, result, stage, hook):
         """The verdict that ends this event, or None to ask the next stage."""
         if result is None:
             return None
-        if not isinstance(result, Verdict):
-            log.error("stage {stage}: {hook} returned {value!r}, not a Verdict", stage=stage.name, hook=hook,
-                      value=result)
-            return STAGE_FAILED
+        result = cls._verdict(result, stage, hook)
         if result.kind == "accept":
             return CONTINUE          # this event is decided: skip the remaining stages
         return result if result.final else None
