@@ -13,7 +13,7 @@ Needs the Debian package postfix (smtp-source, smtp-sink, postfix) and root
 to start a Postfix instance; says so and exits 2 otherwise. Binds 127.0.0.1
 only; every process is stopped by PID at the end.
 
-    .venv/bin/python bench/relay_rate.py [--messages N] [--quick]
+    .venv/bin/python bench/relay_rate.py [--messages N] [--rounds R] [--quick] [--only 1KiB/10]
 """
 
 from __future__ import annotations
@@ -229,6 +229,8 @@ def main(argv=None) -> int:
     parser.add_argument("--messages", type=int, default=None, help="1 KiB messages per run (default 2000)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--only", action="append", default=[], metavar="SIZE/CONNS",
+                        help="run only this case, e.g. 1KiB/10 or 100KiB/50 (repeatable)")
     args = parser.parse_args(argv)
     missing = [b for b in ("smtp-source", "smtp-sink", "postfix") if not shutil.which(b)]
     if missing or os.geteuid() != 0:
@@ -239,6 +241,8 @@ def main(argv=None) -> int:
     rows, results = [], []
     for size, n in ((1024, n_small), (100 * 1024, max(n_small // 4, 1))):
         for conns in (10, 50):
+            if args.only and f"{size // 1024}KiB/{conns}" not in args.only:
+                continue
             rates = {"exedge": [], "postfix": []}
             for r in range(rounds):
                 order = (Exedge, Postfix) if r % 2 == 0 else (Postfix, Exedge)

@@ -15,6 +15,13 @@ import os
 import threading
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """C{os.write} until everything is written (a regular file may take less at once)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -56,18 +63,18 @@ class DirectorySync:
 def publish(written: list, directory: DirectorySync, results: list) -> None:
     """
     Make files durable under their final names, as a group: C{written}
-    holds C{(n, open_file, temp_path, final_path, value)}; each file is
+    holds C{(n, fd, temp_path, final_path, value)}; each file is
     fsync'ed, closed and renamed, then one directory fsync covers every
     rename. C{results[n]} becomes C{value}, or the C{OSError} that stopped
     that file (blocking: call on a spool thread).
     """
     renamed = []
-    for n, f, temp, final, value in written:
+    for n, fd, temp, final, value in written:
         try:
             try:
-                os.fsync(f.fileno())
+                os.fsync(fd)
             finally:
-                f.close()
+                os.close(fd)
             os.rename(temp, final)
             renamed.append((n, final, value))
         except OSError as e:

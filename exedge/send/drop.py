@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from exedge.interfaces import IDeliveryAgent
 from exedge.queue.batch import Batcher
-from exedge.queue.durable import DirectorySync, publish
+from exedge.queue.durable import DirectorySync, publish, write_all
 from exedge.queue.manager import Outcome
 
 
@@ -50,18 +50,17 @@ class DropDirectoryAgent:
         for n, (message, recipients) in enumerate(items):
             temp = os.path.join(self.directory, "." + message.queue_id + ".tmp")
             try:
-                f = open(temp, "wb")
+                data = _envelope_headers(message, recipients) + message.read_data()
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
                 try:
-                    f.write(_envelope_headers(message, recipients))
-                    f.write(message.read_data())
-                    f.flush()
+                    write_all(fd, data)
                 except BaseException:
-                    f.close()
+                    os.close(fd)
                     raise
                 name = message.queue_id + ".eml"
                 outcomes = [Outcome(i, "delivered", f"250 2.0.0 dropped as {name}", "2.0.0", action="delivered")
                             for i in recipients]
-                written.append((n, f, temp, os.path.join(self.directory, name), outcomes))
+                written.append((n, fd, temp, os.path.join(self.directory, name), outcomes))
             except OSError as e:
                 results[n] = e
         publish(written, self._sync, results)
