@@ -44,6 +44,7 @@ from exedge.logs import ProtocolLog
 from exedge.pipeline import Message, SessionView
 from exedge.pipeline.runner import then
 from exedge.queue.envelope import Envelope, Recipient
+from exedge.writethrough import write_through
 
 from .address import (
     Mailbox, SMTPError, check_notify, check_orcpt, check_xtext, is_helo_argument,
@@ -298,7 +299,7 @@ class SMTPServer(basic.LineReceiver):
 
     def _write(self, data: bytes) -> None:
         self.plog.sent(data)
-        self.transport.write(data)
+        write_through(self.transport, data)
 
     # -- input ---------------------------------------------------------------
 

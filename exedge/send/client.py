@@ -38,6 +38,8 @@ from twisted.internet import defer, error
 from twisted.protocols import basic
 from twisted.python.failure import Failure
 
+from exedge.writethrough import write_through
+
 MAX_REPLY_LINE = 2048
 MAX_REPLY_LINES = 100
 _REPLY_RE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$")
@@ -226,7 +228,7 @@ class SMTPClient(basic.LineReceiver):
         self._expect("greeting", self._on_greeting, self.timeouts.greeting)
 
     def _send(self, line: str) -> None:
-        self.transport.write(line.encode("ascii") + b"\r\n")
+        write_through(self.transport, line.encode("ascii") + b"\r\n")
 
     def _expect(self, what: str, on_reply, timeout: float) -> None:
         self._waiting.append((what, on_reply, timeout))
@@ -520,7 +522,7 @@ class SMTPClient(basic.LineReceiver):
             if reply.code != 354:
                 _settle(result, state["accepted"], reply)
                 return self._reset_then_next()
-            self.transport.write(dot_stuff(message.data))
+            write_through(self.transport, dot_stuff(message.data))
             self._expect("end of data", on_end, self.timeouts.data_end)
 
         def on_end(reply):
@@ -533,7 +535,7 @@ class SMTPClient(basic.LineReceiver):
         if "PIPELINING" in ext:
             # MAIL, every RCPT and DATA in one write; replies come back in order
             lines = [c for _, c in commands] + ["DATA"]
-            self.transport.write("".join(line + "\r\n" for line in lines).encode("ascii"))
+            write_through(self.transport, "".join(line + "\r\n" for line in lines).encode("ascii"))
             self._waiting.append(("MAIL", on_mail, self.timeouts.mail))
             for rcpt in message.recipients:
                 self._waiting.append(("RCPT", on_rcpt(rcpt), self.timeouts.rcpt))
@@ -558,7 +560,7 @@ class SMTPClient(basic.LineReceiver):
             return after_envelope(reply)
         # the envelope failed; a 354 here means the server wants data we will not send
         if reply.code == 354:
-            self.transport.write(b".\r\n")   # an empty message, then reset
+            write_through(self.transport, b".\r\n")   # an empty message, then reset
             return self._expect("end of data", lambda _: after_envelope(), self.timeouts.data_end)
         after_envelope()
 
