@@ -27,6 +27,7 @@ from exedge.receive import ConnectorTable, ServerContext, listener_services
 from exedge.routing import Router
 from exedge.dsn import Bouncer
 from exedge.send import DropDirectoryAgent, RelayAgent
+from exedge.queue.committer import ProcessCommitter
 from exedge.send.mx import MXResolver
 
 log = Logger()
@@ -43,7 +44,8 @@ class SpoolService(Service):
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="exedge-spool")
         self.delivery_pool = ThreadPool(minthreads=1, maxthreads=delivery_threads, name="exedge-delivery")
         self.spool = Spool(directory, lambda f: deferToThreadPool(reactor, self.pool, f),
-                           lambda f: deferToThreadPool(reactor, self.delivery_pool, f), clock=reactor)
+                           lambda f: deferToThreadPool(reactor, self.delivery_pool, f), clock=reactor,
+                           committer=lambda spool: ProcessCommitter(spool, reactor))
         self.on_recovered = on_recovered
 
     def startService(self) -> None:
@@ -52,6 +54,7 @@ class SpoolService(Service):
         self.delivery_pool.start()
         # blocking on purpose: start-up, before any session is served
         messages = self.spool.recover()
+        self.spool.receiving.start()
         log.info("spool {dir}: {count} message(s) recovered", dir=self.spool.directory, count=len(messages))
         for message in messages:
             self.on_recovered(message)
@@ -60,6 +63,7 @@ class SpoolService(Service):
         super().stopService()
         self.pool.stop()
         self.delivery_pool.stop()
+        return self.spool.receiving.stop()
 
 
 class ThreadPoolService(Service):

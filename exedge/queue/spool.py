@@ -19,7 +19,10 @@ C{incoming/} that start-up deletes; a crash after it leaves a complete
 message that start-up puts back in its queues. The envelope goes after the
 data so a message can stream to disk while it is still arriving.
 
-Disk work runs on a bounded thread pool (C{run}), never on the reactor.
+Disk work runs on a bounded thread pool (C{run}), never on the reactor; in
+the server, commits go to the commit worker process instead
+(L{exedge.queue.committer}), and the thread pool streams large messages
+and reads messages back.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .batch import Batcher
-from .durable import DirectorySync, publish, write_all
+from exedge.durable import DirectorySync, publish, write_all
 from .envelope import Envelope
 
 FOOTER_MAGIC = b"\n#exedge-envelope "
@@ -49,6 +52,12 @@ log = Logger()
 
 _ID_PREFIX = secrets.token_hex(2).upper()   # tells this process's ids from another's
 _id_counter = itertools.count()
+
+
+def envelope_footer(envelope: Envelope) -> bytes:
+    """What follows a message's data in its queue file: the envelope and the footer giving its length."""
+    meta = envelope.to_json()
+    return meta + FOOTER_MAGIC + b"%010d\n" % len(meta)
 
 
 def new_queue_id() -> str:
@@ -225,8 +234,7 @@ class IncomingMessage:
         thread is a handover of the GIL with the reactor, which under load
         is what a commit waits on.
         """
-        meta = envelope.to_json()
-        footer = meta + FOOTER_MAGIC + b"%010d\n" % len(meta)
+        footer = envelope_footer(envelope)
         if self._file is None:
             data = b"".join(chunks)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -245,6 +253,20 @@ class IncomingMessage:
         f.close()
         self._file = None   # only now: on an error above, _discard closes it
         return fd, length
+
+    def _finish_spilled(self, chunks: list[bytes]) -> int:
+        """
+        The last data of a spilled message written and its file closed,
+        for the commit worker to add the footer (spool thread); returns
+        the data's length.
+        """
+        self._write_chunks(chunks)
+        f = self._file
+        f.flush()
+        length = f.tell()
+        self._file = None
+        f.close()
+        return length
 
     def _cleanup_after_failure(self, failure):
         self.spool.run(self._discard).addErrback(
@@ -281,7 +303,13 @@ class Spool:
     """
 
     def __init__(self, directory: str, run: Callable[[Callable], defer.Deferred],
-                 run_delivery: Callable[[Callable], defer.Deferred] | None = None, *, clock=None):
+                 run_delivery: Callable[[Callable], defer.Deferred] | None = None, *, clock=None,
+                 committer=None):
+        """
+        C{committer(spool)} builds what commits received messages (the
+        server's L{exedge.queue.committer.ProcessCommitter}); by default a
+        L{Batcher} of L{_commit_batch} on C{run}, for tests in one process.
+        """
         self.directory = directory
         self.run = run
         self.run_delivery = run_delivery or run
@@ -290,7 +318,7 @@ class Spool:
         self.state_dir = os.path.join(directory, "state")
         self.corrupt_dir = os.path.join(directory, "corrupt")
         self._queue_sync = DirectorySync(self.queue_dir)
-        self.receiving = Batcher(self.run, self._commit_batch)
+        self.receiving = committer(self) if committer else Batcher(self.run, self._commit_batch)
         # delivery-side work gives way to receiving (bounded: see Batcher)
         self._remover = Batcher(self.run_delivery, self._remove_batch, 256,
                                 defer_to=self.receiving if clock else None, clock=clock)

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from exedge.interfaces import IDeliveryAgent
 from exedge.queue.batch import Batcher
-from exedge.queue.durable import DirectorySync, publish, write_all
+from exedge.durable import DirectorySync, publish, write_all
 from exedge.queue.manager import Outcome
 
 

@@ -1,0 +1,189 @@
+"""
+Commits through the commit worker process (see L{exedge.commit_worker}
+for why a process).
+
+L{ProcessCommitter} is what C{Spool.receiving} is in the server: C{submit}
+takes a finished incoming message and fires with its L{StoredMessage} once
+the worker has made it durable, or fails (and the session answers 451). A
+message that spilled to disk while it arrived has its last chunks written
+and its file closed on a spool thread first; the worker then adds only the
+envelope footer.
+
+If the worker dies, every commit it had not answered fails, and any of
+their files it had already renamed into C{queue/} is removed: it was never
+acknowledged, and a copy left there would be delivered after the next
+restart next to the one the client sends again. The next commit starts a
+new worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from exedge import commit_worker as wire
+from .spool import StoredMessage, envelope_footer
+
+log = Logger()
+
+RESTART_INTERVAL = 1.0   # seconds between starts of a worker that keeps dying
+STOP_TIMEOUT = 10.0
+
+
+class WorkerGone(OSError):
+    """The commit worker exited before answering."""
+
+
+class _WorkerProtocol(protocol.ProcessProtocol):
+    def __init__(self, committer: "ProcessCommitter"):
+        self.committer = committer
+        self.buffer = bytearray()
+        self.ended = defer.Deferred()
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd != 1:
+            return
+        self.buffer += data
+        offset = 0
+        while True:
+            head = wire.parse(self.buffer, offset, wire.REPLY)
+            if head is None:
+                break
+            (request_id, errno, text_len), body = head
+            if body + text_len > len(self.buffer):
+                break
+            text = bytes(self.buffer[body:body + text_len]).decode("utf-8", "replace")
+            offset = body + text_len
+            self.committer._answered(self, request_id, errno, text)
+        del self.buffer[:offset]
+
+    def processEnded(self, reason: Failure) -> None:
+        self.committer._worker_ended(self, reason)
+        self.ended.callback(None)
+
+
+class ProcessCommitter:
+    def __init__(self, spool, reactor, *, python: str = sys.executable, module: str = "exedge.commit_worker",
+                 restart_interval: float = RESTART_INTERVAL):
+        self.spool = spool
+        self.reactor = reactor
+        self.python = python
+        self.module = module
+        self.restart_interval = restart_interval
+        self._worker: _WorkerProtocol | None = None
+        self._started_at = float("-inf")
+        self._in_flight: dict[int, tuple] = {}   # id -> (worker, incoming, envelope, length, Deferred)
+        self._next_id = 0
+        self._stopping = False
+        self._idle_listeners: list = []          # as Batcher: delivery work waits for commits
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._in_flight)
+
+    # -- the worker --------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping = False
+        self._spawn()
+
+    def _spawn(self) -> _WorkerProtocol:
+        worker = _WorkerProtocol(self)
+        # the worker imports exedge the way this process did
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.reactor.spawnProcess(
+            worker, self.python, [self.python, "-m", self.module, self.spool.directory],
+            env=env, childFDs={0: "w", 1: "r", 2: 2})
+        self._worker = worker
+        self._started_at = self.reactor.seconds()
+        return worker
+
+    def _current(self) -> _WorkerProtocol | None:
+        if self._worker is None and not self._stopping \
+                and self.reactor.seconds() - self._started_at >= self.restart_interval:
+            self._spawn()
+        return self._worker
+
+    def stop(self) -> defer.Deferred:
+        """Let the worker answer what it has, then end it (killed after STOP_TIMEOUT)."""
+        self._stopping = True
+        worker, self._worker = self._worker, None
+        if worker is None or worker.transport is None:
+            return defer.succeed(None)
+        worker.transport.closeStdin()
+        timer = self.reactor.callLater(STOP_TIMEOUT, self._kill, worker)
+        return worker.ended.addBoth(lambda _: timer.active() and timer.cancel())
+
+    @staticmethod
+    def _kill(worker: _WorkerProtocol) -> None:
+        try:
+            worker.transport.signalProcess(signal.SIGKILL)
+        except error.ProcessExitedAlready:
+            pass
+
+    # -- commits -----------------------------------------------------------
+
+    def submit(self, item) -> defer.Deferred:
+        incoming, envelope, chunks = item
+        footer = envelope_footer(envelope)
+        if incoming._file is None:
+            data = b"".join(chunks)
+            return self._send(incoming, envelope, data + footer, len(data), append=False)
+        d = self.spool.run(lambda: incoming._finish_spilled(chunks))
+        return d.addCallback(lambda length: self._send(incoming, envelope, footer, length, append=True))
+
+    def _send(self, incoming, envelope, payload: bytes, length: int, append: bool) -> defer.Deferred:
+        worker = self._current()
+        if worker is None:
+            return defer.fail(WorkerGone(5, "the commit worker is not running"))
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        request_id = self._next_id
+        done = defer.Deferred()
+        self._in_flight[request_id] = (worker, incoming, envelope, length, done)
+        worker.transport.writeSequence(wire.encode_request(request_id, incoming.queue_id, payload, append))
+        return done
+
+    def _answered(self, worker, request_id: int, errno: int, text: str) -> None:
+        entry = self._in_flight.pop(request_id, None)
+        if entry is None:
+            log.error("commit worker answered unknown request {id}", id=request_id)
+            return
+        _, incoming, envelope, length, done = entry
+        if errno:
+            done.errback(Failure(OSError(errno, text)))
+        else:
+            final = os.path.join(self.spool.queue_dir, incoming.queue_id)
+            done.callback(StoredMessage(incoming.queue_id, envelope, final, length))
+        self._maybe_idle()
+
+    def _worker_ended(self, worker, reason: Failure) -> None:
+        if self._worker is worker:
+            self._worker = None
+        lost = [(rid, e) for rid, e in self._in_flight.items() if e[0] is worker]
+        if lost or not self._stopping:
+            log.error("commit worker exited ({reason}); {n} commit(s) unanswered",
+                      reason=reason.getErrorMessage(), n=len(lost))
+        for rid, (_, incoming, _, _, done) in lost:
+            del self._in_flight[rid]
+            final = os.path.join(self.spool.queue_dir, incoming.queue_id)
+            # not acknowledged: a copy in queue/ must not be delivered after a restart
+            self.spool.run(lambda final=final: _unlink_quietly(final)).addBoth(
+                lambda _, done=done: done.errback(Failure(WorkerGone(5, "the commit worker exited"))))
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not self._in_flight:
+            for listener in list(self._idle_listeners):
+                listener()
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

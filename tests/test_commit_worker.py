@@ -1,0 +1,170 @@
+"""
+The commit worker process and the server side that talks to it: real child
+processes, real files, the real reactor.
+"""
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.internet.threads import deferToThread
+
+from exedge import commit_worker as wire
+from exedge.queue import Envelope, Recipient, Spool
+from exedge.queue.committer import ProcessCommitter, WorkerGone
+
+
+def envelope(*rcpts):
+    return Envelope(sender="a@s.test", recipients=tuple(Recipient(r) for r in rcpts), size=10)
+
+
+def dirs(tmp_path):
+    spool = tmp_path / "spool"
+    for d in ("incoming", "queue"):
+        (spool / d).mkdir(parents=True)
+    return spool
+
+
+def run_worker(spool, *requests) -> list:
+    """Send the requests to a real worker in one write, close its stdin; its replies, parsed."""
+    proc = subprocess.run([sys.executable, "-m", "exedge.commit_worker", str(spool)],
+                          input=b"".join(b"".join(wire.encode_request(*r)) for r in requests),
+                          capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    out, replies, offset = proc.stdout, [], 0
+    while offset < len(out):
+        request_id, errno, text_len = wire.REPLY.unpack_from(out, offset)
+        offset += wire.REPLY.size
+        replies.append((request_id, errno, out[offset:offset + text_len].decode()))
+        offset += text_len
+    return replies
+
+
+def test_worker_commits_new_and_spilled_files_and_refuses_each_bad_one_alone(tmp_path):
+    spool = dirs(tmp_path)
+    (spool / "incoming" / "SPILLED").write_bytes(b"first half, ")
+    replies = run_worker(
+        spool,
+        (1, "NEW", b"a whole message", False),
+        (2, "SPILLED", b"second half", True),
+        (3, "MISSING", b"footer", True),          # nothing to append to
+        (4, "../escape", b"x", False),            # not a name in incoming/
+        (5, "NEW", b"again", False),              # the same name twice: never overwrite
+    )
+    assert [(r[0], r[1]) for r in replies] == [(1, 0), (2, 0), (3, 2), (4, 22), (5, 17)]
+    assert (spool / "queue" / "NEW").read_bytes() == b"a whole message"
+    assert (spool / "queue" / "SPILLED").read_bytes() == b"first half, second half"
+    assert not (tmp_path / "escape").exists()
+    assert sorted(os.listdir(spool / "queue")) == ["NEW", "SPILLED"]
+    assert os.stat(spool / "queue" / "NEW").st_mode & 0o777 == 0o600
+
+
+def test_worker_answers_a_request_split_across_reads(tmp_path):
+    spool = dirs(tmp_path)
+    rfd, wfd = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "exedge.commit_worker", str(spool)],
+                            stdin=rfd, stdout=subprocess.PIPE)
+    os.close(rfd)
+    try:
+        frame = b"".join(wire.encode_request(7, "BIG", b"y" * 300_000, False))
+        for i in range(0, len(frame), 70_000):    # arrives in pieces, as a pipe delivers it
+            os.write(wfd, frame[i:i + 70_000])
+        reply = proc.stdout.read(wire.REPLY.size)
+        assert wire.REPLY.unpack(reply) == (7, 0, 0)
+        assert (spool / "queue" / "BIG").read_bytes() == b"y" * 300_000
+    finally:
+        os.close(wfd)
+        proc.wait(timeout=10)
+
+
+def test_request_header_layout_is_fixed():
+    # the two sides are separate processes, possibly of different builds during an upgrade
+    assert wire.REQUEST.format == "!IBHI" and wire.REPLY.format == "!IiH"
+    assert struct.calcsize(wire.REQUEST.format) == 11
+
+
+def threaded(f):
+    return deferToThread(f)
+
+
+@pytest.fixture
+def process_spool(tmp_path):
+    made = []
+
+    def make(**kw):
+        spool = Spool(str(tmp_path / "spool"), threaded,
+                      committer=lambda s: ProcessCommitter(s, reactor, **kw))
+        spool.prepare()
+        spool.receiving.start()
+        made.append(spool)
+        return spool
+
+    yield make
+    for spool in made:
+        pytest_twisted.blockon(spool.receiving.stop())
+
+
+@pytest_twisted.inlineCallbacks
+def test_commits_through_the_worker_are_recovered_whole(process_spool):
+    spool = process_spool()
+    small = spool.begin()
+    small.write(b"Subject: small\r\n\r\nbody\r\n")
+    large = spool.begin()
+    chunk = b"z" * 998 + b"\r\n"
+    for _ in range(700):                        # past the spill threshold: streamed to incoming/
+        large.write(chunk)
+    stored = yield defer.gatherResults([small.commit(envelope("b@x.test")), large.commit(envelope("c@x.test"))])
+    assert os.listdir(spool.incoming_dir) == []
+    again = {m.queue_id: m for m in spool.recover()}
+    assert set(again) == {m.queue_id for m in stored}
+    assert again[stored[0].queue_id].read_data() == b"Subject: small\r\n\r\nbody\r\n"
+    assert again[stored[1].queue_id].read_data() == chunk * 700
+    assert again[stored[1].queue_id].envelope.recipients[0].address == "c@x.test"
+    assert stored[1].data_length == len(chunk) * 700
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_killed_worker_fails_its_commits_and_the_next_commit_starts_another(process_spool):
+    spool = process_spool(restart_interval=0)
+    incoming = spool.begin()
+    incoming.write(b"Subject: t\r\n\r\nbody\r\n")
+    d = incoming.commit(envelope("b@x.test"))
+    # killed before the request leaves this process's buffer: never read, never answered
+    spool.receiving._worker.transport.signalProcess(signal.SIGKILL)
+    with pytest.raises(WorkerGone):
+        yield d
+    assert os.listdir(spool.queue_dir) == []
+    yield task.deferLater(reactor, 0.1, lambda: None)
+    assert os.listdir(spool.incoming_dir) == []          # the failed commit's file is removed
+    again = spool.begin()
+    again.write(b"Subject: t\r\n\r\nagain\r\n")
+    stored = yield again.commit(envelope("b@x.test"))
+    assert stored.read_data() == b"Subject: t\r\n\r\nagain\r\n"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_commit_renamed_but_never_answered_is_removed_from_the_queue(process_spool):
+    spool = process_spool(module="worker_dies_before_replying")
+    incoming = spool.begin()
+    incoming.write(b"Subject: t\r\n\r\nbody\r\n")
+    with pytest.raises(WorkerGone):
+        yield incoming.commit(envelope("b@x.test"))
+    yield task.deferLater(reactor, 0.1, lambda: None)
+    # the worker renamed it into queue/, but nobody was told: it must not be delivered after a restart
+    assert os.listdir(spool.queue_dir) == []
+    assert spool.recover() == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_stop_waits_for_the_worker_to_exit(process_spool):
+    spool = process_spool()
+    worker = spool.receiving._worker
+    pid = worker.transport.pid
+    yield spool.receiving.stop()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
