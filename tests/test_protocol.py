@@ -563,3 +563,10 @@ def test_mail_auth_parameter_of_an_authenticated_user_is_that_user(tmp_path):
     assert s.codes(plain(b"smtpgateway@fabrikam.com", b"pw-1")) == ["235 2.7.0"]
     assert s.codes(b"MAIL FROM:<alice@example.com> AUTH=<>\r\n") == ["250 2.1.0"]
     assert s.proto.txn.auth == "smtpgateway@fabrikam.com"
+
+
+def test_session_ids_are_16_hex_digits_and_never_repeat():
+    from exedge.receive.protocol import new_session_id
+    ids = [new_session_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(len(i) == 16 and int(i, 16) >= 0 and i == i.upper() for i in ids)
