@@ -25,12 +25,15 @@ the footer (flag 1, L{APPEND}) for a message that spilled to disk while it
 arrived. Every request read at once is committed as a group with
 L{publish}: each file fsync'ed and renamed into C{queue/}, then one fsync
 of the directory for all of them; only then are their replies written. The
-worker exits when stdin closes, after answering what it has read.
+worker exits when stdin closes, after answering what it has read; it
+ignores SIGINT and SIGTERM (sent to the whole process group by Ctrl-C or a
+service manager) and commits nothing once the server is gone.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import sys
 
@@ -39,6 +42,7 @@ from exedge.durable import DirectorySync, publish, write_all
 REQUEST = struct.Struct("!IBHI")
 REPLY = struct.Struct("!IiH")
 APPEND = 1
+COMMITTED = "committed"   # only a request that reached this has its 0 reply
 READ_SIZE = 4 * 1024 * 1024
 
 
@@ -75,15 +79,17 @@ def commit(incoming_dir: str, queue_dir: str, sync: DirectorySync, requests: lis
         except OSError as e:
             results[n] = e
             continue
-        written.append((n, fd, path, os.path.join(queue_dir, name), None))
+        written.append((n, fd, path, os.path.join(queue_dir, name), COMMITTED))
     publish(written, sync, results)
     replies = []
     for (request_id, _, _, _), result in zip(requests, results):
-        if isinstance(result, OSError):
-            text = str(result).encode("utf-8", "replace")[:2000]
-            replies.append(REPLY.pack(request_id, result.errno or 5, len(text)) + text)
-        else:
+        if result is COMMITTED:
             replies.append(REPLY.pack(request_id, 0, 0))
+            continue
+        if not isinstance(result, OSError):
+            result = OSError(5, "not committed")
+        text = str(result).encode("utf-8", "replace")[:2000]
+        replies.append(REPLY.pack(request_id, result.errno or 5, len(text)) + text)
     return replies
 
 
@@ -105,7 +111,8 @@ def take_requests(buffer: bytearray) -> list:
     return requests
 
 
-def serve(spool_dir: str, rfd: int = 0, wfd: int = 1) -> None:
+def serve(spool_dir: str, server: int, rfd: int = 0, wfd: int = 1) -> None:
+    """Commit requests until stdin closes or the server (process id C{server}) is gone."""
     incoming_dir = os.path.join(spool_dir, "incoming")
     queue_dir = os.path.join(spool_dir, "queue")
     sync = DirectorySync(queue_dir)
@@ -116,9 +123,19 @@ def serve(spool_dir: str, rfd: int = 0, wfd: int = 1) -> None:
             return
         buffer += data
         requests = take_requests(buffer)
-        if requests:
-            write_all(wfd, b"".join(commit(incoming_dir, queue_dir, sync, requests)))
+        if not requests:
+            continue
+        if os.getppid() != server:
+            # the server died (SIGKILL): nobody can acknowledge these, and a
+            # new server may already have scanned queue/; commit nothing
+            return
+        write_all(wfd, b"".join(commit(incoming_dir, queue_dir, sync, requests)))
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group;
+    # the worker finishes what it has read and leaves when its stdin closes
+    # (the server kills it if it takes too long)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    serve(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid())

@@ -61,9 +61,15 @@ class SpoolService(Service):
 
     def stopService(self):
         super().stopService()
-        self.pool.stop()
-        self.delivery_pool.stop()
-        return self.spool.receiving.stop()
+        # the commit worker first: what it answers may still need the pools
+        d = self.spool.receiving.stop()
+
+        def pools(result):
+            self.pool.stop()
+            self.delivery_pool.stop()
+            return result
+
+        return d.addBoth(pools)
 
 
 class ThreadPoolService(Service):

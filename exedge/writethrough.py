@@ -13,7 +13,8 @@ benchmark showed eight of those per message (bench/README.md).
 
 Twisted has no option for this, hence this function. It sends directly only
 when that cannot reorder or lose anything: a plain TCP transport (not TLS,
-whose bytes must go through the TLS layer), connected, not closing, with
+whose bytes must go through the TLS layer), connected, not closing or
+aborted, with
 nothing already buffered. Whatever the socket does not take at once, and
 any error, goes to the ordinary C{transport.write}, so flow control,
 producers and connection-lost handling stay Twisted's.
@@ -28,6 +29,7 @@ def write_through(transport, data: bytes) -> None:
     """C{transport.write(data)}, sending at once when nothing is queued ahead of it."""
     if (isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
             and not transport.disconnecting and not transport._writeDisconnected
+            and not getattr(transport, "_aborting", False)
             and not transport.dataBuffer and not transport._tempDataBuffer and data):
         try:
             sent = transport.socket.send(data)

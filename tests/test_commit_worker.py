@@ -5,14 +5,15 @@ processes, real files, the real reactor.
 
 import os
 import signal
-import struct
 import subprocess
 import sys
+import time
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 
 from exedge import commit_worker as wire
 from exedge.queue import Envelope, Recipient, Spool
@@ -82,10 +83,36 @@ def test_worker_answers_a_request_split_across_reads(tmp_path):
         proc.wait(timeout=10)
 
 
-def test_request_header_layout_is_fixed():
-    # the two sides are separate processes, possibly of different builds during an upgrade
-    assert wire.REQUEST.format == "!IBHI" and wire.REPLY.format == "!IiH"
-    assert struct.calcsize(wire.REQUEST.format) == 11
+def test_an_orphaned_worker_commits_nothing(tmp_path):
+    """The server was killed: a new one may have scanned queue/ already, and nobody can answer."""
+    spool = dirs(tmp_path)
+    rfd, wfd = os.pipe()
+    # an intermediate parent that starts the worker and exits at once, as a SIGKILLed server would
+    launcher = subprocess.run(
+        [sys.executable, "-c", "import subprocess, sys; "
+         "import os; p = subprocess.Popen([sys.executable, '-m', 'exedge.commit_worker', sys.argv[1], str(os.getpid())], "
+         "stdin=0, stdout=subprocess.DEVNULL); print(p.pid)", str(spool)],
+        stdin=rfd, stdout=subprocess.PIPE, timeout=30)
+    os.close(rfd)
+    pid = int(launcher.stdout)
+    os.write(wfd, b"".join(wire.encode_request(1, "ORPHAN", b"x", False)))
+    os.close(wfd)
+    deadline = time.monotonic() + 10
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the orphaned worker did not exit")
+        time.sleep(0.05)
+    assert os.listdir(spool / "queue") == [] and os.listdir(spool / "incoming") == []
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie counts: the test runner may be its subreaper)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def threaded(f):
@@ -96,8 +123,8 @@ def threaded(f):
 def process_spool(tmp_path):
     made = []
 
-    def make(**kw):
-        spool = Spool(str(tmp_path / "spool"), threaded,
+    def make(run=threaded, **kw):
+        spool = Spool(str(tmp_path / "spool"), run,
                       committer=lambda s: ProcessCommitter(s, reactor, **kw))
         spool.prepare()
         spool.receiving.start()
@@ -129,22 +156,27 @@ def test_commits_through_the_worker_are_recovered_whole(process_spool):
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_killed_worker_fails_its_commits_and_the_next_commit_starts_another(process_spool):
-    spool = process_spool(restart_interval=0)
+def test_a_killed_worker_fails_commits_until_the_next_one_is_started(process_spool):
+    spool = process_spool(restart_interval=3600)
+    worker = spool.receiving._worker
+    worker.transport.signalProcess(signal.SIGKILL)
+    yield worker.ended
     incoming = spool.begin()
-    incoming.write(b"Subject: t\r\n\r\nbody\r\n")
-    d = incoming.commit(envelope("b@x.test"))
-    # killed before the request leaves this process's buffer: never read, never answered
-    spool.receiving._worker.transport.signalProcess(signal.SIGKILL)
-    with pytest.raises(WorkerGone):
-        yield d
-    assert os.listdir(spool.queue_dir) == []
+    for _ in range(700):                        # spilled: its file is in incoming/ already
+        incoming.write(b"z" * 998 + b"\r\n")
+    yield incoming.read_back()                  # the spill has reached the disk
+    assert os.listdir(spool.incoming_dir) == [incoming.queue_id]
+    with pytest.raises(WorkerGone):             # too soon to start another: refused at once
+        yield incoming.commit(envelope("b@x.test"))
     yield task.deferLater(reactor, 0.1, lambda: None)
     assert os.listdir(spool.incoming_dir) == []          # the failed commit's file is removed
+    assert os.listdir(spool.queue_dir) == []
+    spool.receiving.restart_interval = 0
     again = spool.begin()
     again.write(b"Subject: t\r\n\r\nagain\r\n")
     stored = yield again.commit(envelope("b@x.test"))
     assert stored.read_data() == b"Subject: t\r\n\r\nagain\r\n"
+    assert spool.receiving._worker is not worker
 
 
 @pytest_twisted.inlineCallbacks
@@ -154,10 +186,28 @@ def test_a_commit_renamed_but_never_answered_is_removed_from_the_queue(process_s
     incoming.write(b"Subject: t\r\n\r\nbody\r\n")
     with pytest.raises(WorkerGone):
         yield incoming.commit(envelope("b@x.test"))
-    yield task.deferLater(reactor, 0.1, lambda: None)
-    # the worker renamed it into queue/, but nobody was told: it must not be delivered after a restart
+    # the worker did rename it into queue/, but nobody was told: it must not be delivered after a restart
+    with open(os.path.join(spool.directory, "renamed-by-worker")) as f:
+        assert f.read() == incoming.queue_id
     assert os.listdir(spool.queue_dir) == []
     assert spool.recover() == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_worker_dying_during_shutdown_still_fails_its_commits_and_cleans_up(process_spool):
+    pool = ThreadPool(minthreads=1, maxthreads=2)
+    pool.start()
+    spool = process_spool(run=lambda f: deferToThreadPool(reactor, pool, f), module="worker_dies_before_replying")
+    incoming = spool.begin()
+    incoming.write(b"Subject: t\r\n\r\nbody\r\n")
+    d = incoming.commit(envelope("b@x.test"))
+    failures = []
+    d.addErrback(failures.append)
+    pool.stop()                                 # the thread pools are gone before the worker answers
+    yield spool.receiving.stop()
+    assert [f.type for f in failures] == [WorkerGone]
+    assert os.path.exists(os.path.join(spool.directory, "renamed-by-worker"))
+    assert os.listdir(spool.queue_dir) == []
 
 
 @pytest_twisted.inlineCallbacks

@@ -4,6 +4,8 @@ nothing is queued, never overtakes queued bytes, survives a partial send,
 and goes through TLS once TLS has started.
 """
 
+import socket
+
 import pytest_twisted
 from twisted.internet import defer, endpoints, protocol, reactor, ssl, task
 
@@ -92,8 +94,11 @@ def test_never_overtakes_bytes_already_queued():
 def test_the_rest_of_a_partial_send_is_queued_in_order():
     port, server, client = yield pair()
     try:
+        # small socket buffers, so one send cannot take it all whatever the host's TCP tuning
+        server.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        client.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         client.transport.pauseProducing()          # the peer stops reading: the socket fills
-        big = bytes(range(256)) * (32 * 1024)      # 8 MiB, more than loopback buffers hold
+        big = bytes(range(256)) * (32 * 1024)      # 8 MiB
         write_through(server.transport, big)
         assert server.transport.dataBuffer or server.transport._tempDataBuffer, "expected a partial send"
         write_through(server.transport, b"END")
@@ -114,5 +119,17 @@ def test_after_starttls_bytes_go_through_tls():
         write_through(server.transport, b"220 over TLS\r\n")
         got = yield client.until(14)
         assert got == b"220 over TLS\r\n"            # decrypted by the client's TLS layer
+    finally:
+        yield close(port, server, client)
+
+
+@pytest_twisted.inlineCallbacks
+def test_nothing_is_sent_after_the_connection_is_aborted():
+    port, server, client = yield pair()
+    try:
+        server.transport.abortConnection()
+        write_through(server.transport, b"too late\r\n")
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        assert client.data == b""
     finally:
         yield close(port, server, client)

@@ -22,4 +22,6 @@ if __name__ == "__main__":
         requests = wire.take_requests(buffer)
     queue_dir = os.path.join(spool_dir, "queue")
     wire.commit(os.path.join(spool_dir, "incoming"), queue_dir, DirectorySync(queue_dir), requests)
+    with open(os.path.join(spool_dir, "renamed-by-worker"), "w") as f:   # for the test to check
+        f.write("\n".join(sorted(os.listdir(queue_dir))))
     os._exit(9)

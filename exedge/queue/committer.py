@@ -97,7 +97,7 @@ class ProcessCommitter:
         # the worker imports exedge the way this process did
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.reactor.spawnProcess(
-            worker, self.python, [self.python, "-m", self.module, self.spool.directory],
+            worker, self.python, [self.python, "-m", self.module, self.spool.directory, str(os.getpid())],
             env=env, childFDs={0: "w", 1: "r", 2: 2})
         self._worker = worker
         self._started_at = self.reactor.seconds()
@@ -149,10 +149,11 @@ class ProcessCommitter:
         return done
 
     def _answered(self, worker, request_id: int, errno: int, text: str) -> None:
-        entry = self._in_flight.pop(request_id, None)
-        if entry is None:
+        entry = self._in_flight.get(request_id)
+        if entry is None or entry[0] is not worker:
             log.error("commit worker answered unknown request {id}", id=request_id)
             return
+        del self._in_flight[request_id]
         _, incoming, envelope, length, done = entry
         if errno:
             done.errback(Failure(OSError(errno, text)))
@@ -170,10 +171,13 @@ class ProcessCommitter:
                       reason=reason.getErrorMessage(), n=len(lost))
         for rid, (_, incoming, _, _, done) in lost:
             del self._in_flight[rid]
-            final = os.path.join(self.spool.queue_dir, incoming.queue_id)
-            # not acknowledged: a copy in queue/ must not be delivered after a restart
-            self.spool.run(lambda final=final: _unlink_quietly(final)).addBoth(
-                lambda _, done=done: done.errback(Failure(WorkerGone(5, "the commit worker exited"))))
+            # Not acknowledged: a copy the worker renamed into queue/ must not
+            # be delivered after a restart next to the client's new attempt.
+            # Removed here and now, not on a spool thread: this also runs
+            # while the server shuts down, after its thread pools have gone;
+            # one unlink per lost commit, on a path that means a crash.
+            _unlink_quietly(os.path.join(self.spool.queue_dir, incoming.queue_id))
+            done.errback(Failure(WorkerGone(5, "the commit worker exited")))
         self._maybe_idle()
 
     def _maybe_idle(self) -> None:
