@@ -218,3 +218,10 @@ def test_stop_waits_for_the_worker_to_exit(process_spool):
     yield spool.receiving.stop()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_the_pipe_to_the_worker_holds_a_large_message(process_spool):
+    fcntl = pytest.importorskip("fcntl")
+    spool = process_spool()
+    fd = spool.receiving._worker.transport.pipes[0].fileno()
+    assert fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) == 1 << 20
