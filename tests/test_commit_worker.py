@@ -16,6 +16,7 @@ from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from exedge import commit_worker as wire
+from exedge.durable import DirectorySync
 from exedge.queue import Envelope, Recipient, Spool
 from exedge.queue.committer import ProcessCommitter, WorkerGone
 
@@ -81,6 +82,24 @@ def test_worker_answers_a_request_split_across_reads(tmp_path):
     finally:
         os.close(wfd)
         proc.wait(timeout=10)
+
+
+def test_a_failed_fsync_in_a_group_fails_that_message_alone(tmp_path, monkeypatch):
+    spool = dirs(tmp_path)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/BAD"):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    queue_dir = str(spool / "queue")
+    replies = wire.commit(str(spool / "incoming"), queue_dir, DirectorySync(queue_dir),
+                          [(1, 0, "GOOD1", b"one"), (2, 0, "BAD", b"two"), (3, 0, "GOOD2", b"three")])
+    assert [wire.REPLY.unpack_from(r)[:2] for r in replies] == [(1, 0), (2, 5), (3, 0)]
+    assert sorted(os.listdir(queue_dir)) == ["GOOD1", "GOOD2"]
+    assert os.listdir(spool / "incoming") == ["BAD"]     # never published; the server removes it
 
 
 def test_an_orphaned_worker_commits_nothing(tmp_path):
