@@ -244,3 +244,27 @@ def test_the_pipe_to_the_worker_holds_a_large_message(process_spool):
     spool = process_spool()
     fd = spool.receiving._worker.transport.pipes[0].fileno()
     assert fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) == 1 << 20
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_committed_message_stays_in_memory_until_it_leaves_the_spool(process_spool):
+    spool = process_spool()
+    incoming = spool.begin()
+    incoming.write(b"Subject: t\r\n\r\nbody\r\n")
+    stored = yield incoming.commit(envelope("b@x.test"))
+    assert stored.in_memory() == b"Subject: t\r\n\r\nbody\r\n"
+    assert spool.recent.size == len(stored.in_memory())
+    yield spool.remove(stored)
+    assert stored.in_memory() is None and spool.recent.size == 0
+    assert not os.path.exists(stored.path)
+
+
+def test_recent_data_is_bounded_oldest_first():
+    from exedge.queue.spool import RecentData
+    recent = RecentData(max_bytes=4000)
+    held = [recent.hold(f"Q{i}", bytes([i]) * 900) for i in range(6)]
+    assert recent.size <= 4000
+    assert [h.data is not None for h in held] == [False, False, True, True, True, True]
+    assert recent.hold("BIG", b"x" * 1001) is None       # over a quarter of the budget: read from disk
+    recent.release("Q5")
+    assert held[5].data is None and recent.size == 3 * 900

@@ -22,6 +22,10 @@ class Stored:
     envelope: Envelope
     data: bytes = b"Subject: t\r\n\r\nbody\r\n"
     unreadable: bool = False
+    held: bool = False            # still in memory after its commit (RecentData)
+
+    def in_memory(self) -> bytes | None:
+        return self.data if self.held else None
 
     def read_data(self) -> bytes:
         if self.unreadable:
@@ -145,5 +149,22 @@ def test_each_outcome_names_its_own_recipient_even_for_repeated_addresses():
         rcpts = [c for c in sink.commands if c.startswith("RCPT")]
         assert rcpts == ["RCPT TO:<x@partner.test> NOTIFY=NEVER", "RCPT TO:<y@partner.test>",
                          "RCPT TO:<x@partner.test> NOTIFY=SUCCESS ORCPT=rfc822;x@partner.test"]
+    finally:
+        yield sink.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_still_in_memory_is_sent_without_a_trip_to_the_disk():
+    sink = yield RecordingSink().start(reactor)
+    try:
+        reads = []
+        a = RelayAgent(connector(sink.port), helo="edge01.example.com",
+                       run=lambda f: reads.append(f) or defer.maybeDeferred(f), reactor=reactor)
+        a.idle_time = 0.1
+        held = yield a.deliver(stored(1, held=True, data=b"Subject: held\r\n\r\nx\r\n"), [0]).addTimeout(10, reactor)
+        assert statuses(held) == ["delivered"] and reads == []
+        on_disk = yield a.deliver(stored(2), [0]).addTimeout(10, reactor)
+        assert statuses(on_disk) == ["delivered"] and len(reads) == 1
+        assert sink.messages[0].data == b"Subject: held\r\n\r\nx\r\n"
     finally:
         yield sink.stop()

@@ -77,7 +77,7 @@ class ProcessCommitter:
         self.restart_interval = restart_interval
         self._worker: _WorkerProtocol | None = None
         self._started_at = float("-inf")
-        self._in_flight: dict[int, tuple] = {}   # id -> (worker, incoming, envelope, length, Deferred)
+        self._in_flight: dict[int, tuple] = {}   # id -> (worker, incoming, envelope, length, Deferred, data)
         self._next_id = 0
         self._stopping = False
         self._idle_listeners: list = []          # as Batcher: delivery work waits for commits
@@ -148,18 +148,19 @@ class ProcessCommitter:
         footer = envelope_footer(envelope)
         if incoming._file is None:
             data = b"".join(chunks)
-            return self._send(incoming, envelope, data + footer, len(data), append=False)
+            return self._send(incoming, envelope, data + footer, len(data), append=False, data=data)
         d = self.spool.run(lambda: incoming._finish_spilled(chunks))
         return d.addCallback(lambda length: self._send(incoming, envelope, footer, length, append=True))
 
-    def _send(self, incoming, envelope, payload: bytes, length: int, append: bool) -> defer.Deferred:
+    def _send(self, incoming, envelope, payload: bytes, length: int, append: bool,
+              data: bytes | None = None) -> defer.Deferred:
         worker = self._current()
         if worker is None:
             return defer.fail(WorkerGone(5, "the commit worker is not running"))
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         request_id = self._next_id
         done = defer.Deferred()
-        self._in_flight[request_id] = (worker, incoming, envelope, length, done)
+        self._in_flight[request_id] = (worker, incoming, envelope, length, done, data)
         worker.transport.writeSequence(wire.encode_request(request_id, incoming.queue_id, payload, append))
         return done
 
@@ -169,12 +170,13 @@ class ProcessCommitter:
             log.error("commit worker answered unknown request {id}", id=request_id)
             return
         del self._in_flight[request_id]
-        _, incoming, envelope, length, done = entry
+        _, incoming, envelope, length, done, data = entry
         if errno:
             done.errback(Failure(OSError(errno, text)))
         else:
             final = os.path.join(self.spool.queue_dir, incoming.queue_id)
-            done.callback(StoredMessage(incoming.queue_id, envelope, final, length))
+            held = self.spool.recent.hold(incoming.queue_id, data) if data is not None else None
+            done.callback(StoredMessage(incoming.queue_id, envelope, final, length, held=held))
         self._maybe_idle()
 
     def _worker_ended(self, worker, reason: Failure) -> None:
@@ -184,7 +186,7 @@ class ProcessCommitter:
         if lost or not self._stopping:
             log.error("commit worker exited ({reason}); {n} commit(s) unanswered",
                       reason=reason.getErrorMessage(), n=len(lost))
-        for rid, (_, incoming, _, _, done) in lost:
+        for rid, (_, incoming, _, _, done, _) in lost:
             del self._in_flight[rid]
             # Not acknowledged: a copy the worker renamed into queue/ must not
             # be delivered after a restart next to the client's new attempt.

@@ -69,6 +69,51 @@ def new_queue_id() -> str:
     return f"{time.time_ns() // 1000:014X}{_ID_PREFIX}{next(_id_counter) & 0xFFFF:04X}"
 
 
+RECENT_DATA_BYTES = 32 * 1024 * 1024
+
+
+class _Held:
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data: bytes | None = data
+
+
+class RecentData:
+    """
+    The data of messages committed moments ago, kept in memory so that their
+    first delivery attempt does not read back from disk what was just
+    written to it: a trip to a delivery thread and three system calls per
+    message, each a wait for the reactor's GIL. Bounded by C{max_bytes}: the
+    oldest are forgotten first (their delivery reads the file, as after a
+    restart); a message is forgotten as soon as it leaves the spool.
+    """
+
+    def __init__(self, max_bytes: int = RECENT_DATA_BYTES):
+        self.max_bytes = max_bytes
+        self._held: dict[str, _Held] = {}     # insertion order: oldest first
+        self._bytes = 0
+
+    def hold(self, queue_id: str, data: bytes) -> _Held | None:
+        if len(data) > self.max_bytes // 4:
+            return None
+        held = self._held[queue_id] = _Held(data)
+        self._bytes += len(data)
+        while self._bytes > self.max_bytes:
+            self.release(next(iter(self._held)))
+        return held
+
+    def release(self, queue_id: str) -> None:
+        held = self._held.pop(queue_id, None)
+        if held is not None and held.data is not None:
+            self._bytes -= len(held.data)
+            held.data = None
+
+    @property
+    def size(self) -> int:
+        return self._bytes
+
+
 @attrs.frozen
 class StoredMessage:
     """A committed message: its id, envelope, and recipients already done."""
@@ -80,12 +125,21 @@ class StoredMessage:
     done: frozenset = frozenset()   # recipient indexes with a final outcome
     delay_notified: frozenset = frozenset()   # recipients whose sender had a delay notice
     retry_at: float = 0.0           # not to be tried before this time (a restart keeps the schedule)
+    held: _Held | None = attrs.field(default=None, eq=False, repr=False)   # see L{RecentData}
 
     def pending(self) -> list[int]:
         return [i for i in range(len(self.envelope.recipients)) if i not in self.done]
 
+    def in_memory(self) -> bytes | None:
+        """The data if it is still held in memory (L{RecentData}), else None."""
+        held = self.held
+        return held.data if held is not None else None
+
     def read_data(self) -> bytes:
         """The message bytes (blocking: call on a spool thread; raw calls, as in L{IncomingMessage._write_final})."""
+        data = self.in_memory()
+        if data is not None:
+            return data
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             parts, left = [], self.data_length
@@ -318,6 +372,8 @@ class Spool:
         self.state_dir = os.path.join(directory, "state")
         self.corrupt_dir = os.path.join(directory, "corrupt")
         self._queue_sync = DirectorySync(self.queue_dir)
+        self.recent = RecentData()
+        self._stateful: set[str] = set()    # queue ids that have a state/ file
         self.receiving = committer(self) if committer else Batcher(self.run, self._commit_batch)
         # delivery-side work gives way to receiving (bounded: see Batcher)
         self._remover = Batcher(self.run_delivery, self._remove_batch, 256,
@@ -360,6 +416,7 @@ class Spool:
         """
         line = json.dumps({"rcpts": sorted(indexes), "status": status, "detail": detail,
                            "at": time.time() if at is None else at})
+        self._stateful.add(message.queue_id)
 
         def append():
             with open(os.path.join(self.state_dir, message.queue_id), "ab") as f:
@@ -372,16 +429,21 @@ class Spool:
 
     def remove(self, message: StoredMessage) -> defer.Deferred:
         """Delete a message whose recipients all have a final outcome."""
-        return self._remover.submit(message)
+        self.recent.release(message.queue_id)
+        stateful = message.queue_id in self._stateful
+        self._stateful.discard(message.queue_id)
+        return self._remover.submit((message, stateful))
 
-    def _remove_batch(self, messages: list) -> list:
-        for message in messages:
-            for path in (message.path, os.path.join(self.state_dir, message.queue_id)):
+    def _remove_batch(self, items: list) -> list:
+        for message, stateful in items:
+            # a message delivered at the first attempt never had a state file
+            paths = (message.path, os.path.join(self.state_dir, message.queue_id)) if stateful else (message.path,)
+            for path in paths:
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
-        return [None] * len(messages)
+        return [None] * len(items)
 
     # -- start-up ----------------------------------------------------------
 
@@ -409,6 +471,8 @@ class Spool:
         for name in os.listdir(self.state_dir):
             if name not in live:
                 os.unlink(os.path.join(self.state_dir, name))
+            else:
+                self._stateful.add(name)
         return messages
 
     def _load(self, queue_id: str, path: str) -> StoredMessage:

@@ -184,7 +184,8 @@ class RelayAgent:
 
     def _load(self, batch, entries: dict):
         """
-        Read the messages of C{batch} (on the delivery thread) into outbound
+        Read the messages of C{batch} (from memory if they were just
+        committed, else on the delivery thread) into outbound
         messages keyed in C{entries}. A message that cannot be read fails
         alone (transiently: the queue retries it). Cancelled meanwhile (the
         connection was lost), the batch goes back to the head of the line.
@@ -233,7 +234,11 @@ class RelayAgent:
                     done.errback(f)
                 d.callback([])
 
-        self.run(read_all).addCallbacks(loaded, thread_failed)
+        held = [message.in_memory() for message, _, _ in batch]
+        if all(data is not None for data in held):
+            loaded(held)      # just committed: no trip to the disk (see RecentData)
+        else:
+            self.run(read_all).addCallbacks(loaded, thread_failed)
         return d
 
     def _requeue(self, batch) -> None:
