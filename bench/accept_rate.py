@@ -284,13 +284,25 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process and all its threads so far."""
+    """
+    User + system CPU time so far of a process, all its threads and its
+    running children (exedge's commit worker is a child process; its time
+    would reach the parent's counters only when it exits).
+    """
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
+        total = (int(fields[11]) + int(fields[12])) / _TICK
     except (OSError, IndexError, ValueError):
         return None
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        children = []
+    for child in children:
+        total += cpu_seconds(child) or 0.0
+    return total
 
 
 def wait_listening(port: int, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
