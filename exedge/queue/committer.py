@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 
+import attrs
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,6 +38,18 @@ STOP_TIMEOUT = 10.0
 
 class WorkerGone(OSError):
     """The commit worker exited before answering."""
+
+
+@attrs.define
+class _Pending:
+    """A commit sent to a worker and not yet answered."""
+
+    worker: "_WorkerProtocol"
+    incoming: object            # the IncomingMessage
+    envelope: object
+    length: int                 # the message data's length, without the envelope
+    done: defer.Deferred
+    data: bytes | None          # kept for RecentData; None for a spilled message
 
 
 class _WorkerProtocol(protocol.ProcessProtocol):
@@ -77,7 +90,7 @@ class ProcessCommitter:
         self.restart_interval = restart_interval
         self._worker: _WorkerProtocol | None = None
         self._started_at = float("-inf")
-        self._in_flight: dict[int, tuple] = {}   # id -> (worker, incoming, envelope, length, Deferred, data)
+        self._in_flight: dict[int, _Pending] = {}
         self._next_id = 0
         self._stopping = False
         self._idle_listeners: list = []          # as Batcher: delivery work waits for commits
@@ -160,41 +173,41 @@ class ProcessCommitter:
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         request_id = self._next_id
         done = defer.Deferred()
-        self._in_flight[request_id] = (worker, incoming, envelope, length, done, data)
+        self._in_flight[request_id] = _Pending(worker, incoming, envelope, length, done, data)
         worker.transport.writeSequence(wire.encode_request(request_id, incoming.queue_id, payload, append))
         return done
 
     def _answered(self, worker, request_id: int, errno: int, text: str) -> None:
-        entry = self._in_flight.get(request_id)
-        if entry is None or entry[0] is not worker:
+        pending = self._in_flight.get(request_id)
+        if pending is None or pending.worker is not worker:
             log.error("commit worker answered unknown request {id}", id=request_id)
             return
         del self._in_flight[request_id]
-        _, incoming, envelope, length, done, data = entry
         if errno:
-            done.errback(Failure(OSError(errno, text)))
+            pending.done.errback(Failure(OSError(errno, text)))
         else:
-            final = os.path.join(self.spool.queue_dir, incoming.queue_id)
-            held = self.spool.recent.hold(incoming.queue_id, data) if data is not None else None
-            done.callback(StoredMessage(incoming.queue_id, envelope, final, length, held=held))
+            queue_id = pending.incoming.queue_id
+            held = self.spool.recent.hold(queue_id, pending.data) if pending.data is not None else None
+            pending.done.callback(StoredMessage(queue_id, pending.envelope, os.path.join(self.spool.queue_dir, queue_id),
+                                                pending.length, held=held))
         self._maybe_idle()
 
     def _worker_ended(self, worker, reason: Failure) -> None:
         if self._worker is worker:
             self._worker = None
-        lost = [(rid, e) for rid, e in self._in_flight.items() if e[0] is worker]
+        lost = [(rid, p) for rid, p in self._in_flight.items() if p.worker is worker]
         if lost or not self._stopping:
             log.error("commit worker exited ({reason}); {n} commit(s) unanswered",
                       reason=reason.getErrorMessage(), n=len(lost))
-        for rid, (_, incoming, _, _, done, _) in lost:
+        for rid, pending in lost:
             del self._in_flight[rid]
             # Not acknowledged: a copy the worker renamed into queue/ must not
             # be delivered after a restart next to the client's new attempt.
             # Removed here and now, not on a spool thread: this also runs
             # while the server shuts down, after its thread pools have gone;
             # one unlink per lost commit, on a path that means a crash.
-            _unlink_quietly(os.path.join(self.spool.queue_dir, incoming.queue_id))
-            done.errback(Failure(WorkerGone(5, "the commit worker exited")))
+            _unlink_quietly(os.path.join(self.spool.queue_dir, pending.incoming.queue_id))
+            pending.done.errback(Failure(WorkerGone(5, "the commit worker exited")))
         self._maybe_idle()
 
     def _maybe_idle(self) -> None:
