@@ -174,28 +174,43 @@ def test_commits_through_the_worker_are_recovered_whole(process_spool):
     assert stored[1].data_length == len(chunk) * 700
 
 
-@pytest_twisted.inlineCallbacks
-def test_a_killed_worker_fails_commits_until_the_next_one_is_started(process_spool):
-    spool = process_spool(restart_interval=3600)
-    worker = spool.receiving._worker
-    worker.transport.signalProcess(signal.SIGKILL)
-    yield worker.ended
+def spilled(spool):
     incoming = spool.begin()
     for _ in range(700):                        # spilled: its file is in incoming/ already
         incoming.write(b"z" * 998 + b"\r\n")
+    return incoming
+
+
+@pytest_twisted.inlineCallbacks
+def test_after_a_worker_dies_commits_wait_for_the_next_one(process_spool):
+    spool = process_spool(restart_interval=0.5)
+    worker = spool.receiving._worker
+    worker.transport.signalProcess(signal.SIGKILL)
+    yield worker.ended
+    incoming = spilled(spool)
+    stored = yield incoming.commit(envelope("b@x.test")).addTimeout(10, reactor)
+    assert stored.read_data() == (b"z" * 998 + b"\r\n") * 700
+    assert spool.receiving._worker is not worker
+    assert os.listdir(spool.incoming_dir) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_commits_waiting_for_a_restart_fail_when_the_server_stops(process_spool):
+    spool = process_spool(restart_interval=3600)      # a worker that keeps dying: no restart soon
+    worker = spool.receiving._worker
+    worker.transport.signalProcess(signal.SIGKILL)
+    yield worker.ended
+    incoming = spilled(spool)
     yield incoming.read_back()                  # the spill has reached the disk
     assert os.listdir(spool.incoming_dir) == [incoming.queue_id]
-    with pytest.raises(WorkerGone):             # too soon to start another: refused at once
-        yield incoming.commit(envelope("b@x.test"))
+    outcome = []
+    incoming.commit(envelope("b@x.test")).addBoth(outcome.append)
+    yield task.deferLater(reactor, 0.2, lambda: None)
+    assert outcome == []                        # waiting, not refused
+    yield spool.receiving.stop()
+    assert [f.type for f in outcome] == [WorkerGone]
     yield task.deferLater(reactor, 0.1, lambda: None)
-    assert os.listdir(spool.incoming_dir) == []          # the failed commit's file is removed
-    assert os.listdir(spool.queue_dir) == []
-    spool.receiving.restart_interval = 0
-    again = spool.begin()
-    again.write(b"Subject: t\r\n\r\nagain\r\n")
-    stored = yield again.commit(envelope("b@x.test"))
-    assert stored.read_data() == b"Subject: t\r\n\r\nagain\r\n"
-    assert spool.receiving._worker is not worker
+    assert os.listdir(spool.incoming_dir) == [] and os.listdir(spool.queue_dir) == []
 
 
 @pytest_twisted.inlineCallbacks

@@ -94,3 +94,46 @@ def test_kill_9_during_200_messages_loses_no_acknowledged_message(start_server):
     unexpected = set(seen) - acked_at_kill
     assert unexpected <= failed
     assert len(unexpected) <= 10, "more in-flight commits than connections"
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def test_kill_9_of_the_commit_worker_mid_stream_loses_nothing_and_mail_keeps_flowing(start_server):
+    server = start_server()
+    [worker] = _children(server.proc.pid)
+    tokens = [f"W{i:03d}" for i in range(200)]
+    acked, failed = set(), set()
+    lock, stop = threading.Lock(), threading.Event()
+    threads = [
+        threading.Thread(target=_sender, args=(server.port, tokens[i::10], acked, failed, lock, stop))
+        for i in range(10)
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len(acked) < 60 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(worker, 9)                     # the server itself lives on
+    acked_at_kill = len(acked)
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert acked_at_kill < 200, "the kill came too late to test anything"
+    assert len(acked) > acked_at_kill + 50, "mail stopped flowing after the worker died"
+    assert acked | failed == set(tokens)
+    [new_worker] = _children(server.proc.pid)
+    assert new_worker != worker
+
+    queue_dir = server.path("var", "spool", "queue")
+    server.wait_for(lambda: not os.listdir(queue_dir), timeout=30, what="the spool to drain")
+    seen: dict[str, int] = {}
+    for path in server.drop_files():
+        token = TOKEN.search(_contents(path)).group(1).decode()
+        seen[token] = seen.get(token, 0) + 1
+    assert not {t: n for t, n in seen.items() if n > 1}
+    assert acked <= set(seen), f"acknowledged but lost: {sorted(acked - set(seen))}"
+    # a commit the worker never answered was refused (451) and removed: not delivered behind the client's back
+    assert not set(seen) & failed

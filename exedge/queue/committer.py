@@ -13,7 +13,10 @@ If the worker dies, every commit it had not answered fails, and any of
 their files it had already renamed into C{queue/} is removed: it was never
 acknowledged, and a copy left there would be delivered after the next
 restart next to the one the client sends again. The next commit starts a
-new worker.
+new worker; if the last one died less than C{restart_interval} after it
+started (a worker that cannot start at all), commits wait for the next
+start instead, so a broken worker costs one start a second, not one per
+message.
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ class ProcessCommitter:
         self._in_flight: dict[int, _Pending] = {}
         self._next_id = 0
         self._stopping = False
+        self._restart_call = None
+        self._restart_waiters: list[defer.Deferred] = []
         self._idle_listeners: list = []          # as Batcher: delivery work waits for commits
 
     @property
@@ -137,9 +142,32 @@ class ProcessCommitter:
             self._spawn()
         return self._worker
 
+    def _restarted(self) -> defer.Deferred:
+        """Fires once a worker has been started again, at most restart_interval after the last start."""
+        d = defer.Deferred()
+        self._restart_waiters.append(d)
+        if self._restart_call is None:
+            delay = max(0.0, self._started_at + self.restart_interval - self.reactor.seconds())
+            self._restart_call = self.reactor.callLater(delay, self._restart)
+        return d
+
+    def _restart(self) -> None:
+        self._restart_call = None
+        waiters, self._restart_waiters = self._restart_waiters, []
+        if self._worker is None and not self._stopping:
+            self._spawn()
+        for d in waiters:
+            if self._stopping:
+                d.errback(Failure(WorkerGone(5, "the commit worker is not running")))
+            else:
+                d.callback(None)
+
     def stop(self) -> defer.Deferred:
         """Let the worker answer what it has, then end it (killed after STOP_TIMEOUT)."""
         self._stopping = True
+        if self._restart_call is not None:
+            self._restart_call.cancel()
+            self._restart()
         worker, self._worker = self._worker, None
         if worker is None or worker.transport is None:
             return defer.succeed(None)
@@ -169,7 +197,12 @@ class ProcessCommitter:
               data: bytes | None = None) -> defer.Deferred:
         worker = self._current()
         if worker is None:
-            return defer.fail(WorkerGone(5, "the commit worker is not running"))
+            if self._stopping:
+                return defer.fail(WorkerGone(5, "the commit worker is not running"))
+            # the last one died less than restart_interval after it started:
+            # wait for the next start rather than refuse
+            return self._restarted().addCallback(
+                lambda _: self._send(incoming, envelope, payload, length, append, data))
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         request_id = self._next_id
         done = defer.Deferred()
