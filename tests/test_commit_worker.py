@@ -283,3 +283,18 @@ def test_recent_data_is_bounded_oldest_first():
     assert recent.hold("BIG", b"x" * 1001) is None       # over a quarter of the budget: read from disk
     recent.release("Q5")
     assert held[5].data is None and recent.size == 3 * 900
+
+
+@pytest_twisted.inlineCallbacks
+def test_what_a_broken_worker_prints_reaches_the_server_log(process_spool):
+    from twisted.logger import globalLogPublisher
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        spool = process_spool(module="exedge.no_such_worker")
+        yield spool.receiving._worker.ended
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [e.get("line", "") for e in events if e.get("log_format") == "commit worker: {line}"]
+    assert any("No module named exedge.no_such_worker" in line for line in lines)
+    assert any("commit worker exited" in e.get("log_format", "") for e in events)

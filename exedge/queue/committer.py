@@ -59,10 +59,12 @@ class _WorkerProtocol(protocol.ProcessProtocol):
     def __init__(self, committer: "ProcessCommitter"):
         self.committer = committer
         self.buffer = bytearray()
+        self.errors = b""
         self.ended = defer.Deferred()
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
-        if fd != 1:
+        if fd == 2:
+            self._stderr(data)
             return
         self.buffer += data
         offset = 0
@@ -78,7 +80,19 @@ class _WorkerProtocol(protocol.ProcessProtocol):
             self.committer._answered(self, request_id, errno, text)
         del self.buffer[:offset]
 
+    def _stderr(self, data: bytes) -> None:
+        """What the worker prints (a traceback, say) goes to the server's log, line by line."""
+        self.errors += data
+        *lines, self.errors = self.errors.split(b"\n")
+        for line in lines:
+            if line.strip():
+                log.error("commit worker: {line}", line=line.decode("utf-8", "replace").rstrip())
+        if len(self.errors) > 4096:
+            self._stderr(b"\n")
+
     def processEnded(self, reason: Failure) -> None:
+        if self.errors:
+            self._stderr(b"\n")
         self.committer._worker_ended(self, reason)
         self.ended.callback(None)
 
@@ -116,7 +130,7 @@ class ProcessCommitter:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.reactor.spawnProcess(
             worker, self.python, [self.python, "-m", self.module, self.spool.directory, str(os.getpid())],
-            env=env, childFDs={0: "w", 1: "r", 2: 2})
+            env=env, childFDs={0: "w", 1: "r", 2: "r"})
         self._widen_pipe(worker)
         self._worker = worker
         self._started_at = self.reactor.seconds()
