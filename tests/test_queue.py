@@ -531,3 +531,67 @@ def test_expiry_with_a_failing_state_write_sends_one_ndr_and_ends(tmp_path, spoo
     assert manager.queues[NextHop("A", "")].message_count == 0
     assert manager.queues[NextHop("B", "")].message_count == 0
     assert os.listdir(spool.queue_dir) == []
+
+
+def _spilled_with_header(spool, header: bytes, body_lines: int):
+    incoming = spool.begin()
+    incoming.write(b"Received: from client.test; Mon, 23 Nov 2026 08:00:00 +0000\r\n")
+    incoming.write(header)
+    line = b"body line that is not a header: X-Old: no\r\n"
+    for _ in range(body_lines):
+        incoming.write(line)
+    return incoming, len(b"Received: from client.test; Mon, 23 Nov 2026 08:00:00 +0000\r\n")
+
+
+def test_header_edits_on_a_spilled_message_stream_and_equal_the_whole_transform(spool):
+    from exedge.pipeline import Message
+    incoming, prefix = _spilled_with_header(
+        spool, b"Subject: big\r\nX-Old: 1\r\n\tfolded\r\nX-Keep: 2\r\n\r\n", 50_000)   # ~2 MiB: spilled
+    assert os.path.exists(incoming.path)
+    whole = []
+    incoming.read_back().addCallback(whole.append)
+    m = Message("a@s.test", ["b@x.test"], b"", 0)
+    m.add_header("X-New", "yes")
+    m.remove_header("X-Old")
+    edit = m.edit(prefix)
+    seen = []
+
+    def recording(data):
+        seen.append(len(data))
+        return edit(data)
+
+    recording.head_only, recording.prefix_length = edit.head_only, edit.prefix_length
+    lengths = []
+    incoming.rewrite(recording).addCallback(lengths.append)
+    assert seen and max(seen) < 1000          # only the header section went through the transform
+    after = []
+    incoming.read_back().addCallback(after.append)
+    assert after[0] == edit(whole[0])         # the same bytes as transforming it whole
+    assert lengths == [len(after[0])]
+    header = after[0].split(b"\r\n\r\n", 1)[0]
+    assert b"X-Old" not in header and b"folded" not in header and after[0].startswith(b"X-New: yes\r\nReceived: ")
+    assert sorted(os.listdir(spool.incoming_dir)) == [incoming.queue_id]   # no temporary left
+    stored = []
+    incoming.commit(envelope("b@x.test")).addCallback(stored.append)
+    assert stored[0].read_data() == after[0]
+
+
+def test_a_replacement_or_an_unended_header_is_transformed_whole(spool):
+    from exedge.pipeline import Message
+    incoming, prefix = _spilled_with_header(spool, b"Subject: no end of header\r\n", 0)
+    for _ in range(20_000):                   # no empty line: the whole message is header
+        incoming.write(b"X-Many: header line\r\n")
+    m = Message("a@s.test", ["b@x.test"], b"", 0)
+    m.add_header("X-New", "yes")
+    seen = []
+    edit = m.edit(prefix)
+
+    def recording(data):
+        seen.append(len(data))
+        return edit(data)
+
+    recording.head_only, recording.prefix_length = edit.head_only, edit.prefix_length
+    incoming.rewrite(recording)
+    assert seen and seen[0] > 400_000         # fell back to the whole message
+    m.replace(b"Subject: replaced\r\n\r\nnew\r\n")
+    assert m.edit(prefix).head_only is False

@@ -149,6 +149,12 @@ class Message:
             top = b"".join(f"{name}: {value}\r\n".encode("utf-8") for name, value in added)
             return top + prefix + content
 
+        # header edits alone leave everything after the header section as it
+        # is: the spool can then stream a large message instead of reading it
+        # into memory (transform(head + rest) == transform(head) + rest when
+        # the head ends with the header section's empty line)
+        transform.head_only = replacement is None
+        transform.prefix_length = prefix_length
         return transform
 
 

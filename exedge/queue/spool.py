@@ -27,10 +27,12 @@ and reads messages back.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import secrets
+import shutil
 import time
 from typing import Callable, Iterable
 
@@ -46,6 +48,7 @@ FOOTER_MAGIC = b"\n#exedge-envelope "
 FOOTER_LEN = len(FOOTER_MAGIC) + 10 + 1   # magic, 10 digits, newline
 SPILL_THRESHOLD = 512 * 1024
 SPILL_BACKLOG = 4 * 1024 * 1024   # unwritten bytes past which the session stops reading
+HEAD_WINDOW = 1024 * 1024         # where a streamed header edit looks for the header's end
 
 log = Logger()
 
@@ -261,12 +264,49 @@ class IncomingMessage:
     def _rewrite_file(self, chunks: list[bytes], transform) -> int:
         f = self._file
         f.flush()
+        if getattr(transform, "head_only", False):
+            length = self._rewrite_head(chunks, transform)
+            if length is not None:
+                return length
         f.seek(0)
         data = transform(f.read() + b"".join(chunks))
         f.seek(0)
         f.truncate()
         f.write(data)
         return len(data)
+
+    def _rewrite_head(self, chunks: list[bytes], transform) -> int | None:
+        """
+        Header edits on a spilled message, streamed: only the header
+        section goes through C{transform}; the rest is copied to a new file
+        in 1 MiB pieces, which then replaces the old one. A 35 MB message
+        with an added header costs 1 MiB of memory, not 70. None if the
+        header section does not end within the first L{HEAD_WINDOW} bytes
+        (the caller then transforms it whole, as for a small message).
+        """
+        f = self._file
+        f.seek(0)
+        window = f.read(HEAD_WINDOW)
+        end = window.find(b"\r\n\r\n", transform.prefix_length)
+        if end < 0:
+            return None
+        temp = self.path + ".rewrite"    # in incoming/: start-up removes it after a crash
+        out = open(temp, "w+b")
+        try:
+            out.write(transform(window[:end + 4]))
+            f.seek(end + 4)
+            shutil.copyfileobj(f, out, 1024 * 1024)
+            out.writelines(chunks)
+            out.flush()
+            os.replace(temp, self.path)
+        except BaseException:
+            out.close()
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        f.close()
+        self._file = out
+        return out.tell()
 
     def commit(self, envelope: Envelope) -> defer.Deferred:
         """Write, fsync and rename into the queue; fires with L{StoredMessage}."""
