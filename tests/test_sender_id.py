@@ -183,6 +183,45 @@ def test_authenticated_and_anti_spam_bypassing_sessions_are_not_checked(tmp_path
     assert asked == []
 
 
+def test_bypassed_sender_domains_are_neither_checked_nor_stamped(tmp_path):
+    asked = []
+    bypassing = SenderId(fail_action="Reject", bypassed_sender_domains=("*.fail.test",), fqdn="edge01.example.com",
+                         lookup=table_lookup(asked=asked), run=lambda f, *args: defer.maybeDeferred(f, *args))
+    s = session_with(tmp_path, bypassing)
+    assert deliver(s, b"alice@fail.test") == ["250 2.6.0"]        # "*.fail.test" covers fail.test itself
+    assert deliver(s, b"alice@mx.fail.test") == ["250 2.6.0"]
+    assert asked == [] and all(b"Received-SPF" not in m.read_data() for m in s.sink.messages)
+    s.send(b"RSET\r\n")
+    assert s.codes(b"MAIL FROM:<alice@notfail.test>\r\n") == ["250 2.1.0"]   # not a subdomain: checked
+    assert asked
+
+
+def test_with_bypassed_recipients_a_fail_is_refused_per_recipient(tmp_path):
+    s = session_with(tmp_path, stage(fail_action="Reject", bypassed_recipients=("Postmaster@example.com",)))
+    s.send(b"EHLO mx.client.test\r\n")
+    assert s.codes(b"MAIL FROM:<alice@fail.test>\r\n") == ["250 2.1.0"]      # the recipients decide
+    assert s.send(b"RCPT TO:<bob@example.com>\r\n") == (
+        b"550 5.7.23 SPF validation failed: fail.test does not designate 127.0.0.1 as a permitted sender\r\n")
+    assert s.codes(b"RCPT TO:<postmaster@example.com>\r\n") == ["250 2.1.5"]
+    s.send(b"DATA\r\n")
+    assert s.codes(b"Subject: hi\r\n\r\nhello\r\n.\r\n") == ["250 2.6.0"]
+    [message] = s.sink.messages
+    assert [r.address for r in message.envelope.recipients] == ["postmaster@example.com"]
+    assert b"Received-SPF" not in message.read_data()                     # only bypassed recipients: not stamped
+    s.send(b"MAIL FROM:<alice@pass.test>\r\n")
+    assert s.codes(b"RCPT TO:<bob@example.com>\r\n") == ["250 2.1.5"]      # a pass is not refused
+
+
+def test_delete_spares_a_message_with_a_bypassed_recipient_and_stamps_it(tmp_path):
+    s = session_with(tmp_path, stage(fail_action="Delete", bypassed_recipients=("postmaster@example.com",)))
+    s.send(b"EHLO mx.client.test\r\nMAIL FROM:<alice@fail.test>\r\n"
+           b"RCPT TO:<bob@example.com>\r\nRCPT TO:<postmaster@example.com>\r\nDATA\r\n")
+    assert s.codes(b"Subject: hi\r\n\r\nhello\r\n.\r\n") == ["250 2.6.0"]
+    [message] = s.sink.messages
+    assert b"Received-SPF: Fail" in message.read_data()
+    assert deliver(s, b"alice@fail.test") == ["250 2.6.0"] and len(s.sink.messages) == 1   # no bypass: deleted
+
+
 def test_a_check_that_never_ends_hits_the_entrys_timeout(tmp_path):
     pending = SenderId(fqdn="edge01.example.com", lookup=table_lookup(), run=lambda f, *args: defer.Deferred())
     s = session_with(tmp_path, pending, timeout=5)
@@ -200,6 +239,7 @@ fail_action = "Bounce"
 temp_error_action = "Delete"
 dns_timeout = "0s"
 threads = 0
+bypassed_recipients = ["postmaster"]
 ''')
     with pytest.raises(ConfigError) as e:
         build_pipeline(cfg, None)
@@ -209,13 +249,18 @@ threads = 0
     assert "pipeline[0].temp_error_action: stage sender_id: invalid value 'Delete'" in text
     assert "pipeline[0].dns_timeout: stage sender_id: dns_timeout is 1s to 5m" in text
     assert "pipeline[0].threads: stage sender_id: threads is a number from 1 to 64" in text
+    assert "pipeline[0].bypassed_recipients: stage sender_id: expected user@domain, got 'postmaster'" in text
     ok = loads(config_text(25).replace("dns_servers = []", 'dns_servers = ["127.0.0.1:5353", "127.0.0.2"]') + '''
 [[pipeline]]
 stage = "sender_id"
 fail_action = "reject"
+bypassed_recipients = ["Postmaster@Example.com"]
+bypassed_sender_domains = ["*.partner.test"]
 ''')
     [entry] = build_pipeline(ok, None).entries
     assert (entry.stage.fail_action, entry.stage.temp_error_action) == ("Reject", "StampStatus")
+    assert entry.stage.bypassed_recipients == {"postmaster@example.com"}
+    assert "mx.partner.test" in entry.stage.bypassed_senders and "partner.test.evil" not in entry.stage.bypassed_senders
     assert entry.stage.fqdn == "edge01.example.com"
     resolver = sender_id.make_resolver(entry.stage._servers)
     assert [(n.address, n.port) for n in resolver.nameservers] == [("127.0.0.1", 5353), ("127.0.0.2", 53)]

@@ -22,6 +22,21 @@ from .stage import ACCEPT, IStageFactory, Stage, defer_, reject
 log = Logger()
 
 
+class DomainSet:
+    """Domains as Exchange's agents list them: "contoso.com", or "*.contoso.com" for it and its subdomains."""
+
+    def __init__(self, domains=()):
+        self.exact = {d.lower() for d in domains if not d.startswith("*.")}
+        self.suffixes = tuple(d[1:].lower() for d in domains if d.startswith("*."))   # ".contoso.com"
+
+    def __contains__(self, domain: str) -> bool:
+        domain = domain.lower()
+        return domain in self.exact or any(domain.endswith(w) or domain == w[1:] for w in self.suffixes)
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.suffixes)
+
+
 def _list(parse):
     def parse_list(value):
         if not isinstance(value, list):
@@ -89,8 +104,7 @@ class SenderFilter(Stage):
 
     def __init__(self, blocked_senders=(), blocked_domains=(), block_blank_senders=False, action="Reject"):
         self.senders = set(blocked_senders)
-        self.domains = {d for d in blocked_domains if not d.startswith("*.")}
-        self.wildcards = tuple(d[1:] for d in blocked_domains if d.startswith("*."))   # ".contoso.com"
+        self.domains = DomainSet(blocked_domains)
         self.block_blank = block_blank_senders
         self.action = action
 
@@ -98,9 +112,7 @@ class SenderFilter(Stage):
         if not sender:
             return self.block_blank
         sender = sender.lower()
-        domain = sender.rpartition("@")[2]
-        return sender in self.senders or domain in self.domains or \
-            any(domain.endswith(w) or domain == w[1:] for w in self.wildcards)
+        return sender in self.senders or sender.rpartition("@")[2] in self.domains
 
     def on_mail(self, session, sender):
         if not self._blocked(sender):

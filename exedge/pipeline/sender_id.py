@@ -14,6 +14,14 @@ stamped with Received-SPF (RFC 7208 §9.1) and Authentication-Results
 still gets 250, as with Exchange's Delete action). Authenticated sessions
 are not checked: like Exchange's agent, only external mail is.
 
+Exchange's bypass lists: a sender in C{bypassed_sender_domains} is not
+checked at all. Messages to C{bypassed_recipients} are not stamped or
+deleted, and since recipients are not known at MAIL FROM, a refusal waits
+for RCPT TO when that list is set: each recipient outside it gets the
+550 5.7.23 (RFC 7208 §2.4 allows the refusal at either command), so mail
+to postmaster still arrives from a domain whose SPF record is broken. A
+message with both kinds of recipient is stamped rather than deleted.
+
 Which DNS servers pyspf asks. pyspf resolves every name through
 C{query.dns}, which calls the module-level function C{spf.DNSLookup(name,
 qtype, strict, timeout)}; its dnspython driver asks dnspython's
@@ -52,6 +60,7 @@ from zope.interface import implementer
 
 from exedge.config import values as v
 
+from .builtin import DomainSet, _address, _list
 from .stage import IStageFactory, Stage, defer_, reject
 
 log = Logger()
@@ -182,9 +191,12 @@ class SenderId(Stage):
     anti_spam = True
 
     def __init__(self, fail_action="StampStatus", temp_error_action="StampStatus", dns_timeout=20.0, threads=4,
+                 bypassed_recipients=(), bypassed_sender_domains=(),
                  dns_servers=(), fqdn=None, lookup=None, run=None):
         self.fail_action = fail_action
         self.temp_error_action = temp_error_action
+        self.bypassed_recipients = frozenset(a.lower() for a in bypassed_recipients)
+        self.bypassed_senders = DomainSet(bypassed_sender_domains)
         self.dns_timeout = dns_timeout
         self.fqdn = fqdn or socket.getfqdn()
         self._servers = tuple(dns_servers)
@@ -214,11 +226,12 @@ class SenderId(Stage):
         return check(self._dns(), ip, sender, helo, self.fqdn, self.dns_timeout)
 
     def on_mail(self, session, sender):
-        session.notes.pop("spf", None)
-        session.notes.pop("spf_reason", None)
-        session.notes.pop("spf_check", None)
+        for note in ("spf", "spf_reason", "spf_check", "spf_refusal"):
+            session.notes.pop(note, None)
         if session.authenticated_as is not None:
             return None
+        if sender and sender.rpartition("@")[2] in self.bypassed_senders:
+            return None           # Exchange's BypassedSenderDomains: not checked, not stamped
         try:
             ip = str(ipaddress.ip_address(session.peer))
         except ValueError:
@@ -232,18 +245,32 @@ class SenderId(Stage):
         session.notes["spf"] = found.result
         session.notes["spf_reason"] = found.reason
         session.notes["spf_check"] = found
+        refusal = None
         if found.result == "fail" and self.fail_action == "Reject":
-            return reject(f"SPF validation failed: {found.domain} does not designate {ip} as a permitted sender",
-                          "5.7.23", 550)
-        if found.result == "temperror" and self.temp_error_action == "Reject":
-            return defer_(f"SPF validation error: temporary DNS error checking {found.domain}", "4.7.24", 451)
-        return None
+            refusal = reject(f"SPF validation failed: {found.domain} does not designate {ip} as a permitted sender",
+                             "5.7.23", 550)
+        elif found.result == "temperror" and self.temp_error_action == "Reject":
+            refusal = defer_(f"SPF validation error: temporary DNS error checking {found.domain}", "4.7.24", 451)
+        if refusal is not None and self.bypassed_recipients:
+            # some recipients take this sender anyway: refuse the others one by one at RCPT
+            session.notes["spf_refusal"] = refusal
+            return None
+        return refusal
+
+    def on_rcpt(self, session, recipient):
+        refusal = session.notes.get("spf_refusal")
+        if refusal is None or recipient.lower() in self.bypassed_recipients:
+            return None
+        return refusal
 
     def on_message(self, session, message):
         found = session.notes.get("spf_check")
         if found is None or session.authenticated_as is not None or found.sender != message.sender:
             return None
-        if found.result == "fail" and self.fail_action == "Delete":
+        bypassed = [r for r in message.recipients if r.lower() in self.bypassed_recipients]
+        if bypassed and len(bypassed) == len(message.recipients):
+            return None           # Exchange's BypassedRecipients: not stamped, not deleted
+        if found.result == "fail" and self.fail_action == "Delete" and not bypassed:
             message.delete(f"SPF fail: {found.domain} does not designate {session.peer} as a permitted sender")
             return None
         # RFC 8601 §5: results that claim to be ours did not come from us (all incoming ones go then:
@@ -292,10 +319,12 @@ def _dns_timeout(value):
 class SenderIdFactory:
     name = "sender_id"
     anti_spam = True
-    hooks = ("on_mail", "on_message")
+    hooks = ("on_mail", "on_rcpt", "on_message")
     options = {
         "fail_action": _choice("StampStatus", "Reject", "Delete"),
         "temp_error_action": _choice("StampStatus", "Reject"),
+        "bypassed_recipients": _list(_address),
+        "bypassed_sender_domains": _list(lambda d: v.parse_domain(d, wildcard=True)),
         "dns_timeout": _dns_timeout,
         "threads": _threads,
     }
