@@ -48,17 +48,39 @@ READ_SIZE = 4 * 1024 * 1024
 FSYNC_THREADS = 16
 
 
-def encode_request(request_id: int, name: str, payload: bytes, append: bool) -> list[bytes]:
+def encode_request(request_id: int, name: str, parts: list[bytes], append: bool) -> list[bytes]:
+    """A request frame, as pieces for C{writeSequence}: the payload is C{parts} in order, never joined here."""
     raw = name.encode("ascii")
-    return [REQUEST.pack(request_id, APPEND if append else 0, len(raw), len(payload)), raw, payload]
+    return [REQUEST.pack(request_id, APPEND if append else 0, len(raw), sum(map(len, parts))), raw, *parts]
 
 
-def parse(buffer: bytearray, start: int, header: struct.Struct):
-    """(fields, offset of what follows) of the header at C{start}, or None if it is not all there yet."""
-    if len(buffer) - start < header.size:
-        return None
-    fields = header.unpack_from(buffer, start)
-    return fields, start + header.size
+def take_frames(buffer: bytearray, header: struct.Struct, parts: int) -> list:
+    """
+    The complete frames at the start of C{buffer}, removed from it: the
+    C{header}'s fields and the C{parts} byte strings that follow it, whose
+    lengths are the header's last C{parts} fields. Both sides read with it.
+    """
+    frames, offset = [], 0
+    while len(buffer) - offset >= header.size:
+        fields = header.unpack_from(buffer, offset)
+        lengths = fields[-parts:]
+        end = offset + header.size + sum(lengths)
+        if end > len(buffer):
+            break
+        pieces, at = [], offset + header.size
+        for length in lengths:
+            pieces.append(bytes(buffer[at:at + length]))
+            at += length
+        frames.append((fields, pieces))
+        offset = end
+    del buffer[:offset]
+    return frames
+
+
+def take_requests(buffer: bytearray) -> list:
+    """The complete requests at the start of C{buffer}, removed from it: (id, flags, name, payload)."""
+    return [(request_id, flags, name.decode("ascii", "replace"), payload)
+            for (request_id, flags, _, _), (name, payload) in take_frames(buffer, REQUEST, 2)]
 
 
 _fsync_pool: ThreadPoolExecutor | None = None
@@ -80,16 +102,23 @@ def fsync_together(fds: list[int]) -> list:
     return list(_fsync_pool.map(fsync_error, fds))
 
 
-def commit(incoming_dir: str, queue_dir: str, sync: DirectorySync, requests: list) -> list[bytes]:
-    """Commit C{requests} (id, flags, name, payload) as one group; the replies, in order."""
+def write_group(incoming_dir: str, queue_dir: str, sync: DirectorySync, requests: list,
+                fsync_all=fsync_together) -> list:
+    """
+    Commit C{requests} (name, payload, append) as one group: each payload
+    written to C{incoming/<name>} (a new file, or appended to a spilled
+    one), then L{publish}. One result per request: L{COMMITTED} or the
+    C{OSError} that stopped it. The server's in-process spool (tests) uses
+    this too, with its fsyncs in turn.
+    """
     results: list = [None] * len(requests)
     written = []
-    for n, (_, flags, name, payload) in enumerate(requests):
+    for n, (name, payload, append) in enumerate(requests):
         if "/" in name or name.startswith("."):
             results[n] = OSError(22, f"bad file name {name!r}")
             continue
         path = os.path.join(incoming_dir, name)
-        mode = os.O_APPEND if flags & APPEND else os.O_CREAT | os.O_EXCL
+        mode = os.O_APPEND if append else os.O_CREAT | os.O_EXCL
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | mode, 0o600)
             try:
@@ -101,35 +130,22 @@ def commit(incoming_dir: str, queue_dir: str, sync: DirectorySync, requests: lis
             results[n] = e
             continue
         written.append((n, fd, path, os.path.join(queue_dir, name), COMMITTED))
-    publish(written, sync, results, fsync_together)
+    publish(written, sync, results, fsync_all)
+    return [r if r is COMMITTED or isinstance(r, OSError) else OSError(5, "not committed") for r in results]
+
+
+def commit(incoming_dir: str, queue_dir: str, sync: DirectorySync, requests: list) -> list[bytes]:
+    """Commit C{requests} (id, flags, name, payload) as one group; the replies, in order."""
+    results = write_group(incoming_dir, queue_dir, sync,
+                          [(name, payload, bool(flags & APPEND)) for _, flags, name, payload in requests])
     replies = []
     for (request_id, _, _, _), result in zip(requests, results):
         if result is COMMITTED:
             replies.append(REPLY.pack(request_id, 0, 0))
             continue
-        if not isinstance(result, OSError):
-            result = OSError(5, "not committed")
         text = str(result).encode("utf-8", "replace")[:2000]
         replies.append(REPLY.pack(request_id, result.errno or 5, len(text)) + text)
     return replies
-
-
-def take_requests(buffer: bytearray) -> list:
-    """The complete requests at the start of C{buffer}, removed from it: (id, flags, name, payload)."""
-    requests, offset = [], 0
-    while True:
-        head = parse(buffer, offset, REQUEST)
-        if head is None:
-            break
-        (request_id, flags, name_len, payload_len), body = head
-        end = body + name_len + payload_len
-        if end > len(buffer):
-            break
-        name = bytes(buffer[body:body + name_len]).decode("ascii", "replace")
-        requests.append((request_id, flags, name, bytes(buffer[body + name_len:end])))
-        offset = end
-    del buffer[:offset]
-    return requests
 
 
 def serve(spool_dir: str, server: int, rfd: int = 0, wfd: int = 1) -> None:

@@ -35,7 +35,7 @@ def dirs(tmp_path):
 def run_worker(spool, *requests) -> list:
     """Send the requests to a real worker in one write, close its stdin; its replies, parsed."""
     proc = subprocess.run([sys.executable, "-m", "exedge.commit_worker", str(spool)],
-                          input=b"".join(b"".join(wire.encode_request(*r)) for r in requests),
+                          input=b"".join(b"".join(wire.encode_request(i, name, [payload], append)) for i, name, payload, append in requests),
                           capture_output=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     out, replies, offset = proc.stdout, [], 0
@@ -73,7 +73,7 @@ def test_worker_answers_a_request_split_across_reads(tmp_path):
                             stdin=rfd, stdout=subprocess.PIPE)
     os.close(rfd)
     try:
-        frame = b"".join(wire.encode_request(7, "BIG", b"y" * 300_000, False))
+        frame = b"".join(wire.encode_request(7, "BIG", [b"y" * 300_000], False))
         for i in range(0, len(frame), 70_000):    # arrives in pieces, as a pipe delivers it
             os.write(wfd, frame[i:i + 70_000])
         reply = proc.stdout.read(wire.REPLY.size)
@@ -114,7 +114,7 @@ def test_an_orphaned_worker_commits_nothing(tmp_path):
         stdin=rfd, stdout=subprocess.PIPE, timeout=30)
     os.close(rfd)
     pid = int(launcher.stdout)
-    os.write(wfd, b"".join(wire.encode_request(1, "ORPHAN", b"x", False)))
+    os.write(wfd, b"".join(wire.encode_request(1, "ORPHAN", [b"x"], False)))
     os.close(wfd)
     deadline = time.monotonic() + 10
     while not _gone(pid):

@@ -47,20 +47,45 @@ def _contents(path):
         return f.read()
 
 
-def test_kill_9_during_200_messages_loses_no_acknowledged_message(start_server):
-    server = start_server()
-    tokens = [f"T{i:03d}" for i in range(200)]
+def _start_senders(port, tokens):
+    """Ten threads sending C{tokens}; (threads, acked, failed, stop)."""
     acked, failed = set(), set()
     lock, stop = threading.Lock(), threading.Event()
     threads = [
-        threading.Thread(target=_sender, args=(server.port, tokens[i::10], acked, failed, lock, stop))
+        threading.Thread(target=_sender, args=(port, tokens[i::10], acked, failed, lock, stop))
         for i in range(10)
     ]
     for t in threads:
         t.start()
+    return threads, acked, failed, stop
+
+
+def _wait_acked(acked, count=60):
     deadline = time.monotonic() + 60
-    while len(acked) < 60 and time.monotonic() < deadline:
+    while len(acked) < count and time.monotonic() < deadline:
         time.sleep(0.005)
+
+
+def _delivered(server) -> dict[str, int]:
+    """Token -> how many times it is in the drop directory, once the spool has drained; every file whole."""
+    queue_dir = server.path("var", "spool", "queue")
+    server.wait_for(lambda: not os.listdir(queue_dir), timeout=30, what="the spool to drain")
+    seen: dict[str, int] = {}
+    for path in server.drop_files():
+        data = _contents(path)
+        m = TOKEN.search(data)
+        assert m, f"{path} has no token: a partial or foreign message"
+        token = m.group(1).decode()
+        assert data.endswith(b"END-OF-%s\r\n" % token.encode()), f"{path} is truncated"
+        seen[token] = seen.get(token, 0) + 1
+    return seen
+
+
+def test_kill_9_during_200_messages_loses_no_acknowledged_message(start_server):
+    server = start_server()
+    tokens = [f"T{i:03d}" for i in range(200)]
+    threads, acked, failed, stop = _start_senders(server.port, tokens)
+    _wait_acked(acked)
     assert len(acked) >= 60, "the server did not accept mail before the kill"
     server.kill()   # SIGKILL, mid-stream
     stop.set()
@@ -72,18 +97,8 @@ def test_kill_9_during_200_messages_loses_no_acknowledged_message(start_server):
     assert acked_at_kill | failed == set(tokens)
 
     server.start()
-    queue_dir = server.path("var", "spool", "queue")
-    server.wait_for(lambda: not os.listdir(queue_dir), timeout=30, what="the spool to drain")
+    seen = _delivered(server)
     assert os.listdir(server.path("var", "spool", "incoming")) == []
-
-    seen: dict[str, int] = {}
-    for path in server.drop_files():
-        data = _contents(path)
-        m = TOKEN.search(data)
-        assert m, f"{path} has no token: a partial or foreign message"
-        token = m.group(1).decode()
-        assert data.endswith(b"END-OF-%s\r\n" % token.encode()), f"{path} is truncated"
-        seen[token] = seen.get(token, 0) + 1
 
     duplicates = {t: n for t, n in seen.items() if n > 1}
     assert not duplicates
@@ -105,17 +120,8 @@ def test_kill_9_of_the_commit_worker_mid_stream_loses_nothing_and_mail_keeps_flo
     server = start_server()
     [worker] = _children(server.proc.pid)
     tokens = [f"W{i:03d}" for i in range(200)]
-    acked, failed = set(), set()
-    lock, stop = threading.Lock(), threading.Event()
-    threads = [
-        threading.Thread(target=_sender, args=(server.port, tokens[i::10], acked, failed, lock, stop))
-        for i in range(10)
-    ]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    while len(acked) < 60 and time.monotonic() < deadline:
-        time.sleep(0.005)
+    threads, acked, failed, _ = _start_senders(server.port, tokens)
+    _wait_acked(acked)
     os.kill(worker, 9)                     # the server itself lives on
     acked_at_kill = len(acked)
     for t in threads:
@@ -127,12 +133,7 @@ def test_kill_9_of_the_commit_worker_mid_stream_loses_nothing_and_mail_keeps_flo
     [new_worker] = _children(server.proc.pid)
     assert new_worker != worker
 
-    queue_dir = server.path("var", "spool", "queue")
-    server.wait_for(lambda: not os.listdir(queue_dir), timeout=30, what="the spool to drain")
-    seen: dict[str, int] = {}
-    for path in server.drop_files():
-        token = TOKEN.search(_contents(path)).group(1).decode()
-        seen[token] = seen.get(token, 0) + 1
+    seen = _delivered(server)
     assert not {t: n for t, n in seen.items() if n > 1}
     assert acked <= set(seen), f"acknowledged but lost: {sorted(acked - set(seen))}"
     # a commit the worker never answered was refused (451) and removed: not delivered behind the client's back

@@ -67,18 +67,8 @@ class _WorkerProtocol(protocol.ProcessProtocol):
             self._stderr(data)
             return
         self.buffer += data
-        offset = 0
-        while True:
-            head = wire.parse(self.buffer, offset, wire.REPLY)
-            if head is None:
-                break
-            (request_id, errno, text_len), body = head
-            if body + text_len > len(self.buffer):
-                break
-            text = bytes(self.buffer[body:body + text_len]).decode("utf-8", "replace")
-            offset = body + text_len
-            self.committer._answered(self, request_id, errno, text)
-        del self.buffer[:offset]
+        for (request_id, errno, _), (text,) in wire.take_frames(self.buffer, wire.REPLY, 1):
+            self.committer._answered(self, request_id, errno, text.decode("utf-8", "replace"))
 
     def _stderr(self, data: bytes) -> None:
         """What the worker prints (a traceback, say) goes to the server's log, line by line."""
@@ -203,11 +193,11 @@ class ProcessCommitter:
         footer = envelope_footer(envelope)
         if incoming._file is None:
             data = b"".join(chunks)
-            return self._send(incoming, envelope, data + footer, len(data), append=False, data=data)
+            return self._send(incoming, envelope, [data, footer], len(data), append=False, data=data)
         d = self.spool.run(lambda: incoming._finish_spilled(chunks))
-        return d.addCallback(lambda length: self._send(incoming, envelope, footer, length, append=True))
+        return d.addCallback(lambda length: self._send(incoming, envelope, [footer], length, append=True))
 
-    def _send(self, incoming, envelope, payload: bytes, length: int, append: bool,
+    def _send(self, incoming, envelope, payload: list[bytes], length: int, append: bool,
               data: bytes | None = None) -> defer.Deferred:
         worker = self._current()
         if worker is None:

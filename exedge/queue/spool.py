@@ -41,7 +41,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .batch import Batcher
-from exedge.durable import DirectorySync, publish, write_all
+from exedge.commit_worker import COMMITTED, write_group
+from exedge.durable import DirectorySync, fsync_in_turn
 from .envelope import Envelope
 
 FOOTER_MAGIC = b"\n#exedge-envelope "
@@ -139,7 +140,11 @@ class StoredMessage:
         return held.data if held is not None else None
 
     def read_data(self) -> bytes:
-        """The message bytes (blocking: call on a spool thread; raw calls, as in L{IncomingMessage._write_final})."""
+        """
+        The message bytes (blocking: call on a spool thread). Raw system
+        calls: a buffered file object costs three more, each a wait for the
+        reactor's GIL.
+        """
         data = self.in_memory()
         if data is not None:
             return data
@@ -317,37 +322,6 @@ class IncomingMessage:
         d.addErrback(self._cleanup_after_failure)
         return d
 
-    def _write_final(self, chunks: list[bytes], envelope: Envelope) -> tuple[int, int]:
-        """
-        The last data and the envelope, written but not yet synced (spool
-        thread); returns the open descriptor and the data's length.
-
-        A message that never spilled (nearly all of them) is created and
-        written with one C{os.open} and one C{os.write}: the buffered file
-        object costs six more system calls, and each system call on a spool
-        thread is a handover of the GIL with the reactor, which under load
-        is what a commit waits on.
-        """
-        footer = envelope_footer(envelope)
-        if self._file is None:
-            data = b"".join(chunks)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                write_all(fd, data + footer)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd, len(data)
-        self._write_chunks(chunks)
-        f = self._file
-        length = f.tell()
-        f.write(footer)
-        f.flush()
-        fd = os.dup(f.fileno())
-        f.close()
-        self._file = None   # only now: on an error above, _discard closes it
-        return fd, length
-
     def _finish_spilled(self, chunks: list[bytes]) -> int:
         """
         The last data of a spilled message written and its file closed,
@@ -428,20 +402,32 @@ class Spool:
 
     def _commit_batch(self, items: list) -> list:
         """
-        Commit messages together (spool thread): write each, fsync each,
-        rename each, then one fsync of the queue directory covers them all.
+        Commit messages together (spool thread), as the commit worker does
+        (L{write_group}): write each, fsync each, rename each, then one
+        fsync of the queue directory covers them all.
         """
         results: list = [None] * len(items)
-        written = []
+        requests, lengths, index = [], [], []
         for n, (incoming, envelope, chunks) in enumerate(items):
+            footer = envelope_footer(envelope)
             try:
-                fd, length = incoming._write_final(chunks, envelope)
+                if incoming._file is None:
+                    data = b"".join(chunks)
+                    requests.append((incoming.queue_id, data + footer, False))
+                    lengths.append(len(data))
+                else:
+                    lengths.append(incoming._finish_spilled(chunks))
+                    requests.append((incoming.queue_id, footer, True))
             except OSError as e:
                 results[n] = e
                 continue
+            index.append(n)
+        written = write_group(self.incoming_dir, self.queue_dir, self._queue_sync, requests, fsync_in_turn)
+        for n, result, length in zip(index, written, lengths):
+            incoming, envelope, _ = items[n]
             final = os.path.join(self.queue_dir, incoming.queue_id)
-            written.append((n, fd, incoming.path, final, StoredMessage(incoming.queue_id, envelope, final, length)))
-        publish(written, self._queue_sync, results)
+            results[n] = result if result is not COMMITTED else \
+                StoredMessage(incoming.queue_id, envelope, final, length)
         return results
 
     # -- after commit ------------------------------------------------------
