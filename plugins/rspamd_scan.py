@@ -233,12 +233,6 @@ def _seconds(value):
     return seconds
 
 
-def _bool(value):
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return value
-
-
 @implementer(IPlugin, IStageFactory)
 class RspamdFactory:
     name, anti_spam, hooks, needs_body = "rspamd", True, ("on_message",), True
@@ -246,8 +240,8 @@ class RspamdFactory:
         "url": _url,
         "scan_timeout": _seconds,
         "max_size": values.parse_size,
-        "on_error": lambda value: values.parse_choice(value, ("Accept", "Defer")),
-        "quarantine": _bool,
+        "on_error": values.choice("Accept", "Defer"),
+        "quarantine": values.boolean,
     }
 
     def build(self, options, context=None):

@@ -881,3 +881,46 @@ dns_routing_enabled = false
                       'authentication_credential = { username = "u", password = "inline" }\n')
     assert "<config>:7: send_connectors[0].authentication_credential: expected { username" in inline
     assert "no inline password" in inline
+
+
+def test_the_config_room_imports_no_other_room_of_exedge():
+    """The config room is the lowest floor: everyone reads its models, it reads nobody."""
+    import ast
+    import pathlib
+
+    import exedge.config
+    room = pathlib.Path(exedge.config.__file__).parent
+    for path in room.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            for name in names:
+                assert not name.startswith("exedge.") or name.startswith("exedge.config"), (path.name, name)
+
+
+def test_importing_and_loading_the_config_asks_no_resolver_unless_fqdn_is_left_out():
+    """
+    ServerConfig.fqdn defaults to this host's FQDN, looked up when a
+    configuration without one is loaded, never when the module is imported
+    (every process that imports exedge would otherwise ask DNS).
+    """
+    import subprocess
+    import sys
+    script = """
+import socket
+asked = []
+socket.getfqdn = lambda *a: asked.append(a) or "looked.up.example"
+from exedge.config import loads
+from harness import config_text
+assert asked == [], "imported: " + repr(asked)
+config = loads(config_text(2525))
+assert asked == [] and config.server.fqdn == "edge01.example.com", asked
+config = loads(config_text(2525).replace('fqdn = "edge01.example.com"', '', 1))
+assert len(asked) == 1 and config.server.fqdn == "looked.up.example", asked
+"""
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=here, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -31,7 +31,6 @@ import math
 import re
 import ssl
 import threading
-import urllib.parse
 
 from ldap3 import BASE, SIMPLE, SUBTREE, Connection, Server, Tls
 from ldap3.core import exceptions as ldap_errors
@@ -40,6 +39,8 @@ from twisted.cred import error as cred_error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from zope.interface import implementer
+
+from exedge.config.values import parse_ldap_url
 
 from .credentials import DirectoryUnavailable, identity_for
 
@@ -71,15 +72,6 @@ def _first(value):
     return str(value[0] if isinstance(value, list) else value)
 
 
-def parse_server_url(url: str) -> tuple[str, int, bool]:
-    """("host", port, use_ssl) from ldaps://host[:636] or ldap://host[:389]."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("ldap", "ldaps") or not parts.hostname:
-        raise ValueError(f"expected ldaps://host[:port] or ldap://host[:port], got {url!r}")
-    secure = parts.scheme == "ldaps"
-    return parts.hostname, parts.port or (636 if secure else 389), secure
-
-
 @implementer(ICredentialsChecker)
 class DirectoryChecker:
     credentialInterfaces = (IUsernamePassword,)
@@ -93,7 +85,7 @@ class DirectoryChecker:
         self.config = config
         self.run = run
         self.tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file or None)
-        self.servers = [(url,) + parse_server_url(url) for url in config.servers]
+        self.servers = [(url,) + parse_ldap_url(url) for url in config.servers]
         self._local = threading.local()     # per auth thread: open connections by server URL
         self.group_permissions = {k.lower(): v for k, v in config.group_permissions.items()}
         self.service_account = service_account

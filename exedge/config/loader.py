@@ -15,33 +15,7 @@ import attrs
 
 from . import models as m
 from .locate import find_line, index_lines
-
-
-@attrs.frozen
-class Problem:
-    source: str
-    line: int | None
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.source}:{self.line}" if self.line else self.source
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
-
-
-class ConfigError(Exception):
-    """The configuration has problems; C{problems} lists each one."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = list(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
-
-
-def _key_text(path: tuple) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
+from .problems import ConfigError, Problem, key_text
 
 
 class _Collector:
@@ -52,7 +26,7 @@ class _Collector:
         self.warnings: list[Problem] = []
 
     def problem(self, path: tuple, message: str, *, warning: bool = False) -> None:
-        item = Problem(self.source, find_line(self.index, path), _key_text(path), message)
+        item = Problem(self.source, find_line(self.index, path), key_text(path), message)
         (self.warnings if warning else self.problems).append(item)
 
 
@@ -88,6 +62,8 @@ def _build(model: type, table: Any, path: tuple, out: _Collector) -> Any:
             continue
         else:
             default = fields[fname].default
+            if isinstance(default, attrs.Factory):
+                default = default.factory()
             if meta.get("per_usage"):
                 default = default(usage or "Custom")
                 if default is m._REQUIRED:
@@ -333,7 +309,9 @@ def defaults() -> list[tuple[str, str, Any, str]]:
     for section, (model, _) in m.SECTIONS.items():
         for f in attrs.fields(model):
             default = f.default
-            if f.metadata.get("per_usage"):
+            if isinstance(default, attrs.Factory):
+                default = "(computed at start-up)"
+            elif f.metadata.get("per_usage"):
                 default = "(depends on usage)"
             elif f.metadata.get("required"):
                 default = "(required)"

@@ -15,6 +15,9 @@ from typing import Any, Callable
 import attrs
 
 from . import values as v
+from .locate import find_line
+from .problems import Problem, key_text
+from .values import boolean, choice, host_port, integer, ldap_url, list_of, mailbox, name, text, timespan
 
 _REQUIRED = object()
 
@@ -28,88 +31,6 @@ def setting(parse: Callable[[Any], Any], default: Any = _REQUIRED, doc: str = ""
     if default is _REQUIRED:
         return attrs.field(metadata=metadata)
     return attrs.field(default=default, metadata=metadata)
-
-
-def list_of(parse: Callable[[Any], Any]) -> Callable[[Any], tuple]:
-    def parse_list(value: Any) -> tuple:
-        if not isinstance(value, list):
-            raise ValueError(f"expected a list, got {value!r}")
-        return tuple(parse(item) for item in value)
-
-    return parse_list
-
-
-def boolean(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "$true", "false", "$false"):
-        return value.strip().lower().lstrip("$") == "true"
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def integer(low: int, high: int | None = None, *, unlimited: bool = False):
-    def parse_int(value: Any) -> int | None:
-        if unlimited and isinstance(value, str) and value.strip().lower() == "unlimited":
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"expected a whole number, got {value!r}")
-        if value < low or (high is not None and value > high):
-            bound = f"{low}..{high}" if high is not None else f">= {low}"
-            raise ValueError(f"{value} is out of range ({bound})")
-        return value
-
-    return parse_int
-
-
-def timespan(high: float):
-    """A duration of at most C{high} seconds."""
-    def parse(value: Any) -> float:
-        seconds = v.parse_timespan(value)
-        if seconds > high:
-            raise ValueError(f"{value!r} is longer than the maximum of {int(high)} seconds")
-        return seconds
-
-    return parse
-
-
-def text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {value!r}")
-    return value
-
-
-def name(value: Any) -> str:
-    value = text(value).strip()
-    if not value or len(value) > 64:
-        raise ValueError("a name must be 1 to 64 characters")
-    return value
-
-
-def mailbox(value: Any) -> str:
-    value = text(value).strip()
-    local, at, domain = value.rpartition("@")
-    if not at or not local or any(c in value for c in " <>\r\n"):
-        raise ValueError(f"expected user@domain, got {value!r}")
-    return f"{local}@{v.parse_domain(domain)}"
-
-
-def choice(*choices: str):
-    return lambda value: v.parse_choice(value, choices)
-
-
-def host_port(default_port: int):
-    def parse(value: Any) -> tuple[str, int]:
-        if not isinstance(value, str):
-            raise ValueError(f"expected \"ip\" or \"ip:port\", got {value!r}")
-        host, _, port = value.strip().rpartition(":") if value.count(":") == 1 else (value.strip(), "", "")
-        host = host or value.strip()
-        try:
-            v.ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            raise ValueError(f"invalid server address {value!r} (expected an IP address)") from None
-        return host.strip("[]"), int(port) if port else default_port
-
-    return parse
 
 
 USAGES = ("Client", "Custom", "Internal", "Internet", "Partner")
@@ -133,7 +54,10 @@ RECEIVE_USAGE_DEFAULTS = {
 
 @attrs.frozen(kw_only=True)
 class ServerConfig:
-    fqdn: str = setting(v.parse_fqdn, socket.getfqdn(), "name of this server: banner, EHLO and Received headers")
+    # a factory: asking the resolver for this host's name when the module is
+    # imported would be a DNS lookup in every process that imports exedge
+    # (the commit worker, the CLI), and a hang where DNS is unreachable
+    fqdn: str = setting(v.parse_fqdn, attrs.Factory(socket.getfqdn), "name of this server: banner, EHLO and Received headers (default: this host's FQDN)")
     spool_directory: str = setting(text, "var/spool", "where accepted messages wait, fsync'ed, until delivered (relative to the working directory)")
     dns_servers: tuple = setting(list_of(host_port(53)), (), "DNS servers for routing as \"ip\" or \"ip:port\"; empty = the system resolver")
     spool_threads: int = setting(integer(1, 64), 4, "threads that stream large messages to disk while they arrive and read them back (commits are done by the commit worker process)")
@@ -142,14 +66,6 @@ class ServerConfig:
     certificate_file: str | None = setting(text, None, "PEM certificate (chain) for receive connectors that set none; without one, Tls connectors use a self-signed certificate made at start-up")
     private_key_file: str | None = setting(text, None, "PEM private key of certificate_file (default: the same file)")
     quarantine_mailbox: str | None = setting(mailbox, None, "where pipeline stages send messages they quarantine; without one, a quarantined message is refused (550 5.7.1)")
-
-
-def ldap_url(value: Any) -> str:
-    from exedge.auth.directory import parse_server_url
-    if not isinstance(value, str):
-        raise ValueError(f"expected \"ldaps://host:port\", got {value!r}")
-    parse_server_url(value.strip())
-    return value.strip()
 
 
 def group_map(value: Any) -> dict:
@@ -396,10 +312,8 @@ class Config:
 
     def problem(self, path: tuple, message: str):
         """A L{Problem} at the line of C{path}, for checks made after loading (files it names)."""
-        from .loader import Problem, _key_text
-        from .locate import find_line
         line = find_line(self.lines, path) if self.lines is not None else None
-        return Problem(self.source, line, _key_text(path), message)
+        return Problem(self.source, line, key_text(path), message)
 
 
 SECTIONS = {

@@ -12,7 +12,8 @@ import ipaddress
 import math
 import re
 from decimal import Decimal
-from typing import Iterable
+import urllib.parse
+from typing import Any, Callable, Iterable
 
 import attrs
 
@@ -204,3 +205,132 @@ def parse_fqdn(value: object) -> str:
     if not isinstance(value, str) or not is_domain(value.strip().rstrip(".")):
         raise ValueError(f"invalid FQDN {value!r}")
     return value.strip().rstrip(".")
+
+
+# -- parsers composed from the ones above ------------------------------------
+# The config models declare their keys with these, and pipeline stages
+# (built-in and drop-in) declare their options with them too: one spelling
+# of "a list", "a boolean", "a mailbox" everywhere an admin writes one.
+
+def list_of(parse: Callable[[Any], Any]) -> Callable[[Any], tuple]:
+    def parse_list(value: Any) -> tuple:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {value!r}")
+        return tuple(parse(item) for item in value)
+
+    return parse_list
+
+
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "$true", "false", "$false"):
+        return value.strip().lower().lstrip("$") == "true"
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def integer(low: int, high: int | None = None, *, unlimited: bool = False):
+    def parse_int(value: Any) -> int | None:
+        if unlimited and isinstance(value, str) and value.strip().lower() == "unlimited":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if value < low or (high is not None and value > high):
+            bound = f"{low}..{high}" if high is not None else f">= {low}"
+            raise ValueError(f"{value} is out of range ({bound})")
+        return value
+
+    return parse_int
+
+
+def timespan(high: float):
+    """A duration of at most C{high} seconds."""
+    def parse(value: Any) -> float:
+        seconds = parse_timespan(value)
+        if seconds > high:
+            raise ValueError(f"{value!r} is longer than the maximum of {int(high)} seconds")
+        return seconds
+
+    return parse
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def name(value: Any) -> str:
+    value = text(value).strip()
+    if not value or len(value) > 64:
+        raise ValueError("a name must be 1 to 64 characters")
+    return value
+
+
+def mailbox(value: Any) -> str:
+    value = text(value).strip()
+    local, at, domain = value.rpartition("@")
+    if not at or not local or any(c in value for c in " <>\r\n"):
+        raise ValueError(f"expected user@domain, got {value!r}")
+    return f"{local}@{parse_domain(domain)}"
+
+
+def choice(*choices: str):
+    return lambda value: parse_choice(value, choices)
+
+
+def host_port(default_port: int):
+    def parse(value: Any) -> tuple[str, int]:
+        if not isinstance(value, str):
+            raise ValueError(f"expected \"ip\" or \"ip:port\", got {value!r}")
+        host, _, port = value.strip().rpartition(":") if value.count(":") == 1 else (value.strip(), "", "")
+        host = host or value.strip()
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise ValueError(f"invalid server address {value!r} (expected an IP address)") from None
+        return host.strip("[]"), int(port) if port else default_port
+
+    return parse
+
+
+def address(value: Any) -> str:
+    """A lower-cased user@domain, as the agents' lists hold addresses (matched case-insensitively)."""
+    if not isinstance(value, str) or value.count("@") != 1:
+        raise ValueError(f"expected user@domain, got {value!r}")
+    return value.strip().lower()
+
+
+def network(value: Any):
+    """An address or CIDR range, as an C{ipaddress} network."""
+    try:
+        return ipaddress.ip_network(str(value).strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"expected an address or CIDR range, got {value!r}") from None
+
+
+def readable_file(value: Any) -> str:
+    """The path of a file that can be read now (a stage's list file, say)."""
+    path = str(value)
+    try:
+        with open(path, encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    return path
+
+
+def parse_ldap_url(url: str) -> tuple[str, int, bool]:
+    """("host", port, use_ssl) from ldaps://host[:636] or ldap://host[:389]."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ldap", "ldaps") or not parts.hostname:
+        raise ValueError(f"expected ldaps://host[:port] or ldap://host[:port], got {url!r}")
+    secure = parts.scheme == "ldaps"
+    return parts.hostname, parts.port or (636 if secure else 389), secure
+
+
+def ldap_url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected \"ldaps://host:port\", got {value!r}")
+    parse_ldap_url(value.strip())
+    return value.strip()

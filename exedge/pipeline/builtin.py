@@ -37,39 +37,6 @@ class DomainSet:
         return bool(self.exact or self.suffixes)
 
 
-def _list(parse):
-    def parse_list(value):
-        if not isinstance(value, list):
-            raise ValueError(f"expected a list, got {value!r}")
-        return tuple(parse(x) for x in value)
-    return parse_list
-
-
-def _bool(value):
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return value
-
-
-def _choice(*choices):
-    def parse(value):
-        return v.parse_choice(value, choices)
-    return parse
-
-
-def _address(value):
-    if not isinstance(value, str) or value.count("@") != 1:
-        raise ValueError(f"expected user@domain, got {value!r}")
-    return value.strip().lower()
-
-
-def _network(value):
-    try:
-        return ipaddress.ip_network(str(value).strip(), strict=False)
-    except ValueError:
-        raise ValueError(f"expected an address or CIDR range, got {value!r}") from None
-
-
 def _list_entry(value):
     """
     An IP list entry: "192.0.2.0/24", or { address = "...", expires = ... }
@@ -77,7 +44,7 @@ def _list_entry(value):
     Add-IPBlockListEntry -ExpirationTime). Gives (network, expiry or None).
     """
     if not isinstance(value, dict):
-        return _network(value), None
+        return v.network(value), None
     unknown = set(value) - {"address", "expires", "comment"}
     if unknown or "address" not in value:
         raise ValueError(f"expected {{ address = \"...\", expires = 2026-12-31T00:00:00Z }}, got {value!r}")
@@ -93,7 +60,7 @@ def _list_entry(value):
         if expires.tzinfo is None:
             raise ValueError(f"expires: give a time zone (Z or +hh:mm): {expires.isoformat()}")
         expires = expires.timestamp()
-    return _network(value["address"]), expires
+    return v.network(value["address"]), expires
 
 
 class SenderFilter(Stage):
@@ -129,10 +96,10 @@ class SenderFilterFactory:
     anti_spam = True
     hooks = ("on_mail",)
     options = {
-        "blocked_senders": _list(_address),
-        "blocked_domains": _list(lambda d: v.parse_domain(d, wildcard=True)),
-        "block_blank_senders": _bool,
-        "action": _choice("Reject", "StampStatus"),
+        "blocked_senders": v.list_of(v.address),
+        "blocked_domains": v.list_of(lambda d: v.parse_domain(d, wildcard=True)),
+        "block_blank_senders": v.boolean,
+        "action": v.choice("Reject", "StampStatus"),
     }
 
     def build(self, options):
@@ -284,8 +251,8 @@ class ConnectionFilterFactory:
     name = "connection_filter"
     anti_spam = True
     hooks = ("on_connect", "on_mail", "on_rcpt")
-    options = {"ip_block_list": _list(_list_entry), "ip_allow_list": _list(_list_entry),
-               "block_list_providers": _list(_provider), "allow_list_providers": _list(_provider),
+    options = {"ip_block_list": v.list_of(_list_entry), "ip_allow_list": v.list_of(_list_entry),
+               "block_list_providers": v.list_of(_provider), "allow_list_providers": v.list_of(_provider),
                "dns_timeout": lambda x: float(v.parse_timespan(x))}
 
     def build(self, options, context=None):
@@ -423,23 +390,13 @@ class RecipientFilter(Stage):
         return defer_("Recipient address lookup failed; try again later", "4.4.3", 451)
 
 
-def _readable_file(value):
-    path = str(value)
-    try:
-        with open(path, encoding="utf-8"):
-            pass
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}") from None
-    return path
-
-
 @implementer(IStageFactory)
 class RecipientFilterFactory:
     name = "recipient_filter"
     anti_spam = True
     hooks = ("on_rcpt",)
-    options = {"blocked_recipients": _list(_address), "recipients_file": _readable_file,
-               "recipient_lookup": _choice("None", "Directory"),
+    options = {"blocked_recipients": v.list_of(v.address), "recipients_file": v.readable_file,
+               "recipient_lookup": v.choice("None", "Directory"),
                "lookup_cache": lambda x: float(v.parse_timespan(x))}
 
     def build(self, options, context=None):

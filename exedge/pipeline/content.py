@@ -26,7 +26,6 @@ from zope.interface import implementer
 from exedge.auth.permissions import Right
 from exedge.config import values as v
 
-from .builtin import _bool, _choice, _list
 from .stage import IStageFactory, Stage, reject
 
 # -- the header firewall -----------------------------------------------------
@@ -107,8 +106,8 @@ def _restriction(value):
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}")
     return Restriction(
-        allow_system=_bool(value.get("allow_system_messages", True)),
-        priorities=frozenset(_list(_choice(*PRIORITIES))(value.get("allowed_priorities", list(PRIORITIES)))),
+        allow_system=v.boolean(value.get("allow_system_messages", True)),
+        priorities=frozenset(v.list_of(v.choice(*PRIORITIES))(value.get("allowed_priorities", list(PRIORITIES)))),
         max_size=v.parse_size(value["max_message_size"]) if "max_message_size" in value else None)
 
 
@@ -188,8 +187,8 @@ class ContentRestrictionsFactory:
     anti_spam = False
     hooks = ("on_mail", "on_headers", "on_message", "on_route")
     options = {
-        "allow_system_messages": _bool,
-        "allowed_priorities": _list(_choice(*PRIORITIES)),
+        "allow_system_messages": v.boolean,
+        "allowed_priorities": v.list_of(v.choice(*PRIORITIES)),
         "max_message_size": v.parse_size,
         "send_connectors": lambda value: _connector_table(value),
     }
@@ -336,9 +335,9 @@ class AttachmentFilterFactory:
     needs_body = True
     hooks = ("on_message",)
     options = {
-        "file_names": _list(lambda x: str(x).strip()),
-        "content_types": _list(lambda x: str(x).strip()),
-        "action": _choice("Strip", "Reject", "SilentDelete"),
+        "file_names": v.list_of(lambda x: str(x).strip()),
+        "content_types": v.list_of(lambda x: str(x).strip()),
+        "action": v.choice("Strip", "Reject", "SilentDelete"),
         "rejection_response": str,
         "admin_message": str,
     }

@@ -60,7 +60,7 @@ from zope.interface import implementer
 
 from exedge.config import values as v
 
-from .builtin import DomainSet, _address, _list
+from .builtin import DomainSet
 from .stage import IStageFactory, Stage, defer_, reject
 
 log = Logger()
@@ -296,12 +296,6 @@ def _authserv_id(value: str) -> str:
     return str(value).split(";", 1)[0].strip().split()[0].lower() if str(value).strip() else ""
 
 
-def _choice(*choices):
-    def parse(value):
-        return v.parse_choice(value, choices)
-    return parse
-
-
 def _threads(value):
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
         raise ValueError(f"threads is a number from 1 to 64, got {value!r}")
@@ -321,10 +315,10 @@ class SenderIdFactory:
     anti_spam = True
     hooks = ("on_mail", "on_rcpt", "on_message")
     options = {
-        "fail_action": _choice("StampStatus", "Reject", "Delete"),
-        "temp_error_action": _choice("StampStatus", "Reject"),
-        "bypassed_recipients": _list(_address),
-        "bypassed_sender_domains": _list(lambda d: v.parse_domain(d, wildcard=True)),
+        "fail_action": v.choice("StampStatus", "Reject", "Delete"),
+        "temp_error_action": v.choice("StampStatus", "Reject"),
+        "bypassed_recipients": v.list_of(v.address),
+        "bypassed_sender_domains": v.list_of(lambda d: v.parse_domain(d, wildcard=True)),
         "dns_timeout": _dns_timeout,
         "threads": _threads,
     }
