@@ -1,27 +1,182 @@
 """
-The extension points of exedge. Rooms meet at these interfaces and at
-nothing else.
+The extension points of exedge, and the values that cross between rooms.
+Rooms meet at these interfaces and at nothing else.
+
+The flow (docs/architecture.md): a receive session hands what it received
+to cleanup, which writes it to the spool through L{IMessageStore} and
+L{IIncomingMessage} and announces it to the queue through L{IQueueSink};
+the queue routes each recipient (L{Route}, or a L{Deferral} or L{Refusal}
+from an L{IRoutePolicy}) into per-hop queues, and an L{IDeliveryAgent}
+carries it, answering one L{Outcome} per recipient.
+
+The values live here, not in the room that makes them, because more than
+one room reads them: the queue and every delivery agent speak L{Outcome};
+the router, the queue and the pipeline's routing stages speak L{Route}.
 """
 
+from __future__ import annotations
+
+import attrs
 from zope.interface import Attribute, Interface
 
 
+# -- the spool ---------------------------------------------------------------
+
+class IStoredMessage(Interface):
+    """A committed message: on disk, its envelope known."""
+
+    queue_id = Attribute("the id it is queued under")
+    envelope = Attribute("its L{exedge.queue.envelope.Envelope}")
+
+    def in_memory():
+        """The data if it is still held in memory after its commit, else None (never blocks)."""
+
+    def read_data():
+        """The message bytes (blocking: call on a spool thread)."""
+
+
+class IMessageEdit(Interface):
+    """
+    What cleanup asks the spool to do to a message's bytes before the
+    commit (the pipeline's header edits, a replaced content). A value, so
+    that the spool can apply it where the bytes are (in memory, or in a
+    file on a spool thread) without knowing what the stages did.
+    """
+
+    prefix_length = Attribute("octets at the start that are ours (our Received field), kept as they are")
+    head_only = Attribute(
+        "True when only the header section changes: apply(head) + rest == apply(head + rest) for a head "
+        "that ends with the header section's empty line, so a large message can be streamed")
+
+    def apply(data):
+        """The edited bytes of C{data} (the whole message, or its head when C{head_only})."""
+
+
+class IIncomingMessage(Interface):
+    """A message being written to the spool; nothing is acknowledged until C{commit} fires."""
+
+    queue_id = Attribute("the id it will be queued under (set at once)")
+    backlogged = Attribute("True while more waits for the disk than a session may hold in memory")
+
+    def write(data):
+        """Append bytes (kept in memory, streamed to disk past a threshold)."""
+
+    def when_drained(callback):
+        """Call C{callback()} once the message is no longer backlogged (at once if it is not)."""
+
+    def read_back():
+        """A Deferred firing with everything written so far (for stages that read the body)."""
+
+    def rewrite(edit):
+        """Apply an L{IMessageEdit} to what was written; a Deferred firing with the new length."""
+
+    def commit(envelope):
+        """
+        Make the message and its envelope durable: a Deferred firing with
+        an L{IStoredMessage} only once it is fsync'ed under its final name.
+        """
+
+    def abort():
+        """Forget the message (nobody was told 250); its partial file goes."""
+
+
 class IMessageStore(Interface):
-    """Where the receive side puts messages (the spool)."""
+    """Where cleanup puts messages (the spool)."""
 
     def begin():
-        """
-        Start a message. Returns an object with C{write(bytes)},
-        C{commit(envelope) -> Deferred[StoredMessage]} (fires only once the
-        message is durable) and C{abort()}; its C{queue_id} is already set.
-        """
+        """Start a message: a new L{IIncomingMessage}."""
 
 
 class IQueueSink(Interface):
-    """Who learns of committed messages (the queue manager)."""
+    """Who learns of committed messages (the queue manager, through its intake)."""
 
     def submit(message):
-        """Route and enqueue a committed L{exedge.queue.spool.StoredMessage}."""
+        """Route and enqueue a committed L{IStoredMessage}."""
+
+
+# -- routing -------------------------------------------------------------------
+
+@attrs.frozen
+class NextHop:
+    """
+    The key of a delivery queue: a connector and the destination it serves.
+    Drop and smart-host connectors have one destination (the directory, the
+    smart-host set); DNS-routed connectors have one per domain.
+    """
+
+    connector: str
+    destination: str
+
+    @classmethod
+    def of(cls, connector, domain: str) -> "NextHop":
+        """The queue that C{connector} (a send connector) uses for C{domain}."""
+        dns_routed = not connector.drop_directory and not connector.smart_hosts
+        return cls(connector.name, domain.lower() if dns_routed else "")
+
+    def __str__(self) -> str:
+        return f"{self.connector}/{self.destination}" if self.destination else self.connector
+
+
+@attrs.frozen
+class Route:
+    """
+    Where one recipient goes: the chosen connector's next hop, and the
+    other candidates, best first (pipeline stages may pick one of them in
+    on_route, as content restrictions do).
+    """
+
+    hop: NextHop
+    domain: str
+    connector: object = None          # the chosen L{exedge.config.SendConnector}; None: no connector serves it
+    alternatives: tuple = ()
+
+    def via(self, connector) -> "Route":
+        """This recipient through C{connector} instead."""
+        rest = tuple(c for c in self.alternatives if c is not connector)
+        return Route(NextHop.of(connector, self.domain), self.domain, connector, rest)
+
+
+@attrs.frozen
+class Deferral:
+    """Not now: ask again after the retry interval (a routing stage's 4xx)."""
+
+    text: str
+    status: str = "4.7.1"
+
+
+@attrs.frozen
+class Refusal:
+    """Never: the recipient fails and its sender gets an NDR (a routing stage's 5xx)."""
+
+    text: str
+    status: str = "5.7.1"
+
+
+class IRoutePolicy(Interface):
+    """Has a say in routing after the router chose (the pipeline's on_route stages)."""
+
+    def route(envelope, recipient, route):
+        """
+        The L{Route} for C{recipient} (C{route}, or another), a L{Deferral}
+        or a L{Refusal}. Synchronous: it runs for every recipient.
+        """
+
+
+# -- delivery ------------------------------------------------------------------
+
+@attrs.frozen
+class Outcome:
+    """One recipient's result: status is delivered, failed or deferred."""
+
+    index: int
+    status: str
+    detail: str = ""        # the reply or our reason, "550 5.1.1 User unknown"
+    enhanced: str = ""      # its enhanced status code, for the NDR
+    remote: str = ""        # the host that answered, if any
+    # for delivered recipients, what a NOTIFY=SUCCESS sender is told:
+    # "delivered" (final delivery), "relayed" (to a hop without DSN), or ""
+    # (the next hop offered DSN and took the parameters over)
+    action: str = ""
 
 
 class IDeliveryAgent(Interface):
@@ -35,8 +190,8 @@ class IDeliveryAgent(Interface):
 
     def deliver(message, recipients):
         """
-        Deliver C{message} to the recipients with these indexes. Returns a
-        Deferred firing with a list of L{exedge.queue.manager.Outcome}, one
-        per recipient; a failed Deferred is a transient failure of the
+        Deliver C{message} (an L{IStoredMessage}) to the recipients with
+        these indexes. Returns a Deferred firing with a list of L{Outcome},
+        one per recipient; a failed Deferred is a transient failure of the
         whole attempt.
         """

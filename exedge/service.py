@@ -4,6 +4,13 @@ The whole server as one C{MultiService} built from the configuration.
 Children start in order: the spool (thread pool, then recovery of what a
 previous run left), the queue manager (recovered messages go back into
 their queues), then the listeners.
+
+Every object gets what it works with in its constructor, in the order of
+the flow (docs/architecture.md): the spool; the queue's intake, where
+cleanup and recovery announce committed messages; cleanup; the bouncer
+(which queues its reports through cleanup); the queue manager (with the
+bouncer, the pipeline as its route policy, and the intake it takes from);
+the listeners (with cleanup).
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from exedge.auth.directory import DirectoryChecker
 from exedge.auth.secrets import load_secrets
 from exedge.config import Config
 from exedge.pipeline import build_pipeline
+from exedge.cleanup import Cleanup
 from exedge.queue import QueueManager, Spool
+from exedge.queue.intake import Intake
 from exedge.receive import ConnectorTable, ServerContext, listener_services
 from exedge.routing import Router
 from exedge.dsn import Bouncer
@@ -131,11 +140,11 @@ def build_service(config: Config, reactor=None) -> MultiService:
         from twisted.internet import reactor
     top = MultiService()
     router = Router(config.accepted_domains, config.send_connectors)
-    queue_holder: list[QueueManager] = []
+    intake = Intake()
     spool_service = SpoolService(config.server.spool_directory, config.server.spool_threads,
-                                 config.server.delivery_threads, reactor,
-                                 lambda m: queue_holder[0].submit(m))
+                                 config.server.delivery_threads, reactor, intake.submit)
     spool = spool_service.spool
+    cleanup = Cleanup(spool, intake, reactor, quarantine_mailbox=config.server.quarantine_mailbox)
     agents = {}
     mx = None
     secrets = load_secrets(config)      # every password file read now: a bad one stops start-up
@@ -151,9 +160,10 @@ def build_service(config: Config, reactor=None) -> MultiService:
                                     reactor=reactor, mx=None if c.smart_hosts else mx, resolver=mx,
                                     credentials=secrets.smart_hosts.get(c.name),
                                     client_certificate=client_certificates.get(c.name))
-    manager = QueueManager(spool, router, agents, clock=reactor, policy=config.queue)
-    manager.bouncer = Bouncer(spool, config.server.fqdn, manager.submit, reactor)
-    queue_holder.append(manager)
+    pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor))   # stages checked before anything listens
+    manager = QueueManager(spool, router, agents, clock=reactor, policy=config.queue,
+                           bouncer=Bouncer(cleanup, config.server.fqdn, spool.run_delivery, reactor),
+                           route_policy=pipeline if pipeline.routes else None, intake=intake)
     spool_service.setServiceParent(top)
     manager.setServiceParent(top)
     portal = None
@@ -165,15 +175,11 @@ def build_service(config: Config, reactor=None) -> MultiService:
         else:
             checker = FileChecker(config.directory.credentials_file, auth_pool.run)
         portal = portal_for(checker)
-    pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor))   # stages checked before anything listens
-    if pipeline.routes:
-        manager.route_hook = pipeline.route
     context = ServerContext(
         server=config.server,
         connectors=ConnectorTable(config.receive_connectors),
         router=router,
-        store=spool,
-        sink=manager,
+        cleanup=cleanup,
         clock=reactor,
         tls=tls.receive_contexts(config),      # certificates checked before anything listens
         portal=portal,

@@ -59,8 +59,8 @@ def test_header_actions_and_scl_rewrite_the_message_before_it_is_committed(tmp_p
     assert data.startswith(b"X-Checked: yes\r\nX-MS-Exchange-Organization-SCL: 3\r\nReceived: from client.test")
     assert data.endswith(b"Subject: kept\r\nX-Keep: c\r\n\r\nX-Remove-Me: in the body stays\r\n")
     assert b"folded" not in data and b"X-Drop-This" not in data
-    assert s.sink.messages[-1].envelope.size == len(data) - data.index(b"Subject:") + len(
-        b"X-Checked: yes\r\nX-MS-Exchange-Organization-SCL: 3\r\n")
+    # Envelope.size is the octets stored and sent: our Received field and the added fields count
+    assert s.sink.messages[-1].envelope.size == len(data) == s.sink.messages[-1].data_length
 
 
 def test_an_untouched_message_is_committed_as_received(tmp_path):
@@ -97,7 +97,7 @@ def test_quarantine_goes_to_the_quarantine_mailbox_or_is_refused_without_one(tmp
     assert s.sink.messages == []
 
     s = session_with(tmp_path / "2", Acts(lambda m: m.quarantine("looks like spam")))
-    s.context.server = attrs.evolve(s.context.server, quarantine_mailbox="quarantine@example.com")
+    s.context.cleanup.quarantine_mailbox = "quarantine@example.com"
     s.send(START)
     assert s.codes(b"Subject: x\r\n\r\nhi\r\n.\r\n") == ["250 2.6.0"]
     msg = s.sink.messages[-1]
@@ -135,7 +135,7 @@ def test_a_stage_reads_and_replaces_a_message_that_spilled_to_disk(tmp_path):
     assert seen == [(len(body), True)]
     data = stored(s)
     assert data.endswith(body.replace(b"line", b"LINE")) and data.startswith(b"Received: ")
-    assert s.sink.messages[-1].envelope.size == len(body)
+    assert s.sink.messages[-1].envelope.size == len(data)          # stored octets, Received field included
 
 
 def test_headers_hook_answers_at_the_final_dot_and_queued_hook_gets_the_id(tmp_path):
@@ -413,3 +413,24 @@ def test_a_blocked_type_without_a_file_name_is_caught_at_the_top_level(tmp_path)
     raw = (b"From: a@partner.test\r\nSubject: update\r\nContent-Type: application/x-msdownload\r\n"
            b"Content-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA\r\n")
     assert _send(s, raw) == ["554 5.6.1"]
+
+
+@pytest.mark.parametrize("lines", [1, SPILL_THRESHOLD // 30], ids=["in memory", "spilled"])
+def test_a_message_without_header_fields_keeps_its_body_whatever_the_stages_remove(tmp_path, lines):
+    """
+    Defect: a message whose header section is empty (it begins with the
+    empty line) had its body lines read as header fields and removed.
+    """
+    def act(m):
+        m.remove_header("X-Looks-Like-A-Field")
+        m.remove_header("subject")
+        m.add_header("X-Checked", "yes")
+
+    s = session_with(tmp_path, Acts(act))
+    s.send(START)
+    body = (b"\r\nX-Looks-Like-A-Field: but this is the body\r\nSubject: body too\r\n\r\n" +
+            b"more of the body, line after line\r\n" * lines)
+    assert s.codes(body + b".\r\n") == ["250 2.6.0"]
+    data = stored(s)
+    assert data.startswith(b"X-Checked: yes\r\nReceived: from client.test")
+    assert data.endswith(b"\r\n\r\n" + body[2:])           # our Received field, the empty line, the body intact

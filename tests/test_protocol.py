@@ -12,6 +12,7 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
+from exedge.cleanup import Cleanup
 from exedge.config import loads
 from exedge.queue import Spool
 from exedge.receive import ConnectorTable, ServerContext, SMTPServer
@@ -57,7 +58,9 @@ class Session:
             server=self.config.server,
             connectors=ConnectorTable(self.config.receive_connectors),
             router=Router(self.config.accepted_domains, self.config.send_connectors),
-            store=self.spool, sink=self.sink, clock=self.clock,
+            cleanup=Cleanup(self.spool, self.sink, self.clock,
+                            quarantine_mailbox=self.config.server.quarantine_mailbox),
+            clock=self.clock,
         )
         self.transport = StringTransport(
             hostAddress=IPv4Address("TCP", "127.0.0.1", PORT),
@@ -393,8 +396,8 @@ def test_unknown_peer_refused_554(tmp_path):
     cfg = loads(config)
     table = ConnectorTable(cfg.receive_connectors)
     assert table.select("127.0.0.1", PORT, "127.0.0.1") is None
-    ctx = ServerContext(server=cfg.server, connectors=table, router=Router((), ()), store=None,
-                        sink=None, clock=task.Clock())
+    ctx = ServerContext(server=cfg.server, connectors=table, router=Router((), ()), cleanup=None,
+                        clock=task.Clock())
     transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", PORT),
                                 peerAddress=IPv4Address("TCP", "127.0.0.1", 5))
     SMTPServer(ctx).makeConnection(transport)
@@ -570,3 +573,16 @@ def test_session_ids_are_16_hex_digits_and_never_repeat():
     ids = [new_session_id() for _ in range(1000)]
     assert len(set(ids)) == 1000
     assert all(len(i) == 16 and int(i, 16) >= 0 and i == i.upper() for i in ids)
+
+
+def test_envelope_size_is_the_octets_stored_and_sent(session):
+    """
+    Defect: Envelope.size was the client's octets while its comment (and
+    routing against a send connector's max_message_size) meant the message
+    as stored and sent, our Received field included.
+    """
+    session.send(b"EHLO client.test\r\nMAIL FROM:<a@partner.test>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+    assert session.codes(b"Subject: size\r\n\r\nbody\r\n.\r\n") == ["250 2.6.0"]
+    [stored] = session.sink.messages
+    data = stored.read_data()
+    assert data.startswith(b"Received: ") and stored.envelope.size == len(data) == stored.data_length

@@ -8,6 +8,7 @@ import os
 import pytest
 from twisted.internet import defer, task
 
+from exedge.cleanup import Cleanup
 from exedge.config import loads
 from exedge.queue import Envelope, Outcome, QueueManager, QueueStatus, Recipient, Spool
 from exedge.routing import UNREACHABLE, NextHop, Router
@@ -17,6 +18,16 @@ from harness import config_text
 
 def sync(f):
     return defer.maybeDeferred(f)
+
+
+class ListSink:
+    """The queue's intake, as far as cleanup can tell: it keeps what it is given."""
+
+    def __init__(self, messages):
+        self.messages = messages
+
+    def submit(self, message):
+        self.messages.append(message)
 
 
 @pytest.fixture
@@ -107,13 +118,13 @@ class FlakyAgent:
         return self.real.deliver(message, recipients)
 
 
-def manager_for(tmp_path, spool, *, failures=0):
+def manager_for(tmp_path, spool, *, failures=0, bouncer=None, clock=None):
     cfg = loads(config_text(2525, extra="").replace('drop_directory = "var/drop"',
                                                     f'drop_directory = "{tmp_path}/drop"'))
     router = Router(cfg.accepted_domains, cfg.send_connectors)
     agent = FlakyAgent(DropDirectoryAgent(cfg.send_connectors[0], sync), failures)
-    clock = task.Clock()
-    manager = QueueManager(spool, router, {"Local drop": agent}, clock=clock)
+    clock = clock or task.Clock()
+    manager = QueueManager(spool, router, {"Local drop": agent}, clock=clock, bouncer=bouncer)
     manager.startService()
     return manager, agent, clock
 
@@ -258,12 +269,13 @@ class ScriptedAgent:
             Outcome(i, self.script[message.envelope.recipients[i].address].pop(0)) for i in recipients])
 
 
-def scripted_manager(spool, agents, spaces):
+def scripted_manager(spool, agents, spaces, bouncer=None, route_policy=None):
     text = "".join(f'[[send_connectors]]\nname = "{n}"\naddress_spaces = ["{a}"]\ndrop_directory = "d/{n}"\n'
                    for n, a in spaces)
     cfg = loads(text)
     clock = task.Clock()
-    m = QueueManager(spool, Router(cfg.accepted_domains, cfg.send_connectors), agents, clock=clock)
+    m = QueueManager(spool, Router(cfg.accepted_domains, cfg.send_connectors), agents, clock=clock,
+                     bouncer=bouncer, route_policy=route_policy)
     m.startService()
     return m, clock
 
@@ -333,8 +345,8 @@ def test_retry_schedule_is_glitch_retries_then_the_long_interval(tmp_path, spool
 
 
 def test_message_that_keeps_failing_expires_with_an_ndr(tmp_path, spool):
-    manager, agent, clock = manager_for(tmp_path, spool, failures=10**6)
-    manager.bouncer = bouncer = RecordingBouncer()
+    bouncer = RecordingBouncer()
+    manager, agent, clock = manager_for(tmp_path, spool, failures=10**6, bouncer=bouncer)
     stored = committed(spool, envelope("b@example.com"))
     manager.submit(stored)
     for _ in range(200):                       # bounded: two days of retries every 30 minutes
@@ -349,8 +361,8 @@ def test_message_that_keeps_failing_expires_with_an_ndr(tmp_path, spool):
 
 
 def test_unreachable_recipients_are_returned_at_expiry(tmp_path, spool):
-    manager, agent, clock = manager_for(tmp_path, spool)
-    manager.bouncer = bouncer = RecordingBouncer()
+    bouncer = RecordingBouncer()
+    manager, agent, clock = manager_for(tmp_path, spool, bouncer=bouncer)
     stored = committed(spool, envelope("b@example.com", "x@nowhere.test"))
     manager.submit(stored)
     clock.advance(2 * 86400 - 60)
@@ -363,8 +375,8 @@ def test_unreachable_recipients_are_returned_at_expiry(tmp_path, spool):
 
 
 def test_one_delay_notice_after_four_hours_even_across_a_restart(tmp_path, spool):
-    manager, agent, clock = manager_for(tmp_path, spool, failures=10**6)
-    manager.bouncer = bouncer = RecordingBouncer()
+    bouncer = RecordingBouncer()
+    manager, agent, clock = manager_for(tmp_path, spool, failures=10**6, bouncer=bouncer)
     stored = committed(spool, envelope("b@example.com"))
     manager.submit(stored)
     clock.advance(4 * 3600 - 120)
@@ -377,8 +389,8 @@ def test_one_delay_notice_after_four_hours_even_across_a_restart(tmp_path, spool
     assert len(bouncer.delays) == 1                      # once only
     [again] = spool.recover()
     assert again.delay_notified == frozenset({0}) and again.done == frozenset()   # still to deliver
-    restarted, _, clock2 = manager_for(tmp_path, spool, failures=10**6)
-    restarted.bouncer = bouncer2 = RecordingBouncer()
+    bouncer2 = RecordingBouncer()
+    restarted, _, clock2 = manager_for(tmp_path, spool, failures=10**6, bouncer=bouncer2)
     clock2.advance(5 * 3600)
     restarted.submit(again)
     clock2.advance(120)
@@ -386,13 +398,12 @@ def test_one_delay_notice_after_four_hours_even_across_a_restart(tmp_path, spool
 
 
 def test_sweep_survives_a_failing_delay_notice(tmp_path, spool):
-    manager, agent, clock = manager_for(tmp_path, spool, failures=10**6)
-
     class Broken(RecordingBouncer):
         def delay(self, *args):
             raise RuntimeError("bug")
 
-    manager.bouncer = bouncer = Broken()
+    bouncer = Broken()
+    manager, agent, clock = manager_for(tmp_path, spool, failures=10**6, bouncer=bouncer)
     manager.submit(committed(spool, envelope("b@example.com")))
     for _ in range(100):
         if bouncer.bounced:
@@ -409,7 +420,8 @@ def test_bouncer_queues_a_delay_notice_from_the_null_sender(spool):
     env = Envelope(sender="a@s.test", recipients=(Recipient("b@x.test"), Recipient("c@x.test", ("FAILURE",))),
                    size=10, received_at=0)
     stored = committed(spool, env)
-    Bouncer(spool, "edge01.example.com", submitted.append, clock).delay(stored, [0, 1], "4.4.7 no answer", 172800)
+    bouncer = Bouncer(Cleanup(spool, ListSink(submitted), clock), "edge01.example.com", spool.run_delivery, clock)
+    bouncer.delay(stored, [0, 1], "4.4.7 no answer", 172800)
     [notice] = submitted
     assert notice.envelope.sender == "" and [r.address for r in notice.envelope.recipients] == ["a@s.test"]
     data = notice.read_data()
@@ -422,10 +434,10 @@ def test_message_too_large_for_every_connector_is_returned_at_once(spool):
     text = ('[[send_connectors]]\nname = "small"\naddress_spaces = ["x.test"]\ndrop_directory = "d/s"\n'
             'max_message_size = "64KB"\n')
     cfg = loads(text)
+    bouncer = RecordingBouncer()
     manager = QueueManager(spool, Router(cfg.accepted_domains, cfg.send_connectors), {"small": agent},
-                           clock=task.Clock())
+                           clock=task.Clock(), bouncer=bouncer)
     manager.startService()
-    manager.bouncer = bouncer = RecordingBouncer()
     env = Envelope(sender="a@s.test", recipients=(Recipient("b@x.test"), Recipient("c@y.test")), size=100_000)
     manager.submit(committed(spool, env))
     [(_, [(index, status, detail)])] = bouncer.bounced
@@ -458,9 +470,10 @@ def test_restart_in_the_middle_of_a_retry_keeps_the_schedule_and_delivers_once(t
 
 def test_final_delivery_with_notify_success_sends_a_delivered_notice(tmp_path, spool):
     from exedge.dsn import Bouncer
-    manager, agent, clock = manager_for(tmp_path, spool)
     submitted = []
-    manager.bouncer = Bouncer(spool, "edge01.example.com", submitted.append, clock)
+    clock = task.Clock()
+    bouncer = Bouncer(Cleanup(spool, ListSink(submitted), clock), "edge01.example.com", spool.run_delivery, clock)
+    manager, agent, clock = manager_for(tmp_path, spool, bouncer=bouncer, clock=clock)
     env = Envelope(sender="a@s.test", recipients=(Recipient("b@example.com", ("SUCCESS",)),
                                                   Recipient("c@example.com")), size=10)
     manager.submit(committed(spool, env))
@@ -472,13 +485,11 @@ def test_final_delivery_with_notify_success_sends_a_delivered_notice(tmp_path, s
 
 
 def test_a_failing_success_notice_does_not_turn_a_delivery_into_a_retry(tmp_path, spool):
-    manager, agent, clock = manager_for(tmp_path, spool)
-
     class Broken(RecordingBouncer):
         def success(self, message, outcomes):
             return defer.fail(OSError(28, "No space left on device"))
 
-    manager.bouncer = Broken()
+    manager, agent, clock = manager_for(tmp_path, spool, bouncer=Broken())
     env = Envelope(sender="a@s.test", recipients=(Recipient("b@example.com", ("SUCCESS",)),), size=10)
     manager.submit(committed(spool, env))
     assert agent.attempts == 1 and os.listdir(spool.queue_dir) == []
@@ -488,8 +499,8 @@ def test_deferred_recipients_waiting_their_retry_also_get_a_delay_notice(spool):
     # the next hop answers 4xx for b@ on every attempt: b@ spends its time
     # waiting out message_retry_interval, outside the queue's items
     agent = ScriptedAgent("out", {"b@x.test": ["deferred"] * 100})
-    manager, clock = scripted_manager(spool, {"out": agent}, [("out", "x.test")])
-    manager.bouncer = bouncer = RecordingBouncer()
+    bouncer = RecordingBouncer()
+    manager, clock = scripted_manager(spool, {"out": agent}, [("out", "x.test")], bouncer=bouncer)
     manager.submit(committed(spool, envelope("b@x.test")))
     for _ in range(20):
         clock.advance(900)
@@ -498,7 +509,6 @@ def test_deferred_recipients_waiting_their_retry_also_get_a_delay_notice(spool):
 
 def test_failed_ndr_write_never_redelivers_the_delivered_recipients(spool):
     agent = ScriptedAgent("out", {"a@x.test": ["delivered"], "b@x.test": ["failed", "failed"]})
-    manager, clock = scripted_manager(spool, {"out": agent}, [("out", "x.test")])
     bouncer = RecordingBouncer()
     failures = [OSError(28, "No space left on device")]
 
@@ -508,7 +518,7 @@ def test_failed_ndr_write_never_redelivers_the_delivered_recipients(spool):
         return RecordingBouncer.bounce(bouncer, message, outcomes)
 
     bouncer.bounce = bounce
-    manager.bouncer = bouncer
+    manager, clock = scripted_manager(spool, {"out": agent}, [("out", "x.test")], bouncer=bouncer)
     manager.submit(committed(spool, envelope("a@x.test", "b@x.test")))
     clock.advance(900)                                   # b@ is tried again; its NDR goes out now
     assert agent.calls == [["a@x.test", "b@x.test"], ["b@x.test"]]
@@ -519,8 +529,8 @@ def test_failed_ndr_write_never_redelivers_the_delivered_recipients(spool):
 def test_expiry_with_a_failing_state_write_sends_one_ndr_and_ends(tmp_path, spool, monkeypatch):
     a = ScriptedAgent("A", {})
     b = ScriptedAgent("B", {})
-    manager, clock = scripted_manager(spool, {"A": a, "B": b}, [("A", "a.test"), ("B", "b.test")])
-    manager.bouncer = bouncer = RecordingBouncer()
+    bouncer = RecordingBouncer()
+    manager, clock = scripted_manager(spool, {"A": a, "B": b}, [("A", "a.test"), ("B", "b.test")], bouncer=bouncer)
     manager.hold(NextHop("A", ""), "waiting")
     manager.hold(NextHop("B", ""), "waiting")
     monkeypatch.setattr(spool, "record", lambda *args, **kw: defer.fail(OSError(28, "No space left on device")))
@@ -543,6 +553,18 @@ def _spilled_with_header(spool, header: bytes, body_lines: int):
     return incoming, len(b"Received: from client.test; Mon, 23 Nov 2026 08:00:00 +0000\r\n")
 
 
+class Recording:
+    """A message edit that notes the length of each piece it is applied to."""
+
+    def __init__(self, edit, seen):
+        self.edit, self.seen = edit, seen
+        self.head_only, self.prefix_length = edit.head_only, edit.prefix_length
+
+    def apply(self, data):
+        self.seen.append(len(data))
+        return self.edit.apply(data)
+
+
 def test_header_edits_on_a_spilled_message_stream_and_equal_the_whole_transform(spool):
     from exedge.pipeline import Message
     incoming, prefix = _spilled_with_header(
@@ -555,18 +577,12 @@ def test_header_edits_on_a_spilled_message_stream_and_equal_the_whole_transform(
     m.remove_header("X-Old")
     edit = m.edit(prefix)
     seen = []
-
-    def recording(data):
-        seen.append(len(data))
-        return edit(data)
-
-    recording.head_only, recording.prefix_length = edit.head_only, edit.prefix_length
     lengths = []
-    incoming.rewrite(recording).addCallback(lengths.append)
+    incoming.rewrite(Recording(edit, seen)).addCallback(lengths.append)
     assert seen and max(seen) < 1000          # only the header section went through the transform
     after = []
     incoming.read_back().addCallback(after.append)
-    assert after[0] == edit(whole[0])         # the same bytes as transforming it whole
+    assert after[0] == edit.apply(whole[0])   # the same bytes as transforming it whole
     assert lengths == [len(after[0])]
     header = after[0].split(b"\r\n\r\n", 1)[0]
     assert b"X-Old" not in header and b"folded" not in header and after[0].startswith(b"X-New: yes\r\nReceived: ")
@@ -584,14 +600,97 @@ def test_a_replacement_or_an_unended_header_is_transformed_whole(spool):
     m = Message("a@s.test", ["b@x.test"], b"", 0)
     m.add_header("X-New", "yes")
     seen = []
-    edit = m.edit(prefix)
-
-    def recording(data):
-        seen.append(len(data))
-        return edit(data)
-
-    recording.head_only, recording.prefix_length = edit.head_only, edit.prefix_length
-    incoming.rewrite(recording)
+    incoming.rewrite(Recording(m.edit(prefix), seen))
     assert seen and seen[0] > 400_000         # fell back to the whole message
     m.replace(b"Subject: replaced\r\n\r\nnew\r\n")
     assert m.edit(prefix).head_only is False
+
+
+class RoutesLater:
+    """A routing stage that defers (or refuses) recipients as scripted, and notes each time it is asked."""
+
+    name, anti_spam = "routes_later", False
+
+    def __init__(self, **verdicts):
+        self.verdicts = verdicts      # recipient -> list of verdicts, one per time asked (None: keep the route)
+        self.asked = []
+
+    def on_route(self, envelope, recipient, route):
+        self.asked.append(recipient)
+        script = self.verdicts.get(recipient.split("@")[0], [])
+        return script.pop(0) if script else None
+
+
+def routing_policy(stage):
+    from exedge.pipeline import Entry, Pipeline
+    return Pipeline([Entry(stage)], task.Clock())
+
+
+def test_a_routing_stage_that_defers_holds_that_recipient_and_asks_again_later(spool):
+    """Defect: a defer_ from on_route was ignored and the recipient went out on the original route."""
+    from exedge.pipeline import defer_
+    from exedge.routing import ROUTE_DEFERRED
+    stage = RoutesLater(b=[defer_("partner relay not reachable yet", "4.4.1")])
+    agent = ScriptedAgent("out", {"a@x.test": ["delivered"], "b@x.test": ["delivered"]})
+    manager, clock = scripted_manager(spool, {"out": agent}, [("out", "x.test")], route_policy=routing_policy(stage))
+    manager.submit(committed(spool, envelope("a@x.test", "b@x.test")))
+    assert agent.calls == [["a@x.test"]]                       # a@ goes on; b@ waits
+    held = manager.queues[ROUTE_DEFERRED]
+    assert held.status is QueueStatus.Held and len(held.waiting) == 1
+    assert held.last_error == "4.4.1 partner relay not reachable yet"
+    assert spool.recover()[0].retry_at == 900                   # a restart keeps the wait
+    clock.advance(899)
+    assert agent.calls == [["a@x.test"]]
+    clock.advance(1)                                            # message_retry_interval: asked again
+    assert stage.asked == ["a@x.test", "b@x.test", "b@x.test"]
+    assert agent.calls == [["a@x.test"], ["b@x.test"]] and held.waiting == []
+    assert os.listdir(spool.queue_dir) == []
+
+
+def test_a_recipient_a_routing_stage_keeps_deferring_expires_with_the_stages_reason(spool):
+    from exedge.pipeline import defer_
+    stage = RoutesLater(b=[defer_("partner relay not reachable yet", "4.4.1")] * 1000)
+    bouncer = RecordingBouncer()
+    agent = ScriptedAgent("out", {})
+    manager, clock = scripted_manager(spool, {"out": agent}, [("out", "x.test")], bouncer=bouncer,
+                                      route_policy=routing_policy(stage))
+    manager.submit(committed(spool, envelope("b@x.test")))
+    for _ in range(2 * 24 * 4 + 2):                            # two days and a bit, every retry interval
+        clock.advance(900)
+    assert agent.calls == []
+    [(_, [(index, status, detail)])] = bouncer.bounced
+    assert (index, status) == (0, "4.4.7") and "partner relay not reachable yet" in detail
+    assert os.listdir(spool.queue_dir) == []
+
+
+def test_a_routing_refusal_whose_ndr_cannot_be_queued_is_retried_as_that_ndr(spool):
+    """
+    Defect: the refused recipient was parked in the held Unreachable queue
+    and came back two days later as 4.4.7 with the wrong reason.
+    """
+    from exedge.pipeline import reject
+    stage = RoutesLater(b=[reject("Recipient not authorized on this connector", "5.7.1")])
+    bouncer = RecordingBouncer()
+    full = [OSError(28, "No space left on device")] * 2
+
+    def bounce(message, outcomes):
+        if full:
+            return defer.fail(full.pop())
+        return RecordingBouncer.bounce(bouncer, message, outcomes)
+
+    bouncer.bounce = bounce
+    agent = ScriptedAgent("out", {"a@x.test": ["delivered"]})
+    manager, clock = scripted_manager(spool, {"out": agent}, [("out", "x.test")], bouncer=bouncer,
+                                      route_policy=routing_policy(stage))
+    manager.submit(committed(spool, envelope("a@x.test", "b@x.test")))
+    assert agent.calls == [["a@x.test"]] and bouncer.bounced == []
+    assert UNREACHABLE not in manager.queues                    # never parked where nothing retries it
+    clock.advance(60)                                           # the disk is still full
+    assert bouncer.bounced == []
+    clock.advance(60)
+    [(_, [(index, status, detail)])] = bouncer.bounced
+    assert (index, status, detail) == (1, "5.7.1", "5.7.1 Recipient not authorized on this connector")
+    assert stage.asked == ["a@x.test", "b@x.test"]              # the NDR is retried, not the routing
+    assert os.listdir(spool.queue_dir) == []
+    clock.advance(3600)
+    assert len(bouncer.bounced) == 1

@@ -106,11 +106,11 @@ def test_reject_refuses_a_fail_at_mail_with_5_7_23(tmp_path):
                    b"as a permitted sender\r\n")
     assert s.proto.txn is None
     assert s.codes(b"MAIL FROM:<alice@soft.test>\r\n") == ["250 2.1.0"]          # softfail is not fail
-    assert s.proto.view.notes["spf"] == "softfail"
+    assert s.proto.session.notes["spf"] == "softfail"
     s.send(b"RSET\r\n")
     assert s.codes(b"MAIL FROM:<alice@pass.test>\r\n") == ["250 2.1.0"]
-    assert s.proto.view.notes["spf"] == "pass"
-    assert "designates 127.0.0.1 as permitted sender" in s.proto.view.notes["spf_reason"]
+    assert s.proto.session.notes["spf"] == "pass"
+    assert "designates 127.0.0.1 as permitted sender" in s.proto.session.notes["spf_reason"]
 
 
 def deliver(s, sender: bytes, body=b"Subject: hi\r\n\r\nhello\r\n") -> list[str]:
@@ -170,7 +170,7 @@ def test_authenticated_and_anti_spam_bypassing_sessions_are_not_checked(tmp_path
     s = session_with(tmp_path, quiet, peer="127.0.0.2")
     s.send(b"EHLO mx.client.test\r\n")
     assert s.codes(b"MAIL FROM:<alice@fail.test>\r\n") == ["250 2.1.0"]
-    assert asked == [] and "spf" not in s.proto.view.notes
+    assert asked == [] and "spf" not in s.proto.session.notes
 
     class Someone:
         name = "alice"

@@ -1,10 +1,12 @@
 """
 Turning failed recipients into an NDR in the queue.
 
-The NDR is committed to the spool (fsync'ed like any received message)
-before the original's failure is recorded, so a crash in between can only
-send the report twice, never lose it. A message from the null sender is
-never bounced (that is how bounce loops start): its failures are logged.
+The NDR enters the queue the way every message does, through cleanup
+(L{exedge.cleanup.Cleanup.inject}): committed to the spool, fsync'ed like
+any received message, before the original's failure is recorded, so a
+crash in between can only send the report twice, never lose it. A message
+from the null sender is never bounced (that is how bounce loops start):
+its failures are logged.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from exedge.queue.envelope import Envelope, Recipient
+from exedge.queue.envelope import Recipient
 
 from .ndr import FailedRecipient, build_ndr, wants_delay_notice, wants_ndr
 
@@ -20,10 +22,15 @@ log = Logger()
 
 
 class Bouncer:
-    def __init__(self, spool, reporting_mta: str, submit, clock):
-        self.spool = spool
+    """
+    C{cleanup} queues the reports; C{run(f)} runs C{f} where reading a
+    message back from the spool may block (the spool's delivery threads).
+    """
+
+    def __init__(self, cleanup, reporting_mta: str, run, clock):
+        self.cleanup = cleanup
         self.reporting_mta = reporting_mta
-        self.submit = submit
+        self.run = run
         self.clock = clock
 
     def bounce(self, message, outcomes) -> defer.Deferred:
@@ -70,21 +77,8 @@ class Bouncer:
                              ret=env.ret, arrival=env.received_at, failed=reports,
                              original=message.read_data(), now=now, retry_until=retry_until)
 
-        d = self.spool.run_delivery(build)
-        d.addCallback(self._queue, message, env.sender)
-        return d
-
-    def _queue(self, data: bytes, message, sender: str) -> defer.Deferred:
-        incoming = self.spool.begin()
-        incoming.write(data)
-        envelope = Envelope(sender="", recipients=(Recipient(sender),), size=len(data),
-                            receive_connector="(non-delivery report)", received_at=self.clock.seconds())
-        d = incoming.commit(envelope)
-
-        def queued(stored):
-            log.info("{queue_id}: report {ndr} queued for {sender}", queue_id=message.queue_id,
-                     ndr=stored.queue_id, sender=sender)
-            self.submit(stored)
-
-        d.addCallback(queued)
+        d = self.run(build)
+        d.addCallback(self.cleanup.inject, "", (Recipient(env.sender),), "(non-delivery report)")
+        d.addCallback(lambda stored: log.info("{queue_id}: report {ndr} queued for {sender}",
+                                              queue_id=message.queue_id, ndr=stored.queue_id, sender=env.sender))
         return d

@@ -4,11 +4,12 @@ The pipeline room: every SMTP event passes through ordered stages, built-in
 """
 
 from .registry import build_pipeline, describe, discover
-from .runner import Entry, Pipeline, SessionView
+from .runner import Entry, Pipeline
+from .session import Session
 from .message import Message
 from .stage import ACCEPT, CONTINUE, IStage, IStageFactory, Stage, Verdict, defer_, disconnect, ok, reject
 
 __all__ = [
-    "ACCEPT", "CONTINUE", "Entry", "IStage", "IStageFactory", "Message", "Pipeline", "SessionView", "Stage",
+    "ACCEPT", "CONTINUE", "Entry", "IStage", "IStageFactory", "Message", "Pipeline", "Session", "Stage",
     "Verdict", "build_pipeline", "defer_", "describe", "discover", "disconnect", "ok", "reject",
 ]

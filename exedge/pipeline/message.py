@@ -22,7 +22,11 @@ import email.parser
 import email.policy
 import re
 
+import attrs
 from twisted.internet import defer
+from zope.interface import implementer
+
+from exedge.interfaces import IMessageEdit
 
 SCL_HEADER = "X-MS-Exchange-Organization-SCL"
 _FIELD_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")      # RFC 5322 ftext
@@ -128,38 +132,56 @@ class Message:
         """Do the bytes on disk change?"""
         return bool(self.added or self.removed or self.scl is not None or self.replacement is not None)
 
-    def edit(self, prefix_length: int):
+    def edit(self, prefix_length: int) -> "MessageEdit":
         """
-        The transformation of the spooled bytes (our Received field, then
-        the client's message) that applies this message's header edits and
-        replacement: a pure function, run where the bytes are.
+        This message's header edits and replacement as a value that the
+        spool applies to its bytes (our Received field, C{prefix_length}
+        octets, then the client's message).
         """
         added = list(self.added)
         if self.scl is not None:
             added.append((SCL_HEADER, str(self.scl)))
-        removed = tuple(self.removed)
-        replacement = self.replacement
+        return MessageEdit(tuple(added), tuple(self.removed), self.replacement, prefix_length)
 
-        def transform(data: bytes) -> bytes:
-            prefix, content = data[:prefix_length], data[prefix_length:]
-            if replacement is not None:
-                content = replacement
-            if removed:
-                content = remove_fields(content, removed)
-            top = b"".join(f"{name}: {value}\r\n".encode("utf-8") for name, value in added)
-            return top + prefix + content
 
-        # header edits alone leave everything after the header section as it
-        # is: the spool can then stream a large message instead of reading it
-        # into memory (transform(head + rest) == transform(head) + rest when
-        # the head ends with the header section's empty line)
-        transform.head_only = replacement is None
-        transform.prefix_length = prefix_length
-        return transform
+@implementer(IMessageEdit)
+@attrs.frozen
+class MessageEdit:
+    """
+    The stages' changes to a message's bytes: fields added above our
+    Received field, fields removed from the client's header section, or
+    the whole content replaced. Header edits alone leave everything after
+    the header section as it is, so the spool can stream a large message
+    instead of reading it into memory (L{head_only}).
+    """
+
+    added: tuple = ()                 # (name, value), in order
+    removed: tuple = ()               # lower-case names; "x-foo-*" for a prefix
+    replacement: bytes | None = None
+    prefix_length: int = 0            # our Received field, kept as it is
+
+    @property
+    def head_only(self) -> bool:
+        return self.replacement is None
+
+    def apply(self, data: bytes) -> bytes:
+        prefix, content = data[:self.prefix_length], data[self.prefix_length:]
+        if self.replacement is not None:
+            content = self.replacement
+        if self.removed:
+            content = remove_fields(content, self.removed)
+        top = b"".join(f"{name}: {value}\r\n".encode("utf-8") for name, value in self.added)
+        return top + prefix + content
 
 
 def remove_fields(content: bytes, names: tuple[str, ...]) -> bytes:
-    """C{content} without the header fields named (folded lines go with their field)."""
+    """
+    C{content} without the header fields named (folded lines go with their
+    field). Only the header section is looked at: it ends at the first
+    empty line, and is empty when the message begins with one.
+    """
+    if content.startswith(b"\r\n"):
+        return content                    # no header fields: nothing to remove, the body is not a header
     end = content.find(b"\r\n\r\n")
     header, rest = (content, b"") if end < 0 else (content[:end + 2], content[end + 2:])
     exact = {n for n in names if not n.endswith("*")}

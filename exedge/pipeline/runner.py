@@ -16,9 +16,11 @@ import inspect
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from exedge.auth.permissions import Right
+from exedge.interfaces import Deferral, IRoutePolicy, Refusal
 
+from .session import Session
 from .stage import CONTINUE, Stage, Verdict
 
 log = Logger()
@@ -34,58 +36,7 @@ class Entry:
     timeout: float = 30.0
 
 
-class SessionView:
-    """What a stage may see of a session: read-only facts and a notes dict."""
-
-    def __init__(self, protocol):
-        self._p = protocol
-        self.notes: dict = {}
-
-    @property
-    def peer(self) -> str:
-        return self._p.peer_host
-
-    @property
-    def connector(self) -> str:
-        return self._p.connector.name if self._p.connector else ""
-
-    @property
-    def helo(self):
-        return self._p.helo
-
-    @property
-    def tls(self) -> bool:
-        return self._p.tls_active
-
-    @property
-    def authenticated_as(self):
-        return self._p.identity.name if self._p.identity else None
-
-    @property
-    def sender(self):
-        txn = self._p.txn
-        return None if txn is None or txn.sender is None else str(txn.sender)
-
-    @property
-    def recipients(self) -> list[str]:
-        txn = self._p.txn
-        return [r.address for r in txn.recipients] if txn else []
-
-    def is_authoritative(self, domain: str) -> bool:
-        """Is C{domain} one of ours (an Authoritative accepted domain)?"""
-        return self._p.ctx.router.is_authoritative(domain)
-
-    def has_right(self, right: Right) -> bool:
-        """Does the session hold this right (exedge.auth.permissions.Right)?"""
-        perms = self._p.permissions
-        return perms is not None and right in perms
-
-    @property
-    def bypass_anti_spam(self) -> bool:
-        perms = self._p.permissions
-        return bool(self.notes.get("anti_spam_allowed")) or (perms is not None and Right.BypassAntiSpam in perms)
-
-
+@implementer(IRoutePolicy)
 class Pipeline:
     def __init__(self, entries, clock):
         self.entries = sorted(entries, key=lambda e: e.priority)
@@ -119,7 +70,7 @@ class Pipeline:
                     found.append((e, method))
         return found
 
-    def verb(self, session: SessionView, verb: str):
+    def verb(self, session: Session, verb: str):
         """
         The handler of a stage's own SMTP verb in this session (a callable
         taking the argument and giving a Verdict, at once or later), or None.
@@ -130,7 +81,7 @@ class Pipeline:
                 return lambda argument: self._call(entry, verb, method, session, argument)
         return None
 
-    def ehlo_keywords(self, session: SessionView) -> list[str]:
+    def ehlo_keywords(self, session: Session) -> list[str]:
         """The EHLO keywords of the stages that run in this session."""
         out: list[str] = []
         for entry in self.stages_for(session.connector):
@@ -181,8 +132,10 @@ class Pipeline:
 
     def route(self, envelope, recipient: str, route):
         """
-        The next hop after the stages' on_route hooks: C{route}, another
-        Route a stage chose, or a reject Verdict (the recipient bounces).
+        L{IRoutePolicy}: the next hop after the stages' on_route hooks:
+        C{route}, another Route a stage chose, a L{Refusal} (a stage's
+        reject: the recipient bounces) or a L{Deferral} (a stage's defer:
+        the recipient waits and is routed again later).
         Synchronous: routing runs for every recipient and must not wait.
         Every enabled stage is asked, whichever connector received the
         message (bounces that exedge writes were received by none):
@@ -198,13 +151,15 @@ class Pipeline:
                 log.failure("stage {stage} failed in on_route", stage=entry.stage.name)
                 continue                      # a broken stage does not bounce mail
             if isinstance(result, Verdict):
-                if result.kind in ("reject", "defer"):
-                    return result
+                if result.kind == "reject":
+                    return Refusal(result.text or "Refused by a routing stage", result.status or "5.7.1")
+                if result.kind == "defer":
+                    return Deferral(result.text or "Deferred by a routing stage", result.status or "4.7.1")
             elif result is not None:
                 route = result
         return route
 
-    def run(self, hook: str, session: SessionView, *args):
+    def run(self, hook: str, session: Session, *args):
         """
         The deciding L{Verdict} (CONTINUE when no stage decided): at once
         when every stage answers at once, as a Deferred as soon as one

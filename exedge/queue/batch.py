@@ -45,11 +45,15 @@ class Batcher:
         self._timer = None
         self._idle_listeners: list[Callable[[], None]] = []
         if defer_to is not None:
-            defer_to._idle_listeners.append(self._priority_idle)
+            defer_to.on_idle(self._priority_idle)
 
     @property
     def busy(self) -> bool:
         return self._busy or bool(self._pending)
+
+    def on_idle(self, listener: Callable[[], None]) -> None:
+        """Call C{listener()} whenever this batcher has nothing left to do."""
+        self._idle_listeners.append(listener)
 
     def submit(self, item) -> defer.Deferred:
         d = defer.Deferred()

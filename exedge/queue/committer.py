@@ -48,11 +48,8 @@ class _Pending:
     """A commit sent to a worker and not yet answered."""
 
     worker: "_WorkerProtocol"
-    incoming: object            # the IncomingMessage
-    envelope: object
-    length: int                 # the message data's length, without the envelope
+    request: object             # the CommitRequest (its data kept for RecentData; None when spilled)
     done: defer.Deferred
-    data: bytes | None          # kept for RecentData; None for a spilled message
 
 
 class _WorkerProtocol(protocol.ProcessProtocol):
@@ -107,6 +104,10 @@ class ProcessCommitter:
     @property
     def busy(self) -> bool:
         return bool(self._in_flight)
+
+    def on_idle(self, listener) -> None:
+        """Call C{listener()} whenever no commit is in flight any more (delivery work waits for that)."""
+        self._idle_listeners.append(listener)
 
     # -- the worker --------------------------------------------------------
 
@@ -188,30 +189,26 @@ class ProcessCommitter:
 
     # -- commits -----------------------------------------------------------
 
-    def submit(self, item) -> defer.Deferred:
-        incoming, envelope, chunks = item
-        footer = envelope_footer(envelope)
-        if incoming._file is None:
-            data = b"".join(chunks)
-            return self._send(incoming, envelope, [data, footer], len(data), append=False, data=data)
-        d = self.spool.run(lambda: incoming._finish_spilled(chunks))
-        return d.addCallback(lambda length: self._send(incoming, envelope, [footer], length, append=True))
+    def submit(self, request) -> defer.Deferred:
+        """Commit a L{exedge.queue.spool.CommitRequest}; fires with its L{StoredMessage}."""
+        footer = envelope_footer(request.envelope)
+        payload = [footer] if request.data is None else [request.data, footer]
+        return self._send(request, payload)
 
-    def _send(self, incoming, envelope, payload: list[bytes], length: int, append: bool,
-              data: bytes | None = None) -> defer.Deferred:
+    def _send(self, request, payload: list[bytes]) -> defer.Deferred:
         worker = self._current()
         if worker is None:
             if self._stopping:
                 return defer.fail(WorkerGone(5, "the commit worker is not running"))
             # the last one died less than restart_interval after it started:
             # wait for the next start rather than refuse
-            return self._restarted().addCallback(
-                lambda _: self._send(incoming, envelope, payload, length, append, data))
+            return self._restarted().addCallback(lambda _: self._send(request, payload))
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         request_id = self._next_id
         done = defer.Deferred()
-        self._in_flight[request_id] = _Pending(worker, incoming, envelope, length, done, data)
-        worker.transport.writeSequence(wire.encode_request(request_id, incoming.queue_id, payload, append))
+        self._in_flight[request_id] = _Pending(worker, request, done)
+        worker.transport.writeSequence(wire.encode_request(request_id, request.queue_id, payload,
+                                                           append=request.data is None))
         return done
 
     def _answered(self, worker, request_id: int, errno: int, text: str) -> None:
@@ -223,10 +220,10 @@ class ProcessCommitter:
         if errno:
             pending.done.errback(Failure(OSError(errno, text)))
         else:
-            queue_id = pending.incoming.queue_id
-            held = self.spool.recent.hold(queue_id, pending.data) if pending.data is not None else None
-            pending.done.callback(StoredMessage(queue_id, pending.envelope, os.path.join(self.spool.queue_dir, queue_id),
-                                                pending.length, held=held))
+            r = pending.request
+            held = self.spool.recent.hold(r.queue_id, r.data) if r.data is not None else None
+            pending.done.callback(StoredMessage(r.queue_id, r.envelope, os.path.join(self.spool.queue_dir, r.queue_id),
+                                                r.length, held=held))
         self._maybe_idle()
 
     def _worker_ended(self, worker, reason: Failure) -> None:
@@ -243,7 +240,7 @@ class ProcessCommitter:
             # Removed here and now, not on a spool thread: this also runs
             # while the server shuts down, after its thread pools have gone;
             # one unlink per lost commit, on a path that means a crash.
-            _unlink_quietly(os.path.join(self.spool.queue_dir, pending.incoming.queue_id))
+            _unlink_quietly(os.path.join(self.spool.queue_dir, pending.request.queue_id))
             pending.done.errback(Failure(WorkerGone(5, "the commit worker exited")))
         self._maybe_idle()
 

@@ -26,7 +26,9 @@ class Envelope:
     envid: str | None = None
     auth: str | None = None            # RFC 4954 AUTH= to pass on (xtext; "<>" for none)
     body: str | None = None            # 7BIT | 8BITMIME
-    size: int = 0                      # octets stored, Received header included
+    # octets stored, as they will be sent: our Received field and the
+    # stages' edits included (what routing checks against max_message_size)
+    size: int = 0
     receive_connector: str = ""
     peer: str = ""                     # "ip:port"
     helo: str = ""

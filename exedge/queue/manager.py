@@ -21,8 +21,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from exedge.config import QueueConfig
-from exedge.interfaces import IQueueSink
-from exedge.routing import TOO_LARGE, UNREACHABLE, NextHop
+from exedge.interfaces import Deferral, IQueueSink, NextHop, Outcome, Refusal
+from exedge.routing import ROUTE_DEFERRED, TOO_LARGE, UNREACHABLE
 
 log = Logger()
 
@@ -35,21 +35,6 @@ class QueueStatus(enum.Enum):
     Retry = "Retry"
     Suspended = "Suspended"
     Held = "Held"
-
-
-@attrs.frozen
-class Outcome:
-    """One recipient's result: status is delivered, failed or deferred."""
-
-    index: int
-    status: str
-    detail: str = ""        # the reply or our reason, "550 5.1.1 User unknown"
-    enhanced: str = ""      # its enhanced status code, for the NDR
-    remote: str = ""        # the host that answered, if any
-    # for delivered recipients, what a NOTIFY=SUCCESS sender is told:
-    # "delivered" (final delivery), "relayed" (to a hop without DSN), or ""
-    # (the next hop offered DSN and took the parameters over)
-    action: str = ""
 
 
 @attrs.define
@@ -76,24 +61,32 @@ class QueueManager(Service):
     Routes committed messages into per-hop queues and runs each queue with
     its connector's delivery agent, with as many attempts in flight per
     queue as the agent's concurrency allows.
+
+    C{bouncer} turns failed recipients into NDRs (L{exedge.dsn.Bouncer});
+    C{route_policy} has a say after the router chose
+    (L{exedge.interfaces.IRoutePolicy}: the pipeline's on_route stages);
+    C{intake} is where committed messages are announced
+    (L{exedge.queue.intake.Intake}): this manager takes them from there.
     """
 
     def __init__(self, spool, router, agents: dict, clock, policy: QueueConfig = QueueConfig(),
-                 concurrency: int = 4, bouncer=None):
+                 concurrency: int = 4, *, bouncer=None, route_policy=None, intake=None):
         self.spool = spool
         self.router = router
         self.agents = agents
         self.clock = clock
         self.policy = policy
         self.concurrency = concurrency   # attempts in flight per queue
-        self.bouncer = bouncer           # turns failed recipients into NDRs
-        self.route_hook = None           # the pipeline's on_route (envelope, recipient, Route) -> Route | Verdict
+        self.bouncer = bouncer
+        self.route_policy = route_policy
         self.queues: dict[NextHop, DeliveryQueue] = {}
         # every message in the spool, with its recipients that have a final
         # outcome: a message split over several hops is removed when the
         # last is done, and an item of a removed message is dropped
         self._live: dict[str, set[int]] = {}
         self._delay_notified: dict[str, set[int]] = {}   # per live message, recipients told of a delay
+        if intake is not None:
+            intake.serve(self.submit)
 
     # -- intake ------------------------------------------------------------
 
@@ -117,6 +110,7 @@ class QueueManager(Service):
         envelope = message.envelope
         hops: dict[NextHop, list[int]] = {}
         refused: list[Outcome] = []
+        deferred: dict[str, list[int]] = {}
         for i in pending:
             address = envelope.recipients[i].address
             route = self.router.route(address.rpartition("@")[2], envelope.size)
@@ -124,21 +118,67 @@ class QueueManager(Service):
                 refused.append(Outcome(i, "failed", "5.3.4 Message too large for every send connector "
                                        f"that serves this domain ({envelope.size} bytes)", "5.3.4"))
                 continue
-            if self.route_hook is not None and route.connector is not None:
-                chosen = self.route_hook(envelope, address, route)
-                if getattr(chosen, "kind", None) == "reject":
-                    status = chosen.status or "5.7.1"
-                    refused.append(Outcome(i, "failed", f"{status} {chosen.text}", status))
+            if self.route_policy is not None and route.connector is not None:
+                route = self.route_policy.route(envelope, address, route)
+                if isinstance(route, Refusal):
+                    refused.append(Outcome(i, "failed", f"{route.status} {route.text}", route.status))
                     continue
-                route = chosen if chosen is not None and hasattr(chosen, "hop") else route
+                if isinstance(route, Deferral):
+                    deferred.setdefault(f"{route.status} {route.text}", []).append(i)
+                    continue
             hops.setdefault(route.hop, []).append(i)
         if refused:
-            self._record(message, refused).addCallback(
-                lambda retry: self.queue_for(UNREACHABLE).items.append((message, retry)) if retry else None)
+            self._settle(message, refused)
+        for reason, indexes in deferred.items():
+            self._route_later(message, indexes, reason)
         for hop, indexes in hops.items():
             queue = self.queue_for(hop)
             queue.items.append((message, indexes))
             self._kick(queue)
+
+    def _settle(self, message, outcomes) -> None:
+        """
+        Final outcomes decided here (a refusal at routing): recorded, and
+        their NDR queued. While the NDR cannot be written, try again at the
+        glitch retry interval with the same outcomes, reason and all.
+        """
+        def again(retry):
+            if retry:
+                left = [o for o in outcomes if o.index in set(retry)]
+                self.clock.callLater(self.policy.queue_glitch_retry_interval, self._settle, message, left)
+
+        self._record(message, outcomes).addCallback(again)
+
+    def _route_later(self, message, indexes: list[int], reason: str) -> None:
+        """
+        A routing stage said "not now" (a 4xx from on_route): these
+        recipients wait out message_retry_interval in the held queue of
+        deferred routes, where delay notices and expiry see them, and are
+        routed again then (the stages are asked again); the message's
+        other recipients go on meanwhile.
+        """
+        queue = self.queue_for(ROUTE_DEFERRED)
+        queue.last_error = reason
+        item = (message, indexes)
+
+        def again():
+            if item in queue.waiting:
+                queue.waiting.remove(item)
+            done = self._live.get(message.queue_id)
+            left = [i for i in indexes if done is not None and i not in done]
+            if not left:
+                return
+            if self._expired(message):
+                d = self._expire(queue, (message, left), reason)
+                d.addCallback(lambda retry: self._route_later(message, retry, reason) if retry else None)
+                return
+            self._route(message, left)
+
+        queue.waiting.append(item)
+        log.info("{queue_id}: routing deferred for {rcpts}: {reason}", queue_id=message.queue_id,
+                 rcpts=", ".join(message.envelope.recipients[i].address for i in indexes), reason=reason)
+        self.clock.callLater(self.policy.message_retry_interval, again)
+        self._note_retry(message, indexes, self.clock.seconds() + self.policy.message_retry_interval)
 
     def queue_for(self, hop: NextHop) -> DeliveryQueue:
         queue = self.queues.get(hop)
@@ -147,6 +187,9 @@ class QueueManager(Service):
             if hop == UNREACHABLE:
                 queue.status = QueueStatus.Held
                 queue.hold_reason = "no send connector serves these recipients"
+            elif hop == ROUTE_DEFERRED:
+                queue.status = QueueStatus.Held
+                queue.hold_reason = "a routing stage deferred these recipients"
         return queue
 
     # -- admin actions (the hooks schedules and ETRN will use) -------------
@@ -166,7 +209,7 @@ class QueueManager(Service):
     def release(self, hop: NextHop) -> None:
         """Resume a held or suspended queue, or retry a waiting one now."""
         queue = self.queue_for(hop)
-        if hop == UNREACHABLE:
+        if hop in (UNREACHABLE, ROUTE_DEFERRED):
             return
         if queue.status in (QueueStatus.Held, QueueStatus.Suspended, QueueStatus.Retry):
             self._cancel_retry(queue)
@@ -207,7 +250,7 @@ class QueueManager(Service):
     def _expired(self, message) -> bool:
         return self.clock.seconds() - message.envelope.received_at >= self.policy.message_expiration_timeout
 
-    def _expire(self, queue: DeliveryQueue, item):
+    def _expire(self, queue: DeliveryQueue, item, reason: str = ""):
         """
         Give up on these recipients: NDR 4.4.7 with the last reason we had.
         Fires with the recipients whose NDR could not be queued (to try again).
@@ -217,7 +260,7 @@ class QueueManager(Service):
         indexes = [i for i in indexes if done is not None and i not in done]
         if not indexes:
             return defer.succeed([])
-        reason = queue.last_error or queue.hold_reason or "not delivered in time"
+        reason = reason or queue.last_error or queue.hold_reason or "not delivered in time"
         hours = self.policy.message_expiration_timeout / 3600
         detail = f"Message expired after {hours:g} hours; last error: {reason}"
         outcomes = [Outcome(i, "failed", f"4.4.7 {detail}", "4.4.7") for i in indexes]

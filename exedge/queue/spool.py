@@ -39,10 +39,13 @@ from typing import Callable, Iterable
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from .batch import Batcher
 from exedge.commit_worker import COMMITTED, write_group
 from exedge.durable import DirectorySync, fsync_in_turn
+from exedge.interfaces import IIncomingMessage, IMessageStore, IStoredMessage
+
+from .batch import Batcher
 from .envelope import Envelope
 
 FOOTER_MAGIC = b"\n#exedge-envelope "
@@ -118,6 +121,7 @@ class RecentData:
         return self._bytes
 
 
+@implementer(IStoredMessage)
 @attrs.frozen
 class StoredMessage:
     """A committed message: its id, envelope, and recipients already done."""
@@ -162,6 +166,23 @@ class StoredMessage:
             os.close(fd)
 
 
+@attrs.frozen
+class CommitRequest:
+    """
+    A finished message, handed to whoever commits (the commit worker's
+    L{exedge.queue.committer.ProcessCommitter}, or L{Spool}'s in-process
+    batches): its data in memory, or C{data} None when it spilled to
+    C{incoming/<queue_id>}, which then holds all C{length} octets and is
+    closed; the committer adds the envelope footer.
+    """
+
+    queue_id: str
+    envelope: Envelope
+    data: bytes | None
+    length: int
+
+
+@implementer(IIncomingMessage)
 class IncomingMessage:
     """
     A message being received. Data is kept in memory until it passes
@@ -244,10 +265,11 @@ class IncomingMessage:
         with open(self.path, "rb") as reader:
             return reader.read()
 
-    def rewrite(self, transform) -> defer.Deferred:
+    def rewrite(self, edit) -> defer.Deferred:
         """
-        Replace what was written with C{transform(it)} (pipeline actions:
-        header edits, a stripped attachment); fires with the new length.
+        Replace what was written with C{edit.apply(it)} (an
+        L{exedge.interfaces.IMessageEdit}: the pipeline's header edits, a
+        stripped attachment); fires with the new length.
         The message is not acknowledged yet, so rewriting in place is safe:
         a crash leaves a file in incoming/ that start-up removes.
         """
@@ -256,34 +278,34 @@ class IncomingMessage:
         def step(_):
             chunks, self._chunks, self._buffered = self._chunks, [], 0
             if self._file is None:
-                data = transform(b"".join(chunks))
+                data = edit.apply(b"".join(chunks))
                 self._chunks, self._buffered = [data], len(data)
                 done.callback(len(data))
                 return None
-            return self.spool.run(lambda: self._rewrite_file(chunks, transform)).addCallback(done.callback)
+            return self.spool.run(lambda: self._rewrite_file(chunks, edit)).addCallback(done.callback)
 
         self._tail.addCallback(step)
         self._tail.addErrback(lambda f: (done.errback(f), f)[1])
         return done
 
-    def _rewrite_file(self, chunks: list[bytes], transform) -> int:
+    def _rewrite_file(self, chunks: list[bytes], edit) -> int:
         f = self._file
         f.flush()
-        if getattr(transform, "head_only", False):
-            length = self._rewrite_head(chunks, transform)
+        if edit.head_only:
+            length = self._rewrite_head(chunks, edit)
             if length is not None:
                 return length
         f.seek(0)
-        data = transform(f.read() + b"".join(chunks))
+        data = edit.apply(f.read() + b"".join(chunks))
         f.seek(0)
         f.truncate()
         f.write(data)
         return len(data)
 
-    def _rewrite_head(self, chunks: list[bytes], transform) -> int | None:
+    def _rewrite_head(self, chunks: list[bytes], edit) -> int | None:
         """
         Header edits on a spilled message, streamed: only the header
-        section goes through C{transform}; the rest is copied to a new file
+        section goes through the edit; the rest is copied to a new file
         in 1 MiB pieces, which then replaces the old one. A 35 MB message
         with an added header costs 1 MiB of memory, not 70. None if the
         header section does not end within the first L{HEAD_WINDOW} bytes
@@ -292,14 +314,14 @@ class IncomingMessage:
         f = self._file
         f.seek(0)
         window = f.read(HEAD_WINDOW)
-        end = window.find(b"\r\n\r\n", transform.prefix_length)
-        if end < 0:
+        head = header_section_end(window, edit.prefix_length)
+        if head < 0:
             return None
         temp = self.path + ".rewrite"    # in incoming/: start-up removes it after a crash
         out = open(temp, "w+b")
         try:
-            out.write(transform(window[:end + 4]))
-            f.seek(end + 4)
+            out.write(edit.apply(window[:head]))
+            f.seek(head)
             shutil.copyfileobj(f, out, 1024 * 1024)
             out.writelines(chunks)
             out.flush()
@@ -318,15 +340,24 @@ class IncomingMessage:
         chunks, self._chunks = self._chunks, []
         self._closed = True
         d = self._tail
-        d.addCallback(lambda _: self.spool.receiving.submit((self, envelope, chunks)))
+        d.addCallback(lambda _: self._finished(envelope, chunks))
+        d.addCallback(self.spool.receiving.submit)
         d.addErrback(self._cleanup_after_failure)
         return d
+
+    def _finished(self, envelope: Envelope, chunks: list[bytes]):
+        """The L{CommitRequest}: at once for a message in memory, after a spool thread closes a spilled one."""
+        if self._file is None:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return CommitRequest(self.queue_id, envelope, data, len(data))
+        d = self.spool.run(lambda: self._finish_spilled(chunks))
+        return d.addCallback(lambda length: CommitRequest(self.queue_id, envelope, None, length))
 
     def _finish_spilled(self, chunks: list[bytes]) -> int:
         """
         The last data of a spilled message written and its file closed,
-        for the commit worker to add the footer (spool thread); returns
-        the data's length.
+        for the committer to add the footer (spool thread); returns the
+        data's length.
         """
         self._write_chunks(chunks)
         f = self._file
@@ -361,6 +392,19 @@ class IncomingMessage:
             pass
 
 
+def header_section_end(data: bytes, start: int = 0) -> int:
+    """
+    Where the header section that begins at C{start} ends: the offset just
+    after its empty line, or -1 if C{data} holds no such line. A message
+    may have no header fields at all (it then begins with the empty line).
+    """
+    if data[start:start + 2] == b"\r\n":
+        return start + 2
+    end = data.find(b"\r\n\r\n", start)
+    return end + 4 if end >= 0 else -1
+
+
+@implementer(IMessageStore)
 class Spool:
     """
     The spool directory. C{run(f)} executes blocking file work and returns a
@@ -379,6 +423,7 @@ class Spool:
         L{Batcher} of L{_commit_batch} on C{run}, for tests in one process.
         """
         self.directory = directory
+        self._now = clock.seconds if clock is not None else time.time
         self.run = run
         self.run_delivery = run_delivery or run
         self.incoming_dir = os.path.join(directory, "incoming")
@@ -406,29 +451,17 @@ class Spool:
         (L{write_group}): write each, fsync each, rename each, then one
         fsync of the queue directory covers them all.
         """
-        results: list = [None] * len(items)
-        requests, lengths, index = [], [], []
-        for n, (incoming, envelope, chunks) in enumerate(items):
-            footer = envelope_footer(envelope)
-            try:
-                if incoming._file is None:
-                    data = b"".join(chunks)
-                    requests.append((incoming.queue_id, data + footer, False))
-                    lengths.append(len(data))
-                else:
-                    lengths.append(incoming._finish_spilled(chunks))
-                    requests.append((incoming.queue_id, footer, True))
-            except OSError as e:
-                results[n] = e
-                continue
-            index.append(n)
+        requests = []
+        for item in items:
+            footer = envelope_footer(item.envelope)
+            if item.data is None:
+                requests.append((item.queue_id, footer, True))
+            else:
+                requests.append((item.queue_id, item.data + footer, False))
         written = write_group(self.incoming_dir, self.queue_dir, self._queue_sync, requests, fsync_in_turn)
-        for n, result, length in zip(index, written, lengths):
-            incoming, envelope, _ = items[n]
-            final = os.path.join(self.queue_dir, incoming.queue_id)
-            results[n] = result if result is not COMMITTED else \
-                StoredMessage(incoming.queue_id, envelope, final, length)
-        return results
+        return [result if result is not COMMITTED else
+                StoredMessage(item.queue_id, item.envelope, os.path.join(self.queue_dir, item.queue_id), item.length)
+                for item, result in zip(items, written)]
 
     # -- after commit ------------------------------------------------------
 
@@ -441,7 +474,7 @@ class Spool:
         retry after a crash, nothing more.
         """
         line = json.dumps({"rcpts": sorted(indexes), "status": status, "detail": detail,
-                           "at": time.time() if at is None else at})
+                           "at": self._now() if at is None else at})
         self._stateful.add(message.queue_id)
 
         def append():

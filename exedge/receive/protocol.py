@@ -1,5 +1,5 @@
 """
-The ESMTP session of a receive connector.
+The ESMTP session of a receive connector: the SMTP state machine.
 
 exedge's own server protocol on C{basic.LineReceiver} rather than a
 subclass of C{twisted.mail.smtp.ESMTP}, whose flaws reach nearly every
@@ -9,66 +9,55 @@ unbounded buffer, never disconnects for protocol errors, has no NOOP,
 VRFY or HELP, ignores every MAIL/RCPT parameter and can only answer 550
 when the queue write fails.
 
-Here:
-  - every command is answered in order: while an answer is pending
-    (queue write, tarpit) the protocol is paused, and LineReceiver stops
-    taking lines from its buffer until it resumes;
-  - command lines are limited to 512 octets including CRLF; an over-long
-    line is answered once and discarded up to its CRLF;
-  - DATA is read in raw mode by L{DataReader}; the 250 is sent only after
-    the spool has fsync'ed the message;
-  - the connector, rights and limits are fixed when the session starts.
+The session speaks SMTP and decides what this client may do; the rest is
+in the rooms beside it, as Postfix splits smtpd:
+  - L{exedge.receive.flow}: every command is answered in order; while an
+    answer is pending (queue write, tarpit, a stage) no command is taken,
+    and a client that does not read its replies is not read;
+  - L{exedge.receive.params}: MAIL and RCPT arguments, parsed and checked;
+  - L{exedge.receive.sasl}: the AUTH dialogue;
+  - L{exedge.receive.data}: DATA, read in raw mode (only CRLF.CRLF ends it);
+  - L{exedge.cleanup}: everything between the final dot and the 250 (our
+    Received field, the stages' actions, the durable commit, the queue).
+Command lines are limited to 512 octets including CRLF; an over-long line
+is answered once and discarded up to its CRLF. The connector, rights and
+limits are fixed when the session starts. Stages see L{Session}, a small
+object this protocol keeps up to date.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import email.utils
-import functools
 import itertools
 import time
 
 import attrs
-from twisted.cred import error as cred_error
-from twisted.cred.credentials import UsernamePassword
-from twisted.internet import defer, task
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
 from twisted.protocols import basic
 from zope.interface import implementer
 
 from exedge import tls
-from exedge.auth.credentials import DirectoryUnavailable, IIdentity
-from exedge.auth.permissions import Permissions, Principal, Right, session_permissions
+from exedge.auth.permissions import Principal, Right, session_permissions
+from exedge.cleanup import Trace, Transaction, with_protocol
 from exedge.logs import ProtocolLog
-from exedge.pipeline import Message, SessionView
+from exedge.pipeline import Message
 from exedge.pipeline.runner import then
-from exedge.queue.envelope import Envelope, Recipient
+from exedge.pipeline.session import Session
+from exedge.queue.envelope import Recipient
 from exedge.writethrough import write_through
 
-from .address import (
-    Mailbox, SMTPError, check_notify, check_orcpt, check_xtext, is_helo_argument,
-    parse_params, parse_path,
-)
+from .address import Mailbox, is_helo_argument
 from .data import DataReader
+from .flow import Flow, InOrder
+from .params import CommandRefused, parse_mail, parse_rcpt
 from .reply import Reply, bad_sequence, syntax_error
+from .sasl import AuthDialogue
 
 log = Logger()
 
 HARD_SIZE_LIMIT = 2 * 1024**3   # Exchange's ceiling, even for BypassMessageSizeLimit
 _BAD_COMMAND_BYTES = (b"\r", b"\n", b"\x00")
-
-
-@attrs.define
-class Transaction:
-    sender: Mailbox | None
-    declared_size: int | None = None
-    body: str | None = None
-    ret: str | None = None
-    envid: str | None = None
-    auth: str | None = None
-    recipients: list[Recipient] = attrs.field(factory=list)
 
 
 @attrs.define
@@ -78,8 +67,7 @@ class ServerContext:
     server: object            # ServerConfig
     connectors: object        # ConnectorTable
     router: object            # Router
-    store: object             # IMessageStore
-    sink: object              # IQueueSink
+    cleanup: object           # exedge.cleanup.Cleanup: where finished messages go
     clock: object             # IReactorTime
     tls: dict = attrs.field(factory=dict)   # receive connector name -> TLS options (exedge.tls)
     portal: object = None     # twisted.cred Portal for AUTH; None: no AUTH anywhere
@@ -100,47 +88,9 @@ def new_session_id() -> str:
     return f"{_SESSION_EPOCH:08X}{next(_session_counter) & 0xFFFFFFFF:08X}"
 
 
-@functools.lru_cache(maxsize=4)
-def _rfc5322_date(second: int) -> str:
-    """Formatted once per second, not once per message."""
-    return email.utils.formatdate(second, localtime=False)
-
-
-@implementer(IPushProducer)
-class _ReplyBackpressure:
-    """
-    Registered with the transport: when replies pile up unread in its write
-    buffer, the session stops reading and stops taking commands.
-    """
-
-    def __init__(self, session: "SMTPServer"):
-        self.session = session
-
-    def pauseProducing(self) -> None:
-        self.session._set_write_blocked(True)
-
-    def resumeProducing(self) -> None:
-        self.session._set_write_blocked(False)
-
-    def stopProducing(self) -> None:
-        pass
-
-
-def _redirected(recipients, redirects) -> list:
-    """The recipients after the pipeline's redirects; ORCPT keeps who it was addressed to."""
-    out, seen = [], set()
-    for r in recipients:
-        targets = redirects.get(r.address.lower())
-        if targets is None:
-            if r.address.lower() not in seen:
-                seen.add(r.address.lower())
-                out.append(r)
-            continue
-        for target in targets:
-            if target.lower() not in seen:
-                seen.add(target.lower())
-                out.append(Recipient(target, r.notify, r.orcpt or f"rfc822;{r.address}"))
-    return out
+def _in_session(name: str) -> property:
+    """A fact of this session that stages see: kept in its L{Session}, read and written here by name."""
+    return property(lambda self: getattr(self.session, name), lambda self, value: setattr(self.session, name, value))
 
 
 @implementer(IHandshakeListener)
@@ -148,32 +98,64 @@ class SMTPServer(basic.LineReceiver):
     delimiter = b"\r\n"
     MAX_LENGTH = 510   # RFC 5321 §4.5.3.1.4: 512 octets with the CRLF
 
+    helo = _in_session("helo")
+    tls_active = _in_session("tls")
+    permissions = _in_session("permissions")
+
     def __init__(self, context: ServerContext):
         self.ctx = context
+        self.session = Session(authoritative=context.router.is_authoritative)
         self.connector = None
-        self.permissions: Permissions | None = None
         self.fqdn = ""
-        self.helo: str | None = None
         self.esmtp = False
-        self.txn: Transaction | None = None
+        self._txn: Transaction | None = None
+        self._identity = None                # the AUTHenticated Identity
         self.errors = 0
-        self.incoming = None
+        self.draft = None                    # the message being received (exedge.cleanup.Draft)
         self.reader: DataReader | None = None
         self.plog: ProtocolLog | None = None
+        self.flow: Flow | None = None
+        self.replies: InOrder | None = None
+        self.sasl: AuthDialogue | None = None
         self._admitted = False
         self._closing = False
         self._discarding = False
         self._overflowed = False
-        self.view = None                     # what pipeline stages see of this session
-        self.tls_active = False
+        self._greeted = False
+        self._stages_on = False              # the stages have seen on_connect
         self.tls_info: str | None = None
-        self._client_cert = None             # (verified certificate or None, why), once TLS is up     # for the Received header
-        self.identity = None                 # the AUTHenticated Identity
-        self.logon_failures = 0
-        self._auth_step = None               # the next line belongs to an AUTH dialogue
+        self._client_cert = None             # (verified certificate or None, why), once TLS is up
         self._idle_call = None
         self._life_call = None
-        self._prefix_length = 0              # our Received field, at the start of the spooled message
+        self._close_after_answer: Reply | None = None
+
+    @property
+    def paused(self) -> bool:
+        """LineReceiver takes no line from its buffer while this is true."""
+        return self.flow is not None and self.flow.paused
+
+    @paused.setter
+    def paused(self, value) -> None:
+        pass              # the flow decides; LineReceiver's own producer methods are never called
+
+    @property
+    def txn(self) -> Transaction | None:
+        return self._txn
+
+    @txn.setter
+    def txn(self, txn: Transaction | None) -> None:
+        self._txn = txn
+        self.session.sender = str(txn.sender) if txn is not None and txn.sender is not None else None
+        self.session.recipients = [r.address for r in txn.recipients] if txn is not None else []
+
+    @property
+    def identity(self):
+        return self._identity
+
+    @identity.setter
+    def identity(self, identity) -> None:
+        self._identity = identity
+        self.session.authenticated_as = identity.name if identity is not None else None
 
     # -- connection ----------------------------------------------------------
 
@@ -181,6 +163,9 @@ class SMTPServer(basic.LineReceiver):
         local, peer = self.transport.getHost(), self.transport.getPeer()
         self.peer_host = peer.host
         self.session_id = new_session_id()
+        self.flow = Flow(self.transport, buffered=lambda: len(self._buffer), take_more=lambda: self.dataReceived(b""))
+        self.replies = InOrder(self.flow, self.ctx.clock, send=self._send_reply, delay_of=self._tarpit_delay,
+                               on_error=self._internal_error, on_broken=self._broken)
         connector = self.ctx.connectors.select(local.host, local.port, peer.host)
         where = f"{local.host}:{local.port}"
         self.plog = ProtocolLog(connector.name if connector else "-", self.session_id,
@@ -190,6 +175,7 @@ class SMTPServer(basic.LineReceiver):
             self.plog.connect(f"no receive connector on {where} accepts {peer.host}")
             return self._refuse(Reply(554, "5.7.1", "No receive connector accepts your address; closing"))
         self.connector = connector
+        self.session.peer, self.session.connector = peer.host, connector.name
         if not self.ctx.connectors.admit(connector, peer.host):
             self.plog.connect("connection limit reached")
             return self._refuse(Reply(421, "4.3.2", "Service not available, too many connections; try again later"))
@@ -218,10 +204,10 @@ class SMTPServer(basic.LineReceiver):
         if self.connector.tls_mode == "Implicit" and not self._greeted:
             # implicit TLS: the stages see on_connect with session.tls already true
             return self._greet()
-        if self.ctx.pipeline and self.view is not None:
-            verdict = self.ctx.pipeline.run("on_starttls", self.view)
+        if self._stages_on:
+            verdict = self.ctx.pipeline.run("on_starttls", self.session)
             if isinstance(verdict, defer.Deferred):
-                self._hold()     # the client's EHLO waits for the stages' word on the handshake
+                self.flow.hold()     # the client's EHLO waits for the stages' word on the handshake
                 verdict.addCallback(self._tls_verdict, held=True)
                 verdict.addErrback(self._broken)
             else:
@@ -235,18 +221,16 @@ class SMTPServer(basic.LineReceiver):
             reply = self._verdict_reply(verdict)
             return self._refuse(Reply(421, "4.7.0" if verdict.kind != "disconnect" else reply.status, reply.text))
         if held:
-            self._release()
-
-    _greeted = False
+            self.flow.release()
 
     def _greet(self) -> None:
         self._greeted = True
         if self.ctx.pipeline:
             # the stages see the connection first; the banner waits for them
-            self.view = SessionView(self)
-            verdict = self.ctx.pipeline.run("on_connect", self.view)
+            self._stages_on = True
+            verdict = self.ctx.pipeline.run("on_connect", self.session)
             if isinstance(verdict, defer.Deferred):
-                self._hold()
+                self.flow.hold()
                 verdict.addCallback(self._connect_verdict, held=True)
                 verdict.addErrback(self._broken)
             else:
@@ -263,11 +247,11 @@ class SMTPServer(basic.LineReceiver):
             return self._refuse(Reply(code, reply.status, reply.text))
         self._banner()
         if held:
-            self._release()
+            self.flow.release()
 
     def _banner(self) -> None:
         # a client that does not read its replies stops being read
-        self.transport.registerProducer(_ReplyBackpressure(self), True)
+        self.flow.watch_replies()
         banner = self.connector.banner or f"220 {self.fqdn} exedge ESMTP service ready"
         self._write((banner if banner.startswith("220") else f"220 {banner}").encode("ascii", "replace") + b"\r\n")
 
@@ -281,16 +265,16 @@ class SMTPServer(basic.LineReceiver):
         for call in (self._idle_call, self._life_call):
             if call is not None and call.active():
                 call.cancel()
-        if self.incoming is not None:
-            self.incoming.abort()
-            self.incoming = None
+        if self.draft is not None:
+            self.draft.abort()
+            self.draft = None
         if self._admitted:
             self._admitted = False
             self.ctx.connectors.release(self.connector, self.peer_host)
         if self.plog is not None:
             self.plog.disconnect()
-        if self.ctx.pipeline and self.view is not None:
-            self.ctx.pipeline.run("on_disconnect", self.view)   # verdict ignored; failures are logged
+        if self._stages_on:
+            self.ctx.pipeline.run("on_disconnect", self.session)   # verdict ignored; failures are logged
 
     def _arm_idle(self) -> None:
         self._idle_call = self.ctx.clock.callLater(self.connector.connection_inactivity_timeout,
@@ -300,7 +284,7 @@ class SMTPServer(basic.LineReceiver):
         if self._closing:
             return
         reply = Reply(421, "4.4.2", f"{self.fqdn} {text}, closing transmission channel")
-        if self._answer_pending:
+        if self.flow.answer_pending:
             # we are the slow party (a queue write): the client is not idle,
             # and the answer it waits for goes out before any 421
             if idle:
@@ -317,50 +301,6 @@ class SMTPServer(basic.LineReceiver):
 
     # -- input ---------------------------------------------------------------
 
-    # Flow control. No command is taken from the buffer while an answer is
-    # pending (queue write, tarpit) or while the client is not reading its
-    # replies. The socket itself stops being read when the client is not
-    # reading, when message data waits for a slow disk, or when the client
-    # keeps talking past PAUSED_BUFFER_LIMIT while an answer is pending; stopping it on every queue write would cost two epoll calls
-    # per message for nothing.
-    PAUSED_BUFFER_LIMIT = 64 * 1024
-    _answer_pending = False
-    _write_blocked = False
-    _disk_blocked = False
-    _reading_stopped = False
-    _close_after_answer: Reply | None = None
-
-    def _flow(self) -> None:
-        self.paused = self._answer_pending or self._write_blocked
-        stop = self._write_blocked or self._disk_blocked or \
-            (self.paused and len(self._buffer) > self.PAUSED_BUFFER_LIMIT)
-        if stop != self._reading_stopped and not self._closing:
-            self._reading_stopped = stop
-            if stop:
-                self.transport.pauseProducing()
-            else:
-                self.transport.resumeProducing()
-
-    def _disk_drained(self) -> None:
-        self._disk_blocked = False
-        self._flow()
-
-    def _hold(self) -> None:
-        self._answer_pending = True
-        self._flow()
-
-    def _release(self) -> None:
-        self._answer_pending = False
-        self._flow()
-        if not self.paused:
-            self.dataReceived(b"")
-
-    def _set_write_blocked(self, blocked: bool) -> None:
-        self._write_blocked = blocked
-        self._flow()
-        if not self.paused:
-            self.dataReceived(b"")
-
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
@@ -372,7 +312,7 @@ class SMTPServer(basic.LineReceiver):
         while self._overflowed and not self.paused and not self._closing:
             self._overflowed = False
             super().dataReceived(b"")
-        self._flow()
+        self.flow.update()
 
     def lineLengthExceeded(self, data: bytes) -> None:
         end = data.find(b"\r\n")
@@ -382,7 +322,7 @@ class SMTPServer(basic.LineReceiver):
         elif data.endswith(b"\r"):
             self._buffer = b"\r"   # its LF may come in the next chunk and end the line
         if not self._discarding:
-            self._answer(syntax_error("Line too long", "5.5.2", 500))
+            self.replies.answer(syntax_error("Line too long", "5.5.2", 500))
         self._discarding = end < 0
 
     def lineReceived(self, line: bytes) -> None:
@@ -391,39 +331,27 @@ class SMTPServer(basic.LineReceiver):
         if self._discarding:          # the end of an over-long line
             self._discarding = False
             return
-        if self._auth_step is not None:
-            step, self._auth_step = self._auth_step, None
+        if self.sasl is not None and self.sasl.expecting:
             self.plog.received(b"(authentication data)")      # never a password in the log
-            return self._answer(step(line.decode("latin-1").strip(" ")))
+            return self.replies.answer(self.sasl.respond(line.decode("latin-1").strip(" ")))
         if line[:5].upper() == b"AUTH ":
             self.plog.received(b" ".join(line.split(b" ")[:2]) + b" ...")
         else:
             self.plog.received(line)
-        self._answer(self._command(line))
+        self.replies.answer(self._command(line))
 
     def rawDataReceived(self, data: bytes) -> None:
         done, rest = self.reader.feed(data)
         if not done:
-            if self.incoming.backlogged and not self._disk_blocked:
+            if self.draft.backlogged:
                 # the disk is slower than the client: stop reading until it catches up
-                self._disk_blocked = True
-                self._flow()
-                self.incoming.when_drained(self._disk_drained)
+                self.flow.wait_for_disk(self.draft)
             return
         reader, self.reader = self.reader, None
         self.setLineMode(rest)   # buffered: handled once this answer is out
-        self._answer(self._end_of_data(reader))
+        self.replies.answer(self._end_of_data(reader))
 
-    # -- answering in order ------------------------------------------------
-
-    def _answer(self, result) -> None:
-        if isinstance(result, defer.Deferred):
-            self._hold()
-            result.addErrback(self._internal_error)
-            result.addCallback(self._emit, resume=True)
-            result.addErrback(self._broken)
-        else:
-            self._emit(result, resume=False)
+    # -- answering -----------------------------------------------------------
 
     def _internal_error(self, failure) -> Reply:
         log.failure("session {session}: internal error", failure, session=self.session_id)
@@ -435,40 +363,35 @@ class SMTPServer(basic.LineReceiver):
         self._closing = True
         self.transport.abortConnection()
 
-    def _emit(self, reply: Reply, resume: bool) -> None:
-        delay = self.connector.tarpit_interval if reply.tarpit and self._tarpitted() else 0
-        if delay > 0:
-            if not resume:
-                self._hold()
-            d = task.deferLater(self.ctx.clock, delay, self._send_reply, reply, True)
-            d.addErrback(self._broken)
-        else:
-            self._send_reply(reply, resume)
+    def _tarpit_delay(self, reply: Reply) -> float:
+        """Errors wait tarpit_interval for peers we do not trust (without the authentication flag)."""
+        if reply.tarpit and Right.AcceptAuthenticationFlag not in self.permissions:
+            return self.connector.tarpit_interval
+        return 0
 
-    def _tarpitted(self) -> bool:
-        return Right.AcceptAuthenticationFlag not in self.permissions
-
-    def _send_reply(self, reply: Reply, resume: bool) -> None:
+    def _send_reply(self, reply: Reply) -> bool:
+        """Write C{reply}; whether the session goes on."""
         if self._closing:
-            return
+            return False
         self._write(reply.encode())
         if reply.after is not None:
             reply.after()
         if self._close_after_answer is not None:
             self.plog.info(self._close_after_answer.text)
-            return self._refuse(self._close_after_answer)
+            self._refuse(self._close_after_answer)
+            return False
         if reply.protocol_error:
             self.errors += 1
             limit = self.connector.max_protocol_errors
             if limit and self.errors >= limit:
                 self.plog.info(f"{self.errors} protocol errors")
-                return self._refuse(Reply(421, "4.7.0", "Too many errors on this connection, closing transmission channel"))
+                self._refuse(Reply(421, "4.7.0", "Too many errors on this connection, closing transmission channel"))
+                return False
         if reply.close:
             self._closing = True
             self.transport.loseConnection()
-            return
-        if resume:
-            self._release()
+            return False
+        return True
 
     # -- commands ------------------------------------------------------------
 
@@ -476,8 +399,8 @@ class SMTPServer(basic.LineReceiver):
         if any(b in line for b in _BAD_COMMAND_BYTES):
             return syntax_error("Invalid characters in command (bare CR, LF or NUL)", "5.5.2", 500)
         verb, _, arg = line.partition(b" ")
-        if self.ctx.pipeline and verb.isalpha() and self.view is not None:
-            stage_verb = self.ctx.pipeline.verb(self.view, verb.decode("ascii").upper())
+        if self._stages_on and verb.isalpha():
+            stage_verb = self.ctx.pipeline.verb(self.session, verb.decode("ascii").upper())
             if stage_verb is not None:
                 return then(stage_verb(arg.decode("latin-1").strip(" ")), self._verb_reply)
         handler = getattr(self, "do_" + verb.decode("ascii", "replace").upper(), None) if verb.isalpha() else None
@@ -494,7 +417,7 @@ class SMTPServer(basic.LineReceiver):
     def _hello(self, arg: str, esmtp: bool) -> Reply:
         if not arg or not is_helo_argument(arg):
             return syntax_error(f"Syntax: {'EHLO' if esmtp else 'HELO'} domain or address literal")
-        self._reset()
+        self.txn = None
         self.helo, self.esmtp = arg, esmtp
         if self.tls_active and self.identity is None:
             self._partner_by_certificate()
@@ -517,8 +440,8 @@ class SMTPServer(basic.LineReceiver):
             ext.append("STARTTLS")
         if self._auth_offered():
             ext.append("AUTH PLAIN LOGIN")
-        if self.ctx.pipeline and self.view is not None:
-            ext.extend(self.ctx.pipeline.ehlo_keywords(self.view))
+        if self._stages_on:
+            ext.extend(self.ctx.pipeline.ehlo_keywords(self.session))
         return ext
 
     # -- STARTTLS (RFC 3207) -------------------------------------------------
@@ -551,7 +474,7 @@ class SMTPServer(basic.LineReceiver):
         self.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms)
         self.plog.info("STARTTLS: TLS negotiation started")
 
-    # -- AUTH (RFC 4954) -------------------------------------------------------
+    # -- AUTH (RFC 4954; the dialogue is exedge.receive.sasl) ---------------------
 
     def _auth_offered(self) -> bool:
         mechs = self.connector.auth_mechanisms
@@ -575,73 +498,15 @@ class SMTPServer(basic.LineReceiver):
         mechanism, _, initial = arg.partition(" ")
         if not mechanism:
             return syntax_error("Syntax: AUTH mechanism [initial-response]")
-        mechanism, initial = mechanism.upper(), initial.strip(" ")
-        if mechanism == "PLAIN":
-            if initial:
-                return self._auth_plain(initial)
-            self._auth_step = self._auth_plain
-            return Reply(334, None, "")
-        if mechanism == "LOGIN":
-            if initial:
-                return self._auth_login_user(initial)
-            self._auth_step = self._auth_login_user
-            return Reply(334, None, "VXNlcm5hbWU6")          # "Username:"
-        return Reply(504, "5.5.4", "Unrecognized authentication type", protocol_error=True, tarpit=True)
+        if self.sasl is None:
+            c = self.connector
+            self.sasl = AuthDialogue(self.ctx.portal, self.ctx.clock, max_failures=c.max_logon_failures,
+                                     tarpit=c.auth_tarpit_interval, note=self.plog.info,
+                                     session_id=self.session_id, authenticated=self._authenticated)
+        return self.sasl.begin(mechanism.upper(), initial.strip(" "))
 
-    @staticmethod
-    def _decode(text: str):
-        """The client's base64 response, or the Reply that ends the dialogue."""
-        if text == "*":
-            return Reply(501, "5.0.0", "Authentication cancelled")
-        if text == "=":
-            return b""                                       # RFC 4954: an empty initial response
-        try:
-            return base64.b64decode(text.encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError):
-            return syntax_error("Cannot decode the authentication response (not base64)", "5.5.2")
-
-    def _auth_plain(self, text: str):
-        data = self._decode(text)
-        if isinstance(data, Reply):
-            return data
-        parts = data.split(b"\0")
-        if len(parts) != 3:
-            return syntax_error("Malformed PLAIN response (authzid NUL authcid NUL password)", "5.5.2")
-        authzid, user, password = parts
-        if authzid and authzid != user:
-            return self._auth_failed()                       # no acting for another user
-        return self._auth_check(user, password)
-
-    def _auth_login_user(self, text: str):
-        user = self._decode(text)
-        if isinstance(user, Reply):
-            return user
-        self._auth_step = functools.partial(self._auth_login_password, user)
-        return Reply(334, None, "UGFzc3dvcmQ6")              # "Password:"
-
-    def _auth_login_password(self, user: bytes, text: str):
-        password = self._decode(text)
-        if isinstance(password, Reply):
-            return password
-        return self._auth_check(user, password)
-
-    def _auth_check(self, user: bytes, password: bytes):
-        try:
-            user_text, password_text = user.decode("utf-8"), password.decode("utf-8")
-        except UnicodeDecodeError:
-            return self._auth_failed()
-        if not user_text or not password_text:
-            # an empty password is an anonymous bind that AD answers with
-            # success: never let it reach the directory
-            return self._auth_failed()
-        d = self.ctx.portal.login(UsernamePassword(user_text, password_text), None, IIdentity)
-        d.addCallbacks(self._authenticated, self._auth_error, errbackArgs=(user_text,))
-        return d
-
-    def _authenticated(self, result):
-        _, identity, _ = result
+    def _authenticated(self, identity):
         self.identity = identity
-        self.logon_failures = 0
         self.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms,
                                                authenticated_as=identity.principals)
         self.plog.info(f"authenticated as {identity.name}; rights: {self.permissions.explain()}")
@@ -653,29 +518,7 @@ class SMTPServer(basic.LineReceiver):
         self.identity = None
         self.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms)
 
-    def _auth_error(self, failure, user: str):
-        if failure.check(cred_error.UnauthorizedLogin):
-            # checkers give the reason alone (IUsernamePassword checkers know the name we log)
-            self.plog.info(f"authentication failed for {user}: {failure.getErrorMessage()}")
-            return self._auth_failed()
-        if not failure.check(DirectoryUnavailable):
-            log.failure("session {session}: checking credentials", failure, session=self.session_id)
-        self.plog.info(f"authentication for {user} could not be checked: {failure.getErrorMessage()}")
-        return Reply(454, "4.7.0", "Temporary authentication failure")
-
-    def _auth_failed(self):
-        """535 after auth_tarpit_interval; past max_logon_failures, 421 and close."""
-        self.logon_failures += 1
-        limit = self.connector.max_logon_failures
-        if limit and self.logon_failures >= limit:
-            reply = Reply(421, "4.7.0", "Too many failed authentication attempts, closing transmission channel",
-                          close=True)
-        else:
-            reply = Reply(535, "5.7.8", "Authentication credentials invalid")
-        delay = self.connector.auth_tarpit_interval
-        if delay <= 0:
-            return reply
-        return task.deferLater(self.ctx.clock, delay, lambda: reply)
+    # -- the mail transaction ------------------------------------------------
 
     def do_MAIL(self, arg: str) -> Reply:
         if self.helo is None:
@@ -687,43 +530,10 @@ class SMTPServer(basic.LineReceiver):
         if Right.Submit not in self.permissions:
             return Reply(530, "5.7.1", "Client was not authenticated", tarpit=True)
         try:
-            sender, ptext = parse_path(arg[5:], "sender", allow_null=True)
-        except SMTPError as e:
-            return Reply(e.code, e.status, e.text, tarpit=True)
-        except ValueError as e:
-            return syntax_error(f"Bad sender address syntax: {e}", "5.1.7")
-        try:
-            params = parse_params(ptext)
-        except ValueError as e:
-            return syntax_error(f"Bad MAIL parameter: {e}")
-        if params and not self.esmtp:
-            return Reply(555, "5.5.4", "MAIL parameters need EHLO", protocol_error=True)
-        txn = Transaction(sender)
-        try:
-            for key, value in params.items():
-                if key == "SIZE":
-                    if not value or not value.isdigit() or len(value) > 20:
-                        raise ValueError("SIZE needs a number")
-                    txn.declared_size = int(value)
-                elif key == "BODY":
-                    if (value or "").upper() not in ("7BIT", "8BITMIME"):
-                        raise ValueError("BODY must be 7BIT or 8BITMIME")
-                    txn.body = value.upper()
-                elif key == "RET":
-                    if (value or "").upper() not in ("FULL", "HDRS"):
-                        raise ValueError("RET must be FULL or HDRS")
-                    txn.ret = value.upper()
-                elif key == "ENVID":
-                    txn.envid = check_xtext(value or "", 100)
-                elif key == "AUTH":
-                    txn.auth = self._mail_auth(value)
-                else:
-                    return Reply(555, "5.5.4", f"MAIL parameter {key} not recognized or not implemented",
-                                 protocol_error=True)
-        except ValueError as e:
-            return syntax_error(f"Bad MAIL parameter: {e}")
-        limit = self._size_limit()
-        if txn.declared_size is not None and txn.declared_size > limit:
+            sender, params = parse_mail(arg[5:], self.esmtp)
+        except CommandRefused as e:
+            return e.reply
+        if params.size is not None and params.size > self._size_limit():
             return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
         refusal = self._domain_secure(sender)
         if refusal is not None:
@@ -735,9 +545,195 @@ class SMTPServer(basic.LineReceiver):
                 and self.ctx.router.is_authoritative(sender.domain) \
                 and Right.AcceptAuthoritativeDomainSender not in self.permissions:
             return Reply(550, "5.7.1", "Client does not have permissions to send as this sender", tarpit=True)
-        self.txn = txn
+        self.txn = Transaction(sender, params.size, params.body, params.ret, params.envid,
+                               self._mail_auth(params.auth))
         return self._staged("on_mail", Reply(250, "2.1.0", "Sender OK"), (str(sender) if sender else "",),
                             undo=lambda: setattr(self, "txn", None))
+
+    def _mail_auth(self, value: str | None) -> str | None:
+        """
+        RFC 4954 §5: the AUTH= of MAIL is passed on only when this session
+        may vouch for it: servers we trust (the authentication flag) pass
+        theirs on; for an authenticated user it is that user; from anyone
+        else it is dropped (never an error: the parameter is advisory).
+        """
+        if value is None:
+            return None
+        if Right.AcceptAuthenticationFlag in self.permissions:
+            return value
+        if self.identity is not None:
+            return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}"
+                           for c in self.identity.name)
+        return None
+
+    def _size_limit(self) -> int:
+        if Right.BypassMessageSizeLimit in self.permissions:
+            return HARD_SIZE_LIMIT
+        return self.connector.max_message_size
+
+    def do_RCPT(self, arg: str) -> Reply:
+        if self.txn is None:
+            return bad_sequence("Need MAIL before RCPT")
+        if not arg[:3].upper() == "TO:":
+            return syntax_error("Syntax: RCPT TO:<address> [parameters]")
+        try:
+            mailbox, params = parse_rcpt(arg[3:].lstrip(" "), self.esmtp, self._postmaster_domain)
+        except CommandRefused as e:
+            return e.reply
+        if len(self.txn.recipients) >= self.connector.max_recipients_per_message:
+            return Reply(452, "4.5.3", "Too many recipients")
+        refusal = self._relay_check(mailbox)
+        if refusal is not None:
+            return refusal
+        address = f"{mailbox.local}@{mailbox.domain}"
+        self.txn.recipients.append(Recipient(address, params.notify, params.orcpt))
+        self.session.recipients.append(address)
+        return self._staged("on_rcpt", Reply(250, "2.1.5", "Recipient OK"), (address,),
+                            undo=self._drop_last_recipient)
+
+    def _drop_last_recipient(self) -> None:
+        self.txn.recipients.pop()
+        self.session.recipients.pop()
+
+    def _postmaster_domain(self) -> str:
+        for domain in self.ctx.router.accepted_domains:
+            if domain.domain_type == "Authoritative" and not domain.is_wildcard:
+                return domain.domain_name
+        return self.fqdn.lower()
+
+    def _relay_check(self, mailbox: Mailbox) -> Reply | None:
+        """Closed by default: without the relay right only accepted domains, and no routing tricks."""
+        if Right.AcceptAnyRecipient in self.permissions:
+            return None
+        trick = mailbox.routing_trick()
+        if trick is None and self.ctx.router.accepted_domain(mailbox.domain) is not None:
+            return None
+        self.plog.info(f"relay refused for {mailbox}" + (f" ({trick})" if trick else ""))
+        return Reply(550, "5.7.54", "Unable to relay recipient in non-accepted domain", tarpit=True)
+
+    def do_DATA(self, arg: str) -> Reply:
+        if arg:
+            return syntax_error("Syntax: DATA")
+        if self.txn is None:
+            return bad_sequence("Need MAIL command")
+        if not self.txn.recipients:
+            return Reply(554, "5.5.1", "No valid recipients", protocol_error=True)
+        if self._stages_on:
+            return then(self.ctx.pipeline.run("on_data", self.session),
+                        lambda v: self._verdict_reply(v) if v.final else self._start_data())
+        return self._start_data()
+
+    def _start_data(self) -> Reply:
+        identity = self.identity
+        trace = Trace(helo=self.helo, peer_host=self.peer_host, peer_port=self.transport.getPeer().port,
+                      by=self.fqdn, connector=self.connector.name,
+                      protocol=with_protocol(self.esmtp, self.tls_active, identity is not None),
+                      tls=self._tls_description())
+        self.draft = self.ctx.cleanup.open(trace, note=self.plog.info)
+        c = self.connector
+        self.reader = DataReader(self.draft.write, max_size=self._size_limit(),
+                                 max_header_size=c.max_header_size, max_hop_count=c.max_hop_count)
+        self.setRawMode()
+        return Reply(354, None, "Start mail input; end with <CRLF>.<CRLF>")
+
+    def _tls_description(self) -> str | None:
+        """The TLS session for our Received field (worked out once per session)."""
+        if not self.tls_active:
+            return None
+        if self.tls_info is None:
+            verified = self._client_certificate()[0] if self.connector.name in self.ctx.client_ca else None
+            self.tls_info = tls.describe(self.transport, verified) or "TLS"
+        return self.tls_info
+
+    def _end_of_data(self, reader: DataReader):
+        txn, self.txn = self.txn, None
+        draft, self.draft = self.draft, None
+        if reader.error is not None:
+            draft.abort()
+            code, status, text = reader.error
+            self.plog.info(f"message refused: {code} {status} {text}")
+            return Reply(code, status, text)
+        if not self._stages_on:
+            return then(self.ctx.cleanup.commit(txn, None, draft), self._receipt)
+        message = Message(str(txn.sender) if txn.sender else "", [r.address for r in txn.recipients],
+                          reader.header, reader.size, read=draft.client_bytes, queue_id=draft.queue_id)
+        run = self.ctx.pipeline.run
+        verdict = then(run("on_headers", self.session, message),
+                       lambda v: v if v.final else run("on_message", self.session, message))
+        return then(verdict, self._message_verdict, txn, message, draft)
+
+    def _message_verdict(self, verdict, txn, message, draft):
+        if verdict.final:
+            draft.abort()
+            return self._verdict_reply(verdict)
+        return then(self.ctx.cleanup.commit(txn, message, draft), self._receipt)
+
+    def _receipt(self, receipt) -> Reply:
+        # no log line of its own: the Verbose protocol log has the 250 with
+        # the queue id, and per-message lines cost a formatted, flushed write
+        if receipt.queued and self._stages_on:
+            self.ctx.pipeline.run("on_queued", self.session, receipt.queue_id)   # verdict ignored
+        return Reply(receipt.code, receipt.status, receipt.text, tarpit=receipt.tarpit)
+
+    def do_RSET(self, arg: str) -> Reply:
+        if arg:
+            return syntax_error("Syntax: RSET")
+        self.txn = None
+        return Reply(250, "2.0.0", "Resetting")
+
+    def do_NOOP(self, arg: str) -> Reply:
+        return Reply(250, "2.0.0", "OK")
+
+    def do_QUIT(self, arg: str) -> Reply:
+        return Reply(221, "2.0.0", f"{self.fqdn} Service closing transmission channel", close=True)
+
+    def do_VRFY(self, arg: str) -> Reply:
+        if not arg:
+            return syntax_error("Syntax: VRFY address")
+        return Reply(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery")
+
+    def do_HELP(self, arg: str) -> Reply:
+        return Reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+
+    def _not_offered(self, arg: str) -> Reply:
+        return Reply(502, "5.5.1", "Command not implemented", protocol_error=True, tarpit=True)
+
+    do_EXPN = do_TURN = do_ETRN = do_ATRN = do_BDAT = _not_offered
+
+    # -- the pipeline ----------------------------------------------------------
+
+    def _staged(self, hook: str, reply: Reply, args: tuple, undo=None):
+        """C{reply} once the stages agree with it; their verdict's reply (and C{undo}) if not."""
+        if not self._stages_on:
+            return reply
+
+        def decide(verdict):
+            if not verdict.final:
+                return reply
+            if undo is not None:
+                undo()
+            return self._verdict_reply(verdict)
+
+        return then(self.ctx.pipeline.run(hook, self.session, *args), decide)
+
+    def _verb_reply(self, verdict) -> Reply:
+        """A stage verb's answer: its own positive reply, or the refusal."""
+        if verdict.kind == "ok":
+            first, *more = (verdict.text or "OK").split("\n")
+            return Reply(verdict.code or 250, verdict.status or None, first, more=tuple(more))
+        if not verdict.final:
+            return Reply(250, "2.0.0", "OK")
+        return self._verdict_reply(verdict)
+
+    def _verdict_reply(self, verdict) -> Reply:
+        if verdict.kind == "disconnect":
+            return Reply(421, verdict.status or "4.7.0", verdict.text or "Closing connection", close=True)
+        default = (550, "5.7.1") if verdict.kind == "reject" else (451, "4.7.1")
+        self.plog.info(f"pipeline: {verdict.kind} {verdict.code or default[0]} {verdict.text}")
+        return Reply(verdict.code or default[0], verdict.status or default[1], verdict.text or "Refused",
+                     tarpit=verdict.kind == "reject")
+
+    # -- domain security (Exchange's partner TLS) -----------------------------------
 
     def _client_certificate(self):
         """The client's certificate verified against the partner CA, once per session: (cert or None, why)."""
@@ -786,278 +782,3 @@ class SMTPServer(basic.LineReceiver):
             self.plog.info(f"domain secure: {sender.domain} refused: {why}")
             return Reply(550, "5.7.1", f"Domain secure: {why}", tarpit=True)
         return None
-
-    def _mail_auth(self, value: str | None) -> str | None:
-        """
-        RFC 4954 §5: the AUTH= of MAIL is passed on only when this session
-        may vouch for it: servers we trust (the authentication flag) pass
-        theirs on; for an authenticated user it is that user; from anyone
-        else it is dropped (never an error: the parameter is advisory).
-        """
-        if value is None or (value != "<>" and value != check_xtext(value, 500)):
-            raise ValueError("AUTH needs xtext or <>")
-        if Right.AcceptAuthenticationFlag in self.permissions:
-            return value
-        if self.identity is not None:
-            return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}"
-                           for c in self.identity.name)
-        return None
-
-    def _size_limit(self) -> int:
-        if Right.BypassMessageSizeLimit in self.permissions:
-            return HARD_SIZE_LIMIT
-        return self.connector.max_message_size
-
-    def do_RCPT(self, arg: str) -> Reply:
-        if self.txn is None:
-            return bad_sequence("Need MAIL before RCPT")
-        if not arg[:3].upper() == "TO:":
-            return syntax_error("Syntax: RCPT TO:<address> [parameters]")
-        path = arg[3:].lstrip(" ")
-        try:
-            if path[:12].lower() == "<postmaster>":   # RFC 5321 §4.1.1.3: no domain needed
-                mailbox = Mailbox("postmaster", self._postmaster_domain())
-                ptext = path[12:]
-            else:
-                mailbox, ptext = parse_path(path, "recipient", allow_null=False)
-        except SMTPError as e:
-            return Reply(e.code, e.status, e.text, tarpit=True)
-        except ValueError as e:
-            return syntax_error(f"Bad recipient address syntax: {e}", "5.1.3")
-        try:
-            params = parse_params(ptext)
-        except ValueError as e:
-            return syntax_error(f"Bad RCPT parameter: {e}")
-        if params and not self.esmtp:
-            return Reply(555, "5.5.4", "RCPT parameters need EHLO", protocol_error=True)
-        notify: tuple = ()
-        orcpt = None
-        try:
-            for key, value in params.items():
-                if key == "NOTIFY":
-                    notify = check_notify(value or "")
-                elif key == "ORCPT":
-                    orcpt = check_orcpt(value or "")
-                else:
-                    return Reply(555, "5.5.4", f"RCPT parameter {key} not recognized or not implemented",
-                                 protocol_error=True)
-        except ValueError as e:
-            return syntax_error(f"Bad RCPT parameter: {e}")
-        if len(self.txn.recipients) >= self.connector.max_recipients_per_message:
-            return Reply(452, "4.5.3", "Too many recipients")
-        refusal = self._relay_check(mailbox)
-        if refusal is not None:
-            return refusal
-        address = f"{mailbox.local}@{mailbox.domain}"
-        self.txn.recipients.append(Recipient(address, notify, orcpt))
-        return self._staged("on_rcpt", Reply(250, "2.1.5", "Recipient OK"), (address,),
-                            undo=self.txn.recipients.pop)
-
-    def _postmaster_domain(self) -> str:
-        for domain in self.ctx.router.accepted_domains:
-            if domain.domain_type == "Authoritative" and not domain.is_wildcard:
-                return domain.domain_name
-        return self.fqdn.lower()
-
-    def _relay_check(self, mailbox: Mailbox) -> Reply | None:
-        """Closed by default: without the relay right only accepted domains, and no routing tricks."""
-        if Right.AcceptAnyRecipient in self.permissions:
-            return None
-        trick = mailbox.routing_trick()
-        if trick is None and self.ctx.router.accepted_domain(mailbox.domain) is not None:
-            return None
-        self.plog.info(f"relay refused for {mailbox}" + (f" ({trick})" if trick else ""))
-        return Reply(550, "5.7.54", "Unable to relay recipient in non-accepted domain", tarpit=True)
-
-    def do_DATA(self, arg: str) -> Reply:
-        if arg:
-            return syntax_error("Syntax: DATA")
-        if self.txn is None:
-            return bad_sequence("Need MAIL command")
-        if not self.txn.recipients:
-            return Reply(554, "5.5.1", "No valid recipients", protocol_error=True)
-        if self.ctx.pipeline:
-            return then(self.ctx.pipeline.run("on_data", self.view),
-                        lambda v: self._verdict_reply(v) if v.final else self._start_data())
-        return self._start_data()
-
-    def _start_data(self) -> Reply:
-        self.incoming = self.ctx.store.begin()
-        received = self._received_header(self.incoming.queue_id)
-        self._prefix_length = len(received)
-        self.incoming.write(received)
-        c = self.connector
-        self.reader = DataReader(self.incoming.write, max_size=self._size_limit(),
-                                 max_header_size=c.max_header_size, max_hop_count=c.max_hop_count)
-        self.setRawMode()
-        return Reply(354, None, "Start mail input; end with <CRLF>.<CRLF>")
-
-    # -- the pipeline ----------------------------------------------------------
-
-    def _staged(self, hook: str, reply: Reply, args: tuple, undo=None):
-        """C{reply} once the stages agree with it; their verdict's reply (and C{undo}) if not."""
-        if not self.ctx.pipeline:
-            return reply
-
-        def decide(verdict):
-            if not verdict.final:
-                return reply
-            if undo is not None:
-                undo()
-            return self._verdict_reply(verdict)
-
-        return then(self.ctx.pipeline.run(hook, self.view, *args), decide)
-
-    def _verb_reply(self, verdict) -> Reply:
-        """A stage verb's answer: its own positive reply, or the refusal."""
-        if verdict.kind == "ok":
-            first, *more = (verdict.text or "OK").split("\n")
-            return Reply(verdict.code or 250, verdict.status or None, first, more=tuple(more))
-        if not verdict.final:
-            return Reply(250, "2.0.0", "OK")
-        return self._verdict_reply(verdict)
-
-    def _verdict_reply(self, verdict) -> Reply:
-        if verdict.kind == "disconnect":
-            return Reply(421, verdict.status or "4.7.0", verdict.text or "Closing connection", close=True)
-        default = (550, "5.7.1") if verdict.kind == "reject" else (451, "4.7.1")
-        self.plog.info(f"pipeline: {verdict.kind} {verdict.code or default[0]} {verdict.text}")
-        return Reply(verdict.code or default[0], verdict.status or default[1], verdict.text or "Refused",
-                     tarpit=verdict.kind == "reject")
-
-    def _received_header(self, queue_id: str) -> bytes:
-        # RFC 3848: ESMTPS with TLS, ESMTPA authenticated, ESMTPSA both
-        protocol = "ESMTP" if self.esmtp else "SMTP"
-        if self.esmtp and (self.tls_active or self.identity is not None):
-            protocol += ("S" if self.tls_active else "") + ("A" if self.identity is not None else "")
-        now = _rfc5322_date(int(self.ctx.clock.seconds()))
-        using = ""
-        if self.tls_active:
-            if self.tls_info is None:
-                verified = self._client_certificate()[0] if self.connector.name in self.ctx.client_ca else None
-                self.tls_info = tls.describe(self.transport, verified) or "TLS"
-            using = f"\t({self.tls_info})\r\n"
-        return (
-            f"Received: from {self.helo} ([{self.peer_host}])\r\n"
-            f"\tby {self.fqdn} (exedge, receive connector \"{self.connector.name}\")\r\n"
-            f"{using}"
-            f"\twith {protocol} id {queue_id};\r\n"
-            f"\t{now}\r\n"
-        ).encode("ascii", "replace")
-
-    def _end_of_data(self, reader: DataReader):
-        txn, self.txn = self.txn, None
-        incoming, self.incoming = self.incoming, None
-        if reader.error is not None:
-            incoming.abort()
-            code, status, text = reader.error
-            self.plog.info(f"message refused: {code} {status} {text}")
-            return Reply(code, status, text)
-        if self.ctx.pipeline:
-            message = Message(str(txn.sender) if txn.sender else "", [r.address for r in txn.recipients],
-                              reader.header, reader.size, read=lambda: self._client_bytes(incoming),
-                              queue_id=incoming.queue_id)
-            run = self.ctx.pipeline.run
-            verdict = then(run("on_headers", self.view, message),
-                           lambda v: v if v.final else run("on_message", self.view, message))
-            return then(verdict, self._message_verdict, message, txn, incoming, reader)
-        return self._commit(txn, incoming, reader.size)
-
-    def _client_bytes(self, incoming):
-        """What the client sent, as stages see it: the spooled bytes after our Received field."""
-        skip = self._prefix_length
-        return incoming.read_back().addCallback(lambda data: data[skip:])
-
-    def _message_verdict(self, verdict, message, txn, incoming, reader):
-        if verdict.final:
-            incoming.abort()
-            return self._verdict_reply(verdict)
-        if message.deleted is not None:
-            # the stage's "delete": the client is told 250, nobody gets it (Exchange's SilentDelete)
-            incoming.abort()
-            self.plog.info(f"message deleted by the pipeline: {message.deleted}")
-            return Reply(250, "2.6.0", f"<{incoming.queue_id}> Queued mail for delivery")
-        if message.quarantined is not None:
-            mailbox = self.ctx.server.quarantine_mailbox
-            if mailbox is None:
-                incoming.abort()
-                self.plog.info(f"quarantine without a quarantine_mailbox, refused: {message.quarantined}")
-                return Reply(550, "5.7.1", "Message rejected as spam by content filtering", tarpit=True)
-            message.add_header("X-Exedge-Quarantine-Reason", message.quarantined[:200])
-            message.add_header("X-Exedge-Original-Recipients", ", ".join(r.address for r in txn.recipients))
-            txn.recipients = [Recipient(mailbox)]
-            self.plog.info(f"message quarantined to {mailbox}: {message.quarantined}")
-        elif message.redirects:
-            txn.recipients = _redirected(txn.recipients, message.redirects)
-            self.plog.info("recipients redirected by the pipeline: " +
-                           ", ".join(f"{k} -> {', '.join(v)}" for k, v in message.redirects.items()))
-        notes = message.notes
-        if not message.edited:
-            return self._commit(txn, incoming, reader.size, notes)
-        prefix = self._prefix_length
-        d = incoming.rewrite(message.edit(prefix))
-        d.addCallbacks(lambda length: self._commit(txn, incoming, length - prefix, notes), self._rewrite_failed,
-                       errbackArgs=(incoming,))
-        return d
-
-    def _rewrite_failed(self, failure, incoming) -> Reply:
-        incoming.abort()
-        return self._queue_failed(failure, incoming.queue_id)
-
-    def _commit(self, txn, incoming, size: int, notes=None):
-        envelope = Envelope(
-            sender=str(txn.sender) if txn.sender else "",
-            recipients=tuple(txn.recipients),
-            ret=txn.ret, envid=txn.envid, auth=txn.auth, body=txn.body,
-            size=size, receive_connector=self.connector.name,
-            peer=f"{self.peer_host}:{self.transport.getPeer().port}",
-            helo=self.helo or "", received_at=self.ctx.clock.seconds(), notes=notes or {},
-        )
-        d = incoming.commit(envelope)
-        d.addCallbacks(self._queued, self._queue_failed, errbackArgs=(incoming.queue_id,))
-        return d
-
-    def _queued(self, stored) -> Reply:
-        # no log line of its own: the Verbose protocol log has the 250 with
-        # the queue id, and per-message lines cost a formatted, flushed write
-        try:
-            self.ctx.sink.submit(stored)
-        except Exception:
-            # the message is on disk: it is acknowledged, and start-up recovery queues it
-            log.failure("queueing {queue_id} failed; it waits in the spool for a restart",
-                        queue_id=stored.queue_id)
-        if self.ctx.pipeline and self.view is not None:
-            self.ctx.pipeline.run("on_queued", self.view, stored.queue_id)   # verdict ignored
-        return Reply(250, "2.6.0", f"<{stored.queue_id}> Queued mail for delivery")
-
-    def _queue_failed(self, failure, queue_id: str) -> Reply:
-        log.failure("queue write failed for {queue_id}", failure, queue_id=queue_id)
-        return Reply(451, "4.3.0", "Could not write the message to the queue; try again later")
-
-    def do_RSET(self, arg: str) -> Reply:
-        if arg:
-            return syntax_error("Syntax: RSET")
-        self._reset()
-        return Reply(250, "2.0.0", "Resetting")
-
-    def _reset(self) -> None:
-        self.txn = None
-
-    def do_NOOP(self, arg: str) -> Reply:
-        return Reply(250, "2.0.0", "OK")
-
-    def do_QUIT(self, arg: str) -> Reply:
-        return Reply(221, "2.0.0", f"{self.fqdn} Service closing transmission channel", close=True)
-
-    def do_VRFY(self, arg: str) -> Reply:
-        if not arg:
-            return syntax_error("Syntax: VRFY address")
-        return Reply(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery")
-
-    def do_HELP(self, arg: str) -> Reply:
-        return Reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
-
-    def _not_offered(self, arg: str) -> Reply:
-        return Reply(502, "5.5.1", "Command not implemented", protocol_error=True, tarpit=True)
-
-    do_EXPN = do_TURN = do_ETRN = do_ATRN = do_BDAT = _not_offered

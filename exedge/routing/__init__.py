@@ -4,6 +4,8 @@ each recipient. Exchange's rules, written here because Twisted has no
 notion of connectors or address-space cost.
 """
 
-from .router import TOO_LARGE, UNREACHABLE, NextHop, Router
+from exedge.interfaces import NextHop, Route
 
-__all__ = ["NextHop", "Router", "TOO_LARGE", "UNREACHABLE"]
+from .router import ROUTE_DEFERRED, TOO_LARGE, UNREACHABLE, Router
+
+__all__ = ["ROUTE_DEFERRED", "NextHop", "Route", "Router", "TOO_LARGE", "UNREACHABLE"]

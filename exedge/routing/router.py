@@ -14,51 +14,14 @@ from typing import Iterable
 import attrs
 
 from exedge.config import AcceptedDomain, SendConnector
-
-
-@attrs.frozen
-class NextHop:
-    """
-    The key of a delivery queue: a connector and the destination it serves.
-    Drop and smart-host connectors have one destination (the directory, the
-    smart-host set); DNS-routed connectors have one per domain.
-    """
-
-    connector: str
-    destination: str
-
-    def __str__(self) -> str:
-        return f"{self.connector}/{self.destination}" if self.destination else self.connector
+from exedge.interfaces import NextHop, Route
 
 
 UNREACHABLE = NextHop("Unreachable", "")
 # connectors serve the domain, but none may carry a message this large
 TOO_LARGE = NextHop("(message too large)", "")
-
-
-@attrs.frozen
-class Route:
-    """
-    Where one recipient goes: the chosen connector's next hop, and the
-    other candidates, best first (pipeline stages may pick one of them in
-    on_route, as content restrictions do).
-    """
-
-    hop: NextHop
-    domain: str
-    connector: SendConnector | None = None
-    alternatives: tuple = ()
-
-    def via(self, connector: SendConnector) -> "Route":
-        """This recipient through C{connector} instead."""
-        rest = tuple(c for c in self.alternatives if c is not connector)
-        return Route(_hop(connector, self.domain), self.domain, connector, rest)
-
-
-def _hop(conn: SendConnector, domain: str) -> NextHop:
-    # DNS routing: one queue per destination domain; otherwise one per connector
-    dns_routed = not conn.drop_directory and not conn.smart_hosts
-    return NextHop(conn.name, domain.lower() if dns_routed else "")
+# a routing stage said "not now": held until the retry interval has passed
+ROUTE_DEFERRED = NextHop("Deferred by routing", "")
 
 
 @attrs.frozen
@@ -105,7 +68,7 @@ class Router:
         found = self.candidates(domain, size)
         if not found:
             return Route(TOO_LARGE if size and self.candidates(domain, 0) else UNREACHABLE, domain.lower())
-        return Route(_hop(found[0], domain), domain.lower(), found[0], tuple(found[1:]))
+        return Route(NextHop.of(found[0], domain), domain.lower(), found[0], tuple(found[1:]))
 
     def next_hop(self, domain: str, size: int = 0) -> NextHop:
         return self.route(domain, size).hop

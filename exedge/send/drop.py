@@ -17,7 +17,7 @@ from zope.interface import implementer
 from exedge.interfaces import IDeliveryAgent
 from exedge.queue.batch import Batcher
 from exedge.durable import DirectorySync, publish, write_all
-from exedge.queue.manager import Outcome
+from exedge.interfaces import Outcome
 
 
 def _envelope_headers(message, recipients) -> bytes:

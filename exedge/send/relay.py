@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from exedge import tls
 from exedge.interfaces import IDeliveryAgent
-from exedge.queue.manager import Outcome
+from exedge.interfaces import Outcome
 
 from .client import OutboundMessage, OutboundRecipient, SMTPClient, Status, Timeouts
 from .mx import RoutingFailure, TransientDNSFailure
