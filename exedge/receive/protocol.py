@@ -37,7 +37,6 @@ from twisted.logger import Logger
 from twisted.protocols import basic
 from zope.interface import implementer
 
-from exedge import tls
 from exedge.auth.permissions import Principal, Right, session_permissions
 from exedge.cleanup import Trace, Transaction, with_protocol
 from exedge.logs import ProtocolLog
@@ -47,16 +46,17 @@ from exedge.pipeline.session import Session
 from exedge.queue.envelope import Recipient
 from exedge.writethrough import write_through
 
-from .address import Mailbox, is_helo_argument
+from . import checks
+from .address import is_helo_argument
 from .data import DataReader
 from .flow import Flow, InOrder
 from .params import CommandRefused, parse_mail, parse_rcpt
-from .reply import Reply, bad_sequence, syntax_error
+from .partners import DomainSecurity
+from .reply import Reply, bad_sequence, syntax_error, verb_reply, verdict_reply
 from .sasl import AuthDialogue
 
 log = Logger()
 
-HARD_SIZE_LIMIT = 2 * 1024**3   # Exchange's ceiling, even for BypassMessageSizeLimit
 _BAD_COMMAND_BYTES = (b"\r", b"\n", b"\x00")
 
 
@@ -123,8 +123,7 @@ class SMTPServer(basic.LineReceiver):
         self._overflowed = False
         self._greeted = False
         self._stages_on = False              # the stages have seen on_connect
-        self.tls_info: str | None = None
-        self._client_cert = None             # (verified certificate or None, why), once TLS is up
+        self.security: DomainSecurity | None = None
         self._idle_call = None
         self._life_call = None
         self._close_after_answer: Reply | None = None
@@ -180,6 +179,8 @@ class SMTPServer(basic.LineReceiver):
             self.plog.connect("connection limit reached")
             return self._refuse(Reply(421, "4.3.2", "Service not available, too many connections; try again later"))
         self._admitted = True
+        self.security = DomainSecurity(connector, self.ctx.client_ca.get(connector.name), self.transport,
+                                       self.plog.info)
         self.fqdn = connector.effective_fqdn(self.ctx.server)
         self.permissions = session_permissions(connector.permission_groups, connector.auth_mechanisms)
         # one event, not two: this runs once per message under a one-message-per-session load
@@ -218,7 +219,7 @@ class SMTPServer(basic.LineReceiver):
             return
         if verdict.final:
             # nothing to answer after a handshake: any refusal ends the session
-            reply = self._verdict_reply(verdict)
+            reply = verdict_reply(verdict, self.plog.info)
             return self._refuse(Reply(421, "4.7.0" if verdict.kind != "disconnect" else reply.status, reply.text))
         if held:
             self.flow.release()
@@ -242,7 +243,7 @@ class SMTPServer(basic.LineReceiver):
         if self._closing:
             return
         if verdict.final:
-            reply = self._verdict_reply(verdict)
+            reply = verdict_reply(verdict, self.plog.info)
             code = reply.code if verdict.kind == "reject" else 421
             return self._refuse(Reply(code, reply.status, reply.text))
         self._banner()
@@ -402,7 +403,7 @@ class SMTPServer(basic.LineReceiver):
         if self._stages_on and verb.isalpha():
             stage_verb = self.ctx.pipeline.verb(self.session, verb.decode("ascii").upper())
             if stage_verb is not None:
-                return then(stage_verb(arg.decode("latin-1").strip(" ")), self._verb_reply)
+                return then(stage_verb(arg.decode("latin-1").strip(" ")), verb_reply, self.plog.info)
         handler = getattr(self, "do_" + verb.decode("ascii", "replace").upper(), None) if verb.isalpha() else None
         if handler is None:
             return syntax_error("Command unrecognized", "5.5.1", 500)
@@ -420,7 +421,12 @@ class SMTPServer(basic.LineReceiver):
         self.txn = None
         self.helo, self.esmtp = arg, esmtp
         if self.tls_active and self.identity is None:
-            self._partner_by_certificate()
+            partners = self.security.partners()
+            if partners:
+                self.permissions = session_permissions(self.connector.permission_groups,
+                                                       self.connector.auth_mechanisms,
+                                                       authenticated_as=(Principal.PartnerServers,))
+                self.plog.info(f"domain secure partner {', '.join(partners)}; rights: {self.permissions.explain()}")
         greeting = f"{self.fqdn} Hello [{self.peer_host}]"
         reply = Reply(250, None, greeting, more=tuple(self._extensions()) if esmtp else ())
         return self._staged("on_helo", reply, (arg,), undo=lambda: setattr(self, "helo", None))
@@ -533,43 +539,16 @@ class SMTPServer(basic.LineReceiver):
             sender, params = parse_mail(arg[5:], self.esmtp)
         except CommandRefused as e:
             return e.reply
-        if params.size is not None and params.size > self._size_limit():
+        if params.size is not None and params.size > checks.size_limit(self.connector, self.permissions):
             return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-        refusal = self._domain_secure(sender)
+        refusal = self.security.check_sender(sender, self.tls_active) or \
+            checks.spoofing_refusal(sender, self.permissions, self.ctx.router, self.identity is not None)
         if refusal is not None:
             return refusal
-        # the spoofing check is for anonymous peers: an authenticated user
-        # sending as an address of ours is the normal case (Exchange leaves
-        # Send-As to the mailbox side; here the identity is in the log)
-        if sender is not None and not sender.is_literal and self.identity is None \
-                and self.ctx.router.is_authoritative(sender.domain) \
-                and Right.AcceptAuthoritativeDomainSender not in self.permissions:
-            return Reply(550, "5.7.1", "Client does not have permissions to send as this sender", tarpit=True)
         self.txn = Transaction(sender, params.size, params.body, params.ret, params.envid,
-                               self._mail_auth(params.auth))
+                               checks.passed_auth(params.auth, self.permissions, self.identity))
         return self._staged("on_mail", Reply(250, "2.1.0", "Sender OK"), (str(sender) if sender else "",),
                             undo=lambda: setattr(self, "txn", None))
-
-    def _mail_auth(self, value: str | None) -> str | None:
-        """
-        RFC 4954 §5: the AUTH= of MAIL is passed on only when this session
-        may vouch for it: servers we trust (the authentication flag) pass
-        theirs on; for an authenticated user it is that user; from anyone
-        else it is dropped (never an error: the parameter is advisory).
-        """
-        if value is None:
-            return None
-        if Right.AcceptAuthenticationFlag in self.permissions:
-            return value
-        if self.identity is not None:
-            return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}"
-                           for c in self.identity.name)
-        return None
-
-    def _size_limit(self) -> int:
-        if Right.BypassMessageSizeLimit in self.permissions:
-            return HARD_SIZE_LIMIT
-        return self.connector.max_message_size
 
     def do_RCPT(self, arg: str) -> Reply:
         if self.txn is None:
@@ -577,12 +556,13 @@ class SMTPServer(basic.LineReceiver):
         if not arg[:3].upper() == "TO:":
             return syntax_error("Syntax: RCPT TO:<address> [parameters]")
         try:
-            mailbox, params = parse_rcpt(arg[3:].lstrip(" "), self.esmtp, self._postmaster_domain)
+            mailbox, params = parse_rcpt(arg[3:].lstrip(" "), self.esmtp,
+                                         lambda: checks.postmaster_domain(self.ctx.router, self.fqdn))
         except CommandRefused as e:
             return e.reply
         if len(self.txn.recipients) >= self.connector.max_recipients_per_message:
             return Reply(452, "4.5.3", "Too many recipients")
-        refusal = self._relay_check(mailbox)
+        refusal = checks.relay_refusal(mailbox, self.permissions, self.ctx.router, self.plog.info)
         if refusal is not None:
             return refusal
         address = f"{mailbox.local}@{mailbox.domain}"
@@ -595,22 +575,6 @@ class SMTPServer(basic.LineReceiver):
         self.txn.recipients.pop()
         self.session.recipients.pop()
 
-    def _postmaster_domain(self) -> str:
-        for domain in self.ctx.router.accepted_domains:
-            if domain.domain_type == "Authoritative" and not domain.is_wildcard:
-                return domain.domain_name
-        return self.fqdn.lower()
-
-    def _relay_check(self, mailbox: Mailbox) -> Reply | None:
-        """Closed by default: without the relay right only accepted domains, and no routing tricks."""
-        if Right.AcceptAnyRecipient in self.permissions:
-            return None
-        trick = mailbox.routing_trick()
-        if trick is None and self.ctx.router.accepted_domain(mailbox.domain) is not None:
-            return None
-        self.plog.info(f"relay refused for {mailbox}" + (f" ({trick})" if trick else ""))
-        return Reply(550, "5.7.54", "Unable to relay recipient in non-accepted domain", tarpit=True)
-
     def do_DATA(self, arg: str) -> Reply:
         if arg:
             return syntax_error("Syntax: DATA")
@@ -620,7 +584,7 @@ class SMTPServer(basic.LineReceiver):
             return Reply(554, "5.5.1", "No valid recipients", protocol_error=True)
         if self._stages_on:
             return then(self.ctx.pipeline.run("on_data", self.session),
-                        lambda v: self._verdict_reply(v) if v.final else self._start_data())
+                        lambda v: verdict_reply(v, self.plog.info) if v.final else self._start_data())
         return self._start_data()
 
     def _start_data(self) -> Reply:
@@ -628,22 +592,13 @@ class SMTPServer(basic.LineReceiver):
         trace = Trace(helo=self.helo, peer_host=self.peer_host, peer_port=self.transport.getPeer().port,
                       by=self.fqdn, connector=self.connector.name,
                       protocol=with_protocol(self.esmtp, self.tls_active, identity is not None),
-                      tls=self._tls_description())
+                      tls=self.security.describe() if self.tls_active else None)
         self.draft = self.ctx.cleanup.open(trace, note=self.plog.info)
         c = self.connector
-        self.reader = DataReader(self.draft.write, max_size=self._size_limit(),
+        self.reader = DataReader(self.draft.write, max_size=checks.size_limit(c, self.permissions),
                                  max_header_size=c.max_header_size, max_hop_count=c.max_hop_count)
         self.setRawMode()
         return Reply(354, None, "Start mail input; end with <CRLF>.<CRLF>")
-
-    def _tls_description(self) -> str | None:
-        """The TLS session for our Received field (worked out once per session)."""
-        if not self.tls_active:
-            return None
-        if self.tls_info is None:
-            verified = self._client_certificate()[0] if self.connector.name in self.ctx.client_ca else None
-            self.tls_info = tls.describe(self.transport, verified) or "TLS"
-        return self.tls_info
 
     def _end_of_data(self, reader: DataReader):
         txn, self.txn = self.txn, None
@@ -665,7 +620,7 @@ class SMTPServer(basic.LineReceiver):
     def _message_verdict(self, verdict, txn, message, draft):
         if verdict.final:
             draft.abort()
-            return self._verdict_reply(verdict)
+            return verdict_reply(verdict, self.plog.info)
         return then(self.ctx.cleanup.commit(txn, message, draft), self._receipt)
 
     def _receipt(self, receipt) -> Reply:
@@ -712,73 +667,7 @@ class SMTPServer(basic.LineReceiver):
                 return reply
             if undo is not None:
                 undo()
-            return self._verdict_reply(verdict)
+            return verdict_reply(verdict, self.plog.info)
 
         return then(self.ctx.pipeline.run(hook, self.session, *args), decide)
 
-    def _verb_reply(self, verdict) -> Reply:
-        """A stage verb's answer: its own positive reply, or the refusal."""
-        if verdict.kind == "ok":
-            first, *more = (verdict.text or "OK").split("\n")
-            return Reply(verdict.code or 250, verdict.status or None, first, more=tuple(more))
-        if not verdict.final:
-            return Reply(250, "2.0.0", "OK")
-        return self._verdict_reply(verdict)
-
-    def _verdict_reply(self, verdict) -> Reply:
-        if verdict.kind == "disconnect":
-            return Reply(421, verdict.status or "4.7.0", verdict.text or "Closing connection", close=True)
-        default = (550, "5.7.1") if verdict.kind == "reject" else (451, "4.7.1")
-        self.plog.info(f"pipeline: {verdict.kind} {verdict.code or default[0]} {verdict.text}")
-        return Reply(verdict.code or default[0], verdict.status or default[1], verdict.text or "Refused",
-                     tarpit=verdict.kind == "reject")
-
-    # -- domain security (Exchange's partner TLS) -----------------------------------
-
-    def _client_certificate(self):
-        """The client's certificate verified against the partner CA, once per session: (cert or None, why)."""
-        if self._client_cert is None:
-            store = self.ctx.client_ca.get(self.connector.name)
-            self._client_cert = (tls.verified_client_certificate(self.transport, store) if store is not None
-                                 else (None, "no partner CA for this connector"))
-        return self._client_cert
-
-    def _partner_by_certificate(self) -> None:
-        r"""
-        A client whose certificate verifies against the partner CA and names
-        a domain-secure partner is that partner's server: it holds
-        MS Exchange\Partner Servers (the Partners permission group), as a
-        domain-secured session does in Exchange. Decided at the first EHLO
-        inside TLS, when the handshake is done.
-        """
-        if not self.connector.tls_receive_domain_secure_list or "Partners" not in self.connector.permission_groups:
-            return      # without the Partners group the peer stays what it was (anonymous)
-        cert, _ = self._client_certificate()
-        partners = [d for d in self.connector.tls_receive_domain_secure_list
-                    if cert is not None and tls.names_domain(cert, d)]
-        if not partners:
-            return
-        self.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms,
-                                               authenticated_as=(Principal.PartnerServers,))
-        self.plog.info(f"domain secure partner {', '.join(partners)}; rights: {self.permissions.explain()}")
-
-    def _domain_secure(self, sender) -> Reply | None:
-        """
-        Mail from a partner domain (tls_receive_domain_secure_list) must come
-        over TLS from a client whose certificate verifies against the
-        partner CA and names that domain (Exchange's domain security).
-        """
-        secure = self.connector.tls_receive_domain_secure_list
-        if sender is None or sender.is_literal or sender.domain.lower() not in secure:
-            return None
-        if not self.tls_active:
-            self.plog.info(f"domain secure: {sender.domain} without TLS")
-            return Reply(451, "4.7.1", f"Mail from {sender.domain} must use TLS with a client certificate",
-                         tarpit=True)
-        cert, why = self._client_certificate()
-        if cert is None or not tls.names_domain(cert, sender.domain):
-            why = why or f"client certificate names {', '.join(tls.certificate_names(cert)) or 'nothing'}, " \
-                         f"not {sender.domain}"
-            self.plog.info(f"domain secure: {sender.domain} refused: {why}")
-            return Reply(550, "5.7.1", f"Domain secure: {why}", tarpit=True)
-        return None

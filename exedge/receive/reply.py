@@ -1,4 +1,4 @@
-"""SMTP replies with RFC 3463 enhanced status codes."""
+"""SMTP replies with RFC 3463 enhanced status codes, and what a pipeline stage's verdict makes of one."""
 
 from __future__ import annotations
 
@@ -32,3 +32,23 @@ def syntax_error(text: str, status: str = "5.5.4", code: int = 501) -> Reply:
 
 def bad_sequence(text: str, status: str = "5.5.1") -> Reply:
     return Reply(503, status, text, protocol_error=True, tarpit=True)
+
+
+def verb_reply(verdict, note) -> Reply:
+    """A stage verb's answer: its own positive reply, or the refusal."""
+    if verdict.kind == "ok":
+        first, *more = (verdict.text or "OK").split("\n")
+        return Reply(verdict.code or 250, verdict.status or None, first, more=tuple(more))
+    if not verdict.final:
+        return Reply(250, "2.0.0", "OK")
+    return verdict_reply(verdict, note)
+
+
+def verdict_reply(verdict, note) -> Reply:
+    """A stage's refusal as the reply to the command it refused (C{note}: the protocol log)."""
+    if verdict.kind == "disconnect":
+        return Reply(421, verdict.status or "4.7.0", verdict.text or "Closing connection", close=True)
+    default = (550, "5.7.1") if verdict.kind == "reject" else (451, "4.7.1")
+    note(f"pipeline: {verdict.kind} {verdict.code or default[0]} {verdict.text}")
+    return Reply(verdict.code or default[0], verdict.status or default[1], verdict.text or "Refused",
+                 tarpit=verdict.kind == "reject")
