@@ -17,7 +17,8 @@ PIPELINING, SIZE or DSN parameters, and no timeout in C{sendmail}
     with 5.3.4 and never sent; DSN (RFC 3461) parameters are passed on
     when offered; 8BITMIME declared when the body needs it and it is offered;
   - every recipient gets its own outcome: delivered, failed (5xx) or
-    deferred (4xx, timeouts, connection trouble);
+    deferred (4xx, timeouts, connection trouble), with the reply quoted
+    as received for the NDR's Diagnostic-Code;
   - STARTTLS when offered: a refusal is passed over in plain text unless
     TLS is required; a failed handshake is reported (C{tls_failed}) for
     the caller to try the same host in plain text; whatever came in the
@@ -103,6 +104,10 @@ class RecipientResult:
     enhanced: str
     text: str
     key: object = None                # the OutboundRecipient's
+    # the reply exactly as the next hop sent it ("550 No such user here"),
+    # for the NDR's Diagnostic-Code; "" when the outcome is ours (a
+    # timeout, a lost connection, a size refused before sending)
+    reply: str = ""
 
 
 @attrs.define
@@ -138,6 +143,16 @@ class Reply:
     @property
     def text(self) -> str:
         return " ".join(self.lines)
+
+    @property
+    def received(self) -> str:
+        """
+        The reply as the peer sent it, its lines joined by a space, each
+        with its code ("550-5.1.1 first 550 5.1.1 last", as Postfix quotes
+        a multi-line reply): nothing added, nothing taken away.
+        """
+        last = len(self.lines) - 1
+        return " ".join(f"{self.code}{'-' if i < last else ' '}{line}" for i, line in enumerate(self.lines))
 
     def status(self) -> tuple[str, str]:
         """(enhanced status, text), the status defaulted from the class."""
@@ -178,7 +193,7 @@ def _settle(result: MessageResult, recipients, reply: Reply, temporary=()) -> No
         status = Status.failed
     else:
         status = Status.deferred
-    result.recipients += [RecipientResult(r.address, status, reply.code, enhanced, text, r.key)
+    result.recipients += [RecipientResult(r.address, status, reply.code, enhanced, text, r.key, reply.received)
                           for r in recipients]
 
 

@@ -372,6 +372,8 @@ class RelayAgent:
             status = {Status.delivered: "delivered", Status.failed: "failed",
                       Status.deferred: "deferred"}[r.status]
             action = "" if status != "delivered" or "DSN" in extensions else "relayed"
-            outcomes.append(Outcome(r.key, status, f"{r.code} {r.enhanced} {r.text}".strip(),
-                                    r.enhanced, remote, action))
+            # the next hop's reply as it was sent (the NDR quotes it in
+            # Diagnostic-Code); the enhanced code, its or our default, goes apart
+            detail = r.reply or f"{r.code} {r.enhanced} {r.text}".strip()
+            outcomes.append(Outcome(r.key, status, detail, r.enhanced, remote, action))
         d.callback(outcomes)
