@@ -5,7 +5,8 @@ L{RecordingSink} is a real SMTP server on stock C{twisted.mail.smtp.ESMTP}
 (an implementation independent of exedge's own), listening on loopback,
 that records every command line and every message it accepts, and can be
 told to misbehave: per-recipient replies, a 421 greeting, PIPELINING and
-SIZE advertised or not, a connection closed in the middle of DATA.
+SIZE advertised or not, a connection closed in the middle of DATA, a
+STARTTLS that is offered and then refused or broken.
 """
 
 from __future__ import annotations
@@ -65,9 +66,12 @@ class _Delivery:
 
     def validateTo(self, user):
         address = str(user.dest)
-        code = self.sink.rcpt_replies.get(address)
-        if code is not None:
-            raise smtp.SMTPBadRcpt(user, code, f"{code} refused by the test sink")
+        reply = self.sink.rcpt_replies.get(address)
+        if isinstance(reply, str):
+            # "550 No such user here"; a "\n" in the text makes a multi-line reply
+            raise smtp.SMTPBadRcpt(user, int(reply[:3]), reply[4:])
+        if reply is not None:
+            raise smtp.SMTPBadRcpt(user, reply, f"{reply} refused by the test sink")
         sender = str(user.orig)
         return lambda: _Message(self.sink, sender, address, user.protocol)
 
@@ -81,10 +85,35 @@ class _SinkProtocol(smtp.ESMTP):
             return
         super().connectionMade()
 
+    _hello_awaited = False
+
+    def dataReceived(self, data):
+        if self._hello_awaited:
+            # the client's TLS ClientHello: answer with what no TLS client can take
+            self._hello_awaited = False
+            self.transport.write(b"this is not a TLS record\r\n")
+            self.transport.loseConnection()
+            return
+        return super().dataReceived(data)
+
     def lineReceived(self, line):
         if self.mode == smtp.COMMAND:
             self.sink.commands.append(line.decode("latin-1"))
         return super().lineReceived(line)
+
+    def ext_STARTTLS(self, rest):
+        broken = self.sink.broken_starttls
+        if broken is None:
+            return super().ext_STARTTLS(rest)
+        if broken == "handshake":
+            self.sendCode(220, b"2.0.0 Ready to start TLS")
+            self._hello_awaited = True
+        elif broken == "injected":
+            # the 220 and a reply in plain text in one write, then hang up
+            self.transport.write(b"220 2.0.0 Ready to start TLS\r\n250 injected in plain text\r\n")
+            self.transport.loseConnection()
+        else:
+            self.sendCode(broken, b"TLS not available now")
 
     def extensions(self):
         ext = super().extensions()
@@ -95,6 +124,8 @@ class _SinkProtocol(smtp.ESMTP):
         if self.sink.dsn:
             ext[b"DSN"] = None
         ext[b"8BITMIME"] = None   # stock twisted.mail passes 8-bit bodies through untouched
+        if self.sink.broken_starttls is not None and not self.startedTLS:
+            ext[b"STARTTLS"] = None
         return ext
 
 
@@ -103,14 +134,24 @@ class RecordingSink:
 
     def __init__(self, *, pipelining: bool = True, size: int | None = None, dsn: bool = True,
                  greeting_code: int = 220, rcpt_replies: dict | None = None,
-                 close_after_lines: int | None = None, close_after_deliveries: int | None = None):
+                 close_after_lines: int | None = None, close_after_deliveries: int | None = None,
+                 broken_starttls: str | int | None = None):
+        """
+        C{rcpt_replies}: address -> a code (answered "<code> refused by the
+        test sink") or a whole reply, "550 No such user here" (a "\n" in
+        its text makes it multi-line). C{broken_starttls}: STARTTLS is
+        offered, then "handshake": 220, and bytes that are no TLS in answer
+        to the client's hello; "injected": 220 and a plain-text reply in
+        one write, then the connection closed; a 4xx or 5xx code: refused.
+        """
         self.pipelining = pipelining
         self.size = size
         self.dsn = dsn
         self.greeting_code = greeting_code
-        self.rcpt_replies = dict(rcpt_replies or {})   # address -> 4xx/5xx code
+        self.rcpt_replies = dict(rcpt_replies or {})   # address -> 4xx/5xx code, or a whole reply
         self.close_after_lines = close_after_lines
         self.close_after_deliveries = close_after_deliveries   # per connection, one per recipient
+        self.broken_starttls = broken_starttls
         self.messages: list[Received] = []
         self.commands: list[str] = []
         self.connections = 0
@@ -226,6 +267,7 @@ def main(argv=None) -> None:
     in --out, its first lines X-Sink-From: and X-Sink-Rcpt:.
 
         python -m exedge.testing --port 2627 --out DIR [--refuse ADDR=550] [--greeting 421]
+        python -m exedge.testing ... --refuse "ADDR=550 No such user here"     (the whole reply)
     """
     import argparse
     import itertools
@@ -239,7 +281,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="where the sink writes what it receives")
     parser.add_argument("--dns", metavar="ZONES_JSON",
                         help="run a DNS zone server instead: {zone: {name: [[type, ...], ...]}}")
-    parser.add_argument("--refuse", action="append", default=[], metavar="ADDRESS=CODE")
+    parser.add_argument("--refuse", action="append", default=[], metavar="ADDRESS=CODE",
+                        help='ADDRESS=550, or ADDRESS="550 the whole reply" (\\n in it: a multi-line reply)')
     parser.add_argument("--greeting", type=int, default=220)
     parser.add_argument("--no-pipelining", action="store_true")
     parser.add_argument("--no-dsn", action="store_true", help="do not offer DSN")
@@ -254,7 +297,8 @@ def main(argv=None) -> None:
         reactor.run()
         return
     os.makedirs(args.out, exist_ok=True)
-    refuse = {a: int(c) for a, _, c in (r.partition("=") for r in args.refuse)}
+    refuse = {a: int(c) if c.isdigit() else c.replace("\\n", "\n")
+              for a, _, c in (r.partition("=") for r in args.refuse)}
     sink = RecordingSink(pipelining=not args.no_pipelining, dsn=not args.no_dsn, greeting_code=args.greeting,
                          rcpt_replies=refuse)
     counter = itertools.count()

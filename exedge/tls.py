@@ -257,6 +257,8 @@ def client_policy(connector, host: str, domain: str = "", client_certificate=Non
     (tls_domain, or the host dialled). BasicAuthRequireTLS to a smart host
     means DomainValidation against the smart host's configured name, as
     Exchange requires, so credentials go only to the host they are for.
+    When TLS is not required, a failed handshake is followed by the same
+    host in plain text (L{exedge.send.relay}).
     """
     if connector.ignore_start_tls:
         return None, False
@@ -266,7 +268,9 @@ def client_policy(connector, host: str, domain: str = "", client_certificate=Non
                                        clientCertificate=client_certificate), True
     level = connector.tls_auth_level or "EncryptionOnly"
     name = connector.tls_domain or host
-    required = connector.require_tls
+    # a level to prove means TLS is required (the loader insists on
+    # require_tls too): never a plain-text fallback around it
+    required = connector.require_tls or connector.tls_auth_level is not None
     if connector.smart_host_auth_mechanism == "BasicAuthRequireTLS":
         level, name, required = "DomainValidation", host, True
     mine = {}

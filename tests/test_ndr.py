@@ -65,3 +65,25 @@ def test_delay_notice_says_delayed_and_until_when():
 def test_long_remote_replies_cannot_make_the_ndr_undeliverable():
     data = ndr(failed=[FailedRecipient("b@x.test", None, "5.0.0", "550 " + "x" * 5000)])
     assert max(len(line) for line in data.split(b"\r\n")) <= 998
+
+
+def recipient_blocks(data: bytes):
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    return list(msg.iter_parts())[1].get_payload()[1:]      # after the per-message block
+
+
+def test_diagnostic_code_quotes_the_reply_as_received_and_status_has_the_enhanced_code():
+    multi = ("550-5.1.1 The email account that you tried to reach does not exist. Please try "
+             "550-5.1.1 double-checking the recipient's email address for typos or "
+             "550 5.1.1 unnecessary spaces.  https://support.example.test/mail/?p=NoSuchUser")
+    data = ndr(failed=[FailedRecipient("b@x.test", None, "5.0.0", "550 No such user here", "mx.x.test"),
+                       FailedRecipient("c@x.test", None, "5.1.1", multi, "mx.x.test")])
+    plain, folded = recipient_blocks(data)
+    assert plain["Status"] == "5.0.0" and plain["Diagnostic-Code"] == "smtp; 550 No such user here"
+    assert folded["Status"] == "5.1.1" and folded["Diagnostic-Code"] == "smtp; " + multi
+    assert b"Diagnostic-Code: smtp; 550 No such user here\r\n" in data
+    # a long reply is folded (RFC 5322 §2.2.3), not cut: unfolding gives it back exactly
+    start = data.index(b"Diagnostic-Code: smtp; 550-5.1.1")
+    field = data[start:data.index(b"\r\nLast-Attempt-Date", start)]
+    assert field.count(b"\r\n ") >= 2 and max(len(line) for line in field.split(b"\r\n")) <= 78
+    assert field.replace(b"\r\n", b"") == b"Diagnostic-Code: smtp; " + multi.encode()

@@ -3,6 +3,8 @@ Relaying through smart hosts, end to end: smtplib -> exedge (twistd) ->
 a recording sink on stock twisted.mail, each in its own process.
 """
 
+import email
+import email.policy
 import os
 import signal
 import smtplib
@@ -133,6 +135,25 @@ def test_refused_recipient_gets_an_ndr_and_the_others_are_delivered(start_server
     assert b"good@partner.test" not in data.split(b"message/delivery-status")[1].split(b"rfc822-headers")[0]
     assert [f.split(b"\r\n")[1] for f in sink.files()] == [b"X-Sink-Rcpt: <good@partner.test>"]
     server.wait_for(lambda: not os.listdir(server.path("var", "spool", "queue")), what="an empty spool")
+
+
+def test_the_ndr_quotes_the_next_hops_reply_as_received(start_server, sinks):
+    # the sink's reply to bad@ carries no enhanced status code (as
+    # OpenSMTPD's do); the one to gone@ has two lines
+    sink = sinks("sink", "--refuse", "bad@partner.test=550 No such user here",
+                 "--refuse", r"gone@partner.test=550 5.1.1 The account does not exist\n5.1.1 Try the address again")
+    server = start_server(config([sink.port]))
+    send(server, ["good@partner.test", "bad@partner.test", "gone@partner.test"], subject="quoting")
+    ndr = email.message_from_bytes(open(server.wait_for(server.drop_files, what="the NDR")[0], "rb").read(),
+                                   policy=email.policy.default)
+    report = [part for part in ndr.walk() if part.get_content_type() == "message/delivery-status"][0]
+    blocks = {str(b["Final-Recipient"]): b for b in report.get_payload()[1:]}
+    assert set(blocks) == {"rfc822; bad@partner.test", "rfc822; gone@partner.test"}
+    bad, gone = blocks["rfc822; bad@partner.test"], blocks["rfc822; gone@partner.test"]
+    assert bad["Diagnostic-Code"] == "smtp; 550 No such user here"    # nothing inserted
+    assert bad["Status"] == "5.0.0"                                   # our default, from the 550
+    assert gone["Diagnostic-Code"] == "smtp; 550-5.1.1 The account does not exist 550 5.1.1 Try the address again"
+    assert gone["Status"] == "5.1.1"
 
 
 def test_no_smart_host_reachable_keeps_the_message_queued(start_server):

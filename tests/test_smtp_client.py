@@ -240,3 +240,40 @@ def test_auth_parameter_passed_on_only_over_an_authenticated_session():
         if credentials:
             client.dataReceived(b"235 2.7.0 ok\r\n")
         assert transport.value().endswith(expected)
+
+
+@pytest_twisted.inlineCallbacks
+def test_each_result_keeps_the_reply_exactly_as_received():
+    # no enhanced code in the first (OpenSMTPD sends none): the status is our
+    # default from the reply code, and the reply itself stays untouched
+    sink, result = yield run({"rcpt_replies": {
+        "bad@x.test": "550 No such user here",
+        "gone@x.test": "550 5.1.1 The account does not exist\n5.1.1 Learn more at https://help.x.test/nouser"}},
+        [message("bad@x.test", "gone@x.test", "ok@x.test")])
+    by_address = {r.address: r for r in result.messages[0].recipients}
+    bad, gone, ok = by_address["bad@x.test"], by_address["gone@x.test"], by_address["ok@x.test"]
+    assert (bad.code, bad.enhanced, bad.text, bad.reply) == (550, "5.0.0", "No such user here", "550 No such user here")
+    assert gone.enhanced == "5.1.1"
+    assert gone.reply == "550-5.1.1 The account does not exist 550 5.1.1 Learn more at https://help.x.test/nouser"
+    assert ok.status.value == "delivered" and ok.reply == "250 Delivery in progress"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_failed_starttls_handshake_is_reported_and_no_mail_goes_inside_it():
+    from twisted.internet import ssl
+    sink, result = yield run({"broken_starttls": "handshake"}, [message("b@x.test")],
+                             tls=ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2))
+    assert result.tls and result.tls_failed and not result.started
+    assert statuses(result) == [[("b@x.test", "deferred", 451)]]
+    assert sink.commands == ["EHLO edge01.example.com", "STARTTLS"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_plain_text_after_the_starttls_220_is_never_read_as_a_reply_from_inside_tls():
+    # "220 ready" and "250 injected" in one packet: the 250 came before TLS
+    # began and must not pass for the answer to the EHLO sent inside it
+    from twisted.internet import ssl
+    sink, result = yield run({"broken_starttls": "injected"}, [message("b@x.test")],
+                             tls=ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2))
+    assert result.tls_failed and not result.started     # no MAIL was ever sent
+    assert statuses(result) == [[("b@x.test", "deferred", 451)]]

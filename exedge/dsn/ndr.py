@@ -13,9 +13,17 @@ the original sender, so it can never cause another bounce.
 from __future__ import annotations
 
 import email.utils
+import re
 import secrets
 
 import attrs
+
+# a remote reply is quoted as received, up to this much (RFC 5321 replies
+# are a few lines of at most 512 octets; a hostile one can be 200 KiB)
+DIAGNOSTIC_MAX = 2000
+_FOLD_WIDTH = 78
+_MAX_LINE = 998          # RFC 5322 §2.1.1
+_BEFORE_BLANKS = re.compile(r"(?<=\S)(?=[ \t]+\S)")
 
 
 @attrs.frozen
@@ -23,9 +31,26 @@ class FailedRecipient:
     address: str
     orcpt: str | None
     status: str              # enhanced status code, "5.1.1"
-    diagnostic: str          # the remote reply, "550 5.1.1 User unknown", or ours
+    diagnostic: str          # the remote reply as received, "550 No such user here", or ours
     remote_mta: str = ""     # the host that refused, if any
     action: str = "failed"
+
+
+def _folded(field: str) -> list[str]:
+    """
+    A header field as physical lines, folded before blanks (RFC 5322
+    §2.2.3) so that unfolding gives back exactly C{field}: a multi-line
+    reply quoted in Diagnostic-Code reads as Postfix quotes it, each of
+    its lines with its own code. A run of C{_MAX_LINE} octets with no blank
+    to fold at (only a hostile peer sends one) is cut.
+    """
+    lines = [""]
+    for piece in _BEFORE_BLANKS.split(field):
+        if lines[-1] and len(lines[-1]) + len(piece) > _FOLD_WIDTH:
+            lines.append(piece)
+        else:
+            lines[-1] += piece
+    return [line[:_MAX_LINE] for line in lines]
 
 
 def wants_ndr(notify: tuple[str, ...]) -> bool:
@@ -92,7 +117,7 @@ def build_ndr(*, reporting_mta: str, original_sender: str, envid: str | None, re
         human.append(f"{f.address}")
         if f.remote_mta:
             human.append(f"Remote server: {f.remote_mta}")
-        human += [f"{f.diagnostic[:900]}", ""]
+        human += [line.lstrip() for line in _folded(f.diagnostic[:DIAGNOSTIC_MAX])] + [""]
     status = [f"Reporting-MTA: dns; {reporting_mta}"]
     if envid:
         status.append(f"Original-Envelope-Id: {envid}")
@@ -108,8 +133,10 @@ def build_ndr(*, reporting_mta: str, original_sender: str, envid: str | None, re
         ]
         if f.remote_mta:
             status.append(f"Remote-MTA: dns; {f.remote_mta}")
-        # a remote reply can be long: keep the field line well under 998 octets
-        status += [f"Diagnostic-Code: smtp; {f.diagnostic[:900]}", f"Last-Attempt-Date: {date}"]
+        # the reply as received, folded: RFC 3464 §2.3.6 (the Status field
+        # above carries the enhanced code, the server's or our default)
+        status += [*_folded(f"Diagnostic-Code: smtp; {f.diagnostic[:DIAGNOSTIC_MAX]}"),
+                   f"Last-Attempt-Date: {date}"]
         if delayed:
             status.append(f"Will-Retry-Until: {email.utils.formatdate(retry_until, localtime=False)}")
     if ret == "FULL":

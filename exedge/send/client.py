@@ -17,7 +17,12 @@ PIPELINING, SIZE or DSN parameters, and no timeout in C{sendmail}
     with 5.3.4 and never sent; DSN (RFC 3461) parameters are passed on
     when offered; 8BITMIME declared when the body needs it and it is offered;
   - every recipient gets its own outcome: delivered, failed (5xx) or
-    deferred (4xx, timeouts, connection trouble);
+    deferred (4xx, timeouts, connection trouble), with the reply quoted
+    as received for the NDR's Diagnostic-Code;
+  - STARTTLS when offered: a refusal is passed over in plain text unless
+    TLS is required; a failed handshake is reported (C{tls_failed}) for
+    the caller to try the same host in plain text; whatever came in the
+    packet of the 220 is discarded, never read as if from inside TLS;
   - RFC 5321 §4.5.3.2 timeouts, from the injected clock.
 
 The caller owns the connection attempt (endpoints, smart-host failover,
@@ -35,10 +40,13 @@ import re
 
 import attrs
 from twisted.internet import defer, error
+from twisted.logger import Logger
 from twisted.protocols import basic
 from twisted.python.failure import Failure
 
 from exedge.writethrough import write_through
+
+log = Logger()
 
 MAX_REPLY_LINE = 2048
 MAX_REPLY_LINES = 100
@@ -96,6 +104,10 @@ class RecipientResult:
     enhanced: str
     text: str
     key: object = None                # the OutboundRecipient's
+    # the reply exactly as the next hop sent it ("550 No such user here"),
+    # for the NDR's Diagnostic-Code; "" when the outcome is ours (a
+    # timeout, a lost connection, a size refused before sending)
+    reply: str = ""
 
 
 @attrs.define
@@ -117,6 +129,10 @@ class SessionResult:
     started: bool = False             # a transaction began (else: greeting, EHLO, TLS or AUTH failed)
     tls: bool = False                 # the session ran inside STARTTLS
     authenticated: bool = False
+    # STARTTLS was accepted with 220, then the session ended before a
+    # single reply came inside TLS: the handshake failed (or the peer hung
+    # up or went silent in it), and nothing was sent to the peer inside TLS
+    tls_failed: bool = False
 
 
 @attrs.frozen
@@ -127,6 +143,16 @@ class Reply:
     @property
     def text(self) -> str:
         return " ".join(self.lines)
+
+    @property
+    def received(self) -> str:
+        """
+        The reply as the peer sent it, its lines joined by a space, each
+        with its code ("550-5.1.1 first 550 5.1.1 last", as Postfix quotes
+        a multi-line reply): nothing added, nothing taken away.
+        """
+        last = len(self.lines) - 1
+        return " ".join(f"{self.code}{'-' if i < last else ' '}{line}" for i, line in enumerate(self.lines))
 
     def status(self) -> tuple[str, str]:
         """(enhanced status, text), the status defaulted from the class."""
@@ -167,7 +193,7 @@ def _settle(result: MessageResult, recipients, reply: Reply, temporary=()) -> No
         status = Status.failed
     else:
         status = Status.deferred
-    result.recipients += [RecipientResult(r.address, status, reply.code, enhanced, text, r.key)
+    result.recipients += [RecipientResult(r.address, status, reply.code, enhanced, text, r.key, reply.received)
                           for r in recipients]
 
 
@@ -182,7 +208,8 @@ class SMTPClient(basic.LineReceiver):
 
     def __init__(self, messages, *, helo: str, clock, timeouts: Timeouts = Timeouts(),
                  max_messages: int | None = None, source=None, on_settled=None,
-                 tls=None, tls_required: bool = False, credentials=None, auth_requires_tls: bool = True):
+                 tls=None, tls_required: bool = False, credentials=None, auth_requires_tls: bool = True,
+                 peer: str = ""):
         """
         C{source(room)}: asked for more messages whenever these are done and
         the per-connection limit leaves C{room} (None: no limit); returns a
@@ -198,8 +225,10 @@ class SMTPClient(basic.LineReceiver):
         mail. C{credentials}: (user, password) for AUTH PLAIN or LOGIN, sent
         only inside TLS unless C{auth_requires_tls} is false. A certificate
         that fails validation ends the handshake, so nothing (credentials
-        least of all) is ever written to an unverified peer.
+        least of all) is ever written to an unverified peer. C{peer}: the
+        next hop as the log names it ("mx1.contoso.com", "10.0.0.5:2525").
         """
+        self.peer = peer
         self.tls = tls
         self.tls_required = tls_required
         self.credentials = credentials
@@ -221,6 +250,17 @@ class SMTPClient(basic.LineReceiver):
         self._done = False
         self._sent = 0
         self._current: list[MessageResult] = []
+        self._handshaking = False       # STARTTLS accepted, no reply yet from inside TLS
+
+    @property
+    def tls_optional(self) -> bool:
+        """
+        May this session do without TLS? Not when TLS is required for the
+        hop, nor when credentials may only be sent inside it. A caller
+        whose STARTTLS handshake failed may then try the same host again
+        in plain text (L{SessionResult.tls_failed}).
+        """
+        return not self.tls_required and not (self.credentials is not None and self.auth_requires_tls)
 
     # -- plumbing ------------------------------------------------------------
 
@@ -248,6 +288,7 @@ class SMTPClient(basic.LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if self._done:
             return
+        self._handshaking = False       # a line came through TLS: the handshake is done
         line = line.rstrip(b"\r")
         if b"\r" in line or b"\x00" in line:
             return self._protocol_error("bare CR or NUL in a reply")
@@ -269,6 +310,7 @@ class SMTPClient(basic.LineReceiver):
         on_reply(reply)
 
     def lineLengthExceeded(self, line: bytes) -> None:
+        self._handshaking = False
         self._protocol_error("reply line too long")
 
     def _protocol_error(self, why: str) -> None:
@@ -295,6 +337,7 @@ class SMTPClient(basic.LineReceiver):
         if self._done:
             return
         self.session.error, self.session.error_code = why, code
+        self.session.tls_failed = self._handshaking
         waiting = self.queue if not self.session.started else []
         for message in self._current + waiting:
             self._defer_rest(message, 451, "4.4.2", why)
@@ -393,12 +436,19 @@ class SMTPClient(basic.LineReceiver):
 
     def _on_starttls(self, reply: Reply) -> None:
         if reply.code != 220:
-            if self.tls_required or (self.credentials is not None and self.auth_requires_tls):
+            if not self.tls_optional:
                 return self._quit_after(f"STARTTLS refused: {reply}", reply.code)
-            self.tls = None          # opportunistic: go on in plain text
+            # opportunistic: go on in plain text on this connection (Postfix at level "may")
+            log.info("{peer}: STARTTLS refused ({reply}); TLS is not required for this hop, going on in "
+                     "plain text", peer=self.peer or self.transport.getPeer(), reply=str(reply))
+            self.tls = None
             return self._secure()
+        # whatever came with the 220 was sent before TLS: never read it as
+        # if it came inside (a plaintext reply injected by a man in the middle)
+        self.clearLineBuffer()
         self.transport.startTLS(self.tls)
         self.session.tls = True
+        self._handshaking = True
         # RFC 3207: start over; what the server offers may differ inside TLS
         self._send(f"EHLO {self.helo}")
         self._expect("EHLO", self._on_ehlo, self.timeouts.other)

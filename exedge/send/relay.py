@@ -12,6 +12,8 @@ host, the outcomes are that host's. A 5xx to a recipient fails that
 recipient only. A permanent answer from DNS (null MX, no such domain,
 routing loop) fails the recipients with its status; when no target can be
 reached, or DNS cannot answer now, the attempt fails and the queue retries.
+When a STARTTLS handshake fails and TLS is not required for the hop, the
+same host is tried again at once in plain text (Postfix at level "may").
 
 A session that has sent what it was given stays open for a while (2 s, as
 Postfix's smtp_connection_cache_time_limit) and takes later messages for
@@ -316,22 +318,25 @@ class RelayAgent:
         for host, address, port in targets:
             remote = f"{host}:{port}" if port != 25 else host
             tls_options, tls_required = self._tls_for(host, destination)
-            client = SMTPClient(outbound, helo=self.helo, clock=self.reactor,
-                                timeouts=Timeouts().capped(self.connector.connection_inactivity_timeout),
-                                max_messages=self.connector.smtp_max_messages_per_connection,
-                                source=self._source(destination, entries),
-                                tls=tls_options, tls_required=tls_required, credentials=self.credentials,
-                                auth_requires_tls=self.connector.smart_host_auth_mechanism != "BasicAuth")
-            client.on_settled = lambda result, client=client, remote=remote: self._settled(
-                entries, result, client.session.extensions, remote)
             try:
-                factory = protocol.Factory.forProtocol(lambda: client)
-                factory.noisy = False     # "Starting factory" per outbound connection says nothing the log needs
-                yield self._endpoint(address, port).connect(factory)
+                client = yield self._connect(address, port, remote, outbound, destination, entries,
+                                             tls_options, tls_required)
             except Exception as e:
                 errors.append(f"{host}:{port}: {e.__class__.__name__}: {e}")
                 continue
             result = yield client.result
+            if result.tls_failed and client.tls_optional:
+                # opportunistic TLS: a failed handshake must not stop the
+                # mail (Postfix at level "may", Exim's tls_tempfail_tryclear)
+                log.warn("{remote}: STARTTLS failed ({error}); TLS is not required for this hop, "
+                         "falling back to plain text", remote=remote, error=result.error)
+                try:
+                    client = yield self._connect(address, port, remote, outbound, destination, entries, None, False)
+                except Exception as e:
+                    errors.append(f"{host}:{port}: STARTTLS failed ({result.error}), "
+                                  f"then in plain text: {e.__class__.__name__}: {e}")
+                    continue
+                result = yield client.result
             if not result.started:
                 errors.append(f"{host}:{port}: {result.error}")
                 continue
@@ -343,6 +348,21 @@ class RelayAgent:
             return
         raise NoTargetReachable("; ".join(errors) or "no smart hosts")
 
+    def _connect(self, address: str, port: int, remote: str, outbound, destination: str, entries: dict,
+                 tls_options, tls_required: bool):
+        """A session with C{outbound} to one host: fires with its client once connected."""
+        client = SMTPClient(outbound, helo=self.helo, clock=self.reactor,
+                            timeouts=Timeouts().capped(self.connector.connection_inactivity_timeout),
+                            max_messages=self.connector.smtp_max_messages_per_connection,
+                            source=self._source(destination, entries),
+                            tls=tls_options, tls_required=tls_required, credentials=self.credentials,
+                            auth_requires_tls=self.connector.smart_host_auth_mechanism != "BasicAuth",
+                            peer=remote)
+        client.on_settled = lambda result: self._settled(entries, result, client.session.extensions, remote)
+        factory = protocol.Factory.forProtocol(lambda: client)
+        factory.noisy = False     # "Starting factory" per outbound connection says nothing the log needs
+        return self._endpoint(address, port).connect(factory).addCallback(lambda _: client)
+
     def _settled(self, entries: dict, message_result, extensions: dict, remote: str) -> None:
         message, indexes, d = entries.pop(message_result.message.key)
         # each result names its recipient's index: the same address twice
@@ -352,6 +372,8 @@ class RelayAgent:
             status = {Status.delivered: "delivered", Status.failed: "failed",
                       Status.deferred: "deferred"}[r.status]
             action = "" if status != "delivered" or "DSN" in extensions else "relayed"
-            outcomes.append(Outcome(r.key, status, f"{r.code} {r.enhanced} {r.text}".strip(),
-                                    r.enhanced, remote, action))
+            # the next hop's reply as it was sent (the NDR quotes it in
+            # Diagnostic-Code); the enhanced code, its or our default, goes apart
+            detail = r.reply or f"{r.code} {r.enhanced} {r.text}".strip()
+            outcomes.append(Outcome(r.key, status, detail, r.enhanced, remote, action))
         d.callback(outcomes)
