@@ -7,6 +7,11 @@ same moment, one directory fsync that *starts* after all their renames
 covers them all; L{DirectorySync} lets concurrent callers share it instead
 of queueing one fsync each (the group commit of databases and of Postfix's
 queue manager). Blocking: call it on a spool thread.
+
+Beside the rooms rather than in one: the queue room (the spool, the commit
+worker) and the send room (the drop directory agent) both publish files
+with it. It imports the standard library only, so the commit worker can
+use it without Twisted.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from exedge import commit_worker as wire
+from exedge.queue import commit_worker as wire
 from exedge.durable import DirectorySync
 from exedge.queue import Envelope, Recipient, Spool
 from exedge.queue.committer import ProcessCommitter, WorkerGone
@@ -34,7 +34,7 @@ def dirs(tmp_path):
 
 def run_worker(spool, *requests) -> list:
     """Send the requests to a real worker in one write, close its stdin; its replies, parsed."""
-    proc = subprocess.run([sys.executable, "-m", "exedge.commit_worker", str(spool)],
+    proc = subprocess.run([sys.executable, "-m", "exedge.queue.commit_worker", str(spool)],
                           input=b"".join(b"".join(wire.encode_request(i, name, [payload], append)) for i, name, payload, append in requests),
                           capture_output=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
@@ -69,7 +69,7 @@ def test_worker_commits_new_and_spilled_files_and_refuses_each_bad_one_alone(tmp
 def test_worker_answers_a_request_split_across_reads(tmp_path):
     spool = dirs(tmp_path)
     rfd, wfd = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "exedge.commit_worker", str(spool)],
+    proc = subprocess.Popen([sys.executable, "-m", "exedge.queue.commit_worker", str(spool)],
                             stdin=rfd, stdout=subprocess.PIPE)
     os.close(rfd)
     try:
@@ -109,7 +109,7 @@ def test_an_orphaned_worker_commits_nothing(tmp_path):
     # an intermediate parent that starts the worker and exits at once, as a SIGKILLed server would
     launcher = subprocess.run(
         [sys.executable, "-c", "import subprocess, sys; "
-         "import os; p = subprocess.Popen([sys.executable, '-m', 'exedge.commit_worker', sys.argv[1], str(os.getpid())], "
+         "import os; p = subprocess.Popen([sys.executable, '-m', 'exedge.queue.commit_worker', sys.argv[1], str(os.getpid())], "
          "stdin=0, stdout=subprocess.DEVNULL); print(p.pid)", str(spool)],
         stdin=rfd, stdout=subprocess.PIPE, timeout=30)
     os.close(rfd)
@@ -298,3 +298,18 @@ def test_what_a_broken_worker_prints_reaches_the_server_log(process_spool):
     lines = [e.get("line", "") for e in events if e.get("log_format") == "commit worker: {line}"]
     assert any("No module named exedge.no_such_worker" in line for line in lines)
     assert any("commit worker exited" in e.get("log_format", "") for e in events)
+
+
+def test_the_commit_worker_starts_without_twisted():
+    """
+    The worker lives in the queue room but is a process of its own: it
+    must not pay for importing Twisted (nor anything else of exedge's
+    rooms) at every start.
+    """
+    code = ("import runpy, sys; sys.argv = ['w']\n"
+            "import exedge.queue.commit_worker\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith(('twisted', 'zope', 'exedge.')))\n"
+            "print(loaded)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['exedge.durable', 'exedge.queue', 'exedge.queue.commit_worker']"

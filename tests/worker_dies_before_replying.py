@@ -7,7 +7,7 @@ commit the server never acknowledged (tests/test_commit_worker.py).
 import os
 import sys
 
-from exedge import commit_worker as wire
+from exedge.queue import commit_worker as wire
 from exedge.durable import DirectorySync
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-Commits through the commit worker process (see L{exedge.commit_worker}
+Commits through the commit worker process (see L{exedge.queue.commit_worker}
 for why a process).
 
 L{ProcessCommitter} is what C{Spool.receiving} is in the server: C{submit}
@@ -30,7 +30,7 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from exedge import commit_worker as wire
+from exedge.queue import commit_worker as wire
 from .spool import StoredMessage, envelope_footer
 
 log = Logger()
@@ -85,7 +85,7 @@ class _WorkerProtocol(protocol.ProcessProtocol):
 
 
 class ProcessCommitter:
-    def __init__(self, spool, reactor, *, python: str = sys.executable, module: str = "exedge.commit_worker",
+    def __init__(self, spool, reactor, *, python: str = sys.executable, module: str = "exedge.queue.commit_worker",
                  restart_interval: float = RESTART_INTERVAL):
         self.spool = spool
         self.reactor = reactor

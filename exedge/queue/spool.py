@@ -41,7 +41,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from exedge.commit_worker import COMMITTED, write_group
+from exedge.queue.commit_worker import COMMITTED, write_group
 from exedge.durable import DirectorySync, fsync_in_turn
 from exedge.interfaces import IIncomingMessage, IMessageStore, IStoredMessage
 
