@@ -120,12 +120,16 @@ PERMISSION_GROUPS = (
 )
 DOMAIN_TYPES = ("Authoritative", "InternalRelay", "ExternalRelay")
 
-# Exchange's usage-type presets (New-ReceiveConnector -Usage).
+# Exchange's usage-type presets (New-ReceiveConnector -Usage). Client and
+# Internet serve every peer unless remote_ip_ranges says otherwise; Custom,
+# Internal and Partner must name theirs (no default: the key is required).
+ANY_REMOTE_IP = (v.parse_ip_range("0.0.0.0-255.255.255.255"),)
 RECEIVE_USAGE_DEFAULTS = {
-    "Client": {"permission_groups": ("ExchangeUsers",), "auth_mechanisms": ("Tls", "BasicAuth", "BasicAuthRequireTLS")},
+    "Client": {"permission_groups": ("ExchangeUsers",), "auth_mechanisms": ("Tls", "BasicAuth", "BasicAuthRequireTLS"),
+               "remote_ip_ranges": ANY_REMOTE_IP},
     "Internal": {"permission_groups": ("ExchangeServers", "ExchangeLegacyServers"), "auth_mechanisms": ("Tls",)},
     "Internet": {"permission_groups": ("AnonymousUsers",), "auth_mechanisms": ("Tls",),
-                 "remote_ip_ranges": (v.parse_ip_range("0.0.0.0-255.255.255.255"),)},
+                 "remote_ip_ranges": ANY_REMOTE_IP},
     "Partner": {"permission_groups": ("Partners",), "auth_mechanisms": ("Tls",)},
     "Custom": {"permission_groups": (), "auth_mechanisms": ("Tls",)},
 }
