@@ -237,6 +237,7 @@ class ReceiveConnector:
     connection_inactivity_timeout: float = setting(v.parse_timespan, 60.0, "longest wait for the client")
     max_inbound_connection: int | None = setting(integer(1, unlimited=True), 5000, "concurrent sessions on this connector")
     max_inbound_connection_per_source: int | None = setting(integer(1, 10000, unlimited=True), 20, "concurrent sessions per peer address")
+    listen_backlog: int = setting(integer(1, 65535), 511, "connections the kernel holds until they are accepted (listen(2) backlog, capped by net.core.somaxconn); a socket that connectors share gets the largest of theirs")
     max_protocol_errors: int | None = setting(integer(0, unlimited=True), 5, "errors before 421 and disconnect (0 or unlimited: never)")
     tarpit_interval: float = setting(timespan(600), 5.0, "delay before error replies to unauthenticated peers")
     enabled: bool = setting(boolean, True, "false: the connector does not listen")
