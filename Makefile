@@ -24,7 +24,8 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test debian-test-deps
 
-# Debian packages the tests use: swaks (a second real SMTP client), a
+# Debian packages the tests use: swaks (a second real SMTP client), ss
+# (iproute2: the listen backlog the kernel holds), a
 # Samba AD domain controller (the directory for AUTH; ../shared/research/
 # directory-servers.md) and rspamd (the plugins/rspamd_scan.py stage; the
 # tests start their own daemon). policy-rc.d keeps Debian from starting services.
@@ -35,6 +36,7 @@ debian-test-deps:
 	command -v samba >/dev/null 2>&1 || missing="$$missing $(SAMBA_PACKAGES)"; \
 	command -v rspamd >/dev/null 2>&1 || missing="$$missing rspamd"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	command -v ss >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive \

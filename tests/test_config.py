@@ -173,6 +173,33 @@ def test_internet_usage_defaults_to_all_ranges():
     assert rc.auth_mechanisms == ("Tls",)
 
 
+def test_client_usage_defaults_to_all_ranges_and_serves_any_peer():
+    """Exchange's Client preset, like Internet's, covers the whole address space."""
+    from exedge.receive.connectors import ConnectorTable
+
+    rc = loads(receive('usage = "Client"\n', ranges=None)).receive_connectors[0]
+    assert [(str(r.first), str(r.last)) for r in rc.remote_ip_ranges] == [
+        ("0.0.0.0", "255.255.255.255")
+    ]
+    assert rc.permission_groups == ("ExchangeUsers",)
+    table = ConnectorTable([rc])
+    for peer in ("0.0.0.0", "10.1.2.3", "127.0.0.1", "192.0.2.77", "203.0.113.9", "255.255.255.255",
+                 "::ffff:198.51.100.4"):
+        assert table.select("127.0.0.1", 2525, peer) is rc, peer
+
+
+@pytest.mark.parametrize("usage", ["Custom", "Internal", "Partner"])
+def test_usages_without_a_range_preset_require_remote_ip_ranges(tmp_path, usage):
+    path = write(tmp_path, receive(f'usage = "{usage}"\n', ranges=None))
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    (p,) = info.value.problems
+    assert p.key == "receive_connectors[0].remote_ip_ranges"
+    assert p.message == f"is required for usage {usage}"
+    assert p.line == 1   # the connector's own header line: the key is not there
+    assert str(p) == f"{path}:1: receive_connectors[0].remote_ip_ranges: is required for usage {usage}"
+
+
 # --------------------------------------------------------------------------
 # Sizes and timespans
 

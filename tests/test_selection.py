@@ -42,6 +42,20 @@ def test_binding_decides_and_wildcard_binding_covers_addresses():
     assert [str(b) for b in t.listen_bindings()] == ["0.0.0.0:25", "127.0.0.1:587"]
 
 
+def test_a_socket_gets_the_largest_backlog_of_the_connectors_it_serves():
+    """Exact bindings a wildcard socket covers count too; a disabled connector does not."""
+    t = table(
+        rc("wild", '["0.0.0.0:25"]', '["0.0.0.0-255.255.255.255"]', "listen_backlog = 200"),
+        rc("exact", '["127.0.0.1:25"]', '["10.0.0.0/8"]', "listen_backlog = 1000"),
+        rc("off", '["0.0.0.0:25"]', '["127.0.0.0/8"]', "listen_backlog = 4000\nenabled = false"),
+        rc("v6", '["[::]:25"]', '["::/0"]', "listen_backlog = 3000"),
+        rc("other port", '["127.0.0.1:587"]', '["127.0.0.0/8"]'),
+    )
+    assert {str(b): t.listen_backlog(b) for b in t.listen_bindings()} == {
+        "0.0.0.0:25": 1000, "[::]:25": 3000, "127.0.0.1:587": 511,
+    }
+
+
 def test_ipv6_and_mapped_addresses():
     t = table(rc("v6", '["[::1]:25"]', '["::1", "2001:db8::/32"]'), rc("v4", '["127.0.0.1:25"]', '["127.0.0.1"]'))
     assert t.select("::1", 25, "::1").name == "v6"

@@ -41,12 +41,16 @@ PERMISSION_GROUPS = (
 )
 DOMAIN_TYPES = ("Authoritative", "InternalRelay", "ExternalRelay")
 
-# Exchange's usage-type presets (New-ReceiveConnector -Usage).
+# Exchange's usage-type presets (New-ReceiveConnector -Usage). Client and
+# Internet serve every peer unless remote_ip_ranges says otherwise; Custom,
+# Internal and Partner must name theirs (no default: the key is required).
+ANY_REMOTE_IP = (v.parse_ip_range("0.0.0.0-255.255.255.255"),)
 RECEIVE_USAGE_DEFAULTS = {
-    "Client": {"permission_groups": ("ExchangeUsers",), "auth_mechanisms": ("Tls", "BasicAuth", "BasicAuthRequireTLS")},
+    "Client": {"permission_groups": ("ExchangeUsers",), "auth_mechanisms": ("Tls", "BasicAuth", "BasicAuthRequireTLS"),
+               "remote_ip_ranges": ANY_REMOTE_IP},
     "Internal": {"permission_groups": ("ExchangeServers", "ExchangeLegacyServers"), "auth_mechanisms": ("Tls",)},
     "Internet": {"permission_groups": ("AnonymousUsers",), "auth_mechanisms": ("Tls",),
-                 "remote_ip_ranges": (v.parse_ip_range("0.0.0.0-255.255.255.255"),)},
+                 "remote_ip_ranges": ANY_REMOTE_IP},
     "Partner": {"permission_groups": ("Partners",), "auth_mechanisms": ("Tls",)},
     "Custom": {"permission_groups": (), "auth_mechanisms": ("Tls",)},
 }
@@ -149,6 +153,7 @@ class ReceiveConnector:
     connection_inactivity_timeout: float = setting(v.parse_timespan, 60.0, "longest wait for the client")
     max_inbound_connection: int | None = setting(integer(1, unlimited=True), 5000, "concurrent sessions on this connector")
     max_inbound_connection_per_source: int | None = setting(integer(1, 10000, unlimited=True), 20, "concurrent sessions per peer address")
+    listen_backlog: int = setting(integer(1, 65535), 511, "connections the kernel holds until they are accepted (listen(2) backlog, capped by net.core.somaxconn); a socket that connectors share gets the largest of theirs")
     max_protocol_errors: int | None = setting(integer(0, unlimited=True), 5, "errors before 421 and disconnect (0 or unlimited: never)")
     tarpit_interval: float = setting(timespan(600), 5.0, "delay before error replies to unauthenticated peers")
     enabled: bool = setting(boolean, True, "false: the connector does not listen")

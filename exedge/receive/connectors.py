@@ -43,6 +43,17 @@ class ConnectorTable:
             key=lambda b: (b.port, b.host),
         )
 
+    def listen_backlog(self, binding: Binding) -> int:
+        """
+        The listen(2) backlog of the socket for C{binding} (one of
+        L{listen_bindings}): the largest C{listen_backlog} of the connectors
+        it serves, so that sharing a socket never shrinks a connector's queue.
+        """
+        return max(
+            c.listen_backlog for c in self.connectors for b in c.bindings
+            if b == binding or (binding.is_wildcard and (b.version, b.port) == (binding.version, binding.port))
+        )
+
     def select(self, local_host: str, local_port: int, peer_host: str) -> ReceiveConnector | None:
         """The connector for this listener and peer: most specific remote range wins (cached: peers return)."""
         key = (local_host, local_port, peer_host)

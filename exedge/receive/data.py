@@ -17,7 +17,11 @@ operations rather than a Python call per line:
   - past the size limit nothing more is kept.
 
 A bad message is still read to its end, so the session stays in sync and
-the refusal comes after the final dot.
+the refusal comes after the final dot. Which refusal does not depend on how
+the reads fell: a message with several faults is refused for the first of
+L{FAULTS}, whichever was seen first, so the framing checks (bare CR/LF, then
+long lines) go on to the final dot after any fault, and the header checks
+after the size limit.
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ from typing import Callable
 
 MAX_LINE = 998            # RFC 5321 §4.5.3.1.6: 1000 octets including CRLF
 _RECEIVED = re.compile(rb"^received:", re.I | re.M)
+
+BARE_CR_LF = (554, "5.6.0", "Message contains bare CR or LF characters; lines must end with CRLF")
+LONG_LINE = (554, "5.6.0", "Message contains a line longer than 1000 octets")
+HEADER_SIZE = (552, "5.3.4", "Header size exceeds fixed maximum size")
+HOP_COUNT = (554, "5.4.6", "Hop count exceeded - possible mail loop")
+MESSAGE_SIZE = (552, "5.3.4", "Message size exceeds fixed maximum message size")
+# the order in which faults are reported: framing (the smuggling vector) first
+FAULTS = (BARE_CR_LF, LONG_LINE, HEADER_SIZE, HOP_COUNT, MESSAGE_SIZE)
+_RANK = {fault: rank for rank, fault in enumerate(FAULTS)}
 
 
 class DataReader:
@@ -63,36 +76,45 @@ class DataReader:
             self._midline = False
             buf = buf[last + 2:]
         if len(buf) > MAX_LINE + 2:
-            self._fail(554, "5.6.0", "Message contains a line longer than 1000 octets")
+            self._fail(LONG_LINE)
             # keep a trailing CR: its LF may arrive in the next chunk
-            buf = buf[-1:] if buf.endswith(b"\r") else b""
+            keep = buf[-1:] if buf.endswith(b"\r") else b""
+            # no CRLF in what is dropped: any CR or LF left in it is bare
+            if buf.count(b"\r") > len(keep) or b"\n" in buf:
+                self._fail(BARE_CR_LF)
+            buf = keep
             self._midline = True
         self._tail = buf
         return False, b""
 
-    def _fail(self, code: int, status: str, text: str) -> None:
-        if self.error is None:
-            self.error = (code, status, text)
+    def _fail(self, fault: tuple[int, str, str]) -> None:
+        if self.error is None or _RANK[fault] < _RANK[self.error]:
+            self.error = fault
 
     def _process(self, block: bytes) -> None:
-        if self.error is not None or not block:
+        if self.error is BARE_CR_LF or not block:
             return
         crlf = block.count(b"\r\n")
         if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
-            self._fail(554, "5.6.0", "Message contains bare CR or LF characters; lines must end with CRLF")
+            self._fail(BARE_CR_LF)
+            return
+        if self.error is LONG_LINE:
             return
         if block[0:1] == b"." or b"\r\n." in block:
             block = (b"\r\n" + block).replace(b"\r\n.", b"\r\n")[2:]
         if len(block) > MAX_LINE + 2 and max(map(len, block.split(b"\r\n"))) > MAX_LINE:
-            self._fail(554, "5.6.0", "Message contains a line longer than 1000 octets")
+            self._fail(LONG_LINE)
+            return
+        if self.error is not None and self.error is not MESSAGE_SIZE:
             return
         if self._in_headers:
+            # read on past the size limit: a header fault outranks it
             self._scan_headers(block)
-            if self.error is not None:
-                return
+        if self.error is not None:
+            return
         self.size += len(block)
         if self.max_size is not None and self.size > self.max_size:
-            self._fail(552, "5.3.4", "Message size exceeds fixed maximum message size")
+            self._fail(MESSAGE_SIZE)
             return
         self.sink(block)
 
@@ -106,7 +128,7 @@ class DataReader:
             cut = j + 2 - len(carry) if j >= 0 else -1
         self._header += block if cut < 0 else block[:cut]
         if len(self._header) > self.max_header_size:
-            self._fail(552, "5.3.4", "Header size exceeds fixed maximum size")
+            self._fail(HEADER_SIZE)
             return
         if cut >= 0:
             self._end_headers()
@@ -117,8 +139,8 @@ class DataReader:
         # handed over, not copied: pipeline stages parse it only if one asks
         self.header, self._header = self._header, bytearray()
         if hops > self.max_hop_count:
-            self._fail(554, "5.4.6", "Hop count exceeded - possible mail loop")
+            self._fail(HOP_COUNT)
 
     def _finish(self) -> None:
-        if self._in_headers and self.error is None:
+        if self._in_headers and self.error in (None, MESSAGE_SIZE):
             self._end_headers()

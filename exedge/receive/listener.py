@@ -28,10 +28,13 @@ def listener_services(reactor, context: ServerContext) -> list[StreamServerEndpo
     factory = SMTPFactory(context)
     services = []
     for binding in context.connectors.listen_bindings():
+        # Twisted's default backlog of 50 drops the SYNs of a burst, and each
+        # dropped SYN costs its client a retry a second later
+        backlog = context.connectors.listen_backlog(binding)
         if binding.version == 6:
-            endpoint = endpoints.TCP6ServerEndpoint(reactor, binding.port, interface=binding.host)
+            endpoint = endpoints.TCP6ServerEndpoint(reactor, binding.port, backlog=backlog, interface=binding.host)
         else:
-            endpoint = endpoints.TCP4ServerEndpoint(reactor, binding.port, interface=binding.host)
+            endpoint = endpoints.TCP4ServerEndpoint(reactor, binding.port, backlog=backlog, interface=binding.host)
         service = StreamServerEndpointService(endpoint, factory)
         service.setName(f"smtp {binding}")
         # a port that cannot be bound must stop the server, not be logged and ignored
