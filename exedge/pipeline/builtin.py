@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import time
 
 from twisted.internet import defer, threads
 from twisted.names import dns, error as dns_error
@@ -199,7 +198,7 @@ class ConnectionFilter(Stage):
                 if expires is None:
                     return True
                 if now is None:
-                    now = self.clock.seconds() if self.clock is not None else time.time()
+                    now = (self.clock or _reactor()).seconds()
                 if now < expires:
                     return True
         return False
@@ -267,12 +266,13 @@ class RecipientsFile:
     every C{interval} seconds, and the old list serves meanwhile.
     """
 
-    def __init__(self, path: str, interval: float = 5.0):
+    def __init__(self, path: str, interval: float = 5.0, clock=None):
         self.path = path
         self.interval = interval
+        self.clock = clock or _reactor()
         self.addresses: frozenset = self._read()
         self._stamp = self._stat()
-        self._checked = time.monotonic()
+        self._checked = self.clock.seconds()
         self._reloading = False
 
     def _stat(self):
@@ -287,9 +287,9 @@ class RecipientsFile:
             return frozenset(line.strip().lower() for line in f if line.strip() and not line.startswith("#"))
 
     def refresh(self) -> None:
-        if self._reloading or time.monotonic() - self._checked < self.interval:
+        if self._reloading or self.clock.seconds() - self._checked < self.interval:
             return
-        self._checked, self._reloading = time.monotonic(), True
+        self._checked, self._reloading = self.clock.seconds(), True
 
         def reload():
             stamp = self._stat()
@@ -360,9 +360,9 @@ class RecipientFilter(Stage):
     name = "recipient_filter"
     anti_spam = True
 
-    def __init__(self, blocked_recipients=(), recipients_file=None, directory=None):
+    def __init__(self, blocked_recipients=(), recipients_file=None, directory=None, clock=None):
         self.blocked = set(blocked_recipients)
-        self.known = RecipientsFile(recipients_file) if recipients_file else None
+        self.known = RecipientsFile(recipients_file, clock=clock) if recipients_file else None
         self.directory = directory
 
     def on_rcpt(self, session, recipient):
@@ -407,11 +407,12 @@ class RecipientFilterFactory:
             config = context.config
             if not config.directory.servers or config.directory.service_account is None:
                 raise ValueError('recipient_lookup = "Directory" needs [directory] servers and service_account')
-            directory = DirectoryLookup(config, context.clock or _wall_clock(), ttl, min(ttl, 60.0))
-        return RecipientFilter(**options, directory=directory)
+            directory = DirectoryLookup(config, getattr(context, "clock", None) or _reactor(), ttl, min(ttl, 60.0))
+        return RecipientFilter(**options, directory=directory, clock=getattr(context, "clock", None))
 
 
-def _wall_clock():
+def _reactor():
+    """The clock of a stage built without one (a test, a script): the reactor's, never time.time()."""
     from twisted.internet import reactor
     return reactor
 

@@ -86,9 +86,11 @@ class _WorkerProtocol(protocol.ProcessProtocol):
 
 class ProcessCommitter:
     def __init__(self, spool, reactor, *, python: str = sys.executable, module: str = "exedge.queue.commit_worker",
-                 restart_interval: float = RESTART_INTERVAL):
+                 restart_interval: float = RESTART_INTERVAL, clock=None):
+        """C{reactor} starts the worker process; C{clock} (by default the reactor) times restarts and stops."""
         self.spool = spool
         self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
         self.python = python
         self.module = module
         self.restart_interval = restart_interval
@@ -124,7 +126,7 @@ class ProcessCommitter:
             env=env, childFDs={0: "w", 1: "r", 2: "r"})
         self._widen_pipe(worker)
         self._worker = worker
-        self._started_at = self.reactor.seconds()
+        self._started_at = self.clock.seconds()
         return worker
 
     @staticmethod
@@ -143,7 +145,7 @@ class ProcessCommitter:
 
     def _current(self) -> _WorkerProtocol | None:
         if self._worker is None and not self._stopping \
-                and self.reactor.seconds() - self._started_at >= self.restart_interval:
+                and self.clock.seconds() - self._started_at >= self.restart_interval:
             self._spawn()
         return self._worker
 
@@ -152,8 +154,8 @@ class ProcessCommitter:
         d = defer.Deferred()
         self._restart_waiters.append(d)
         if self._restart_call is None:
-            delay = max(0.0, self._started_at + self.restart_interval - self.reactor.seconds())
-            self._restart_call = self.reactor.callLater(delay, self._restart)
+            delay = max(0.0, self._started_at + self.restart_interval - self.clock.seconds())
+            self._restart_call = self.clock.callLater(delay, self._restart)
         return d
 
     def _restart(self) -> None:
@@ -177,7 +179,7 @@ class ProcessCommitter:
         if worker is None or worker.transport is None:
             return defer.succeed(None)
         worker.transport.closeStdin()
-        timer = self.reactor.callLater(STOP_TIMEOUT, self._kill, worker)
+        timer = self.clock.callLater(STOP_TIMEOUT, self._kill, worker)
         return worker.ended.addBoth(lambda _: timer.active() and timer.cancel())
 
     @staticmethod

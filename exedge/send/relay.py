@@ -75,13 +75,15 @@ class RelayAgent:
     idle_time = 2.0            # seconds an open session waits for more (Postfix: smtp_connection_cache_time_limit)
 
     def __init__(self, connector, *, helo: str, run, reactor, mx=None, resolver=None,
-                 connect_timeout: float = 30.0, credentials=None, client_certificate=None):
+                 connect_timeout: float = 30.0, credentials=None, client_certificate=None, clock=None):
         """
         C{mx}: an L{exedge.send.mx.MXResolver} for DNS routing; None for
         smart hosts. C{resolver}: the same, to find the addresses of smart
         hosts given by name through [server].dns_servers (None: the
-        system's resolver).
+        system's resolver). C{reactor} opens connections; C{clock} (by
+        default the reactor) times sessions and idle connections.
         """
+        self.clock = clock if clock is not None else reactor
         self.resolver = resolver
         self.credentials = credentials      # (user, password) for smart-host AUTH, or None
         self.client_certificate = client_certificate   # presented to next hops that ask
@@ -179,7 +181,7 @@ class RelayAgent:
 
             waiter.d = defer.Deferred(cancel)
             idle = min(self.idle_time, self.connector.connection_inactivity_timeout)
-            waiter.timer = self.reactor.callLater(idle, lambda: self._wake(destination, waiter))
+            waiter.timer = self.clock.callLater(idle, lambda: self._wake(destination, waiter))
             self._idle.setdefault(destination, []).append(waiter)
             return waiter.d
         return source
@@ -351,7 +353,7 @@ class RelayAgent:
     def _connect(self, address: str, port: int, remote: str, outbound, destination: str, entries: dict,
                  tls_options, tls_required: bool):
         """A session with C{outbound} to one host: fires with its client once connected."""
-        client = SMTPClient(outbound, helo=self.helo, clock=self.reactor,
+        client = SMTPClient(outbound, helo=self.helo, clock=self.clock,
                             timeouts=Timeouts().capped(self.connector.connection_inactivity_timeout),
                             max_messages=self.connector.smtp_max_messages_per_connection,
                             source=self._source(destination, entries),
