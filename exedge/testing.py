@@ -1,6 +1,12 @@
 """
 Test helpers that exedge maintains for itself and for plugin authors.
 
+L{StringSession} is an exedge receive session on a C{StringTransport},
+with a C{task.Clock} and a real spool in a directory: bytes in, replies
+out, no sockets (the way to test a pipeline stage's verdicts and
+actions). L{ManualRun} stands in for the spool's thread pools: disk work
+runs only when the test says so, to catch what happens while it waits.
+
 L{RecordingSink} is a real SMTP server on stock C{twisted.mail.smtp.ESMTP}
 (an implementation independent of exedge's own), listening on loopback,
 that records every command line and every message it accepts, and can be
@@ -11,10 +17,108 @@ STARTTLS that is offered and then refused or broken.
 
 from __future__ import annotations
 
+import re
+
 import attrs
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.mail import smtp
 from zope.interface import implementer
+
+from exedge.interfaces import IQueueSink
+
+
+class ManualRun:
+    """
+    A spool thread pool that runs nothing until told: C{run(f)} gives a
+    Deferred that fires with C{f()} when the test calls L{finish_one} or
+    L{flush}, in the order the work was asked for.
+    """
+
+    def __init__(self):
+        self.jobs: list = []
+
+    def __call__(self, f) -> defer.Deferred:
+        d = defer.Deferred()
+        self.jobs.append((f, d))
+        return d
+
+    def finish_one(self) -> None:
+        f, d = self.jobs.pop(0)
+        d.callback(f())
+
+    def flush(self) -> None:
+        while self.jobs:
+            self.finish_one()
+
+
+@implementer(IQueueSink)
+class Announced:
+    """The queue, as far as cleanup can tell: it keeps the committed messages announced to it."""
+
+    def __init__(self):
+        self.messages: list = []
+
+    def submit(self, message) -> None:
+        self.messages.append(message)
+
+
+_FINAL_LINE = re.compile(r"^[245]\.\d+\.\d+$")
+
+
+class StringSession:
+    """
+    One exedge SMTP session on a C{StringTransport}. C{config} is a loaded
+    L{exedge.config.Config}; the session arrives on the first binding of
+    its first receive connector (or C{local}, (host, port)) from C{peer}.
+    Committed messages land in C{sink.messages}, and their bytes in a real
+    spool under C{spool_directory}; disk work runs at once, or through
+    C{run} (a L{ManualRun}). C{pipeline}: an L{exedge.pipeline.Pipeline}
+    of the stages under test, built on C{clock}.
+    """
+
+    def __init__(self, config, spool_directory: str, *, peer: str = "127.0.0.1", local=None, run=None,
+                 pipeline=None, clock=None):
+        from exedge.cleanup import Cleanup
+        from exedge.queue import Spool
+        from exedge.receive import ConnectorTable, ServerContext, SMTPServer
+        from exedge.routing import Router
+        self.config = config
+        self.clock = clock if clock is not None else task.Clock()
+        self.sink = Announced()
+        self.spool = Spool(spool_directory, run or (lambda f: defer.maybeDeferred(f)))
+        self.spool.prepare()
+        self.context = ServerContext(
+            server=config.server,
+            connectors=ConnectorTable(config.receive_connectors),
+            router=Router(config.accepted_domains, config.send_connectors),
+            cleanup=Cleanup(self.spool, self.sink, self.clock, quarantine_mailbox=config.server.quarantine_mailbox),
+            clock=self.clock,
+            pipeline=pipeline,
+        )
+        if local is None:
+            binding = config.receive_connectors[0].bindings[0]
+            local = (binding.host, binding.port)
+        self.transport = StringTransport(hostAddress=IPv4Address("TCP", *local),
+                                         peerAddress=IPv4Address("TCP", peer, 40000))
+        self.proto = SMTPServer(self.context)
+        self.proto.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> bytes:
+        """Feed C{data} as the client; what the session wrote in answer."""
+        self.transport.clear()
+        self.proto.dataReceived(data)
+        return self.transport.value()
+
+    def codes(self, data: bytes) -> list[str]:
+        """The code and enhanced status of each final reply line to C{data}: ["250 2.1.0", "354", ...]."""
+        codes = []
+        for line in self.send(data).decode().split("\r\n"):
+            if line and line[3:4] == " ":
+                first = line[4:].split(" ", 1)[0]
+                codes.append(line[:3] + (" " + first if _FINAL_LINE.match(first) else ""))
+        return codes
 
 
 @attrs.define

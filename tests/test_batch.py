@@ -1,24 +1,9 @@
 """Group commit: what arrives while a batch is on the disk goes in the next one."""
 
-from twisted.internet import defer, task
+from twisted.internet import task
 
 from exedge.queue.batch import Batcher
-
-
-class ManualRun:
-    """A spool thread that finishes a job only when the test says so."""
-
-    def __init__(self):
-        self.jobs = []
-
-    def __call__(self, f):
-        d = defer.Deferred()
-        self.jobs.append((f, d))
-        return d
-
-    def finish_one(self):
-        f, d = self.jobs.pop(0)
-        d.callback(f())
+from exedge.testing import ManualRun
 
 
 def recorder(batches):

@@ -12,8 +12,7 @@ import sys
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
-from twisted.internet.testing import StringTransport
+from twisted.internet import defer, task
 
 from exedge.config import ConfigError, loads
 from exedge.pipeline import ACCEPT, Entry, Pipeline, Stage, build_pipeline, defer_, disconnect, reject
@@ -26,13 +25,9 @@ EXEDGE = os.path.join(os.path.dirname(sys.executable), "exedge")
 
 
 def session_with(tmp_path, *stages, peer="127.0.0.1", timeout=30.0, connectors=None):
-    s = Session(tmp_path, peer=peer)
-    s.context.pipeline = Pipeline([Entry(st, i, connectors, timeout) for i, st in enumerate(stages)], s.clock)
-    s.proto.connectionLost()          # start again: the banner now waits for the stages
-    s.transport = StringTransport(hostAddress=s.transport.getHost(), peerAddress=s.transport.getPeer())
-    s.proto = type(s.proto)(s.context)
-    s.proto.makeConnection(s.transport)
-    return s
+    clock = task.Clock()
+    pipeline = Pipeline([Entry(st, i, connectors, timeout) for i, st in enumerate(stages)], clock)
+    return Session(tmp_path, peer=peer, pipeline=pipeline, clock=clock)
 
 
 class Says(Stage):

@@ -12,7 +12,6 @@ import os
 import smtplib
 from email.message import EmailMessage
 
-import attrs
 import pytest
 
 from exedge.auth.permissions import Principal, session_permissions

@@ -5,84 +5,27 @@ in the calling thread; the clock is a task.Clock.
 """
 
 import os
-import re
 
 import pytest
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from exedge.cleanup import Cleanup
 from exedge.config import loads
-from exedge.queue import Spool
 from exedge.receive import ConnectorTable, ServerContext, SMTPServer
 from exedge.routing import Router
+from exedge.testing import ManualRun, StringSession
 from harness import config_text
 
 PORT = 2525
 
 
-class RecordingSink:
-    def __init__(self):
-        self.messages = []
+class Session(StringSession):
+    """exedge.testing's session on the contract configuration of the tests (config_text's knobs)."""
 
-    def submit(self, message):
-        self.messages.append(message)
-
-
-class DeferredRun:
-    """Spool work that completes only when the test says so."""
-
-    def __init__(self):
-        self.pending = []
-
-    def __call__(self, f):
-        d = defer.Deferred()
-        self.pending.append((f, d))
-        return d
-
-    def flush(self):
-        while self.pending:
-            f, d = self.pending.pop(0)
-            d.callback(f())
-
-
-class Session:
-    def __init__(self, tmp_path, peer="127.0.0.1", run=None, **knobs):
-        self.config = loads(config_text(PORT, **knobs))
-        self.clock = task.Clock()
-        self.sink = RecordingSink()
-        self.spool = Spool(str(tmp_path / "spool"), run or (lambda f: defer.maybeDeferred(f)))
-        self.spool.prepare()
-        self.context = ServerContext(
-            server=self.config.server,
-            connectors=ConnectorTable(self.config.receive_connectors),
-            router=Router(self.config.accepted_domains, self.config.send_connectors),
-            cleanup=Cleanup(self.spool, self.sink, self.clock,
-                            quarantine_mailbox=self.config.server.quarantine_mailbox),
-            clock=self.clock,
-        )
-        self.transport = StringTransport(
-            hostAddress=IPv4Address("TCP", "127.0.0.1", PORT),
-            peerAddress=IPv4Address("TCP", peer, 40000),
-        )
-        self.proto = SMTPServer(self.context)
-        self.proto.makeConnection(self.transport)
-
-    def send(self, data: bytes) -> bytes:
-        self.transport.clear()
-        self.proto.dataReceived(data)
-        return self.transport.value()
-
-    def codes(self, data: bytes) -> list[str]:
-        """The code + enhanced status of each final reply line."""
-        out = self.send(data).decode()
-        codes = []
-        for line in out.split("\r\n"):
-            if line and line[3:4] == " ":
-                first = line[4:].split(" ", 1)[0]
-                codes.append(line[:3] + (" " + first if re.match(r"^[245]\.\d+\.\d+$", first) else ""))
-        return codes
+    def __init__(self, tmp_path, peer="127.0.0.1", run=None, pipeline=None, clock=None, **knobs):
+        super().__init__(loads(config_text(PORT, **knobs)), str(tmp_path / "spool"), peer=peer, run=run,
+                         pipeline=pipeline, clock=clock)
 
 
 @pytest.fixture
@@ -133,7 +76,7 @@ def test_full_transaction_is_spooled_before_250(session):
 
 
 def test_no_250_until_spool_write_completes_and_pipelined_commands_wait(tmp_path):
-    run = DeferredRun()
+    run = ManualRun()
     s = Session(tmp_path, run=run)
     s.send(b"EHLO c.test\r\n")
     out = s.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nhi\r\n.\r\nNOOP\r\nQUIT\r\n")
@@ -415,7 +358,7 @@ def test_disconnect_mid_data_discards_partial_message(tmp_path):
 
 
 def test_pending_answer_pauses_socket_only_when_client_keeps_talking(tmp_path):
-    run = DeferredRun()
+    run = ManualRun()
     s = Session(tmp_path, run=run)
     s.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nhi\r\n.\r\n")
     assert s.proto.paused and s.transport.producerState == "producing"
@@ -446,7 +389,7 @@ def test_client_that_does_not_read_replies_stops_being_read(session):
 
 
 def test_idle_timer_waits_for_our_own_slow_queue_write(tmp_path):
-    run = DeferredRun()
+    run = ManualRun()
     s = Session(tmp_path, run=run)
     s.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nhi\r\n.\r\n")
     s.transport.clear()
@@ -459,7 +402,7 @@ def test_idle_timer_waits_for_our_own_slow_queue_write(tmp_path):
 
 
 def test_session_time_limit_during_queue_write_sends_the_answer_first(tmp_path):
-    run = DeferredRun()
+    run = ManualRun()
     s = Session(tmp_path, run=run)
     for _ in range(5):
         s.clock.advance(59.8)                  # 299 s of a busy session
@@ -487,7 +430,7 @@ def test_queue_sink_failure_after_commit_still_acknowledges(tmp_path):
 
 
 def test_slow_disk_stops_reading_message_data_until_spills_are_written(tmp_path):
-    run = DeferredRun()
+    run = ManualRun()
     s = Session(tmp_path, run=run, peer="127.0.0.2")   # no size limit in the way
     s.send(b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
     line = b"z" * 998 + b"\r\n"
