@@ -18,7 +18,7 @@ from exedge.auth.permissions import Principal, session_permissions
 from exedge.config import ConfigError, loads
 from exedge.pipeline import Stage, build_pipeline, ok, reject
 from exedge.pipeline.content import AttachmentFilter, ContentRestrictions, HeaderFirewall, message_priority
-from exedge.queue.spool import SPILL_THRESHOLD
+from exedge.queue.incoming import SPILL_THRESHOLD
 from harness import config_text
 from test_pipeline import session_with
 

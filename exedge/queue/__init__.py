@@ -13,7 +13,7 @@ import importlib
 _WHERE = {
     "Envelope": ".envelope", "Recipient": ".envelope",
     "DeliveryQueue": ".manager", "QueueManager": ".manager", "QueueStatus": ".manager",
-    "IncomingMessage": ".spool", "Spool": ".spool", "StoredMessage": ".spool",
+    "IncomingMessage": ".incoming", "Spool": ".spool", "StoredMessage": ".spool",
     "Outcome": "exedge.interfaces",
 }
 

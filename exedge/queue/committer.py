@@ -192,7 +192,7 @@ class ProcessCommitter:
     # -- commits -----------------------------------------------------------
 
     def submit(self, request) -> defer.Deferred:
-        """Commit a L{exedge.queue.spool.CommitRequest}; fires with its L{StoredMessage}."""
+        """Commit a L{exedge.queue.incoming.CommitRequest}; fires with its L{StoredMessage}."""
         footer = envelope_footer(request.envelope)
         payload = [footer] if request.data is None else [request.data, footer]
         return self._send(request, payload)
