@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -51,6 +52,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import harness  # noqa: E402  (tests/harness.py: exedge's canonical test config and twistd runner)
+import against  # noqa: E402  (bench/against.py: another commit of exedge, for --against)
 
 HOST = "127.0.0.1"
 SIZES = {"1KiB": 1024, "100KiB": 100 * 1024}
@@ -393,11 +395,13 @@ class Reference:
 class Exedge:
     name = "exedge"
 
+    code: str | None = None   # another checkout of exedge to run (--against), None: this one
+
     def __init__(self, workdir: str):
         self.workdir = workdir
         self.port = harness.free_port(HOST)
         config = harness.config_text(self.port, tarpit="0", internet=EXEDGE_INTERNET)
-        self.server = harness.Server(workdir, config, self.port)
+        self.server = harness.Server(workdir, config, self.port, code=self.code)
 
     def start(self) -> None:
         self.server.start()
@@ -521,7 +525,18 @@ def main(argv=None) -> int:
                         help="cap on one load run (default 40; --quick 15); a capped run is marked truncated")
     parser.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"), help="where to write the results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary working directories")
+    parser.add_argument("--against", metavar="REV",
+                        help="compare with exedge at this git commit (e.g. HEAD~1) instead of the stock-Twisted "
+                             "reference: the 'reference' columns are then that commit, alternating in one run")
     args = parser.parse_args(argv)
+    global Reference
+    stack = contextlib.ExitStack()
+    if args.against:
+        tree, rev = stack.enter_context(against.checkout(args.against))
+
+        class Reference(Exedge):     # noqa: F811 -- the baseline of this run is exedge at another commit
+            name = "reference"
+            code = tree
 
     n_small = args.messages or (300 if args.quick else 1500)
     n_large = args.large_messages or max(n_small // 3, 1)
@@ -549,7 +564,8 @@ def main(argv=None) -> int:
         if not plan:
             parser.error("--only matched nothing; choose from " + " ".join(f"{s}/{c}" for s, c in all_configs))
 
-    print(f"exedge durable accept rate vs. stock-Twisted reference; load generator: {loadgen_desc}")
+    baseline = f"exedge at {rev}" if args.against else "stock-Twisted reference"
+    print(f"exedge ({against.here()}) durable accept rate vs. {baseline}; load generator: {loadgen_desc}")
     print(f"  per run: {n_small} x 1 KiB or {n_large} x 100 KiB messages, after {WARMUP} untimed warm-up messages, "
           f"fresh server and directory; {rounds} round(s) per server, alternating; "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}", flush=True)
@@ -611,6 +627,7 @@ def main(argv=None) -> int:
             print(f"kept {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
+        stack.close()
     total = time.perf_counter() - started
 
     print()

@@ -32,7 +32,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
+import against  # noqa: E402  (bench/against.py: another commit of exedge, for --against)
 import harness  # noqa: E402
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 HOST = "127.0.0.1"
 
@@ -72,6 +77,7 @@ class Sink:
 
 class Exedge:
     name = "exedge"
+    code: str | None = None   # another checkout of exedge to run (--against), None: this one
 
     def __init__(self, workdir: str, sink_port: int):
         self.port = harness.free_port()
@@ -99,7 +105,7 @@ address_spaces = ["relay.test"]
 dns_routing_enabled = false
 smart_hosts = ["{HOST}:{sink_port}"]
 """
-        self.server = harness.Server(workdir, config, self.port)
+        self.server = harness.Server(workdir, config, self.port, code=self.code)
 
     def start(self) -> None:
         self.server.start()
@@ -231,7 +237,23 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--only", action="append", default=[], metavar="SIZE/CONNS",
                         help="run only this case, e.g. 1KiB/10 or 100KiB/50 (repeatable)")
+    parser.add_argument("--conns", action="append", type=int, default=[],
+                        help="connection counts (repeatable; default 10 and 50)")
+    parser.add_argument("--against", metavar="REV",
+                        help="compare with exedge at this git commit (e.g. HEAD~1) instead of Postfix, "
+                             "alternating in one run")
     args = parser.parse_args(argv)
+    if args.against:
+        with against.checkout(args.against) as (tree, rev):
+            class Before(Exedge):
+                name = f"exedge@{rev}"
+                code = tree
+            return compare(args, Before, Exedge)
+    return compare(args, Postfix, Exedge)
+
+
+def compare(args, Base, Exedge) -> int:
+    """Base (Postfix, or exedge at another commit) against this exedge, alternating, in one run."""
     missing = [b for b in ("smtp-source", "smtp-sink", "postfix") if not shutil.which(b)]
     if missing or os.geteuid() != 0:
         print(f"relay_rate: needs root and the Debian package postfix (missing: {', '.join(missing) or 'root'})")
@@ -240,12 +262,12 @@ def main(argv=None) -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     rows, results = [], []
     for size, n in ((1024, n_small), (100 * 1024, max(n_small // 4, 1))):
-        for conns in (10, 50):
+        for conns in (args.conns or (10, 50)):
             if args.only and f"{size // 1024}KiB/{conns}" not in args.only:
                 continue
-            rates = {"exedge": [], "postfix": []}
+            rates = {Exedge.name: [], Base.name: []}
             for r in range(rounds):
-                order = (Exedge, Postfix) if r % 2 == 0 else (Postfix, Exedge)
+                order = (Exedge, Base) if r % 2 == 0 else (Base, Exedge)
                 for kind in order:
                     res = run_one(kind, size, conns, n, cap=120)
                     results.append(res)
@@ -253,11 +275,14 @@ def main(argv=None) -> int:
                     print(f"  {size // 1024:>4} KiB x{conns:<3} {kind.name:8} {res['at_sink']:>5}/{n} at the sink "
                           f"in {res['relay_seconds']:6.2f} s = {res['relay_rate']:8.1f}/s{flag}", flush=True)
                     rates[kind.name].append(res["relay_rate"])
-            ex, pf = sorted(rates["exedge"])[len(rates["exedge"]) // 2], sorted(rates["postfix"])[len(rates["postfix"]) // 2]
-            rows.append((size, conns, pf, ex, ex / pf if pf else 0.0))
-    print(f"\n{'size':>8} {'conns':>5} {'postfix/s':>10} {'exedge/s':>10} {'exedge/postfix':>15}")
-    for size, conns, pf, ex, ratio in rows:
-        print(f"{size // 1024:>5}KiB {conns:>5} {pf:>10.1f} {ex:>10.1f} {ratio:>14.2f}x")
+            ex, base = median(rates[Exedge.name]), median(rates[Base.name])
+            spread = (f"{min(rates[Base.name]):.0f}-{max(rates[Base.name]):.0f}",
+                      f"{min(rates[Exedge.name]):.0f}-{max(rates[Exedge.name]):.0f}")
+            rows.append((size, conns, base, ex, ex / base if base else 0.0, spread))
+    print(f"\nexedge = {against.here()}; base = {Base.name}; medians of {rounds} round(s), ranges after")
+    print(f"{'size':>8} {'conns':>5} {'base/s':>10} {'exedge/s':>10} {'exedge/base':>12}  ranges (base; exedge)")
+    for size, conns, base, ex, ratio, (rb, re_) in rows:
+        print(f"{size // 1024:>5}KiB {conns:>5} {base:>10.1f} {ex:>10.1f} {ratio:>11.2f}x  {rb}; {re_}")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "relay-latest.json"), "w") as f:
         json.dump(results, f, indent=1)

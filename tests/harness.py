@@ -81,9 +81,11 @@ drop_directory = "var/drop"
 
 
 class Server:
-    def __init__(self, workdir, config: str, port: int):
+    def __init__(self, workdir, config: str, port: int, *, code: str | None = None):
+        """C{code}: another checkout of exedge to run instead of this one (bench/ compares commits)."""
         self.workdir = str(workdir)
         self.port = port
+        self.env = None if code is None else dict(os.environ, PYTHONPATH=code)
         self.config_path = os.path.join(self.workdir, "exedge.toml")
         with open(self.config_path, "w") as f:
             f.write(config)
@@ -94,7 +96,7 @@ class Server:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "exedge", "--config", self.config_path],
-            cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

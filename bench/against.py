@@ -1,0 +1,44 @@
+"""
+Another commit of exedge beside this one, for benchmarks that compare the
+two in one run (alternating, on the same machine at the same time: the
+only comparison a shared, noisy machine allows).
+
+C{checkout(rev)} makes a detached git worktree of C{rev} in a temporary
+directory and removes it afterwards. The servers run with the same
+virtualenv and C{PYTHONPATH} set to that worktree, so its C{exedge}
+package (and its commit worker, which inherits the path) is the one
+imported; both trees read the configuration the benchmark writes, so it
+must be valid for both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def checkout(rev: str):
+    """The path of a worktree of C{rev}, for the duration of the block."""
+    commit = subprocess.run(["git", "-C", TOP, "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    path = tempfile.mkdtemp(prefix=f"exedge-{commit[:10]}-")
+    os.rmdir(path)
+    subprocess.run(["git", "-C", TOP, "worktree", "add", "--detach", "-q", path, commit], check=True)
+    try:
+        yield path, commit[:10]
+    finally:
+        subprocess.run(["git", "-C", TOP, "worktree", "remove", "--force", path], check=False)
+
+
+def here() -> str:
+    """This tree's commit, for the report (with "+" when it has uncommitted changes)."""
+    head = subprocess.run(["git", "-C", TOP, "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", TOP, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+" if dirty else "")
