@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import email.errors
 import email.header
+import email.message
 import email.parser
 import email.policy
 import email.utils
 import fnmatch
+import functools
 import io
 import re
 from email.generator import BytesGenerator
@@ -229,9 +231,40 @@ DEFAULT_CONTENT_TYPES = (
     "text/javascript", "application/x-javascript", "application/javascript", "x-internet-signup", "application/hta",
 )
 REMOVED_TEXT = "This attachment was removed."
+MAX_NESTING_DEPTH = 100
+NESTING_DEPTH_CEILING = 150
 _CONTENT_TYPE = re.compile(rb"^content-type[ \t]*:[ \t]*([^;\r\n]+)", re.I | re.M)
 _MAYBE_ATTACHMENT = re.compile(rb"^content-type[ \t]*:[ \t]*(multipart/|message/)|name[ \t]*\*?[0-9]*\*?[ \t]*=",
                                re.I | re.M)
+
+
+class TooDeep(Exception):
+    """A part is nested deeper than the filter walks (L{AttachmentFilter.max_nesting_depth})."""
+
+
+class _Part(email.message.Message):
+    """
+    A compat32 message part that knows how deep it lies: the top-level
+    message is at depth 0, the parts of a multipart and the message inside
+    a message/* part one deeper than their parent. The parser attaches
+    every part to its parent as soon as it meets the part's header, so the
+    first part that is too deep stops the parse there: the parser (which
+    recurses once per level) and the generator (about four frames per
+    level) never go deeper than the limit, and a 1,000-level message is
+    refused after reading the headers of the first levels.
+    """
+
+    depth = 0
+
+    def __init__(self, policy=email.policy.compat32, *, limit: int):
+        super().__init__(policy)
+        self.limit = limit
+
+    def attach(self, payload):
+        if self.depth >= self.limit:
+            raise TooDeep(self.depth + 1)
+        payload.depth = self.depth + 1
+        super().attach(payload)
 
 
 def _file_name(part) -> str:
@@ -251,6 +284,10 @@ class AttachmentFilter(Stage):
     MIME type, in every part of nested multiparts and attached messages.
     One action for all entries: Strip (the part becomes a short text part
     saying it was removed), Reject (554 5.6.1) or SilentDelete.
+
+    Every message it reads is hostile input: a message nested deeper than
+    C{max_nesting_depth} is refused (554 5.6.0) before the parser recurses
+    that deep.
     """
 
     name = "attachment_filter"
@@ -259,12 +296,15 @@ class AttachmentFilter(Stage):
 
     def __init__(self, file_names=DEFAULT_FILE_NAMES, content_types=DEFAULT_CONTENT_TYPES, action="Strip",
                  rejection_response="Message rejected due to unacceptable attachments",
-                 admin_message=REMOVED_TEXT):
+                 admin_message=REMOVED_TEXT, max_nesting_depth=MAX_NESTING_DEPTH):
         self.file_names = tuple(n.lower() for n in file_names)
         self.content_types = tuple(t.lower() for t in content_types)
         self.action = action
         self.rejection_response = rejection_response
         self.admin_message = admin_message
+        self.max_nesting_depth = max_nesting_depth
+        self._parser = email.parser.BytesParser(_class=functools.partial(_Part, limit=max_nesting_depth),
+                                                policy=email.policy.compat32)
 
     def _blocked_type(self, header: bytes) -> bool:
         """Is the top-level Content-Type (read from the raw header) a blocked one?"""
@@ -285,8 +325,15 @@ class AttachmentFilter(Stage):
     async def on_message(self, session, message):
         if not _MAYBE_ATTACHMENT.search(message.header_bytes) and not self._blocked_type(message.header_bytes):
             return None                   # one part, no file name, an allowed type: nothing to read
-        content = await message.body()
-        parsed = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(content)
+        content = await message.body()    # a spool that cannot be read is the runner's 451: try again later
+        try:
+            return self._filter(session, message, content)
+        except TooDeep:
+            return reject(f"Message refused: MIME parts nested deeper than {self.max_nesting_depth} levels",
+                          "5.6.0", 554)
+
+    def _filter(self, session, message, content: bytes):
+        parsed = self._parser.parsebytes(content)
         found: list[str] = []
         self._strip(parsed, found)
         if not found:
@@ -329,6 +376,12 @@ def _serialize(message) -> bytes:
     return out.getvalue()
 
 
+def _nesting_depth(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= NESTING_DEPTH_CEILING:
+        raise ValueError(f"max_nesting_depth is a number from 1 to {NESTING_DEPTH_CEILING}, got {value!r}")
+    return value
+
+
 @implementer(IStageFactory)
 class AttachmentFilterFactory:
     name = "attachment_filter"
@@ -341,6 +394,7 @@ class AttachmentFilterFactory:
         "action": _choice("Strip", "Reject", "SilentDelete"),
         "rejection_response": str,
         "admin_message": str,
+        "max_nesting_depth": _nesting_depth,
     }
 
     def build(self, options):

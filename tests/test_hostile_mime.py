@@ -1,0 +1,88 @@
+"""
+The attachment filter on hostile MIME. Each of these messages made the
+filter raise, so the runner answered 451 4.3.0 and logged a traceback on
+every retry: deep nesting, file names that cannot be decoded, 8-bit bodies
+and header fields beside a stripped part, content the email package
+cannot parse. On a StringTransport session, then through a real server
+with smtplib.
+"""
+
+import pytest
+
+from exedge.config import ConfigError, loads
+from exedge.pipeline import build_pipeline
+from exedge.pipeline.content import AttachmentFilter
+from harness import config_text
+from test_pipeline import session_with
+from test_pipeline_actions import _send, stored
+
+EXE_PART = (b"Content-Type: application/octet-stream; name=\"evil.exe\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            b"TVqQAAMAAAAEAAAA\r\n")
+
+
+def _multipart(*parts: bytes, top: bytes = b"From: a@partner.test\r\nSubject: parts\r\nMIME-Version: 1.0\r\n") -> bytes:
+    body = b"".join(b"--XX\r\n" + part for part in parts)
+    return top + b"Content-Type: multipart/mixed; boundary=\"XX\"\r\n\r\n" + body + b"--XX--\r\n"
+
+
+def _nested_multiparts(depth: int, inner: bytes = EXE_PART) -> bytes:
+    """C{inner} at C{depth}: inside C{depth} multiparts, one in the other."""
+    out = [b"From: a@partner.test\r\nSubject: deep\r\nMIME-Version: 1.0\r\n"]
+    for i in range(depth):
+        out.append(b"Content-Type: multipart/mixed; boundary=\"b%d\"\r\n\r\n--b%d\r\n" % (i, i))
+    out.append(inner)
+    out.extend(b"--b%d--\r\n" % i for i in reversed(range(depth)))
+    return b"".join(out)
+
+
+def _nested_messages(depth: int, inner: bytes = EXE_PART) -> bytes:
+    """C{inner} at C{depth}: the body of a message/rfc822 part, C{depth} times over."""
+    out = [b"From: a@partner.test\r\nSubject: deep\r\nMIME-Version: 1.0\r\n"]
+    out.extend(b"Content-Type: message/rfc822\r\n\r\nSubject: forwarded %d\r\n" % i for i in range(depth))
+    return b"".join(out) + inner
+
+
+def nothing_spooled(s, tmp_path) -> bool:
+    return (s.sink.messages == [] and list((tmp_path / "spool" / "queue").iterdir()) == []
+            and list((tmp_path / "spool" / "incoming").iterdir()) == [])
+
+
+def test_a_thousand_nested_multiparts_are_refused_for_good(tmp_path):
+    s = session_with(tmp_path, AttachmentFilter())
+    assert _send(s, _nested_multiparts(1000)) == ["554 5.6.0"]
+    assert b"nested deeper than 100 levels" in s.transport.value()
+    assert nothing_spooled(s, tmp_path)
+    assert _send(s, _multipart(b"Content-Type: text/plain\r\n\r\nhi\r\n")) == ["250 2.6.0"]  # the session goes on
+
+
+def test_three_hundred_nested_messages_are_refused_for_good(tmp_path):
+    s = session_with(tmp_path, AttachmentFilter())
+    assert _send(s, _nested_messages(300)) == ["554 5.6.0"]             # the .exe inside made it re-serialise
+    assert b"nested deeper than 100 levels" in s.transport.value()
+    assert nothing_spooled(s, tmp_path)
+
+
+def test_max_nesting_depth_is_the_deepest_part_walked(tmp_path):
+    s = session_with(tmp_path, AttachmentFilter(max_nesting_depth=4))
+    assert _send(s, _nested_multiparts(4)) == ["250 2.6.0"]              # the .exe at depth 4: walked, stripped
+    assert b"TVqQ" not in stored(s) and b"Original file: evil.exe" in stored(s)
+    assert _send(s, _nested_multiparts(3, inner=b"Content-Type: message/rfc822\r\n\r\n" + EXE_PART)) == ["250 2.6.0"]
+    assert len(s.sink.messages) == 2
+    assert _send(s, _nested_multiparts(5)) == ["554 5.6.0"]
+    assert _send(s, _nested_messages(5)) == ["554 5.6.0"]
+    assert len(s.sink.messages) == 2
+
+
+def test_max_nesting_depth_option():
+    def stage(value):
+        return build_pipeline(loads(config_text(25) + f'''
+[[pipeline]]
+stage = "attachment_filter"
+{value}
+'''), None).entries[0].stage
+
+    assert stage("").max_nesting_depth == 100
+    assert stage("max_nesting_depth = 20").max_nesting_depth == 20
+    for bad in ("0", "151", "true", '"100"', "2.5"):
+        with pytest.raises(ConfigError, match=r"pipeline\[0\]\.max_nesting_depth.*from 1 to 150"):
+            stage(f"max_nesting_depth = {bad}")
