@@ -7,6 +7,9 @@ cannot parse. On a StringTransport session, then through a real server
 with smtplib.
 """
 
+import email
+import email.policy
+
 import pytest
 
 from exedge.config import ConfigError, loads
@@ -86,3 +89,35 @@ stage = "attachment_filter"
     for bad in ("0", "151", "true", '"100"', "2.5"):
         with pytest.raises(ConfigError, match=r"pipeline\[0\]\.max_nesting_depth.*from 1 to 150"):
             stage(f"max_nesting_depth = {bad}")
+
+
+def test_an_encoded_file_name_that_cannot_be_decoded_counts_as_blocked(tmp_path):
+    s = session_with(tmp_path, AttachmentFilter())
+    # an encoded word whose charset name is not ASCII (CharsetError), then one Python has no codec for
+    # (LookupError: the name used to be matched undecoded, as "=?x-unknown?Q?invoice=2Eexe?=", and passed,
+    # though a client that reads an unknown charset as ASCII shows invoice.exe)
+    for name in (b"=?\xc3\xbctf-8?Q?evil=2Eexe?=", b"=?x-unknown?Q?invoice=2Eexe?="):
+        raw = _multipart(b"Content-Type: text/plain\r\n\r\nsee attached\r\n",
+                         b"Content-Type: application/octet-stream; name=\"" + name + b"\"\r\n"
+                         b"Content-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA\r\n")
+        assert _send(s, raw) == ["250 2.6.0"]
+        data = stored(s)
+        assert b"TVqQ" not in data and b"see attached" in data
+        parsed = email.message_from_bytes(data, policy=email.policy.default)
+        notice = [p for p in parsed.walk() if p.get_filename()][0]
+        assert notice.get_filename().startswith("unreadable file name ") and notice.get_filename().endswith(".txt")
+        assert notice.get_content().startswith("This attachment was removed.\r\nOriginal file: unreadable file name")
+
+
+def test_a_broken_rfc2231_continuation_counts_as_blocked(tmp_path):
+    s = session_with(tmp_path, AttachmentFilter(action="Reject"))
+    raw = _multipart(b"Content-Type: text/plain\r\n\r\nsee attached\r\n",
+                     b"Content-Type: application/octet-stream\r\n"
+                     b"Content-Disposition: attachment; filename*=utf-8''notes.txt; filename*0=\"x.exe\"\r\n"
+                     b"Content-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA\r\n")
+    assert _send(s, raw) == ["554 5.6.1"]               # neither notes.txt nor x.exe: we cannot tell which
+    s = session_with(tmp_path / "strip", AttachmentFilter())
+    assert _send(s, raw) == ["250 2.6.0"]
+    assert b"TVqQ" not in stored(s) and b"see attached" in stored(s)
+    s = session_with(tmp_path / "types", AttachmentFilter(file_names=()))     # names not filtered: not read
+    assert _send(s, raw) == ["250 2.6.0"] and stored(s).endswith(raw)

@@ -11,7 +11,6 @@ only when the header says the message could carry an attachment.
 
 from __future__ import annotations
 
-import email.errors
 import email.header
 import email.message
 import email.parser
@@ -21,6 +20,7 @@ import fnmatch
 import functools
 import io
 import re
+import unicodedata
 from email.generator import BytesGenerator
 
 from zope.interface import implementer
@@ -236,6 +236,7 @@ NESTING_DEPTH_CEILING = 150
 _CONTENT_TYPE = re.compile(rb"^content-type[ \t]*:[ \t]*([^;\r\n]+)", re.I | re.M)
 _MAYBE_ATTACHMENT = re.compile(rb"^content-type[ \t]*:[ \t]*(multipart/|message/)|name[ \t]*\*?[0-9]*\*?[ \t]*=",
                                re.I | re.M)
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
 class TooDeep(Exception):
@@ -267,15 +268,39 @@ class _Part(email.message.Message):
         super().attach(payload)
 
 
-def _file_name(part) -> str:
-    """The part's file name, RFC 2231 and encoded words decoded (filename=, else name=)."""
-    raw = part.get_filename() or part.get_param("name") or ""
-    if isinstance(raw, tuple):                                  # RFC 2231 (charset, language, value)
-        raw = email.utils.collapse_rfc2231_value(raw)
+def _file_name(part) -> tuple[str, bool]:
+    """
+    The part's file name (filename=, else name=), RFC 2231 and encoded
+    words decoded, and whether it could be read. The sender names the
+    codecs (RFC 2231 charsets, encoded words) and writes the continuations,
+    so decoding can fail in any way a codec or the parameter parser can
+    (CharsetError, LookupError, UnicodeError, TypeError for
+    C{name*=...; name*0=...}, ValueError): such a name, and one that decodes
+    to control characters or lone surrogates (a NUL or a CR LF in a name is
+    not a name a client shows as we see it), cannot be read. 8-bit bytes
+    in a name are read as the header parser reads them (each one U+FFFD),
+    which keeps the ASCII in it, and so its extension, as it was.
+    """
+    shown = ""
     try:
-        return str(email.header.make_header(email.header.decode_header(str(raw))))
-    except (email.errors.HeaderParseError, LookupError, UnicodeDecodeError):
-        return str(raw)
+        raw = part.get_filename() or part.get_param("name") or ""
+        if isinstance(raw, tuple):                              # RFC 2231 (charset, language, value)
+            raw = email.utils.collapse_rfc2231_value(raw)
+        shown = _FOLD.sub("", str(raw))                         # a quoted name may be folded
+        name = str(email.header.make_header(email.header.decode_header(shown)))
+    except Exception:
+        return shown, False
+    return name, not any(unicodedata.category(c) in ("Cc", "Cs") for c in name)
+
+
+def _shown(text: str) -> str:
+    """
+    C{text} fit for the log, a header parameter and the notice: without
+    control characters, and its last 200 characters (the extension is at
+    the end).
+    """
+    text = "".join("\ufffd" if unicodedata.category(c) in ("Cc", "Cs") else c for c in text)
+    return text if len(text) <= 200 else "\u2026" + text[-199:]
 
 
 class AttachmentFilter(Stage):
@@ -287,7 +312,7 @@ class AttachmentFilter(Stage):
 
     Every message it reads is hostile input: a message nested deeper than
     C{max_nesting_depth} is refused (554 5.6.0) before the parser recurses
-    that deep.
+    that deep, and a file name that cannot be read counts as a blocked one.
     """
 
     name = "attachment_filter"
@@ -316,10 +341,14 @@ class AttachmentFilter(Stage):
         """What about this part is blocked (for the log), or None."""
         ctype = part.get_content_type()
         if any(fnmatch.fnmatchcase(ctype, t) for t in self.content_types):
-            return ctype
-        name = _file_name(part)
+            return _shown(ctype)
+        if not self.file_names:
+            return None
+        name, readable = _file_name(part)
+        if not readable:
+            return _shown(f"unreadable file name {name}".rstrip())
         if name and any(fnmatch.fnmatchcase(name.lower(), n) for n in self.file_names):
-            return name
+            return _shown(name)
         return None
 
     async def on_message(self, session, message):
