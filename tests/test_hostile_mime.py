@@ -121,3 +121,27 @@ def test_a_broken_rfc2231_continuation_counts_as_blocked(tmp_path):
     assert b"TVqQ" not in stored(s) and b"see attached" in stored(s)
     s = session_with(tmp_path / "types", AttachmentFilter(file_names=()))     # names not filtered: not read
     assert _send(s, raw) == ["250 2.6.0"] and stored(s).endswith(raw)
+
+
+def test_an_8bit_body_beside_a_stripped_part_arrives_byte_identical(tmp_path):
+    s = session_with(tmp_path, AttachmentFilter())
+    kept = (
+        # a multipart whose boundary never appears: the parser keeps its 8-bit body as one string
+        b"Content-Type: multipart/alternative; boundary=\"lost\"\r\n\r\nGr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln\r\n",
+        b"Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\nGr\xfc\xdfe\r\n",
+    )
+    raw = _multipart(*kept, EXE_PART)
+    assert _send(s, raw) == ["250 2.6.0"]
+    data = stored(s)
+    assert b"--XX\r\n" + kept[0] + b"--XX\r\n" + kept[1] + b"--XX\r\n" in data
+    assert b"TVqQ" not in data and b"Original file: evil.exe" in data
+
+
+def test_the_header_fields_of_kept_parts_are_written_back_as_they_came(tmp_path):
+    s = session_with(tmp_path, AttachmentFilter())
+    kept = (b"Content-Type: text/plain; charset=utf-8; format=flowed; delsp=yes; x-origin=\"a parameter that makes "
+            b"this line long\"\r\nContent-Description: agenda\x0citem: one\r\nX-Folded: first\r\n  second\r\n\r\nbody\r\n")
+    # compat32 folded the long line again, and raised HeaderParseError on the form feed (a line end to splitlines)
+    assert _send(s, _multipart(kept, EXE_PART)) == ["250 2.6.0"]
+    assert b"--XX\r\n" + kept + b"--XX\r\n" in stored(s)
+    assert b"TVqQ" not in stored(s)

@@ -237,6 +237,7 @@ _CONTENT_TYPE = re.compile(rb"^content-type[ \t]*:[ \t]*([^;\r\n]+)", re.I | re.
 _MAYBE_ATTACHMENT = re.compile(rb"^content-type[ \t]*:[ \t]*(multipart/|message/)|name[ \t]*\*?[0-9]*\*?[ \t]*=",
                                re.I | re.M)
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+_LAST_LINE_END = re.compile(r"(\r\n|\r|\n)\Z")
 
 
 class TooDeep(Exception):
@@ -399,9 +400,45 @@ class AttachmentFilter(Stage):
         part.add_header("Content-Disposition", "attachment", filename=f"{what}.txt"[-200:])
 
 
+class _Generator(BytesGenerator):
+    """
+    BytesGenerator that writes back what it did not change as it was read:
+
+      - header fields as they came, folds included: compat32 folds every
+        ASCII field again, which alters fields of the parts we keep (a
+        multipart/signed part's signature covers them) and raises
+        HeaderParseError on a value holding a character that str.splitlines
+        takes for a line end (form feed, vertical tab, U+0085);
+      - a multipart whose boundary never appears (the parser keeps its body
+        as one string) as the bytes it came from. BytesGenerator does this
+        for text parts; for such a multipart it asks get_payload(), which
+        turns 8-bit bytes into U+FFFD or the part's charset, and then
+        cannot write them (UnicodeEncodeError).
+    """
+
+    def _write_headers(self, msg):
+        for name, value in msg.raw_items():
+            self.write(f"{name}: {value}{self._NL}")
+        self.write(self._NL)
+
+    def _handle_multipart(self, msg):
+        if msg.is_multipart() or msg._payload is None:
+            super()._handle_multipart(msg)
+            return
+        payload = msg._payload       # as BytesGenerator._handle_text: the bytes read, surrogate-escaped
+        if msg.epilogue is None:
+            # inside another multipart: the line end before the next
+            # boundary belongs to the boundary (RFC 2046), which the parser
+            # takes off a text part's payload and off a multipart's epilogue
+            # (leaving None), but not off this payload; the enclosing
+            # multipart writes it again with its boundary
+            payload = _LAST_LINE_END.sub("", payload, count=1)
+        self.write(payload)
+
+
 def _serialize(message) -> bytes:
     out = io.BytesIO()
-    BytesGenerator(out, mangle_from_=False, policy=email.policy.compat32.clone(linesep="\r\n")).flatten(message)
+    _Generator(out, mangle_from_=False, policy=email.policy.compat32.clone(linesep="\r\n")).flatten(message)
     return out.getvalue()
 
 
