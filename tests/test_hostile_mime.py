@@ -9,6 +9,7 @@ with smtplib.
 
 import email
 import email.policy
+import smtplib
 
 import pytest
 
@@ -145,3 +146,46 @@ def test_the_header_fields_of_kept_parts_are_written_back_as_they_came(tmp_path)
     assert _send(s, _multipart(kept, EXE_PART)) == ["250 2.6.0"]
     assert b"--XX\r\n" + kept + b"--XX\r\n" in stored(s)
     assert b"TVqQ" not in stored(s)
+
+
+def test_mime_the_email_package_cannot_read_is_refused_for_good_and_logged_once(tmp_path):
+    from twisted.logger import globalLogPublisher
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        s = session_with(tmp_path, AttachmentFilter())
+        # a broken RFC 2231 continuation of the boundary: the parser itself raises TypeError
+        raw = (b"From: a@partner.test\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+               b"Content-Type: multipart/mixed; boundary*=utf-8''XX; boundary*0=\"YY\"\r\n\r\n"
+               b"--XX\r\n" + EXE_PART + b"--XX--\r\n")
+        assert _send(s, raw) == ["554 5.6.0"]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert nothing_spooled(s, tmp_path)
+    ours = [e for e in events if e.get("log_namespace") == "exedge.pipeline.content"]
+    assert len(ours) == 1 and "TypeError" in ours[0]["error"] and "log_failure" not in ours[0]
+    assert not [e for e in events if "log_failure" in e]                   # no traceback anywhere
+
+
+def test_hostile_mime_through_real_smtp(start_server):
+    server = start_server(extra='''
+[[pipeline]]
+stage = "attachment_filter"
+''')
+    eight_bit = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n"
+    lost = b"Content-Type: multipart/alternative; boundary=\"lost\"\r\n\r\nK\xc3\xb6ln\r\n"
+    unreadable = _multipart(EXE_PART).replace(b'boundary="XX"', b"boundary*=utf-8''XX; boundary*0=\"YY\"")
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as c:
+        for hostile in (_nested_multiparts(1000), _nested_messages(300), unreadable):
+            with pytest.raises(smtplib.SMTPDataError) as e:
+                c.sendmail("a@partner.test", ["bob@example.com"], hostile)
+            assert e.value.smtp_code == 554 and e.value.smtp_error.startswith(b"5.6.0 ")
+        c.sendmail("a@partner.test", ["bob@example.com"], _multipart(eight_bit, lost, EXE_PART),
+                   mail_options=["BODY=8BITMIME"])
+    delivered = server.wait_for(server.drop_files, what="the delivered message")
+    assert len(delivered) == 1
+    data = open(delivered[0], "rb").read()
+    assert b"--XX\r\n" + eight_bit + b"--XX\r\n" + lost + b"--XX\r\n" in data
+    assert b"TVqQ" not in data and b"Original file: evil.exe" in data
+    assert "Traceback" not in server.log and "451 4.3.0" not in server.log
+    assert server.log.count("whose MIME structure cannot be read: TypeError") == 1

@@ -23,6 +23,7 @@ import re
 import unicodedata
 from email.generator import BytesGenerator
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from exedge.auth.permissions import Right
@@ -30,6 +31,8 @@ from exedge.config import values as v
 
 from .builtin import _bool, _choice, _list
 from .stage import IStageFactory, Stage, reject
+
+log = Logger()
 
 # -- the header firewall -----------------------------------------------------
 
@@ -313,7 +316,10 @@ class AttachmentFilter(Stage):
 
     Every message it reads is hostile input: a message nested deeper than
     C{max_nesting_depth} is refused (554 5.6.0) before the parser recurses
-    that deep, and a file name that cannot be read counts as a blocked one.
+    that deep; a file name that cannot be read counts as a blocked one; and
+    content the email package still cannot take apart is refused with the
+    same permanent 554 5.6.0 and one line in the log, so that it is not
+    answered 451 and sent again and again.
     """
 
     name = "attachment_filter"
@@ -361,6 +367,12 @@ class AttachmentFilter(Stage):
         except TooDeep:
             return reject(f"Message refused: MIME parts nested deeper than {self.max_nesting_depth} levels",
                           "5.6.0", 554)
+        except Exception as e:
+            # content the email package cannot take apart (or put back
+            # together): a 451 would bring the same bytes back on every retry
+            log.warn("attachment_filter: refused a message from {peer} whose MIME structure cannot be "
+                     "read: {error}", peer=session.peer, error=f"{type(e).__name__}: {e}")
+            return reject("Message refused: its MIME structure cannot be read", "5.6.0", 554)
 
     def _filter(self, session, message, content: bytes):
         parsed = self._parser.parsebytes(content)
