@@ -11,22 +11,27 @@ only when the header says the message could carry an attachment.
 
 from __future__ import annotations
 
-import email.errors
 import email.header
+import email.message
 import email.parser
 import email.policy
 import email.utils
 import fnmatch
+import functools
 import io
 import re
+import unicodedata
 from email.generator import BytesGenerator
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from exedge.auth.permissions import Right
 from exedge.config import values as v
 
 from .stage import IStageFactory, Stage, reject
+
+log = Logger()
 
 # -- the header firewall -----------------------------------------------------
 
@@ -228,20 +233,77 @@ DEFAULT_CONTENT_TYPES = (
     "text/javascript", "application/x-javascript", "application/javascript", "x-internet-signup", "application/hta",
 )
 REMOVED_TEXT = "This attachment was removed."
+MAX_NESTING_DEPTH = 100
+NESTING_DEPTH_CEILING = 150
 _CONTENT_TYPE = re.compile(rb"^content-type[ \t]*:[ \t]*([^;\r\n]+)", re.I | re.M)
 _MAYBE_ATTACHMENT = re.compile(rb"^content-type[ \t]*:[ \t]*(multipart/|message/)|name[ \t]*\*?[0-9]*\*?[ \t]*=",
                                re.I | re.M)
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_LAST_LINE_END = re.compile(r"(\r\n|\r|\n)\Z")
 
 
-def _file_name(part) -> str:
-    """The part's file name, RFC 2231 and encoded words decoded (filename=, else name=)."""
-    raw = part.get_filename() or part.get_param("name") or ""
-    if isinstance(raw, tuple):                                  # RFC 2231 (charset, language, value)
-        raw = email.utils.collapse_rfc2231_value(raw)
+class TooDeep(Exception):
+    """A part is nested deeper than the filter walks (L{AttachmentFilter.max_nesting_depth})."""
+
+
+class _Part(email.message.Message):
+    """
+    A compat32 message part that knows how deep it lies: the top-level
+    message is at depth 0, the parts of a multipart and the message inside
+    a message/* part one deeper than their parent. The parser attaches
+    every part to its parent as soon as it meets the part's header, so the
+    first part that is too deep stops the parse there: the parser (which
+    recurses once per level) and the generator (about four frames per
+    level) never go deeper than the limit, and a 1,000-level message is
+    refused after reading the headers of the first levels.
+    """
+
+    depth = 0
+
+    def __init__(self, policy=email.policy.compat32, *, limit: int):
+        super().__init__(policy)
+        self.limit = limit
+
+    def attach(self, payload):
+        if self.depth >= self.limit:
+            raise TooDeep(self.depth + 1)
+        payload.depth = self.depth + 1
+        super().attach(payload)
+
+
+def _file_name(part) -> tuple[str, bool]:
+    """
+    The part's file name (filename=, else name=), RFC 2231 and encoded
+    words decoded, and whether it could be read. The sender names the
+    codecs (RFC 2231 charsets, encoded words) and writes the continuations,
+    so decoding can fail in any way a codec or the parameter parser can
+    (CharsetError, LookupError, UnicodeError, TypeError for
+    C{name*=...; name*0=...}, ValueError): such a name, and one that decodes
+    to control characters or lone surrogates (a NUL or a CR LF in a name is
+    not a name a client shows as we see it), cannot be read. 8-bit bytes
+    in a name are read as the header parser reads them (each one U+FFFD),
+    which keeps the ASCII in it, and so its extension, as it was.
+    """
+    shown = ""
     try:
-        return str(email.header.make_header(email.header.decode_header(str(raw))))
-    except (email.errors.HeaderParseError, LookupError, UnicodeDecodeError):
-        return str(raw)
+        raw = part.get_filename() or part.get_param("name") or ""
+        if isinstance(raw, tuple):                              # RFC 2231 (charset, language, value)
+            raw = email.utils.collapse_rfc2231_value(raw)
+        shown = _FOLD.sub("", str(raw))                         # a quoted name may be folded
+        name = str(email.header.make_header(email.header.decode_header(shown)))
+    except Exception:
+        return shown, False
+    return name, not any(unicodedata.category(c) in ("Cc", "Cs") for c in name)
+
+
+def _shown(text: str) -> str:
+    """
+    C{text} fit for the log, a header parameter and the notice: without
+    control characters, and its last 200 characters (the extension is at
+    the end).
+    """
+    text = "".join("\ufffd" if unicodedata.category(c) in ("Cc", "Cs") else c for c in text)
+    return text if len(text) <= 200 else "\u2026" + text[-199:]
 
 
 class AttachmentFilter(Stage):
@@ -250,6 +312,13 @@ class AttachmentFilter(Stage):
     MIME type, in every part of nested multiparts and attached messages.
     One action for all entries: Strip (the part becomes a short text part
     saying it was removed), Reject (554 5.6.1) or SilentDelete.
+
+    Every message it reads is hostile input: a message nested deeper than
+    C{max_nesting_depth} is refused (554 5.6.0) before the parser recurses
+    that deep; a file name that cannot be read counts as a blocked one; and
+    content the email package still cannot take apart is refused with the
+    same permanent 554 5.6.0 and one line in the log, so that it is not
+    answered 451 and sent again and again.
     """
 
     name = "attachment_filter"
@@ -258,12 +327,15 @@ class AttachmentFilter(Stage):
 
     def __init__(self, file_names=DEFAULT_FILE_NAMES, content_types=DEFAULT_CONTENT_TYPES, action="Strip",
                  rejection_response="Message rejected due to unacceptable attachments",
-                 admin_message=REMOVED_TEXT):
+                 admin_message=REMOVED_TEXT, max_nesting_depth=MAX_NESTING_DEPTH):
         self.file_names = tuple(n.lower() for n in file_names)
         self.content_types = tuple(t.lower() for t in content_types)
         self.action = action
         self.rejection_response = rejection_response
         self.admin_message = admin_message
+        self.max_nesting_depth = max_nesting_depth
+        self._parser = email.parser.BytesParser(_class=functools.partial(_Part, limit=max_nesting_depth),
+                                                policy=email.policy.compat32)
 
     def _blocked_type(self, header: bytes) -> bool:
         """Is the top-level Content-Type (read from the raw header) a blocked one?"""
@@ -275,17 +347,34 @@ class AttachmentFilter(Stage):
         """What about this part is blocked (for the log), or None."""
         ctype = part.get_content_type()
         if any(fnmatch.fnmatchcase(ctype, t) for t in self.content_types):
-            return ctype
-        name = _file_name(part)
+            return _shown(ctype)
+        if not self.file_names:
+            return None
+        name, readable = _file_name(part)
+        if not readable:
+            return _shown(f"unreadable file name {name}".rstrip())
         if name and any(fnmatch.fnmatchcase(name.lower(), n) for n in self.file_names):
-            return name
+            return _shown(name)
         return None
 
     async def on_message(self, session, message):
         if not _MAYBE_ATTACHMENT.search(message.header_bytes) and not self._blocked_type(message.header_bytes):
             return None                   # one part, no file name, an allowed type: nothing to read
-        content = await message.body()
-        parsed = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(content)
+        content = await message.body()    # a spool that cannot be read is the runner's 451: try again later
+        try:
+            return self._filter(session, message, content)
+        except TooDeep:
+            return reject(f"Message refused: MIME parts nested deeper than {self.max_nesting_depth} levels",
+                          "5.6.0", 554)
+        except Exception as e:
+            # content the email package cannot take apart (or put back
+            # together): a 451 would bring the same bytes back on every retry
+            log.warn("attachment_filter: refused a message from {peer} whose MIME structure cannot be "
+                     "read: {error}", peer=session.peer, error=f"{type(e).__name__}: {e}")
+            return reject("Message refused: its MIME structure cannot be read", "5.6.0", 554)
+
+    def _filter(self, session, message, content: bytes):
+        parsed = self._parser.parsebytes(content)
         found: list[str] = []
         self._strip(parsed, found)
         if not found:
@@ -322,10 +411,52 @@ class AttachmentFilter(Stage):
         part.add_header("Content-Disposition", "attachment", filename=f"{what}.txt"[-200:])
 
 
+class _Generator(BytesGenerator):
+    """
+    BytesGenerator that writes back what it did not change as it was read:
+
+      - header fields as they came, folds included: compat32 folds every
+        ASCII field again, which alters fields of the parts we keep (a
+        multipart/signed part's signature covers them) and raises
+        HeaderParseError on a value holding a character that str.splitlines
+        takes for a line end (form feed, vertical tab, U+0085);
+      - a multipart whose boundary never appears (the parser keeps its body
+        as one string) as the bytes it came from. BytesGenerator does this
+        for text parts; for such a multipart it asks get_payload(), which
+        turns 8-bit bytes into U+FFFD or the part's charset, and then
+        cannot write them (UnicodeEncodeError).
+    """
+
+    def _write_headers(self, msg):
+        for name, value in msg.raw_items():
+            self.write(f"{name}: {value}{self._NL}")
+        self.write(self._NL)
+
+    def _handle_multipart(self, msg):
+        if msg.is_multipart() or msg._payload is None:
+            super()._handle_multipart(msg)
+            return
+        payload = msg._payload       # as BytesGenerator._handle_text: the bytes read, surrogate-escaped
+        if msg.epilogue is None:
+            # inside another multipart: the line end before the next
+            # boundary belongs to the boundary (RFC 2046), which the parser
+            # takes off a text part's payload and off a multipart's epilogue
+            # (leaving None), but not off this payload; the enclosing
+            # multipart writes it again with its boundary
+            payload = _LAST_LINE_END.sub("", payload, count=1)
+        self.write(payload)
+
+
 def _serialize(message) -> bytes:
     out = io.BytesIO()
-    BytesGenerator(out, mangle_from_=False, policy=email.policy.compat32.clone(linesep="\r\n")).flatten(message)
+    _Generator(out, mangle_from_=False, policy=email.policy.compat32.clone(linesep="\r\n")).flatten(message)
     return out.getvalue()
+
+
+def _nesting_depth(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= NESTING_DEPTH_CEILING:
+        raise ValueError(f"max_nesting_depth is a number from 1 to {NESTING_DEPTH_CEILING}, got {value!r}")
+    return value
 
 
 @implementer(IStageFactory)
@@ -340,6 +471,7 @@ class AttachmentFilterFactory:
         "action": v.choice("Strip", "Reject", "SilentDelete"),
         "rejection_response": str,
         "admin_message": str,
+        "max_nesting_depth": _nesting_depth,
     }
 
     def build(self, options):
