@@ -12,6 +12,8 @@ import email.policy
 import smtplib
 
 import pytest
+import pytest_twisted
+from twisted.internet import defer
 
 from exedge.config import ConfigError, loads
 from exedge.pipeline import build_pipeline
@@ -189,3 +191,29 @@ stage = "attachment_filter"
     assert b"TVqQ" not in data and b"Original file: evil.exe" in data
     assert "Traceback" not in server.log and "451 4.3.0" not in server.log
     assert server.log.count("whose MIME structure cannot be read: TypeError") == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_in_the_server_the_parse_runs_on_the_stages_own_threads_not_the_reactor():
+    """
+    The email package's parse costs time that grows with lines times
+    nesting depth: in the server it runs on the stage's threads, and the
+    reactor goes on serving other sessions meanwhile.
+    """
+    import threading
+    from twisted.internet import reactor
+    from exedge.pipeline import Message
+    from exedge.pipeline.content import AttachmentFilterFactory
+    from exedge.pipeline.registry import StageContext
+    from exedge.pipeline.session import Session
+
+    stage = AttachmentFilterFactory().build({}, StageContext(reactor, None, None))
+    where = []
+    examine = stage._examine
+    stage._examine = lambda content: (where.append(threading.current_thread().name), examine(content))[1]
+    data = _multipart(EXE_PART)
+    header = data.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    message = Message("a@partner.test", ["bob@example.com"], header, len(data), read=lambda: defer.succeed(data))
+    verdict = yield defer.ensureDeferred(stage.on_message(Session(peer="127.0.0.1"), message))
+    assert verdict is None and message.replacement is not None and b"evil.exe" in message.replacement
+    assert where and where[0].startswith("PoolThread-exedge-attachments")

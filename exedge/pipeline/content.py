@@ -23,12 +23,14 @@ import re
 import unicodedata
 from email.generator import BytesGenerator
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from exedge.auth.permissions import Right
 from exedge.config import values as v
 
+from .offload import StageThreads
 from .stage import IStageFactory, Stage, reject
 
 log = Logger()
@@ -327,7 +329,11 @@ class AttachmentFilter(Stage):
 
     def __init__(self, file_names=DEFAULT_FILE_NAMES, content_types=DEFAULT_CONTENT_TYPES, action="Strip",
                  rejection_response="Message rejected due to unacceptable attachments",
-                 admin_message=REMOVED_TEXT, max_nesting_depth=MAX_NESTING_DEPTH):
+                 admin_message=REMOVED_TEXT, max_nesting_depth=MAX_NESTING_DEPTH, run=None):
+        """
+        C{run(f, *args)}: where the parse runs, a Deferred of its result (the
+        server gives the stage's own threads, L{StageThreads}); None: here.
+        """
         self.file_names = tuple(n.lower() for n in file_names)
         self.content_types = tuple(t.lower() for t in content_types)
         self.action = action
@@ -336,6 +342,7 @@ class AttachmentFilter(Stage):
         self.max_nesting_depth = max_nesting_depth
         self._parser = email.parser.BytesParser(_class=functools.partial(_Part, limit=max_nesting_depth),
                                                 policy=email.policy.compat32)
+        self._run = run or defer.maybeDeferred
 
     def _blocked_type(self, header: bytes) -> bool:
         """Is the top-level Content-Type (read from the raw header) a blocked one?"""
@@ -362,7 +369,7 @@ class AttachmentFilter(Stage):
             return None                   # one part, no file name, an allowed type: nothing to read
         content = await message.body()    # a spool that cannot be read is the runner's 451: try again later
         try:
-            return self._filter(session, message, content)
+            found, replacement = await self._run(self._examine, content)
         except TooDeep:
             return reject(f"Message refused: MIME parts nested deeper than {self.max_nesting_depth} levels",
                           "5.6.0", 554)
@@ -372,11 +379,6 @@ class AttachmentFilter(Stage):
             log.warn("attachment_filter: refused a message from {peer} whose MIME structure cannot be "
                      "read: {error}", peer=session.peer, error=f"{type(e).__name__}: {e}")
             return reject("Message refused: its MIME structure cannot be read", "5.6.0", 554)
-
-    def _filter(self, session, message, content: bytes):
-        parsed = self._parser.parsebytes(content)
-        found: list[str] = []
-        self._strip(parsed, found)
         if not found:
             return None
         session.notes["attachments_blocked"] = found
@@ -385,8 +387,19 @@ class AttachmentFilter(Stage):
         if self.action == "SilentDelete":
             message.delete(f"attachment filter: {', '.join(found)}")
             return None
-        message.replace(_serialize(parsed))
+        message.replace(replacement)
         return None
+
+    def _examine(self, content: bytes) -> tuple[list[str], bytes | None]:
+        """
+        What is blocked in C{content}, and the message with it stripped
+        (Strip only). A pure function of the bytes, so it can run on a
+        thread: the parse costs time that grows with lines times depth.
+        """
+        parsed = self._parser.parsebytes(content)
+        found: list[str] = []
+        self._strip(parsed, found)
+        return found, (_serialize(parsed) if found and self.action == "Strip" else None)
 
     def _strip(self, part, found: list) -> None:
         """Replace C{part}'s blocked descendants (or itself) in place; C{found} gets what was blocked."""
@@ -474,8 +487,8 @@ class AttachmentFilterFactory:
         "max_nesting_depth": _nesting_depth,
     }
 
-    def build(self, options):
-        return AttachmentFilter(**options)
+    def build(self, options, context=None):
+        return AttachmentFilter(**options, run=StageThreads("exedge-attachments", 2, getattr(context, "clock", None)))
 
 
 FACTORIES = (HeaderFirewallFactory(), ContentRestrictionsFactory(), AttachmentFilterFactory())

@@ -53,14 +53,13 @@ import dns.exception
 import dns.nameserver
 import dns.resolver
 import spf
-from twisted.internet import threads
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from exedge.config import values as v
 
 from .builtin import DomainSet
+from .offload import StageThreads
 from .stage import IStageFactory, Stage, defer_, reject
 
 log = Logger()
@@ -201,9 +200,8 @@ class SenderId(Stage):
         self.fqdn = fqdn or socket.getfqdn()
         self._servers = tuple(dns_servers)
         self._lookup = lookup              # tests give one; else made from the resolver on first use
-        self._run = run                    # tests give one; else the stage's thread pool
-        self._threads = threads
-        self._pool = None
+        # tests give one; else the stage's thread pool (the system resolver blocks)
+        self._run = run if run is not None else StageThreads("exedge-sender-id", threads)
         self._lock = threading.Lock()
 
     def _dns(self):
@@ -213,14 +211,7 @@ class SenderId(Stage):
             return self._lookup
 
     def _in_thread(self, f, *args):
-        if self._run is not None:
-            return self._run(f, *args)
-        from twisted.internet import reactor
-        if self._pool is None:
-            self._pool = ThreadPool(minthreads=0, maxthreads=self._threads, name="exedge-sender-id")
-            self._pool.start()
-            reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
-        return threads.deferToThreadPool(reactor, self._pool, f, *args)
+        return self._run(f, *args)
 
     def _checked(self, ip, sender, helo):
         return check(self._dns(), ip, sender, helo, self.fqdn, self.dns_timeout)
