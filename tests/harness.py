@@ -29,7 +29,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 # -- configurations -------------------------------------------------------------
 #
 # A configuration is built from Python values (tables as mappings of key ->
-# str, int, float, bool, list/tuple, or mapping for an inline table) and
+# str or path, int, float, bool, list/tuple, or mapping for an inline table) and
 # rendered to TOML here, so that a test states what differs from the common
 # case and nothing else, and no quoting or brace escaping is done by hand.
 
@@ -74,7 +74,12 @@ def _toml_key(key: str) -> str:
 
 
 def toml_value(value) -> str:
-    """C{value} as a TOML value: strings quoted, lists and tuples as arrays, mappings as inline tables."""
+    """
+    C{value} as a TOML value: strings (and paths) quoted, lists and tuples
+    as arrays, mappings as inline tables.
+    """
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
