@@ -36,14 +36,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 PORT = "{port}"                    # the placeholder start_server() fills in
 LOOPBACK = f"127.0.0.1:{PORT}"     # the binding of the server under test
 
+# [server] as every test server has it, unless a test says otherwise
 SERVER = MappingProxyType({"fqdn": "edge01.example.com", "spool_directory": "var/spool"})
 
+# anonymous mail from any address, on the test port (the Internet usage's defaults)
 FROM_INTERNET = MappingProxyType({
     "name": "From Internet",
     "usage": "Internet",
     "bindings": (LOOPBACK,),
 })
 
+# the test client on 127.0.0.1, externally secured: it may relay anywhere
 FROM_INTERNAL_ORG = MappingProxyType({
     "name": "From Internal Org",
     "bindings": (LOOPBACK,),
@@ -52,6 +55,7 @@ FROM_INTERNAL_ORG = MappingProxyType({
     "permission_groups": ("ExchangeServers",),
 })
 
+# example.com's mail into var/drop, where Server.drop_files() looks
 LOCAL_DROP = MappingProxyType({
     "name": "Local drop",
     "address_spaces": ("example.com",),
@@ -120,11 +124,11 @@ def server_config(*, server: Mapping | None = None, accepted_domains=("example.c
     A whole configuration for C{start_server(config)}: [server] is L{SERVER}
     updated with C{server}; C{accepted_domains} are domain names or tables;
     the connectors, C{directory} and the C{pipeline} stages are tables
-    (mappings); C{extra} is TOML text appended as it is.
+    (mappings); C{extra} is TOML text, appended.
 
     The result is a C{str.format} template whose only field is L{PORT}
-    (as in L{LOOPBACK}): every other brace, such as an inline table's or
-    one in C{extra}, comes out doubled.
+    (as in L{LOOPBACK}): every other brace, an inline table's or one in
+    C{extra}, comes out doubled.
     """
     text = _document(server=server, accepted_domains=accepted_domains, receive_connectors=receive_connectors,
                      send_connectors=send_connectors, directory=directory, pipeline=pipeline) + extra
