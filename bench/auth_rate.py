@@ -125,25 +125,15 @@ def main(argv=None) -> int:
         return 1
     ad = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
     port = harness.free_port()
-    config = f"""
-[server]
-fqdn = "edge01.example.com"
-spool_directory = "var/spool"
-
-[[receive_connectors]]
-name = "Client Frontend"
-usage = "Client"
-bindings = ["127.0.0.1:{port}"]
-remote_ip_ranges = ["127.0.0.0/8"]
-max_inbound_connection_per_source = 1000
-tarpit_interval = 0
-max_logon_failures = 0
-
-[directory]
-servers = ["ldaps://{ad['LDAP_HOST']}:636"]
-base_dn = "{ad['BASE_DN']}"
-ca_file = "{ad['TLS_CA_FILE']}"
-"""
+    config = harness.server_config(
+        accepted_domains=(),
+        receive_connectors=({"name": "Client Frontend", "usage": "Client", "bindings": [harness.LOOPBACK],
+                             "remote_ip_ranges": ["127.0.0.0/8"], "max_inbound_connection_per_source": 1000,
+                             "tarpit_interval": 0, "max_logon_failures": 0},),
+        send_connectors=(),
+        directory={"servers": [f"ldaps://{ad['LDAP_HOST']}:636"], "base_dn": ad["BASE_DN"],
+                   "ca_file": ad["TLS_CA_FILE"]},
+    ).format(port=port)
     os.makedirs(os.path.join(work, "exedge"))
     server = harness.Server(os.path.join(work, "exedge"), config, port)
     try:

@@ -81,30 +81,13 @@ class Exedge:
 
     def __init__(self, workdir: str, sink_port: int):
         self.port = harness.free_port()
-        config = f"""
-[server]
-fqdn = "edge01.example.com"
-spool_directory = "var/spool"
-
-[[accepted_domains]]
-domain_name = "relay.test"
-domain_type = "InternalRelay"
-
-[[receive_connectors]]
-name = "From Internet"
-usage = "Internet"
-bindings = ["{HOST}:{self.port}"]
-tarpit_interval = 0
-max_inbound_connection_per_source = 1000
-connection_timeout = "1h"
-connection_inactivity_timeout = "10m"
-
-[[send_connectors]]
-name = "To smart host"
-address_spaces = ["relay.test"]
-dns_routing_enabled = false
-smart_hosts = ["{HOST}:{sink_port}"]
-"""
+        config = harness.server_config(
+            accepted_domains=({"domain_name": "relay.test", "domain_type": "InternalRelay"},),
+            receive_connectors=(dict(harness.FROM_INTERNET, tarpit_interval=0, max_inbound_connection_per_source=1000,
+                                     connection_timeout="1h", connection_inactivity_timeout="10m"),),
+            send_connectors=({"name": "To smart host", "address_spaces": ["relay.test"], "dns_routing_enabled": False,
+                              "smart_hosts": [f"{HOST}:{sink_port}"]},),
+        ).format(port=self.port)
         self.server = harness.Server(workdir, config, self.port, code=self.code)
 
     def start(self) -> None:

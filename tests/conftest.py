@@ -13,7 +13,10 @@ from harness import Server, config_text, free_port
 
 @pytest.fixture
 def start_server(tmp_path):
-    """start_server(config=None, **config_text_knobs) -> a running Server."""
+    """
+    start_server(config=None, **config_text_knobs) -> a running Server;
+    C{config} is a template with a {port} field (harness.server_config).
+    """
     started = []
 
     def start(config: str | None = None, **knobs) -> Server:

@@ -6,11 +6,15 @@ directory, on loopback ports, stopped by its PID.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
+from collections.abc import Mapping
+from types import MappingProxyType
 
 BIN = os.path.dirname(sys.executable)
 TWISTD = os.path.join(BIN, "twistd")
@@ -22,62 +26,138 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _override(block: str, knobs: str) -> str:
-    """Add C{knobs} ("key = value" lines) to a connector block, replacing keys it sets."""
-    keys = {line.split("=", 1)[0].strip() for line in knobs.splitlines() if "=" in line}
-    kept = [line for line in block.splitlines() if line.split("=", 1)[0].strip() not in keys]
-    return "\n".join(kept) + "\n" + knobs + "\n"
+# -- configurations -------------------------------------------------------------
+#
+# A configuration is built from Python values (tables as mappings of key ->
+# str or path, int, float, bool, list/tuple, or mapping for an inline table) and
+# rendered to TOML here, so that a test states what differs from the common
+# case and nothing else, and no quoting or brace escaping is done by hand.
+
+PORT = "{port}"                    # the placeholder start_server() fills in
+LOOPBACK = f"127.0.0.1:{PORT}"     # the binding of the server under test
+
+# [server] as every test server has it, unless a test says otherwise
+SERVER = MappingProxyType({"fqdn": "edge01.example.com", "spool_directory": "var/spool"})
+
+# anonymous mail from any address, on the test port (the Internet usage's defaults)
+FROM_INTERNET = MappingProxyType({
+    "name": "From Internet",
+    "usage": "Internet",
+    "bindings": (LOOPBACK,),
+})
+
+# the test client on 127.0.0.1, externally secured: it may relay anywhere
+FROM_INTERNAL_ORG = MappingProxyType({
+    "name": "From Internal Org",
+    "bindings": (LOOPBACK,),
+    "remote_ip_ranges": ("127.0.0.1",),
+    "auth_mechanisms": ("ExternalAuthoritative",),
+    "permission_groups": ("ExchangeServers",),
+})
+
+# example.com's mail into var/drop, where Server.drop_files() looks
+LOCAL_DROP = MappingProxyType({
+    "name": "Local drop",
+    "address_spaces": ("example.com",),
+    "drop_directory": "var/drop",
+})
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_string(text: str) -> str:
+    escaped = "".join(
+        "\\\\" if c == "\\" else '\\"' if c == '"' else
+        f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c
+        for c in text)
+    return f'"{escaped}"'
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def toml_value(value) -> str:
+    """
+    C{value} as a TOML value: strings (and paths) quoted, lists and tuples
+    as arrays, mappings as inline tables.
+    """
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        if not value:
+            return "{}"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML value for {value!r}")
+
+
+def toml_table(header: str, values: Mapping) -> str:
+    """One table, C{header} as written ("[directory]", "[[receive_connectors]]"), then its keys."""
+    return header + "\n" + "".join(f"{_toml_key(k)} = {toml_value(v)}\n" for k, v in values.items()) + "\n"
+
+
+def _document(*, server=None, accepted_domains=(), receive_connectors=(), send_connectors=(), directory=None,
+              pipeline=()) -> str:
+    parts = [toml_table("[server]", {**SERVER, **(server or {})})]
+    parts += [toml_table("[[accepted_domains]]", {"domain_name": d} if isinstance(d, str) else d)
+              for d in accepted_domains]
+    parts += [toml_table("[[receive_connectors]]", c) for c in receive_connectors]
+    parts += [toml_table("[[send_connectors]]", c) for c in send_connectors]
+    if directory is not None:
+        parts.append(toml_table("[directory]", directory))
+    parts += [toml_table("[[pipeline]]", stage) for stage in pipeline]
+    return "\n" + "".join(parts)
+
+
+def server_config(*, server: Mapping | None = None, accepted_domains=("example.com",), receive_connectors=(),
+                  send_connectors=(LOCAL_DROP,), directory: Mapping | None = None, pipeline=(),
+                  extra: str = "") -> str:
+    """
+    A whole configuration for C{start_server(config)}: [server] is L{SERVER}
+    updated with C{server}; C{accepted_domains} are domain names or tables;
+    the connectors, C{directory} and the C{pipeline} stages are tables
+    (mappings); C{extra} is TOML text, appended.
+
+    The result is a C{str.format} template whose only field is L{PORT}
+    (as in L{LOOPBACK}): every other brace, an inline table's or one in
+    C{extra}, comes out doubled.
+    """
+    text = _document(server=server, accepted_domains=accepted_domains, receive_connectors=receive_connectors,
+                     send_connectors=send_connectors, directory=directory, pipeline=pipeline) + extra
+    return text.replace("{", "{{").replace("}", "}}").replace("{{port}}", PORT)
 
 
 def config_text(port: int, *, internet: str = "", internal: str = "", extra: str = "",
                 tarpit: str = "0", server: str = "") -> str:
     """
-    The issue's contract configuration on C{port}, with test knobs:
-    C{internet}/C{internal} are "key = value" lines for the two receive
-    connectors (replacing keys already set), C{server} lines for [server],
-    C{extra} is appended.
+    The issue's contract configuration on C{port} (TOML text, not a
+    template), with test knobs: C{internet}/C{internal} are "key = value"
+    lines for the two receive connectors (replacing keys already set),
+    C{server} lines for [server], C{extra} is appended.
     """
-    internet_block = _override(f"""name = "From Internet"
-usage = "Internet"
-bindings = ["127.0.0.1:{port}"]
-remote_ip_ranges = ["0.0.0.0-255.255.255.255"]
-fqdn = "edge01.example.com"
-auth_mechanisms = ["Tls"]
-permission_groups = ["AnonymousUsers"]
-max_message_size = "36MB"
-max_recipients_per_message = 200
-tarpit_interval = "{tarpit}"
-""", internet)
-    internal_block = _override(f"""name = "From Internal Org"
-usage = "Custom"
-bindings = ["127.0.0.1:{port}"]
-remote_ip_ranges = ["127.0.0.2", "127.0.0.3"]
-auth_mechanisms = ["ExternalAuthoritative"]
-permission_groups = ["ExchangeServers"]
-tarpit_interval = "{tarpit}"
-""", internal)
-    return f"""
-[server]
-fqdn = "edge01.example.com"
-spool_directory = "var/spool"
-dns_servers = []
-{server}
-
-[[accepted_domains]]
-domain_name = "example.com"
-domain_type = "Authoritative"
-
-[[receive_connectors]]
-{internet_block}
-[[receive_connectors]]
-{internal_block}
-[[send_connectors]]
-name = "Local drop"
-usage = "Custom"
-address_spaces = ["example.com"]
-drop_directory = "var/drop"
-{extra}
-"""
+    bindings = [f"127.0.0.1:{port}"]
+    return _document(
+        server={"dns_servers": [], **tomllib.loads(server)},
+        accepted_domains=[{"domain_name": "example.com", "domain_type": "Authoritative"}],
+        receive_connectors=[
+            {**FROM_INTERNET, "bindings": bindings, "remote_ip_ranges": ["0.0.0.0-255.255.255.255"],
+             "fqdn": "edge01.example.com", "auth_mechanisms": ["Tls"], "permission_groups": ["AnonymousUsers"],
+             "max_message_size": "36MB", "max_recipients_per_message": 200, "tarpit_interval": str(tarpit),
+             **tomllib.loads(internet)},
+            {**FROM_INTERNAL_ORG, "usage": "Custom", "bindings": bindings,
+             "remote_ip_ranges": ["127.0.0.2", "127.0.0.3"], "tarpit_interval": str(tarpit),
+             **tomllib.loads(internal)},
+        ],
+        send_connectors=[{**LOCAL_DROP, "usage": "Custom"}],
+    ) + extra + "\n"
 
 
 class Server:

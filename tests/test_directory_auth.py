@@ -13,41 +13,23 @@ import threading
 import pytest
 from ldap3 import SIMPLE, Connection, Server, Tls
 
-from harness import free_port
+from harness import LOOPBACK, free_port, server_config
 
 
-def config(ad, *, servers=None, groups='["AnonymousUsers", "ExchangeUsers"]', extra_connector=""):
-    servers = servers or [f"ldaps://{ad['LDAP_HOST']}:636"]
-    return f"""
-[server]
-fqdn = "edge01.example.com"
-spool_directory = "var/spool"
-
-[[accepted_domains]]
-domain_name = "example.com"
-
-[[receive_connectors]]
-name = "Client Frontend"
-bindings = ["127.0.0.1:{{port}}"]
-remote_ip_ranges = ["127.0.0.0/8"]
-auth_mechanisms = ["Tls", "BasicAuth"]
-permission_groups = {groups}
-tarpit_interval = 0
-auth_tarpit_interval = 0
-max_logon_failures = 10
-{extra_connector}
-
-[[send_connectors]]
-name = "Local drop"
-address_spaces = ["example.com"]
-drop_directory = "var/drop"
-
-[directory]
-servers = {servers!r}
-base_dn = "{ad['BASE_DN']}"
-ca_file = "{ad['TLS_CA_FILE']}"
-timeout = 3
-""".replace("'", '"')
+def config(ad, *, servers=None, groups=("AnonymousUsers", "ExchangeUsers"), directory=None, accepted_domains=(),
+           pipeline=()):
+    """
+    A client frontend doing AUTH against C{ad} (LDAPS by default); C{directory}:
+    more [directory] keys, C{accepted_domains} besides example.com.
+    """
+    return server_config(
+        accepted_domains=("example.com", *accepted_domains),
+        receive_connectors=({"name": "Client Frontend", "bindings": [LOOPBACK], "remote_ip_ranges": ["127.0.0.0/8"],
+                             "auth_mechanisms": ["Tls", "BasicAuth"], "permission_groups": list(groups),
+                             "tarpit_interval": 0, "auth_tarpit_interval": 0, "max_logon_failures": 10},),
+        directory={"servers": servers or [f"ldaps://{ad['LDAP_HOST']}:636"], "base_dn": ad["BASE_DN"],
+                   "ca_file": ad["TLS_CA_FILE"], "timeout": 3, **(directory or {})},
+        pipeline=pipeline)
 
 
 def auth(port, user, password, mechanism="PLAIN"):
@@ -104,7 +86,7 @@ def test_exchange_servers_group_membership_grants_the_server_rights(start_server
     # a connector for servers only: a plain user authenticates but may not
     # submit; members of "Exchange Servers" (directly or through a nested
     # group) relay with every server right
-    server = start_server(config(samba_ad, groups='["ExchangeServers"]'))
+    server = start_server(config(samba_ad, groups=["ExchangeServers"]))
     for user, password in (("edgesync@fabrikam.com", "Edg3sync!pass"), ("relay01@fabrikam.com", "R3lay01!pass")):
         with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as c:
             c.ehlo("client.test")
@@ -201,9 +183,10 @@ def test_starttls_on_port_389_and_search_then_bind_with_a_service_account(start_
     # (the sAMAccountName), found by the service account
     secret = tmp_path / "svc.secret"
     secret.write_text(samba_ad["ADMIN_PASSWORD"] + "\n")
-    text = config(samba_ad, servers=[f"ldap://{samba_ad['LDAP_HOST']}:389"]) + f"""bind_mode = "Search"
-service_account = {{{{ username = "{samba_ad['ADMIN_UPN']}", password_file = "{secret}" }}}}
-"""
+    text = config(samba_ad, servers=[f"ldap://{samba_ad['LDAP_HOST']}:389"], directory={
+        "bind_mode": "Search",
+        "service_account": {"username": samba_ad["ADMIN_UPN"], "password_file": secret},
+    })
     server = start_server(text)
     code, text_ = auth(server.port, "edgesync", "Edg3sync!pass")
     assert (code, text_[:5]) == (235, b"2.7.0")
@@ -220,16 +203,10 @@ def test_recipient_lookup_in_the_directory_with_a_short_cache(start_server, samb
     forwarder.start()
     secret = tmp_path / "svc.secret"
     secret.write_text(samba_ad["ADMIN_PASSWORD"] + "\n")
-    text = config(samba_ad, servers=[f"ldaps://127.0.0.1:{forwarder.port}"]) + f"""service_account = {{{{ username = "{samba_ad['ADMIN_UPN']}", password_file = "{secret}" }}}}
-
-[[accepted_domains]]
-domain_name = "fabrikam.com"
-
-[[pipeline]]
-stage = "recipient_filter"
-recipient_lookup = "Directory"
-lookup_cache = "5m"
-"""
+    text = config(samba_ad, servers=[f"ldaps://127.0.0.1:{forwarder.port}"],
+                  directory={"service_account": {"username": samba_ad["ADMIN_UPN"], "password_file": secret}},
+                  accepted_domains=("fabrikam.com",),
+                  pipeline=({"stage": "recipient_filter", "recipient_lookup": "Directory", "lookup_cache": "5m"},))
     server = start_server(text)
     try:
         with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as c:
@@ -250,10 +227,7 @@ lookup_cache = "5m"
 def test_recipient_lookup_needs_a_service_account(tmp_path, samba_ad):
     from exedge.config import ConfigError, loads
     from exedge.pipeline import build_pipeline
-    cfg = loads(config(samba_ad).replace("{port}", "2525") + """
-[[pipeline]]
-stage = "recipient_filter"
-recipient_lookup = "Directory"
-""")
+    cfg = loads(config(samba_ad, pipeline=({"stage": "recipient_filter", "recipient_lookup": "Directory"},))
+                .format(port=2525))
     with pytest.raises(ConfigError, match="needs \\[directory\\] servers and service_account"):
         build_pipeline(cfg, None)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from harness import FROM_INTERNAL_ORG, LOCAL_DROP, server_config
+
 TIMEOUT = 10.0          # every socket operation
 ANON = "127.0.0.1"      # "From Internet": anonymous
 SECURED = "127.0.0.2"   # "From Internal Org": externally secured, may relay
@@ -777,31 +779,13 @@ def test_peer_matching_no_connector_gets_554_and_is_closed(start_server):
         assert_ok(c.cmd("NOOP"))
 
 
-NO_CONNECTOR_CONFIG = """
-[server]
-fqdn = "edge01.example.com"
-spool_directory = "var/spool"
-dns_servers = []
-
-[[accepted_domains]]
-domain_name = "example.com"
-domain_type = "Authoritative"
-
-[[receive_connectors]]
-name = "Only 127.0.0.5"
-usage = "Custom"
-bindings = ["127.0.0.1:{port}"]
-remote_ip_ranges = ["127.0.0.5"]
-auth_mechanisms = ["ExternalAuthoritative"]
-permission_groups = ["ExchangeServers"]
-tarpit_interval = "0"
-
-[[send_connectors]]
-name = "Local drop"
-usage = "Custom"
-address_spaces = ["example.com"]
-drop_directory = "var/drop"
-"""
+NO_CONNECTOR_CONFIG = server_config(
+    server={"dns_servers": []},
+    accepted_domains=({"domain_name": "example.com", "domain_type": "Authoritative"},),
+    receive_connectors=(dict(FROM_INTERNAL_ORG, name="Only 127.0.0.5", usage="Custom", remote_ip_ranges=["127.0.0.5"],
+                             tarpit_interval="0"),),
+    send_connectors=(dict(LOCAL_DROP, usage="Custom"),),
+)
 
 
 # -- a real client ---------------------------------------------------------------------------

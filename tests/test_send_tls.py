@@ -9,50 +9,27 @@ import smtplib
 import time
 
 from certs import CA
+from harness import FROM_INTERNAL_ORG, LOCAL_DROP, LOOPBACK, PORT, server_config
 
-EDGE = """
-[server]
-fqdn = "edge01.example.com"
-spool_directory = "var/spool"
 
-[[receive_connectors]]
-name = "From Internal Org"
-bindings = ["127.0.0.1:{{port}}"]
-remote_ip_ranges = ["127.0.0.1"]
-auth_mechanisms = ["ExternalAuthoritative"]
-permission_groups = ["ExchangeServers"]
+def edge_config(smart_port, **send):
+    """The edge: the internal org's mail, for anywhere, goes to the smart host (C{send}: more of its keys)."""
+    return server_config(
+        accepted_domains=(),
+        receive_connectors=(FROM_INTERNAL_ORG,),
+        send_connectors=({"name": "To smart host", "address_spaces": ["*"], "dns_routing_enabled": False,
+                          "smart_hosts": [f"127.0.0.1:{smart_port}"], **send},))
 
-[[send_connectors]]
-name = "To smart host"
-address_spaces = ["*"]
-dns_routing_enabled = false
-smart_hosts = ["127.0.0.1:{smart_port}"]
-{send}
-"""
 
-SMART_HOST = """
-[server]
-fqdn = "{fqdn}"
-spool_directory = "var/spool"
-{server}
-
-[[accepted_domains]]
-domain_name = "partner.test"
-
-[[receive_connectors]]
-name = "From edge"
-bindings = ["127.0.0.1:{{port}}"]
-remote_ip_ranges = ["127.0.0.1"]
-fqdn = "{fqdn}"
-tarpit_interval = 0
-auth_tarpit_interval = 0
-{receive}
-
-[[send_connectors]]
-name = "Mailboxes"
-address_spaces = ["partner.test"]
-drop_directory = "var/drop"
-"""
+def smart_host_config(fqdn, receive, directory=None):
+    """The smart host C{fqdn} with partner.test's mailboxes (C{receive}: more keys of its connector from the edge)."""
+    return server_config(
+        server={"fqdn": fqdn},
+        accepted_domains=("partner.test",),
+        receive_connectors=({"name": "From edge", "bindings": [LOOPBACK], "remote_ip_ranges": ["127.0.0.1"],
+                             "fqdn": fqdn, "tarpit_interval": 0, "auth_tarpit_interval": 0, **receive},),
+        send_connectors=(dict(LOCAL_DROP, name="Mailboxes", address_spaces=["partner.test"]),),
+        directory=directory)
 
 
 def send(server, rcpt="bob@partner.test"):
@@ -65,10 +42,10 @@ def received_headers(path) -> str:
 
 
 def test_opportunistic_tls_to_the_next_hop_shows_in_its_received_header(start_server):
-    smart = start_server(SMART_HOST.format(fqdn="mbx01.example.com", server="", receive="""
-auth_mechanisms = ["Tls"]
-permission_groups = ["AnonymousUsers"]"""))      # a self-signed certificate: fine for opportunistic TLS
-    edge = start_server(EDGE.format(smart_port=smart.port, send=""))
+    smart = start_server(smart_host_config("mbx01.example.com", {
+        "auth_mechanisms": ["Tls"], "permission_groups": ["AnonymousUsers"],
+    }))      # a self-signed certificate: fine for opportunistic TLS
+    edge = start_server(edge_config(smart.port))
     send(edge)
     headers = received_headers(smart.wait_for(smart.drop_files, what="delivery at the smart host")[0])
     assert "by mbx01.example.com" in headers and "with ESMTPS id" in headers and "version=TLSv1.3" in headers
@@ -80,30 +57,28 @@ def smart_host_with_auth(start_server, tmp_path, names):
     users = tmp_path / "users.txt"
     from exedge.auth.credentials import CredentialsFile
     CredentialsFile(str(users)).add("edge01@fabrikam.com", "Sm4rt!host")
-    smart = start_server(SMART_HOST.format(fqdn=names[0], server="", receive=f"""
-auth_mechanisms = ["Tls", "BasicAuth"]          # offers AUTH in plain text too: a client must not use it
-permission_groups = ["ExchangeUsers"]
-certificate_file = "{cert}"
-private_key_file = "{key}"
-protocol_logging_level = "Verbose"
-
-[directory]
-credentials_file = "{users}"
-"""))
+    smart = start_server(smart_host_config(names[0], {
+        "auth_mechanisms": ["Tls", "BasicAuth"],        # offers AUTH in plain text too: a client must not use it
+        "permission_groups": ["ExchangeUsers"],
+        "certificate_file": cert,
+        "private_key_file": key,
+        "protocol_logging_level": "Verbose",
+    }, directory={"credentials_file": users}))
     secret = tmp_path / "smart-host.secret"
     secret.write_text("Sm4rt!host\n")
     os.chmod(secret, 0o600)
-    send_block = f"""smart_host_auth_mechanism = "BasicAuthRequireTLS"
-authentication_credential = {{{{ username = "edge01@fabrikam.com", password_file = "{secret}" }}}}
-tls_ca_file = "{ca.cert_file}"
-"""
-    return smart, send_block
+    send_keys = {
+        "smart_host_auth_mechanism": "BasicAuthRequireTLS",
+        "authentication_credential": {"username": "edge01@fabrikam.com", "password_file": secret},
+        "tls_ca_file": ca.cert_file,
+    }
+    return smart, send_keys
 
 
 def test_basic_auth_require_tls_to_a_smart_host_whose_certificate_names_it(start_server, tmp_path):
     # smart_hosts names 127.0.0.1: the certificate must carry exactly that
-    smart, send_block = smart_host_with_auth(start_server, tmp_path, ["mbx01.example.com", "127.0.0.1"])
-    edge = start_server(EDGE.format(smart_port=smart.port, send=send_block))
+    smart, send_keys = smart_host_with_auth(start_server, tmp_path, ["mbx01.example.com", "127.0.0.1"])
+    edge = start_server(edge_config(smart.port, **send_keys))
     send(edge)
     headers = received_headers(smart.wait_for(smart.drop_files, what="delivery at the smart host")[0])
     assert "with ESMTPSA id" in headers
@@ -112,8 +87,8 @@ def test_basic_auth_require_tls_to_a_smart_host_whose_certificate_names_it(start
 
 
 def test_smart_host_certificate_with_another_name_gets_no_credentials_and_no_mail(start_server, tmp_path):
-    smart, send_block = smart_host_with_auth(start_server, tmp_path, ["mbx01.example.com"])
-    edge = start_server(EDGE.format(smart_port=smart.port, send=send_block))
+    smart, send_keys = smart_host_with_auth(start_server, tmp_path, ["mbx01.example.com"])
+    edge = start_server(edge_config(smart.port, **send_keys))
     send(edge)
     edge.wait_for(lambda: "transient failure" in edge.log, what="the failed attempt")
     assert "VerificationError" in edge.log and "Mismatch" in edge.log           # the name check stopped it
@@ -123,79 +98,45 @@ def test_smart_host_certificate_with_another_name_gets_no_credentials_and_no_mai
     assert len(os.listdir(edge.path("var", "spool", "queue"))) == 1           # still queued, for a retry
 
 
-PARTNER = """
-[server]
-fqdn = "mail.contoso.test"
-spool_directory = "var/spool"
+def partner_config(cert, key, ca):
+    """contoso.test's server: a probe connector, and one for domain-secure partners on 127.0.0.9."""
+    return server_config(
+        server={"fqdn": "mail.contoso.test"},
+        accepted_domains=("contoso.test",),
+        receive_connectors=(
+            {"name": "Probe", "bindings": [LOOPBACK], "remote_ip_ranges": ["127.0.0.1"],
+             "auth_mechanisms": ["None"], "permission_groups": ["AnonymousUsers"]},
+            {"name": "From partners", "usage": "Partner", "bindings": [f"127.0.0.9:{PORT}"],
+             "remote_ip_ranges": ["127.0.0.0/8"], "fqdn": "mail.contoso.test",
+             "certificate_file": cert, "private_key_file": key,
+             "tls_receive_domain_secure_list": ["fabrikam.test"], "tls_client_ca_file": ca, "tarpit_interval": 0},
+        ),
+        send_connectors=(dict(LOCAL_DROP, name="Mailboxes", address_spaces=["contoso.test"]),))
 
-[[accepted_domains]]
-domain_name = "contoso.test"
 
-[[receive_connectors]]
-name = "Probe"
-bindings = ["127.0.0.1:{{port}}"]
-remote_ip_ranges = ["127.0.0.1"]
-auth_mechanisms = ["None"]
-permission_groups = ["AnonymousUsers"]
-
-[[receive_connectors]]
-name = "From partners"
-usage = "Partner"
-bindings = ["127.0.0.9:{{port}}"]
-remote_ip_ranges = ["127.0.0.0/8"]
-fqdn = "mail.contoso.test"
-certificate_file = "{cert}"
-private_key_file = "{key}"
-tls_receive_domain_secure_list = ["fabrikam.test"]
-tls_client_ca_file = "{ca}"
-tarpit_interval = 0
-
-[[send_connectors]]
-name = "Mailboxes"
-address_spaces = ["contoso.test"]
-drop_directory = "var/drop"
-"""
-
-EDGE_TO_PARTNER = """
-[server]
-fqdn = "edge01.fabrikam.test"
-spool_directory = "var/spool"
-dns_servers = ["127.0.0.1:{dns_port}"]
-
-[[receive_connectors]]
-name = "From Internal Org"
-bindings = ["127.0.0.1:{{port}}"]
-remote_ip_ranges = ["127.0.0.1"]
-auth_mechanisms = ["ExternalAuthoritative"]
-permission_groups = ["ExchangeServers"]
-
-[[send_connectors]]
-name = "To partners"
-address_spaces = ["contoso.test"]
-port = {partner_port}
-tls_send_domain_secure_list = ["contoso.test"]
-tls_certificate_file = "{cert}"
-tls_private_key_file = "{key}"
-tls_ca_file = "{ca}"
-
-[[send_connectors]]
-name = "Test address allowance"
-address_spaces = ["unused.invalid"]
-smart_hosts = ["127.0.0.9"]
-dns_routing_enabled = false
-enabled = false
-"""
+def edge_to_partner_config(dns_port, partner_port, cert, key, ca):
+    """fabrikam.test's edge: mail for contoso.test goes, by MX, over mutual TLS with a client certificate."""
+    return server_config(
+        server={"fqdn": "edge01.fabrikam.test", "dns_servers": [f"127.0.0.1:{dns_port}"]},
+        accepted_domains=(),
+        receive_connectors=(FROM_INTERNAL_ORG,),
+        send_connectors=(
+            {"name": "To partners", "address_spaces": ["contoso.test"], "port": partner_port,
+             "tls_send_domain_secure_list": ["contoso.test"],
+             "tls_certificate_file": cert, "tls_private_key_file": key, "tls_ca_file": ca},
+            {"name": "Test address allowance", "address_spaces": ["unused.invalid"], "smart_hosts": ["127.0.0.9"],
+             "dns_routing_enabled": False, "enabled": False},
+        ))
 
 
 def mutual_tls(start_server, dns_zones, tmp_path, partner_names):
     ca = CA(tmp_path)
     partner_cert, partner_key = ca.issue("partner", *partner_names)
     edge_cert, edge_key = ca.issue("edge-client", "fabrikam.test", "edge01.fabrikam.test", client=True)
-    partner = start_server(PARTNER.format(cert=partner_cert, key=partner_key, ca=ca.cert_file))
+    partner = start_server(partner_config(partner_cert, partner_key, ca.cert_file))
     dns_port = dns_zones({"contoso.test": {
         "contoso.test": [["MX", 10, "mail.contoso.test"]], "mail.contoso.test": [["A", "127.0.0.9"]]}})
-    edge = start_server(EDGE_TO_PARTNER.format(dns_port=dns_port, partner_port=partner.port, cert=edge_cert,
-                                               key=edge_key, ca=ca.cert_file))
+    edge = start_server(edge_to_partner_config(dns_port, partner.port, edge_cert, edge_key, ca.cert_file))
     with smtplib.SMTP("127.0.0.1", edge.port, timeout=10) as c:
         c.sendmail("app@fabrikam.test", ["bob@contoso.test"], b"Subject: partner\r\n\r\nmutual TLS\r\n")
     return edge, partner

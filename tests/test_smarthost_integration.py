@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from harness import free_port
+from harness import FROM_INTERNAL_ORG, FROM_INTERNET, LOCAL_DROP, free_port, server_config
 
 
 class Sink:
@@ -62,36 +62,13 @@ def sinks(tmp_path):
 
 
 def config(smart_hosts):
-    hosts = ", ".join(f'"127.0.0.1:{p}"' for p in smart_hosts)
-    return f"""
-[server]
-fqdn = "edge01.example.com"
-spool_directory = "var/spool"
-
-[[accepted_domains]]
-domain_name = "example.com"
-
-[[accepted_domains]]
-domain_name = "partner.test"
-domain_type = "InternalRelay"
-
-[[receive_connectors]]
-name = "From Internet"
-usage = "Internet"
-bindings = ["127.0.0.1:{{port}}"]
-tarpit_interval = 0
-
-[[send_connectors]]
-name = "Local drop"
-address_spaces = ["example.com"]
-drop_directory = "var/drop"
-
-[[send_connectors]]
-name = "To Partner"
-address_spaces = ["partner.test"]
-dns_routing_enabled = false
-smart_hosts = [{hosts}]
-"""
+    """example.com's edge from the Internet, relaying partner.test through C{smart_hosts} (ports on 127.0.0.1)."""
+    return server_config(
+        accepted_domains=("example.com", {"domain_name": "partner.test", "domain_type": "InternalRelay"}),
+        receive_connectors=(dict(FROM_INTERNET, tarpit_interval=0),),
+        send_connectors=(LOCAL_DROP, {"name": "To Partner", "address_spaces": ["partner.test"],
+                                      "dns_routing_enabled": False,
+                                      "smart_hosts": [f"127.0.0.1:{p}" for p in smart_hosts]}))
 
 
 def send(server, rcpts, subject="relay test"):
@@ -171,39 +148,15 @@ def test_mx_routing_delivers_to_the_mx_host_and_null_mx_bounces(start_server, si
         "mx1.remote.test": [["A", "127.0.0.9"]], "mx2.remote.test": [["A", "127.0.0.8"]],
         "null.remote.test": [["MX", 0, "."]],
     }})
-    server = start_server(f"""
-[server]
-fqdn = "edge01.example.com"
-spool_directory = "var/spool"
-dns_servers = ["127.0.0.1:{dns_port}"]
-
-[[accepted_domains]]
-domain_name = "example.com"
-
-[[receive_connectors]]
-name = "From Internal Org"
-bindings = ["127.0.0.1:{{port}}"]
-remote_ip_ranges = ["127.0.0.1"]
-auth_mechanisms = ["ExternalAuthoritative"]
-permission_groups = ["ExchangeServers"]
-
-[[send_connectors]]
-name = "Local drop"
-address_spaces = ["example.com"]
-drop_directory = "var/drop"
-
-[[send_connectors]]
-name = "To Internet"
-address_spaces = ["*"]
-port = {sink.port}
-
-[[send_connectors]]
-name = "Test sink allowance"
-address_spaces = ["unused.invalid"]
-smart_hosts = ["127.0.0.9"]
-dns_routing_enabled = false
-enabled = false
-""")
+    server = start_server(server_config(
+        server={"dns_servers": [f"127.0.0.1:{dns_port}"]},
+        receive_connectors=(FROM_INTERNAL_ORG,),
+        send_connectors=(
+            LOCAL_DROP,
+            {"name": "To Internet", "address_spaces": ["*"], "port": sink.port},
+            {"name": "Test sink allowance", "address_spaces": ["unused.invalid"], "smart_hosts": ["127.0.0.9"],
+             "dns_routing_enabled": False, "enabled": False},
+        )))
     send(server, ["bob@remote.test", "eve@null.remote.test"], subject="mx test")
     got = server.wait_for(sink.files, what="delivery to the preferred MX host")
     assert got[0].split(b"\r\n")[1] == b"X-Sink-Rcpt: <bob@remote.test>"
@@ -217,25 +170,12 @@ def test_smart_host_names_are_resolved_through_the_configured_dns_servers(start_
     # name went through [server].dns_servers, not the system resolver
     sink = sinks("named-sink", host="127.0.0.9")
     dns_port = dns_zones({"corp.test": {"relay.corp.test": [["A", "127.0.0.9"]]}})
-    server = start_server(f"""
-[server]
-fqdn = "edge01.example.com"
-spool_directory = "var/spool"
-dns_servers = ["127.0.0.1:{dns_port}"]
-
-[[receive_connectors]]
-name = "From Internal Org"
-bindings = ["127.0.0.1:{{port}}"]
-remote_ip_ranges = ["127.0.0.1"]
-auth_mechanisms = ["ExternalAuthoritative"]
-permission_groups = ["ExchangeServers"]
-
-[[send_connectors]]
-name = "To Internal Org"
-address_spaces = ["*"]
-dns_routing_enabled = false
-smart_hosts = ["missing.corp.test:{sink.port}", "relay.corp.test:{sink.port}"]
-""")
+    server = start_server(server_config(
+        server={"dns_servers": [f"127.0.0.1:{dns_port}"]},
+        accepted_domains=(),
+        receive_connectors=(FROM_INTERNAL_ORG,),
+        send_connectors=({"name": "To Internal Org", "address_spaces": ["*"], "dns_routing_enabled": False,
+                          "smart_hosts": [f"missing.corp.test:{sink.port}", f"relay.corp.test:{sink.port}"]},)))
     send(server, ["bob@partner.test"], subject="named smart host")
     got = server.wait_for(sink.files, what="delivery to the smart host found through our DNS server")
     assert b"X-Sink-Rcpt: <bob@partner.test>" in got[0]

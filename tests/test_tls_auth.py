@@ -18,7 +18,7 @@ import time
 import pytest
 
 from certs import CA
-from harness import TWISTD, config_text, free_port
+from harness import TWISTD, config_text, free_port, toml_table
 
 EXEDGE = os.path.join(os.path.dirname(sys.executable), "exedge")
 PASSWORD = "Corr3ct horse!"
@@ -226,18 +226,17 @@ def test_credentials_that_cannot_be_checked_get_454_then_work_once_back(start_se
 def test_implicit_tls_listener(start_server, ca, tmp_path):
     cert, key = ca.issue("edge01", "edge01.example.com")
     implicit = free_port()
-    server = start_server(extra=f"""
-[[receive_connectors]]
-name = "Implicit TLS"
-bindings = ["127.0.0.1:{implicit}"]
-remote_ip_ranges = ["127.0.0.0/8"]
-fqdn = "edge01.example.com"
-auth_mechanisms = ["Tls"]
-permission_groups = ["AnonymousUsers"]
-tls_mode = "Implicit"
-certificate_file = "{cert}"
-private_key_file = "{key}"
-""")
+    server = start_server(extra=toml_table("[[receive_connectors]]", {
+        "name": "Implicit TLS",
+        "bindings": [f"127.0.0.1:{implicit}"],
+        "remote_ip_ranges": ["127.0.0.0/8"],
+        "fqdn": "edge01.example.com",
+        "auth_mechanisms": ["Tls"],
+        "permission_groups": ["AnonymousUsers"],
+        "tls_mode": "Implicit",
+        "certificate_file": cert,
+        "private_key_file": key,
+    }))
     raw = socket.create_connection(("127.0.0.1", implicit), timeout=10)
     with client_context(ca).wrap_socket(raw, server_hostname="edge01.example.com") as tls:
         f = tls.makefile("rb")
