@@ -36,7 +36,9 @@ class Flow:
     Registered with the transport as its producer (L{watch_replies}): the
     transport says when replies pile up unread in its write buffer. It must
     be unregistered when the session closes (L{close}): Twisted's TLS layer
-    postpones its shutdown while a producer is registered.
+    postpones its shutdown while a producer is registered, and a TCP
+    transport whose producer is paused hands its turn to the producer
+    instead of closing.
     """
 
     PAUSED_BUFFER_LIMIT = 64 * 1024

@@ -1,0 +1,97 @@
+"""
+How a session ends, on a StringTransport with a task.Clock: the producer
+let go, a bounded grace, then abort.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from exedge.receive import SMTPServer
+from test_protocol import Session
+
+GRACE = SMTPServer.CLOSE_GRACE
+
+
+@pytest.fixture
+def session(tmp_path):
+    return Session(tmp_path)
+
+
+def lost(s: Session) -> None:
+    """The transport reports the connection gone, as Twisted does once it is."""
+    s.proto.connectionLost(Failure(ConnectionDone()))
+
+
+# -- the close: the producer let go, then a bounded grace ---------------------------
+
+
+def test_quit_unregisters_the_reply_producer(session):
+    """Twisted's TLS layer does not start its close while a producer is registered."""
+    assert session.transport.producer is not None
+    session.send(b"QUIT\r\n")
+    assert session.transport.disconnecting and session.transport.producer is None
+
+
+@pytest.mark.parametrize("ending", ["quit", "idle", "errors"])
+def test_a_close_not_finished_within_the_grace_is_aborted(session, ending):
+    if ending == "quit":
+        session.send(b"QUIT\r\n")
+    elif ending == "idle":
+        session.transport.clear()
+        session.clock.advance(60)
+        assert session.transport.value().startswith(b"421 4.4.2 ")
+    else:
+        session.send(b"BOGUS\r\n" * 5)
+        assert b"421 4.7.0" in session.transport.value()
+    assert session.transport.disconnecting and not session.transport.disconnected
+    assert session.transport.producer is None
+    session.clock.advance(GRACE - 0.1)
+    assert not session.transport.disconnected
+    session.clock.advance(0.1)
+    assert session.transport.disconnected        # abortConnection
+    lost(session)
+    assert session.clock.getDelayedCalls() == []
+
+
+def test_a_close_that_finishes_in_time_is_not_aborted(session):
+    session.send(b"QUIT\r\n")
+    session.clock.advance(GRACE / 2)
+    lost(session)
+    assert session.clock.getDelayedCalls() == []
+    session.clock.advance(GRACE)
+    assert not session.transport.disconnected
+
+
+def test_refused_connection_is_aborted_after_the_grace_too(tmp_path):
+    s = Session(tmp_path, internet='remote_ip_ranges = ["10.0.0.0/8"]')
+    assert s.transport.value().startswith(b"554 5.7.1 ") and s.transport.disconnecting
+    s.clock.advance(GRACE)
+    assert s.transport.disconnected
+
+
+def test_the_session_limit_ends_a_session_that_is_already_closing(tmp_path):
+    s = Session(tmp_path, internet='connection_timeout = "3s"\nconnection_inactivity_timeout = "1s"')
+    assert GRACE > 2
+    s.transport.clear()
+    s.clock.advance(1)
+    assert s.transport.value().startswith(b"421 4.4.2 ") and s.transport.disconnecting
+    s.clock.advance(2)                           # the session's 3 s are up before the grace is
+    assert s.transport.disconnected
+
+
+def test_connection_slot_is_released_when_the_connection_is_gone_not_before(tmp_path):
+    s = Session(tmp_path, internet="max_inbound_connection = 1")
+    s.send(b"QUIT\r\n")
+    transport = StringTransport(hostAddress=s.transport.getHost(), peerAddress=s.transport.getPeer())
+    second = SMTPServer(s.context)
+    second.makeConnection(transport)
+    assert transport.value().startswith(b"421 4.3.2 ")       # the first is closing, still there
+    s.clock.advance(GRACE)
+    lost(s)
+    transport = StringTransport(hostAddress=s.transport.getHost(), peerAddress=s.transport.getPeer())
+    SMTPServer(s.context).makeConnection(transport)
+    assert transport.value().startswith(b"220 ")
