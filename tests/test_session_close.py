@@ -1,9 +1,12 @@
 """
-How a session ends, on a StringTransport with a task.Clock: the producer
-let go, a bounded grace, then abort.
+How a session ends, on a StringTransport with a task.Clock: the half-close
+(the client's EOF while answers are owed) and the close itself (the
+producer let go, a bounded grace, then abort).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 from twisted.internet.error import ConnectionDone
@@ -11,8 +14,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from exedge.receive import SMTPServer
-from test_protocol import Session
+from test_protocol import DeferredRun, Session
 
+MESSAGE = b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n"
 GRACE = SMTPServer.CLOSE_GRACE
 
 
@@ -24,6 +28,75 @@ def session(tmp_path):
 def lost(s: Session) -> None:
     """The transport reports the connection gone, as Twisted does once it is."""
     s.proto.connectionLost(Failure(ConnectionDone()))
+
+
+# -- the half-close ------------------------------------------------------------
+
+
+def test_answers_owed_at_the_half_close_go_out_in_order_then_the_session_closes(tmp_path):
+    run = DeferredRun()
+    s = Session(tmp_path, run=run)
+    s.send(MESSAGE + b"QUIT\r\n")
+    s.transport.clear()
+    s.proto.readConnectionLost()                 # EOF while the spool write is pending
+    assert s.transport.value() == b"" and not s.transport.disconnecting
+    run.flush()                                  # the commit worker answers after the read side is gone
+    out = s.transport.value().split(b"\r\n")
+    assert out[0].startswith(b"250 2.6.0 ") and out[1].startswith(b"221 2.0.0 ") and out[2:] == [b""]
+    assert s.transport.disconnecting
+    assert len(s.sink.messages) == 1
+
+
+def test_half_close_with_nothing_owed_closes_at_once_not_at_the_idle_timeout(session):
+    session.send(b"EHLO c.test\r\n")
+    session.proto.readConnectionLost()
+    assert session.transport.disconnecting
+
+
+def test_half_close_after_the_250_closes_once_it_is_out(tmp_path):
+    run = DeferredRun()
+    s = Session(tmp_path, run=run)
+    s.send(MESSAGE)
+    s.proto.readConnectionLost()
+    assert not s.transport.disconnecting
+    s.transport.clear()
+    run.flush()
+    assert s.transport.value().startswith(b"250 2.6.0 ") and s.transport.disconnecting
+
+
+@pytest.mark.parametrize("tail", [b"RCPT TO:<c@exa", b"DATA\r\nSubject: y\r\n\r\nno final dot\r\n"])
+def test_half_close_in_an_unfinished_command_or_message_answers_the_rest_and_queues_nothing_more(tmp_path, tail):
+    run = DeferredRun()
+    s = Session(tmp_path, run=run)
+    s.send(MESSAGE + b"MAIL FROM:<d@s.test>\r\nRCPT TO:<e@example.com>\r\n" + tail)
+    s.transport.clear()
+    s.proto.readConnectionLost()
+    run.flush()
+    replies = [line[:3] for line in s.transport.value().split(b"\r\n") if line[3:4] == b" "]
+    assert replies == [b"250", b"250", b"250"] + ([b"354"] if tail.startswith(b"DATA") else [])
+    assert s.transport.disconnecting
+    lost(s)
+    run.flush()
+    assert len(s.sink.messages) == 1
+    assert os.listdir(s.spool.incoming_dir) == []
+
+
+def test_half_close_never_resumes_reading_the_finished_socket(tmp_path):
+    """Reading again after EOF would read the EOF again (and Twisted would call readConnectionLost twice)."""
+    run = DeferredRun()
+    s = Session(tmp_path, run=run)
+    s.send(MESSAGE)
+    s.proto.readConnectionLost()                 # the 250 is owed
+    told = []
+    s.transport.pauseProducing = lambda: told.append("pause")
+    s.transport.resumeProducing = lambda: told.append("resume")
+    producer = s.transport.producer
+    producer.pauseProducing()                    # the client does not read its replies for a while
+    producer.resumeProducing()
+    assert "resume" not in told
+    run.flush()
+    assert s.transport.value().endswith(b"Queued mail for delivery\r\n") and s.transport.disconnecting
+    assert "resume" not in told
 
 
 # -- the close: the producer let go, then a bounded grace ---------------------------

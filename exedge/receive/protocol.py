@@ -24,9 +24,10 @@ is answered once and discarded up to its CRLF. The connector, rights and
 limits are fixed when the session starts. Stages see L{Session}, a small
 object this protocol keeps up to date.
 
-Every session ends, whatever the client does: a close that the client
-does not let finish (a reply it does not read, TLS's close_notify it does
-not answer) is aborted after L{CLOSE_GRACE}.
+Every session ends, whatever the client does: a client that closes its
+sending side still gets every answer it is owed, then the server closes;
+a close that the client does not let finish (a reply it does not read,
+TLS's close_notify it does not answer) is aborted after L{CLOSE_GRACE}.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import time
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.logger import Logger
 from twisted.protocols import basic
 from zope.interface import implementer
@@ -97,7 +98,7 @@ def _in_session(name: str) -> property:
     return property(lambda self: getattr(self.session, name), lambda self, value: setattr(self.session, name, value))
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IHalfCloseableProtocol)
 class SMTPServer(basic.LineReceiver):
     delimiter = b"\r\n"
     MAX_LENGTH = 510   # RFC 5321 §4.5.3.1.4: 512 octets with the CRLF
@@ -136,6 +137,7 @@ class SMTPServer(basic.LineReceiver):
         self._life_call = None
         self._grace_call = None              # aborts a close that does not finish
         self._close_after_answer: Reply | None = None
+        self._input_ended = False            # the client closed its sending side
         self._handshaken = False             # the TLS handshake (STARTTLS or implicit) is done
         self._gone = False                   # connectionLost has run
 
@@ -308,6 +310,41 @@ class SMTPServer(basic.LineReceiver):
             self.plog.info(why)
         self.transport.abortConnection()
 
+    def readConnectionLost(self) -> None:
+        """
+        IHalfCloseableProtocol: the client closed its sending side but may
+        still read. Exim sends the final dot and QUIT, then does this: every
+        command already received is answered, in order, and then the session
+        closes (L{_input_done}). Plain TCP only: Twisted's TLS layer takes
+        the end of input for the end of the connection.
+        """
+        if self._closing:
+            return
+        self._input_ended = True
+        self.flow.end_of_input()
+        self._input_done()
+
+    def writeConnectionLost(self) -> None:
+        """IHalfCloseableProtocol: our sending side closed (we never close it alone)."""
+
+    def _input_done(self) -> None:
+        """
+        After the client's end of input, once every command it sent has been
+        answered: close. An unfinished command line or message is dropped,
+        unanswered (no final dot: nothing is queued).
+        """
+        if not self._input_ended or self._closing or self.paused or self._busyReceiving:
+            return
+        if self.reader is not None:
+            self.plog.info("client closed its side in the middle of the message data; message discarded")
+            self.reader = None
+            self.draft.abort()
+            self.draft = None
+            self.txn = None
+        elif self._buffer or self._discarding:
+            self.plog.info("client closed its side in the middle of a command line; not answered")
+        self._close()
+
     def connectionLost(self, reason=None) -> None:
         self._closing = True
         self._gone = True
@@ -366,6 +403,8 @@ class SMTPServer(basic.LineReceiver):
             self._overflowed = False
             super().dataReceived(b"")
         self.flow.update()
+        if self._input_ended:
+            self._input_done()
 
     def lineLengthExceeded(self, data: bytes) -> None:
         end = data.find(b"\r\n")
