@@ -36,7 +36,12 @@ class Flow:
     Registered with the transport as its producer (L{watch_replies}): the
     transport says when replies pile up unread in its write buffer. It must
     be unregistered when the session closes (L{close}): Twisted's TLS layer
-    postpones its shutdown while a producer is registered.
+    postpones its shutdown while a producer is registered, and a TCP
+    transport whose producer is paused hands its turn to the producer
+    instead of closing.
+
+    Once the client has closed its sending side (L{end_of_input}) the
+    socket is never read again, but commands already read are still taken.
     """
 
     PAUSED_BUFFER_LIMIT = 64 * 1024
@@ -54,6 +59,7 @@ class Flow:
         self.disk_blocked = False
         self.reading_stopped = False
         self.closed = False
+        self.input_ended = False
         self._watching = False
 
     @property
@@ -69,7 +75,7 @@ class Flow:
     def update(self) -> None:
         stop = self.write_blocked or self.disk_blocked or \
             (self.paused and self.buffered() > self.PAUSED_BUFFER_LIMIT)
-        if stop != self.reading_stopped and not self.closed:
+        if stop != self.reading_stopped and not self.closed and not self.input_ended:
             self.reading_stopped = stop
             if stop:
                 self.transport.pauseProducing()
@@ -98,6 +104,13 @@ class Flow:
     def _drained(self) -> None:
         self.disk_blocked = False
         self.update()
+
+    def end_of_input(self) -> None:
+        """
+        The client closed its sending side: nothing more will come, and the
+        socket must not be read again (Twisted would report its end again).
+        """
+        self.input_ended = True
 
     def close(self) -> None:
         """The session ends: no more reading decisions, and the transport is free to close."""

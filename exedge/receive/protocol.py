@@ -23,6 +23,11 @@ Command lines are limited to 512 octets including CRLF; an over-long line
 is answered once and discarded up to its CRLF. The connector, rights and
 limits are fixed when the session starts. Stages see L{Session}, a small
 object this protocol keeps up to date.
+
+Every session ends, whatever the client does: a client that closes its
+sending side still gets every answer it is owed, then the server closes;
+a close that the client does not let finish (a reply it does not read,
+TLS's close_notify it does not answer) is aborted after L{CLOSE_GRACE}.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.logger import Logger
 from twisted.protocols import basic
 from zope.interface import implementer
@@ -93,10 +98,14 @@ def _in_session(name: str) -> property:
     return property(lambda self: getattr(self.session, name), lambda self, value: setattr(self.session, name, value))
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IHalfCloseableProtocol)
 class SMTPServer(basic.LineReceiver):
     delimiter = b"\r\n"
     MAX_LENGTH = 510   # RFC 5321 §4.5.3.1.4: 512 octets with the CRLF
+    # seconds a closing connection may take to go (our last reply read, TLS's
+    # close_notify answered) before it is aborted: a well-behaved client
+    # needs a round trip, and a silent one must not keep its slot
+    CLOSE_GRACE = 5.0
 
     helo = _in_session("helo")
     tls_active = _in_session("tls")
@@ -126,7 +135,11 @@ class SMTPServer(basic.LineReceiver):
         self.security: DomainSecurity | None = None
         self._idle_call = None
         self._life_call = None
+        self._grace_call = None              # aborts a close that does not finish
         self._close_after_answer: Reply | None = None
+        self._input_ended = False            # the client closed its sending side
+        self._handshaken = False             # the TLS handshake (STARTTLS or implicit) is done
+        self._gone = False                   # connectionLost has run
 
     @property
     def paused(self) -> bool:
@@ -200,6 +213,7 @@ class SMTPServer(basic.LineReceiver):
 
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: the TLS handshake is done (of STARTTLS, or of an implicit-TLS session)."""
+        self._handshaken = True
         if self._closing or self.connector is None:
             return
         if self.connector.tls_mode == "Implicit" and not self._greeted:
@@ -257,13 +271,84 @@ class SMTPServer(basic.LineReceiver):
         self._write((banner if banner.startswith("220") else f"220 {banner}").encode("ascii", "replace") + b"\r\n")
 
     def _refuse(self, reply: Reply) -> None:
+        if not self._tls_pending:
+            self._write(reply.encode())
+        self._close()
+
+    @property
+    def _tls_pending(self) -> bool:
+        """TLS has started and its handshake is not done: nothing can be said to the client."""
+        return self.tls_active and not self._handshaken
+
+    def _close(self) -> None:
+        """
+        End the session: no more reading or answering, the reply producer
+        let go (Twisted's TLS layer sends close_notify only once it is), and
+        the connection closed after what was written; aborted if it is not
+        gone after CLOSE_GRACE, or at once while a TLS handshake is pending
+        (Twisted's TLS layer would keep the bytes and the connection for ever).
+        """
+        if self._gone or self._grace_call is not None:
+            return
         self._closing = True
-        self._write(reply.encode())
+        self.flow.close()
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        if self._tls_pending:
+            return self._abort("TLS handshake not done; connection aborted")
         self.transport.loseConnection()
+        self._grace_call = self.ctx.clock.callLater(
+            self.CLOSE_GRACE, self._abort, f"connection not closed {self.CLOSE_GRACE:g} s after the end; aborted")
+
+    def _abort(self, why: str | None) -> None:
+        """Drop the connection now, whatever is still unsent (the slot is freed in connectionLost)."""
+        if self._gone:
+            return
+        self._closing = True
+        self.flow.close()
+        if why is not None:
+            self.plog.info(why)
+        self.transport.abortConnection()
+
+    def readConnectionLost(self) -> None:
+        """
+        IHalfCloseableProtocol: the client closed its sending side but may
+        still read. Exim sends the final dot and QUIT, then does this: every
+        command already received is answered, in order, and then the session
+        closes (L{_input_done}). Plain TCP only: Twisted's TLS layer takes
+        the end of input for the end of the connection.
+        """
+        if self._closing:
+            return
+        self._input_ended = True
+        self.flow.end_of_input()
+        self._input_done()
+
+    def writeConnectionLost(self) -> None:
+        """IHalfCloseableProtocol: our sending side closed (we never close it alone)."""
+
+    def _input_done(self) -> None:
+        """
+        After the client's end of input, once every command it sent has been
+        answered: close. An unfinished command line or message is dropped,
+        unanswered (no final dot: nothing is queued).
+        """
+        if not self._input_ended or self._closing or self.paused or self._busyReceiving:
+            return
+        if self.reader is not None:
+            self.plog.info("client closed its side in the middle of the message data; message discarded")
+            self.reader = None
+            self.draft.abort()
+            self.draft = None
+            self.txn = None
+        elif self._buffer or self._discarding:
+            self.plog.info("client closed its side in the middle of a command line; not answered")
+        self._close()
 
     def connectionLost(self, reason=None) -> None:
         self._closing = True
-        for call in (self._idle_call, self._life_call):
+        self._gone = True
+        for call in (self._idle_call, self._life_call, self._grace_call):
             if call is not None and call.active():
                 call.cancel()
         if self.draft is not None:
@@ -283,6 +368,10 @@ class SMTPServer(basic.LineReceiver):
 
     def _timed_out(self, text: str, idle: bool = False) -> None:
         if self._closing:
+            if not idle:
+                # the session's time is up and its close has not finished:
+                # connection_timeout bounds the whole connection
+                self._abort(f"{text} while closing; connection aborted")
             return
         reply = Reply(421, "4.4.2", f"{self.fqdn} {text}, closing transmission channel")
         if self.flow.answer_pending:
@@ -314,6 +403,8 @@ class SMTPServer(basic.LineReceiver):
             self._overflowed = False
             super().dataReceived(b"")
         self.flow.update()
+        if self._input_ended:
+            self._input_done()
 
     def lineLengthExceeded(self, data: bytes) -> None:
         end = data.find(b"\r\n")
@@ -361,8 +452,7 @@ class SMTPServer(basic.LineReceiver):
     def _broken(self, failure) -> None:
         """A bug after the answer: never leave the session paused for ever."""
         log.failure("session {session}: dropping the connection", failure, session=self.session_id)
-        self._closing = True
-        self.transport.abortConnection()
+        self._abort(None)
 
     def _tarpit_delay(self, reply: Reply) -> float:
         """Errors wait tarpit_interval for peers we do not trust (without the authentication flag)."""
@@ -389,8 +479,7 @@ class SMTPServer(basic.LineReceiver):
                 self._refuse(Reply(421, "4.7.0", "Too many errors on this connection, closing transmission channel"))
                 return False
         if reply.close:
-            self._closing = True
-            self.transport.loseConnection()
+            self._close()
             return False
         return True
 
