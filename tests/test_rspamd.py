@@ -364,6 +364,7 @@ class FakeRspamd:
 
     def __init__(self, answers):
         from twisted.internet import reactor
+        from twisted.internet.error import ConnectionDone
         from twisted.web import resource, server
 
         fake = self
@@ -380,6 +381,8 @@ class FakeRspamd:
                     request.setHeader("Content-Length", "100")
                     request.write(body)
                     fake.hung = request.notifyFinish()
+                    # the client gives up and hangs up: expected, not an error to report at exit
+                    fake.hung.addErrback(lambda f: f.trap(ConnectionDone))
                     return server.NOT_DONE_YET
                 return body
 
