@@ -42,25 +42,40 @@ class Flow:
 
     Once the client has closed its sending side (L{end_of_input}) the
     socket is never read again, but commands already read are still taken.
+
+    Every connection ends (L{end}): closed after what was written, and
+    aborted if it is not gone L{CLOSE_GRACE} seconds later (a client that
+    does not read our last reply, or does not answer TLS's close_notify,
+    must not keep its slot).
     """
 
     PAUSED_BUFFER_LIMIT = 64 * 1024
+    # seconds a closing connection may take to go (our last reply read, TLS's
+    # close_notify answered) before it is aborted: a well-behaved client
+    # needs a round trip, and a silent one must not keep its slot
+    CLOSE_GRACE = 5.0
 
-    def __init__(self, transport, *, buffered: Callable[[], int], take_more: Callable[[], None]):
+    def __init__(self, transport, clock, *, buffered: Callable[[], int], take_more: Callable[[], None],
+                 note: Callable[[str], None]):
         """
         C{buffered()}: bytes read but not taken yet; C{take_more()}: go on
-        taking commands from them (called when the session may again).
+        taking commands from them (called when the session may again);
+        C{note(text)}: the protocol log, for why a connection was aborted.
         """
         self.transport = transport
+        self.clock = clock
         self.buffered = buffered
         self.take_more = take_more
+        self.note = note
         self.answer_pending = False
         self.write_blocked = False
         self.disk_blocked = False
         self.reading_stopped = False
         self.closed = False
         self.input_ended = False
+        self.gone = False                    # the connection is lost
         self._watching = False
+        self._grace_call = None
 
     @property
     def paused(self) -> bool:
@@ -113,11 +128,40 @@ class Flow:
         self.input_ended = True
 
     def close(self) -> None:
-        """The session ends: no more reading decisions, and the transport is free to close."""
+        """No more reading decisions, and the transport is free to close (the producer let go)."""
         self.closed = True
         if self._watching:
             self._watching = False
             self.transport.unregisterProducer()
+
+    @property
+    def ending(self) -> bool:
+        """The connection is closing (L{end}) or gone."""
+        return self.gone or self._grace_call is not None
+
+    def end(self) -> None:
+        """Close the connection after what was written; abort it if it is not gone after CLOSE_GRACE."""
+        if self.ending:
+            return
+        self.close()
+        self.transport.loseConnection()
+        self._grace_call = self.clock.callLater(
+            self.CLOSE_GRACE, self.abort, f"connection not closed {self.CLOSE_GRACE:g} s after the end; aborted")
+
+    def abort(self, why: str | None = None) -> None:
+        """Drop the connection now, whatever is still unsent."""
+        if self.gone:
+            return
+        self.close()
+        if why is not None:
+            self.note(why)
+        self.transport.abortConnection()
+
+    def lost(self) -> None:
+        """The connection is gone: nothing more to close or abort."""
+        self.gone = True
+        if self._grace_call is not None and self._grace_call.active():
+            self._grace_call.cancel()
 
     # -- IPushProducer: the transport's word on our replies ----------------------
 

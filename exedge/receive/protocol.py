@@ -102,10 +102,7 @@ def _in_session(name: str) -> property:
 class SMTPServer(basic.LineReceiver):
     delimiter = b"\r\n"
     MAX_LENGTH = 510   # RFC 5321 §4.5.3.1.4: 512 octets with the CRLF
-    # seconds a closing connection may take to go (our last reply read, TLS's
-    # close_notify answered) before it is aborted: a well-behaved client
-    # needs a round trip, and a silent one must not keep its slot
-    CLOSE_GRACE = 5.0
+    CLOSE_GRACE = Flow.CLOSE_GRACE
 
     helo = _in_session("helo")
     tls_active = _in_session("tls")
@@ -135,11 +132,9 @@ class SMTPServer(basic.LineReceiver):
         self.security: DomainSecurity | None = None
         self._idle_call = None
         self._life_call = None
-        self._grace_call = None              # aborts a close that does not finish
         self._close_after_answer: Reply | None = None
         self._input_ended = False            # the client closed its sending side
         self._handshaken = False             # the TLS handshake (STARTTLS or implicit) is done
-        self._gone = False                   # connectionLost has run
 
     @property
     def paused(self) -> bool:
@@ -175,7 +170,8 @@ class SMTPServer(basic.LineReceiver):
         local, peer = self.transport.getHost(), self.transport.getPeer()
         self.peer_host = peer.host
         self.session_id = new_session_id()
-        self.flow = Flow(self.transport, buffered=lambda: len(self._buffer), take_more=lambda: self.dataReceived(b""))
+        self.flow = Flow(self.transport, self.ctx.clock, buffered=lambda: len(self._buffer),
+                         take_more=lambda: self.dataReceived(b""), note=lambda text: self.plog.info(text))
         self.replies = InOrder(self.flow, self.ctx.clock, send=self._send_reply, delay_of=self._tarpit_delay,
                                on_error=self._internal_error, on_broken=self._broken)
         connector = self.ctx.connectors.select(local.host, local.port, peer.host)
@@ -282,33 +278,24 @@ class SMTPServer(basic.LineReceiver):
 
     def _close(self) -> None:
         """
-        End the session: no more reading or answering, the reply producer
-        let go (Twisted's TLS layer sends close_notify only once it is), and
-        the connection closed after what was written; aborted if it is not
-        gone after CLOSE_GRACE, or at once while a TLS handshake is pending
-        (Twisted's TLS layer would keep the bytes and the connection for ever).
+        End the session: no more reading or answering, and the connection
+        closed after what was written (aborted if it does not go: L{Flow.end});
+        at once while a TLS handshake is pending (Twisted's TLS layer would
+        keep the bytes and the connection for ever).
         """
-        if self._gone or self._grace_call is not None:
+        if self.flow.ending:
             return
         self._closing = True
-        self.flow.close()
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         if self._tls_pending:
             return self._abort("TLS handshake not done; connection aborted")
-        self.transport.loseConnection()
-        self._grace_call = self.ctx.clock.callLater(
-            self.CLOSE_GRACE, self._abort, f"connection not closed {self.CLOSE_GRACE:g} s after the end; aborted")
+        self.flow.end()
 
     def _abort(self, why: str | None) -> None:
         """Drop the connection now, whatever is still unsent (the slot is freed in connectionLost)."""
-        if self._gone:
-            return
         self._closing = True
-        self.flow.close()
-        if why is not None:
-            self.plog.info(why)
-        self.transport.abortConnection()
+        self.flow.abort(why)
 
     def readConnectionLost(self) -> None:
         """
@@ -347,8 +334,8 @@ class SMTPServer(basic.LineReceiver):
 
     def connectionLost(self, reason=None) -> None:
         self._closing = True
-        self._gone = True
-        for call in (self._idle_call, self._life_call, self._grace_call):
+        self.flow.lost()
+        for call in (self._idle_call, self._life_call):
             if call is not None and call.active():
                 call.cancel()
         if self.draft is not None:
