@@ -69,6 +69,7 @@ class Flow:
         self.note = note
         self.answer_pending = False
         self.write_blocked = False
+        self.paused = False                  # no command may be taken now: answer_pending or write_blocked
         self.disk_blocked = False
         self.reading_stopped = False
         self.closed = False
@@ -76,11 +77,6 @@ class Flow:
         self.gone = False                    # the connection is lost
         self._watching = False
         self._grace_call = None
-
-    @property
-    def paused(self) -> bool:
-        """No command may be taken now."""
-        return self.answer_pending or self.write_blocked
 
     def watch_replies(self) -> None:
         """From now on, a client that does not read its replies stops being read."""
@@ -99,11 +95,12 @@ class Flow:
 
     def hold(self) -> None:
         """An answer is being worked out: take no command until L{release}."""
-        self.answer_pending = True
+        self.answer_pending = self.paused = True
         self.update()
 
     def release(self) -> None:
         self.answer_pending = False
+        self.paused = self.write_blocked
         self.update()
         if not self.paused:
             self.take_more()
@@ -166,11 +163,12 @@ class Flow:
     # -- IPushProducer: the transport's word on our replies ----------------------
 
     def pauseProducing(self) -> None:
-        self.write_blocked = True
+        self.write_blocked = self.paused = True
         self.update()
 
     def resumeProducing(self) -> None:
         self.write_blocked = False
+        self.paused = self.answer_pending
         self.update()
         if not self.paused:
             self.take_more()

@@ -93,20 +93,38 @@ def new_session_id() -> str:
     return f"{_SESSION_EPOCH:08X}{next(_session_counter) & 0xFFFFFFFF:08X}"
 
 
-def _in_session(name: str) -> property:
-    """A fact of this session that stages see: kept in its L{Session}, read and written here by name."""
-    return property(lambda self: getattr(self.session, name), lambda self, value: setattr(self.session, name, value))
-
-
 @implementer(IHandshakeListener, IHalfCloseableProtocol)
 class SMTPServer(basic.LineReceiver):
     delimiter = b"\r\n"
     MAX_LENGTH = 510   # RFC 5321 §4.5.3.1.4: 512 octets with the CRLF
     CLOSE_GRACE = Flow.CLOSE_GRACE
 
-    helo = _in_session("helo")
-    tls_active = _in_session("tls")
-    permissions = _in_session("permissions")
+    flow: Flow | None = None
+
+    # facts of this session that stages see: kept in its Session, read and written here
+    @property
+    def helo(self) -> str | None:
+        return self.session.helo
+
+    @helo.setter
+    def helo(self, value: str | None) -> None:
+        self.session.helo = value
+
+    @property
+    def tls_active(self) -> bool:
+        return self.session.tls
+
+    @tls_active.setter
+    def tls_active(self, value: bool) -> None:
+        self.session.tls = value
+
+    @property
+    def permissions(self):
+        return self.session.permissions
+
+    @permissions.setter
+    def permissions(self, value) -> None:
+        self.session.permissions = value
 
     def __init__(self, context: ServerContext):
         self.ctx = context
@@ -120,7 +138,6 @@ class SMTPServer(basic.LineReceiver):
         self.draft = None                    # the message being received (exedge.cleanup.Draft)
         self.reader: DataReader | None = None
         self.plog: ProtocolLog | None = None
-        self.flow: Flow | None = None
         self.replies: InOrder | None = None
         self.sasl: AuthDialogue | None = None
         self._admitted = False
@@ -139,7 +156,8 @@ class SMTPServer(basic.LineReceiver):
     @property
     def paused(self) -> bool:
         """LineReceiver takes no line from its buffer while this is true."""
-        return self.flow is not None and self.flow.paused
+        flow = self.flow
+        return flow is not None and flow.paused
 
     @paused.setter
     def paused(self, value) -> None:
@@ -496,7 +514,7 @@ class SMTPServer(basic.LineReceiver):
             return syntax_error(f"Syntax: {'EHLO' if esmtp else 'HELO'} domain or address literal")
         self.txn = None
         self.helo, self.esmtp = arg, esmtp
-        if self.tls_active and self.identity is None:
+        if self.tls_active and self._identity is None:
             partners = self.security.partners()
             if partners:
                 self.permissions = session_permissions(self.connector.permission_groups,
@@ -573,9 +591,9 @@ class SMTPServer(basic.LineReceiver):
             return self._not_offered(arg)
         if self.helo is None or not self.esmtp:
             return bad_sequence("Send EHLO first")
-        if self.identity is not None:
+        if self._identity is not None:
             return bad_sequence("Already authenticated")
-        if self.txn is not None:
+        if self._txn is not None:
             return bad_sequence("AUTH not permitted during a mail transaction")
         mechanism, _, initial = arg.partition(" ")
         if not mechanism:
@@ -605,7 +623,7 @@ class SMTPServer(basic.LineReceiver):
     def do_MAIL(self, arg: str) -> Reply:
         if self.helo is None:
             return bad_sequence("Send hello first", "5.5.2")
-        if self.txn is not None:
+        if self._txn is not None:
             return bad_sequence("Sender already specified")
         if not arg[:5].upper() == "FROM:":
             return syntax_error("Syntax: MAIL FROM:<address> [parameters]")
@@ -618,16 +636,16 @@ class SMTPServer(basic.LineReceiver):
         if params.size is not None and params.size > checks.size_limit(self.connector, self.permissions):
             return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
         refusal = self.security.check_sender(sender, self.tls_active) or \
-            checks.spoofing_refusal(sender, self.permissions, self.ctx.router, self.identity is not None)
+            checks.spoofing_refusal(sender, self.permissions, self.ctx.router, self._identity is not None)
         if refusal is not None:
             return refusal
         self.txn = Transaction(sender, params.size, params.body, params.ret, params.envid,
-                               checks.passed_auth(params.auth, self.permissions, self.identity))
+                               checks.passed_auth(params.auth, self.permissions, self._identity))
         return self._staged("on_mail", Reply(250, "2.1.0", "Sender OK"), (str(sender) if sender else "",),
                             undo=lambda: setattr(self, "txn", None))
 
     def do_RCPT(self, arg: str) -> Reply:
-        if self.txn is None:
+        if self._txn is None:
             return bad_sequence("Need MAIL before RCPT")
         if not arg[:3].upper() == "TO:":
             return syntax_error("Syntax: RCPT TO:<address> [parameters]")
@@ -636,27 +654,27 @@ class SMTPServer(basic.LineReceiver):
                                          lambda: checks.postmaster_domain(self.ctx.router, self.fqdn))
         except CommandRefused as e:
             return e.reply
-        if len(self.txn.recipients) >= self.connector.max_recipients_per_message:
+        if len(self._txn.recipients) >= self.connector.max_recipients_per_message:
             return Reply(452, "4.5.3", "Too many recipients")
         refusal = checks.relay_refusal(mailbox, self.permissions, self.ctx.router, self.plog.info)
         if refusal is not None:
             return refusal
         address = f"{mailbox.local}@{mailbox.domain}"
-        self.txn.recipients.append(Recipient(address, params.notify, params.orcpt))
+        self._txn.recipients.append(Recipient(address, params.notify, params.orcpt))
         self.session.recipients.append(address)
         return self._staged("on_rcpt", Reply(250, "2.1.5", "Recipient OK"), (address,),
                             undo=self._drop_last_recipient)
 
     def _drop_last_recipient(self) -> None:
-        self.txn.recipients.pop()
+        self._txn.recipients.pop()
         self.session.recipients.pop()
 
     def do_DATA(self, arg: str) -> Reply:
         if arg:
             return syntax_error("Syntax: DATA")
-        if self.txn is None:
+        if self._txn is None:
             return bad_sequence("Need MAIL command")
-        if not self.txn.recipients:
+        if not self._txn.recipients:
             return Reply(554, "5.5.1", "No valid recipients", protocol_error=True)
         if self._stages_on:
             return then(self.ctx.pipeline.run("on_data", self.session),
@@ -664,7 +682,7 @@ class SMTPServer(basic.LineReceiver):
         return self._start_data()
 
     def _start_data(self) -> Reply:
-        identity = self.identity
+        identity = self._identity
         trace = Trace(helo=self.helo, peer_host=self.peer_host, peer_port=self.transport.getPeer().port,
                       by=self.fqdn, connector=self.connector.name,
                       protocol=with_protocol(self.esmtp, self.tls_active, identity is not None),
@@ -677,7 +695,7 @@ class SMTPServer(basic.LineReceiver):
         return Reply(354, None, "Start mail input; end with <CRLF>.<CRLF>")
 
     def _end_of_data(self, reader: DataReader):
-        txn, self.txn = self.txn, None
+        txn, self.txn = self._txn, None
         draft, self.draft = self.draft, None
         if reader.error is not None:
             draft.abort()
