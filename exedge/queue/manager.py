@@ -144,7 +144,8 @@ class QueueManager(Service):
         """
         def again(retry):
             if retry:
-                left = [o for o in outcomes if o.index in set(retry)]
+                waiting = set(retry)
+                left = [o for o in outcomes if o.index in waiting]
                 self.clock.callLater(self.policy.queue_glitch_retry_interval, self._settle, message, left)
 
         self._record(message, outcomes).addCallback(again)
