@@ -222,15 +222,13 @@ class Cleanup:
 
         if message is not None and message.edited:
             d = draft.incoming.rewrite(message.edit(draft.prefix_length))
-            d.addCallbacks(lambda length: self._commit(draft.incoming, envelope(length)),
-                           self._failed, errbackArgs=(draft.incoming,))
-            return d.addCallback(self._receipt)
-        return self._commit(draft.incoming, envelope(draft.size)).addCallback(self._receipt)
+            d.addCallback(lambda length: self._commit(draft.incoming, envelope(length)))
+        else:
+            d = self._commit(draft.incoming, envelope(draft.size))
+        return d.addCallbacks(self._receipt, self._failed, errbackArgs=(draft.incoming,))
 
     @staticmethod
     def _receipt(stored) -> Receipt:
-        if isinstance(stored, Receipt):
-            return stored
         return Receipt(250, "2.6.0", f"<{stored.queue_id}> Queued mail for delivery", queue_id=stored.queue_id)
 
     # -- messages exedge makes ---------------------------------------------------
@@ -246,16 +244,13 @@ class Cleanup:
         incoming.write(data)
         envelope = Envelope(sender=sender, recipients=tuple(recipients), size=len(data),
                             receive_connector=origin, received_at=self.clock.seconds())
-        return self._commit(incoming, envelope, local=True)
+        return self._commit(incoming, envelope)
 
     # -- the one way in ------------------------------------------------------------
 
-    def _commit(self, incoming, envelope: Envelope, local: bool = False) -> defer.Deferred:
-        d = incoming.commit(envelope)
-        d.addCallback(self._queue)
-        if not local:
-            d.addErrback(self._failed, incoming)
-        return d
+    def _commit(self, incoming, envelope: Envelope) -> defer.Deferred:
+        """Durable, then announced to the queue: fires with the stored message, or fails."""
+        return incoming.commit(envelope).addCallback(self._queue)
 
     def _queue(self, stored):
         try:
@@ -268,6 +263,7 @@ class Cleanup:
 
     @staticmethod
     def _failed(failure, incoming) -> Receipt:
+        """An edit or the commit failed: nothing was acknowledged, the client may try again."""
         incoming.abort()
         log.failure("queue write failed for {queue_id}", failure, queue_id=incoming.queue_id)
         return QUEUE_FAILED

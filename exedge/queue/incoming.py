@@ -205,18 +205,21 @@ class IncomingMessage:
         chunks, self._chunks = self._chunks, []
         self._closed = True
         d = self._tail
-        d.addCallback(lambda _: self._finished(envelope, chunks))
-        d.addCallback(self.spool.receiving.submit)
+        d.addCallback(self._submit, envelope, chunks)
         d.addErrback(self._cleanup_after_failure)
         return d
 
-    def _finished(self, envelope: Envelope, chunks: list[bytes]):
-        """The L{CommitRequest}: at once for a message in memory, after a spool thread closes a spilled one."""
+    def _submit(self, _, envelope: Envelope, chunks: list[bytes]):
+        """
+        The L{CommitRequest} to the committer: at once for a message in
+        memory, after a spool thread has closed a spilled one.
+        """
         if self._file is None:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            return CommitRequest(self.queue_id, envelope, data, len(data))
+            return self.spool.receiving.submit(CommitRequest(self.queue_id, envelope, data, len(data)))
         d = self.spool.run(lambda: self._finish_spilled(chunks))
-        return d.addCallback(lambda length: CommitRequest(self.queue_id, envelope, None, length))
+        return d.addCallback(lambda length: self.spool.receiving.submit(
+            CommitRequest(self.queue_id, envelope, None, length)))
 
     def _finish_spilled(self, chunks: list[bytes]) -> int:
         """

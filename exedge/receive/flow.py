@@ -203,8 +203,10 @@ class InOrder:
             result.addErrback(self.on_error)
             result.addCallback(self._emit, True)
             result.addErrback(self.on_broken)
-        else:
+        elif self.delay_of(result) > 0:
             self._emit(result, False)
+        else:
+            self.send(result)            # the common case: ready, nothing held, nothing to release
 
     def _emit(self, answer, resume: bool) -> None:
         delay = self.delay_of(answer)
