@@ -222,7 +222,7 @@ def test_header_firewall_trusts_each_principal_as_exchange_does(tmp_path):
     # an authenticated Exchange server holds them all
     s = session_with(tmp_path / "2", HeaderFirewall())
     s.send(b"EHLO client.test\r\n")
-    s.proto.permissions = session_permissions(["ExchangeServers"], ["Tls"],
+    s.proto.session.permissions = session_permissions(["ExchangeServers"], ["Tls"],
                                               authenticated_as=[Principal.ExchangeServers])
     s.send(b"MAIL FROM:<a@partner.test>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
     assert s.codes(SPOOFED) == ["250 2.6.0"]

@@ -181,7 +181,8 @@ class InOrder:
     """
     Sends answers in the order the commands came: an answer that is ready
     goes at once; a Deferred one holds the flow until it fires; an answer
-    that must wait (C{delay_of(answer)} seconds, a tarpit) holds it too.
+    that may have to wait (its C{tarpit} is true: C{delay_of(answer)}
+    seconds) holds it too.
 
     C{send(answer)} writes it and returns whether the session goes on;
     C{on_error(failure)} turns a failed answer into one to send;
@@ -203,13 +204,13 @@ class InOrder:
             result.addErrback(self.on_error)
             result.addCallback(self._emit, True)
             result.addErrback(self.on_broken)
-        elif self.delay_of(result) > 0:
+        elif result.tarpit and self.delay_of(result) > 0:
             self._emit(result, False)
         else:
             self.send(result)            # the common case: ready, nothing held, nothing to release
 
     def _emit(self, answer, resume: bool) -> None:
-        delay = self.delay_of(answer)
+        delay = self.delay_of(answer) if answer.tarpit else 0
         if delay > 0:
             if not resume:
                 self.flow.hold()

@@ -101,33 +101,10 @@ class SMTPServer(basic.LineReceiver):
 
     flow: Flow | None = None
 
-    # facts of this session that stages see: kept in its Session, read and written here
-    @property
-    def helo(self) -> str | None:
-        return self.session.helo
-
-    @helo.setter
-    def helo(self, value: str | None) -> None:
-        self.session.helo = value
-
-    @property
-    def tls_active(self) -> bool:
-        return self.session.tls
-
-    @tls_active.setter
-    def tls_active(self, value: bool) -> None:
-        self.session.tls = value
-
-    @property
-    def permissions(self):
-        return self.session.permissions
-
-    @permissions.setter
-    def permissions(self, value) -> None:
-        self.session.permissions = value
-
     def __init__(self, context: ServerContext):
         self.ctx = context
+        # what the stages see, kept up to date here: the HELO name, TLS, the
+        # rights, the identity's name, the transaction's sender and recipients
         self.session = Session(authoritative=context.router.is_authoritative)
         self.connector = None
         self.fqdn = ""
@@ -209,9 +186,9 @@ class SMTPServer(basic.LineReceiver):
         self.security = DomainSecurity(connector, self.ctx.client_ca.get(connector.name), self.transport,
                                        self.plog.info)
         self.fqdn = connector.effective_fqdn(self.ctx.server)
-        self.permissions = session_permissions(connector.permission_groups, connector.auth_mechanisms)
+        self.session.permissions = session_permissions(connector.permission_groups, connector.auth_mechanisms)
         # one event, not two: this runs once per message under a one-message-per-session load
-        self.plog.connect(f"rights: {self.permissions.explain()}")
+        self.plog.connect(f"rights: {self.session.permissions.explain()}")
 
         self._arm_idle()
         self._life_call = self.ctx.clock.callLater(connector.connection_timeout, self._timed_out,
@@ -221,7 +198,7 @@ class SMTPServer(basic.LineReceiver):
             # (written before, it would count as unread replies and stop
             # the reading that the handshake needs)
             self.transport.startTLS(self.ctx.tls[connector.name])
-            self.tls_active = True
+            self.session.tls = True
             return
         self._greet()
 
@@ -292,7 +269,7 @@ class SMTPServer(basic.LineReceiver):
     @property
     def _tls_pending(self) -> bool:
         """TLS has started and its handshake is not done: nothing can be said to the client."""
-        return self.tls_active and not self._handshaken
+        return self.session.tls and not self._handshaken
 
     def _close(self) -> None:
         """
@@ -461,7 +438,7 @@ class SMTPServer(basic.LineReceiver):
 
     def _tarpit_delay(self, reply: Reply) -> float:
         """Errors wait tarpit_interval for peers we do not trust (without the authentication flag)."""
-        if reply.tarpit and Right.AcceptAuthenticationFlag not in self.permissions:
+        if Right.AcceptAuthenticationFlag not in self.session.permissions:
             return self.connector.tarpit_interval
         return 0
 
@@ -513,21 +490,21 @@ class SMTPServer(basic.LineReceiver):
         if not arg or not is_helo_argument(arg):
             return syntax_error(f"Syntax: {'EHLO' if esmtp else 'HELO'} domain or address literal")
         self.txn = None
-        self.helo, self.esmtp = arg, esmtp
-        if self.tls_active and self._identity is None:
+        self.session.helo, self.esmtp = arg, esmtp
+        if self.session.tls and self._identity is None:
             partners = self.security.partners()
             if partners:
-                self.permissions = session_permissions(self.connector.permission_groups,
+                self.session.permissions = session_permissions(self.connector.permission_groups,
                                                        self.connector.auth_mechanisms,
                                                        authenticated_as=(Principal.PartnerServers,))
-                self.plog.info(f"domain secure partner {', '.join(partners)}; rights: {self.permissions.explain()}")
+                self.plog.info(f"domain secure partner {', '.join(partners)}; rights: {self.session.permissions.explain()}")
         greeting = f"{self.fqdn} Hello [{self.peer_host}]"
         reply = Reply(250, None, greeting, more=tuple(self._extensions()) if esmtp else ())
-        return self._staged("on_helo", reply, (arg,), undo=lambda: setattr(self, "helo", None))
+        return self._staged("on_helo", reply, (arg,), undo=lambda: setattr(self.session, "helo", None))
 
     def _extensions(self) -> list[str]:
         c = self.connector
-        size = "SIZE" if Right.BypassMessageSizeLimit in self.permissions else f"SIZE {c.max_message_size}"
+        size = "SIZE" if Right.BypassMessageSizeLimit in self.session.permissions else f"SIZE {c.max_message_size}"
         ext = [size]
         if c.pipelining_enabled:
             ext.append("PIPELINING")
@@ -547,17 +524,17 @@ class SMTPServer(basic.LineReceiver):
     # -- STARTTLS (RFC 3207) -------------------------------------------------
 
     def _tls_offered(self) -> bool:
-        return (not self.tls_active and "Tls" in self.connector.auth_mechanisms
+        return (not self.session.tls and "Tls" in self.connector.auth_mechanisms
                 and self.connector.name in self.ctx.tls)
 
     def do_STARTTLS(self, arg: str):
-        if self.tls_active:
+        if self.session.tls:
             return bad_sequence("TLS already active")
         if not self._tls_offered():
             return self._not_offered(arg)
         if arg:
             return syntax_error("Syntax: STARTTLS")
-        if self.helo is None or not self.esmtp:
+        if self.session.helo is None or not self.esmtp:
             return bad_sequence("Send EHLO first", "5.5.1")
         # whatever the client sent after STARTTLS in plain text is not
         # trusted and never read (CVE-2011-0411): LineReceiver takes its
@@ -568,10 +545,10 @@ class SMTPServer(basic.LineReceiver):
 
     def _start_tls(self) -> None:
         self.transport.startTLS(self.ctx.tls[self.connector.name])
-        self.tls_active = True
+        self.session.tls = True
         # RFC 3207 §4.2: the client starts over, knowing nothing
-        self.helo, self.esmtp, self.txn, self.identity = None, False, None, None
-        self.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms)
+        self.session.helo, self.esmtp, self.txn, self.identity = None, False, None, None
+        self.session.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms)
         self.plog.info("STARTTLS: TLS negotiation started")
 
     # -- AUTH (RFC 4954; the dialogue is exedge.receive.sasl) ---------------------
@@ -580,16 +557,16 @@ class SMTPServer(basic.LineReceiver):
         mechs = self.connector.auth_mechanisms
         if "BasicAuth" not in mechs or self.ctx.portal is None:
             return False
-        return self.tls_active or "BasicAuthRequireTLS" not in mechs
+        return self.session.tls or "BasicAuthRequireTLS" not in mechs
 
     def do_AUTH(self, arg: str):
         mechs = self.connector.auth_mechanisms
         if not self._auth_offered():
-            if "BasicAuthRequireTLS" in mechs and self.ctx.portal is not None and not self.tls_active:
+            if "BasicAuthRequireTLS" in mechs and self.ctx.portal is not None and not self.session.tls:
                 return Reply(538, "5.7.11", "Encryption required for requested authentication mechanism",
                              protocol_error=True, tarpit=True)
             return self._not_offered(arg)
-        if self.helo is None or not self.esmtp:
+        if self.session.helo is None or not self.esmtp:
             return bad_sequence("Send EHLO first")
         if self._identity is not None:
             return bad_sequence("Already authenticated")
@@ -607,40 +584,40 @@ class SMTPServer(basic.LineReceiver):
 
     def _authenticated(self, identity):
         self.identity = identity
-        self.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms,
+        self.session.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms,
                                                authenticated_as=identity.principals)
-        self.plog.info(f"authenticated as {identity.name}; rights: {self.permissions.explain()}")
+        self.plog.info(f"authenticated as {identity.name}; rights: {self.session.permissions.explain()}")
         reply = Reply(235, "2.7.0", "Authentication successful")
         return self._staged("on_auth", reply, (identity.name,), undo=self._unauthenticate)
 
     def _unauthenticate(self) -> None:
         """A stage refused the authenticated user: back to the rights of an anonymous session."""
         self.identity = None
-        self.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms)
+        self.session.permissions = session_permissions(self.connector.permission_groups, self.connector.auth_mechanisms)
 
     # -- the mail transaction ------------------------------------------------
 
     def do_MAIL(self, arg: str) -> Reply:
-        if self.helo is None:
+        if self.session.helo is None:
             return bad_sequence("Send hello first", "5.5.2")
         if self._txn is not None:
             return bad_sequence("Sender already specified")
         if not arg[:5].upper() == "FROM:":
             return syntax_error("Syntax: MAIL FROM:<address> [parameters]")
-        if Right.Submit not in self.permissions:
+        if Right.Submit not in self.session.permissions:
             return Reply(530, "5.7.1", "Client was not authenticated", tarpit=True)
         try:
             sender, params = parse_mail(arg[5:], self.esmtp)
         except CommandRefused as e:
             return e.reply
-        if params.size is not None and params.size > checks.size_limit(self.connector, self.permissions):
+        if params.size is not None and params.size > checks.size_limit(self.connector, self.session.permissions):
             return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-        refusal = self.security.check_sender(sender, self.tls_active) or \
-            checks.spoofing_refusal(sender, self.permissions, self.ctx.router, self._identity is not None)
+        refusal = self.security.check_sender(sender, self.session.tls) or \
+            checks.spoofing_refusal(sender, self.session.permissions, self.ctx.router, self._identity is not None)
         if refusal is not None:
             return refusal
         self.txn = Transaction(sender, params.size, params.body, params.ret, params.envid,
-                               checks.passed_auth(params.auth, self.permissions, self._identity))
+                               checks.passed_auth(params.auth, self.session.permissions, self._identity))
         return self._staged("on_mail", Reply(250, "2.1.0", "Sender OK"), (str(sender) if sender else "",),
                             undo=lambda: setattr(self, "txn", None))
 
@@ -656,7 +633,7 @@ class SMTPServer(basic.LineReceiver):
             return e.reply
         if len(self._txn.recipients) >= self.connector.max_recipients_per_message:
             return Reply(452, "4.5.3", "Too many recipients")
-        refusal = checks.relay_refusal(mailbox, self.permissions, self.ctx.router, self.plog.info)
+        refusal = checks.relay_refusal(mailbox, self.session.permissions, self.ctx.router, self.plog.info)
         if refusal is not None:
             return refusal
         address = f"{mailbox.local}@{mailbox.domain}"
@@ -683,13 +660,13 @@ class SMTPServer(basic.LineReceiver):
 
     def _start_data(self) -> Reply:
         identity = self._identity
-        trace = Trace(helo=self.helo, peer_host=self.peer_host, peer_port=self.transport.getPeer().port,
+        trace = Trace(helo=self.session.helo, peer_host=self.peer_host, peer_port=self.transport.getPeer().port,
                       by=self.fqdn, connector=self.connector.name,
-                      protocol=with_protocol(self.esmtp, self.tls_active, identity is not None),
-                      tls=self.security.describe() if self.tls_active else None)
+                      protocol=with_protocol(self.esmtp, self.session.tls, identity is not None),
+                      tls=self.security.describe() if self.session.tls else None)
         self.draft = self.ctx.cleanup.open(trace, note=self.plog.info)
         c = self.connector
-        self.reader = DataReader(self.draft.write, max_size=checks.size_limit(c, self.permissions),
+        self.reader = DataReader(self.draft.write, max_size=checks.size_limit(c, self.session.permissions),
                                  max_header_size=c.max_header_size, max_hop_count=c.max_hop_count)
         self.setRawMode()
         return Reply(354, None, "Start mail input; end with <CRLF>.<CRLF>")
