@@ -178,13 +178,7 @@ protocol_logging_level = "Verbose"
 
 def inside_starttls(server, ca) -> tuple[socket.socket, TLSClient]:
     """A session that said EHLO, STARTTLS, finished the handshake and said EHLO again."""
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=BOUND)
-    f = sock.makefile("rb")
-    assert raw_reply(f).startswith(b"220 ")
-    sock.sendall(b"EHLO client.test\r\n")
-    assert raw_reply(f).startswith(b"250 ")
-    sock.sendall(b"STARTTLS\r\n")
-    assert raw_reply(f).startswith(b"220 2.0.0")
+    sock = _starttls_no_handshake(server, ca)
     tls = TLSClient(sock, ca)
     tls.handshake()
     tls.send(b"EHLO client.test\r\n")
