@@ -96,25 +96,34 @@ class IQueueSink(Interface):
 
 # -- routing -------------------------------------------------------------------
 
+OVERSIZE = "oversize"
+
+
 @attrs.frozen
 class NextHop:
     """
     The key of a delivery queue: a connector and the destination it serves.
     Drop and smart-host connectors have one destination (the directory, the
-    smart-host set); DNS-routed connectors have one per domain.
+    smart-host set); DNS-routed connectors have one per domain. Messages
+    above a connector's oversize_threshold queue apart (C{lane} "oversize"),
+    to wait for their own schedule.
     """
 
     connector: str
     destination: str
+    lane: str = ""
 
     @classmethod
-    def of(cls, connector, domain: str) -> "NextHop":
-        """The queue that C{connector} (a send connector) uses for C{domain}."""
+    def of(cls, connector, domain: str, size: int = 0) -> "NextHop":
+        """The queue that C{connector} (a send connector) uses for C{domain} and a message of C{size} octets."""
         dns_routed = not connector.drop_directory and not connector.smart_hosts
-        return cls(connector.name, domain.lower() if dns_routed else "")
+        threshold = getattr(connector, "oversize_threshold", None)
+        lane = OVERSIZE if threshold is not None and size > threshold else ""
+        return cls(connector.name, domain.lower() if dns_routed else "", lane)
 
     def __str__(self) -> str:
-        return f"{self.connector}/{self.destination}" if self.destination else self.connector
+        name = f"{self.connector}/{self.destination}" if self.destination else self.connector
+        return f"{name} ({self.lane})" if self.lane else name
 
 
 @attrs.frozen
@@ -129,11 +138,12 @@ class Route:
     domain: str
     connector: object = None          # the chosen L{exedge.config.SendConnector}; None: no connector serves it
     alternatives: tuple = ()
+    size: int = 0                     # the message's (Envelope.size), for the oversize lane
 
     def via(self, connector) -> "Route":
         """This recipient through C{connector} instead."""
         rest = tuple(c for c in self.alternatives if c is not connector)
-        return Route(NextHop.of(connector, self.domain), self.domain, connector, rest)
+        return Route(NextHop.of(connector, self.domain, self.size), self.domain, connector, rest, self.size)
 
 
 @attrs.frozen

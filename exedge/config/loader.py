@@ -127,6 +127,15 @@ def _validate(cfg: dict, out: _Collector) -> None:
         elif conn.authentication_credential:
             out.problem(path + ("authentication_credential",),
                         "set smart_host_auth_mechanism = \"BasicAuth\" or \"BasicAuthRequireTLS\" to use it")
+        if conn.oversize_threshold is not None:
+            if conn.oversize_schedule is None:
+                out.problem(path + ("oversize_threshold",), "needs oversize_schedule (the windows for larger messages)")
+            if conn.max_message_size is not None and conn.oversize_threshold > conn.max_message_size:
+                out.problem(path + ("oversize_threshold",),
+                            f"is above this connector's max_message_size ({conn.max_message_size} bytes): "
+                            "no message would ever wait for the oversize schedule")
+        elif conn.oversize_schedule is not None:
+            out.problem(path + ("oversize_schedule",), "needs oversize_threshold (the size above which it applies)")
         if not conn.drop_directory:
             continue
         # files are named by queue id: two connectors in one directory would

@@ -17,6 +17,7 @@ import attrs
 from . import values as v
 from .locate import find_line
 from .problems import Problem, key_text
+from .schedule import ALWAYS, Schedule, parse_schedule, parse_time_zone
 from .values import boolean, choice, host_port, integer, ldap_url, list_of, mailbox, name, text, timespan
 
 _REQUIRED = object()
@@ -284,6 +285,10 @@ class SendConnector:
     tls_private_key_file: str | None = setting(text, None, "its private key (default: the same file)")
     smart_host_auth_mechanism: str = setting(choice("None", "BasicAuth", "BasicAuthRequireTLS", "ExternalAuthoritative"), "None", "how this connector authenticates to its smart hosts")
     authentication_credential: dict | None = setting(secret_ref, None, "{ username, password_file } for BasicAuth to smart hosts")
+    schedule: Schedule = setting(parse_schedule, ALWAYS, "when connections may be opened: \"Always\", \"Never\" or weekly windows in 15-minute steps, [\"Mon-Fri 08:00-18:00\", \"Sat 09:00-09:15\"]; outside them its queues are held")
+    schedule_time_zone: object = setting(parse_time_zone, None, "IANA time zone the windows are read in, e.g. \"Europe/Berlin\" (default: this server's zone)")
+    oversize_threshold: int | None = setting(v.parse_size, None, "messages larger than this wait for oversize_schedule instead (e.g. \"2MB\")")
+    oversize_schedule: Schedule | None = setting(parse_schedule, None, "the windows for messages above oversize_threshold (same syntax as schedule)")
     comment: str = setting(text, "", "free text")
 
 

@@ -7,11 +7,19 @@ queue has Exchange's states: Ready (work waiting), Active (delivering),
 Retry (waiting for the next attempt after a transient failure), Suspended
 (by an admin) and Held (waiting for something outside: a closed schedule,
 a remote trigger such as ETRN, or a route that does not exist yet).
+
+Connection schedules: a send connector's queues follow its `schedule`
+(and their oversize lane its `oversize_schedule`). Outside a window a
+queue is Held with the reason "schedule" and the next window's start as
+its next retry; at the window's start it runs again. What is in flight
+when a window closes finishes, nothing new starts. Expiry and delay
+notices count on while a queue is held, as in Exchange.
 """
 
 from __future__ import annotations
 
 import collections
+import datetime
 import enum
 
 import attrs
@@ -21,12 +29,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from exedge.config import QueueConfig
-from exedge.interfaces import Deferral, IQueueSink, NextHop, Outcome, Refusal
+from exedge.interfaces import OVERSIZE, Deferral, IQueueSink, NextHop, Outcome, Refusal
 from exedge.routing import ROUTE_DEFERRED, TOO_LARGE, UNREACHABLE
 
 log = Logger()
 
 SWEEP_INTERVAL = 60.0   # seconds between looks for expired messages in waiting queues
+SCHEDULE = "schedule"   # the hold reason of a queue outside its connector's connection schedule
+_HOLD_TEXT = {SCHEDULE: "held until the send connector's connection schedule opens"}
 
 
 class QueueStatus(enum.Enum):
@@ -85,6 +95,8 @@ class QueueManager(Service):
         # last is done, and an item of a removed message is dropped
         self._live: dict[str, set[int]] = {}
         self._delay_notified: dict[str, set[int]] = {}   # per live message, recipients told of a delay
+        self._connectors = {c.name: c for c in getattr(router, "send_connectors", ())}
+        self._schedule_calls: dict[tuple[str, str], object] = {}   # (connector, lane) -> its next change
         if intake is not None:
             intake.serve(self.submit)
 
@@ -191,7 +203,56 @@ class QueueManager(Service):
             elif hop == ROUTE_DEFERRED:
                 queue.status = QueueStatus.Held
                 queue.hold_reason = "a routing stage deferred these recipients"
+            else:
+                self._follow_schedule(queue)
         return queue
+
+    # -- connection schedules ----------------------------------------------
+
+    def _schedule_of(self, hop: NextHop):
+        """(Schedule, zone) that C{hop}'s queue follows, or None when it may always run."""
+        connector = self._connectors.get(hop.connector)
+        if connector is None:
+            return None
+        schedule = connector.oversize_schedule if hop.lane == OVERSIZE else connector.schedule
+        if schedule is None or schedule.always:
+            return None
+        return schedule, connector.schedule_time_zone
+
+    def _follow_schedule(self, queue: DeliveryQueue) -> None:
+        """Hold or open C{queue} as its schedule says now; come back at the schedule's next change."""
+        found = self._schedule_of(queue.hop)
+        if found is None:
+            return
+        schedule, zone = found
+        now = self.clock.seconds()
+        if schedule.is_open(now, zone):
+            if queue.status is QueueStatus.Held and queue.hold_reason == SCHEDULE:
+                queue.status, queue.hold_reason, queue.next_retry = QueueStatus.Ready, "", None
+                log.info("queue {hop}: its connection schedule opens", hop=str(queue.hop))
+                self._kick(queue)
+        elif queue.status in (QueueStatus.Ready, QueueStatus.Active, QueueStatus.Retry) or \
+                (queue.status is QueueStatus.Held and queue.hold_reason == SCHEDULE):
+            # what is in flight finishes; nothing new starts until the window opens
+            self._cancel_retry(queue)
+            queue.status, queue.hold_reason = QueueStatus.Held, SCHEDULE
+            queue.next_retry = schedule.next_opening(now, zone)
+            if queue.next_retry is not None:
+                log.info("queue {hop}: held by its connection schedule until {when}", hop=str(queue.hop),
+                         when=datetime.datetime.fromtimestamp(queue.next_retry, zone).isoformat(timespec="minutes"))
+        key = (queue.hop.connector, queue.hop.lane)
+        call = self._schedule_calls.get(key)
+        if call is None or not call.active():
+            at = schedule.next_change(now, zone)
+            if at is not None:
+                self._schedule_calls[key] = self.clock.callLater(max(0.0, at - now), self._schedule_changed, key)
+
+    def _schedule_changed(self, key: tuple[str, str]) -> None:
+        """A window of this connector (and lane) opens or closes: every queue of it follows."""
+        self._schedule_calls.pop(key, None)
+        for queue in list(self.queues.values()):
+            if (queue.hop.connector, queue.hop.lane) == key:
+                self._follow_schedule(queue)
 
     # -- admin actions (the hooks schedules and ETRN will use) -------------
 
@@ -245,6 +306,10 @@ class QueueManager(Service):
             self._sweeper.stop()
         for queue in self.queues.values():
             self._cancel_retry(queue)
+        for call in self._schedule_calls.values():
+            if call.active():
+                call.cancel()
+        self._schedule_calls.clear()
 
     # -- expiry ------------------------------------------------------------
 
@@ -261,7 +326,8 @@ class QueueManager(Service):
         indexes = [i for i in indexes if done is not None and i not in done]
         if not indexes:
             return defer.succeed([])
-        reason = reason or queue.last_error or queue.hold_reason or "not delivered in time"
+        reason = reason or queue.last_error or _HOLD_TEXT.get(queue.hold_reason, queue.hold_reason) \
+            or "not delivered in time"
         hours = self.policy.message_expiration_timeout / 3600
         detail = f"Message expired after {hours:g} hours; last error: {reason}"
         outcomes = [Outcome(i, "failed", f"4.4.7 {detail}", "4.4.7") for i in indexes]
@@ -280,7 +346,7 @@ class QueueManager(Service):
             if not late:
                 continue
             told.update(late)     # at once: the next sweep must not send it again
-            reason = queue.last_error or queue.hold_reason or "not delivered yet"
+            reason = queue.last_error or _HOLD_TEXT.get(queue.hold_reason, queue.hold_reason) or "not delivered yet"
             retry_until = message.envelope.received_at + self.policy.message_expiration_timeout
             d = self.bouncer.delay(message, late, f"4.4.7 {reason}", retry_until)
             d.addCallback(lambda _, m=message, late=late: self.spool.record(m, late, "delay-notified"))

@@ -68,7 +68,7 @@ class Router:
         found = self.candidates(domain, size)
         if not found:
             return Route(TOO_LARGE if size and self.candidates(domain, 0) else UNREACHABLE, domain.lower())
-        return Route(NextHop.of(found[0], domain), domain.lower(), found[0], tuple(found[1:]))
+        return Route(NextHop.of(found[0], domain, size), domain.lower(), found[0], tuple(found[1:]), size)
 
     def next_hop(self, domain: str, size: int = 0) -> NextHop:
         return self.route(domain, size).hop
