@@ -189,6 +189,16 @@ class Outcome:
     action: str = ""
 
 
+class NextHopUnreachable(Exception):
+    """
+    How a delivery agent fails an attempt when every host of the next hop
+    failed at the connection level (refused, timed out, a 4xx greeting):
+    the queue may then move the recipients to a dearer connector for the
+    same address space. Any other failure of an attempt is retried where
+    it is; a permanent (5xx) answer never moves mail.
+    """
+
+
 class IDeliveryAgent(Interface):
     """
     Carries messages for one send connector to their next hop (a drop
@@ -203,5 +213,5 @@ class IDeliveryAgent(Interface):
         Deliver C{message} (an L{IStoredMessage}) to the recipients with
         these indexes. Returns a Deferred firing with a list of L{Outcome},
         one per recipient; a failed Deferred is a transient failure of the
-        whole attempt.
+        whole attempt (L{NextHopUnreachable} when no host could be reached).
         """

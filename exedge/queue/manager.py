@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from exedge.config import QueueConfig
-from exedge.interfaces import OVERSIZE, Deferral, IQueueSink, NextHop, Outcome, Refusal
+from exedge.interfaces import OVERSIZE, Deferral, IQueueSink, NextHop, NextHopUnreachable, Outcome, Refusal
 from exedge.routing import ROUTE_DEFERRED, TOO_LARGE, UNREACHABLE
 
 log = Logger()
@@ -65,6 +65,16 @@ class DeliveryQueue:
         return len(self.items)
 
 
+@attrs.define
+class _Down:
+    """A next hop whose hosts all failed at the connection level: new mail avoids it until C{until}."""
+
+    until: float = 0.0
+    failures: int = 0                  # in a row, for the retry schedule
+    error: str = ""
+    switched: set = attrs.field(factory=set)   # fallbacks logged as taking its mail
+
+
 @implementer(IQueueSink)
 class QueueManager(Service):
     """
@@ -97,6 +107,7 @@ class QueueManager(Service):
         self._delay_notified: dict[str, set[int]] = {}   # per live message, recipients told of a delay
         self._connectors = {c.name: c for c in getattr(router, "send_connectors", ())}
         self._schedule_calls: dict[tuple[str, str], object] = {}   # (connector, lane) -> its next change
+        self._down: dict[tuple[str, str], _Down] = {}    # (connector, destination) whose hosts are all down
         if intake is not None:
             intake.serve(self.submit)
 
@@ -130,6 +141,8 @@ class QueueManager(Service):
                 refused.append(Outcome(i, "failed", "5.3.4 Message too large for every send connector "
                                        f"that serves this domain ({envelope.size} bytes)", "5.3.4"))
                 continue
+            if route.connector is not None:
+                route = self._avoid_down(route)
             if self.route_policy is not None and route.connector is not None:
                 route = self.route_policy.route(envelope, address, route)
                 if isinstance(route, Refusal):
@@ -206,6 +219,74 @@ class QueueManager(Service):
             else:
                 self._follow_schedule(queue)
         return queue
+
+    # -- failover between connectors by cost ----------------------------------
+
+    def _is_down(self, hop: NextHop) -> bool:
+        down = self._down.get((hop.connector, hop.destination))
+        return down is not None and self.clock.seconds() < down.until
+
+    def _closed_now(self, hop: NextHop) -> bool:
+        found = self._schedule_of(hop)
+        return found is not None and not found[0].is_open(self.clock.seconds(), found[1])
+
+    def _avoid_down(self, route):
+        """
+        C{route}, or the same recipient through a fallback connector (same
+        address space, same or higher cost: L{Router.fallbacks}) while
+        C{route}'s connector is down, or outside its schedule when a
+        fallback is open now. With no usable fallback the route stays: its
+        queue retries, or waits for its window.
+        """
+        down = self._is_down(route.hop)
+        if not down and not self._closed_now(route.hop):
+            return route
+        for other in self.router.fallbacks(route):
+            alternative = route.via(other)
+            if self._is_down(alternative.hop) or self._closed_now(alternative.hop):
+                continue
+            state = self._down.get((route.hop.connector, route.hop.destination))
+            if state is not None and other.name not in state.switched:
+                state.switched.add(other.name)
+                log.warn("failover: send connector {down} is down ({error}); mail for {space} goes through "
+                         "{fallback} until it answers again", down=route.connector.name, error=state.error,
+                         space=route.domain, fallback=other.name)
+            return alternative
+        return route
+
+    def _fail_over(self, queue: DeliveryQueue) -> None:
+        """
+        Every host of C{queue}'s next hop failed at the connection level:
+        it counts as down until its retry (new mail avoids it meanwhile),
+        and what waits in its queue is routed again at once, so recipients
+        that a dearer connector for the same address space serves move
+        there; the others stay and wait for the retry as before.
+        """
+        key = (queue.hop.connector, queue.hop.destination)
+        state = self._down.get(key) or _Down()
+        now = self.clock.seconds()
+        if now >= state.until:
+            # one step of the retry schedule per down period, however many
+            # attempts were in flight when the hosts went away
+            state.failures += 1
+            p = self.policy
+            state.until = now + (p.queue_glitch_retry_interval if state.failures <= p.queue_glitch_retry_count
+                                 else p.outbound_connection_failure_retry_interval)
+        state.error = queue.last_error
+        self._down[key] = state
+        items, queue.items = list(queue.items), collections.deque()
+        for message, indexes in items:
+            done = self._live.get(message.queue_id)
+            left = [i for i in indexes if done is not None and i not in done]
+            if left:
+                self._route(message, left)      # back here, where no fallback serves them
+
+    def _answered(self, hop: NextHop) -> None:
+        """An attempt through C{hop} reached a host: if its connector was down, it is up again."""
+        state = self._down.pop((hop.connector, hop.destination), None)
+        if state is not None and state.switched:
+            log.info("failover: send connector {up} answers again; mail for its address space goes through it "
+                     "again, not {fallback}", up=hop.connector, fallback=", ".join(sorted(state.switched)))
 
     # -- connection schedules ----------------------------------------------
 
@@ -408,10 +489,13 @@ class QueueManager(Service):
             if queue.status is QueueStatus.Active:
                 self._schedule_retry(queue)
             self._note_retry(message, indexes, queue.next_retry)
+            if isinstance(e, NextHopUnreachable):
+                self._fail_over(queue)
         else:
             queue.failures = 0
             if queue.status is QueueStatus.Active:
                 queue.last_error = ""
+            self._answered(queue.hop)
         finally:
             queue.in_flight -= 1
         if queue.status is QueueStatus.Active:

@@ -47,6 +47,28 @@ class Router:
 
     def candidates(self, domain: str, size: int = 0) -> list[SendConnector]:
         """Connectors that could carry mail for C{domain}, best first."""
+        return [item[3] for item in self._ranked(domain, size)]
+
+    def fallbacks(self, route: Route) -> list[SendConnector]:
+        """
+        The connectors that serve C{route}'s domain through an address space
+        as specific as its connector's, at the same or a higher cost, best
+        first: where its recipients may fail over to while that connector
+        is down (Exchange: "the slower connection is used when the faster
+        is down"). A less specific space (a "*" connector) is not the same
+        address space, and is no fallback.
+        """
+        if route.connector is None:
+            return []
+        ranked = self._ranked(route.domain, route.size)
+        mine = next((item for item in ranked if item[3] is route.connector), None)
+        if mine is None:
+            return []
+        return [item[3] for item in ranked if item[3] is not route.connector and item[0] == mine[0]
+                and item[1] >= mine[1]]
+
+    def _ranked(self, domain: str, size: int) -> list[tuple]:
+        """(-specificity, cost, order, connector) of every connector for C{domain}, best first."""
         domain = domain.lower()
         ranked = []
         for order, conn in enumerate(self.send_connectors):
@@ -62,7 +84,7 @@ class Router:
             if best is not None:
                 ranked.append((-best[0], -best[1], order, conn))
         ranked.sort(key=lambda item: item[:3])
-        return [item[3] for item in ranked]
+        return ranked
 
     def route(self, domain: str, size: int = 0) -> Route:
         found = self.candidates(domain, size)

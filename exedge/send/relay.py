@@ -37,7 +37,7 @@ from zope.interface import implementer
 
 from exedge import tls
 from exedge.interfaces import IDeliveryAgent
-from exedge.interfaces import Outcome
+from exedge.interfaces import NextHopUnreachable, Outcome
 
 from .client import OutboundMessage, OutboundRecipient, SMTPClient, Status, Timeouts
 from .mx import RoutingFailure, TransientDNSFailure
@@ -55,6 +55,15 @@ def _is_address(host: str) -> bool:
 
 class NoTargetReachable(Exception):
     """Every smart host or MX host refused or could not be reached: a transient failure."""
+
+
+class AllHostsDown(NoTargetReachable, NextHopUnreachable):
+    """
+    Every host failed at the connection level (refused, timed out, lost or
+    4xx before or at the greeting): the queue may fail over to a dearer
+    connector. A host that answered, even to refuse (5xx, TLS or AUTH
+    trouble), is not down.
+    """
 
 
 class _IdleSession:
@@ -317,6 +326,7 @@ class RelayAgent:
         outbound = yield self._load(batch, entries)
         if not outbound:
             return
+        down = True       # every host failed at the connection level so far
         for host, address, port in targets:
             remote = f"{host}:{port}" if port != 25 else host
             tls_options, tls_required = self._tls_for(host, destination)
@@ -341,6 +351,9 @@ class RelayAgent:
                 result = yield client.result
             if not result.started:
                 errors.append(f"{host}:{port}: {result.error}")
+                # no greeting at all, or a 4xx one: the host is down; anything later is an answer
+                down = down and (not result.greeting or 400 <= result.error_code < 500 and
+                                 not result.greeting.startswith("220"))
                 continue
             # messages past the per-connection limit, or not begun when the
             # connection failed, wait for the next session
@@ -348,7 +361,7 @@ class RelayAgent:
             if untried:
                 self._requeue(untried)
             return
-        raise NoTargetReachable("; ".join(errors) or "no smart hosts")
+        raise (AllHostsDown if down and targets else NoTargetReachable)("; ".join(errors) or "no smart hosts")
 
     def _connect(self, address: str, port: int, remote: str, outbound, destination: str, entries: dict,
                  tls_options, tls_required: bool):
