@@ -94,6 +94,17 @@ class IQueueSink(Interface):
         """Route and enqueue a committed L{IStoredMessage}."""
 
 
+class IRemoteTriggers(Interface):
+    """How a site's request for its mail (ETRN, ATRN) reaches the queue."""
+
+    def trigger(match):
+        """
+        Run once every held remote-triggered queue whose L{NextHop}
+        C{match(hop)} accepts; what was found and done (None: the queue is
+        not there to ask).
+        """
+
+
 # -- routing -------------------------------------------------------------------
 
 OVERSIZE = "oversize"
@@ -116,7 +127,9 @@ class NextHop:
     @classmethod
     def of(cls, connector, domain: str, size: int = 0) -> "NextHop":
         """The queue that C{connector} (a send connector) uses for C{domain} and a message of C{size} octets."""
-        dns_routed = not connector.drop_directory and not connector.smart_hosts
+        # one queue per domain where each domain is delivered (or asked for) on its own
+        dns_routed = (not connector.drop_directory and not connector.smart_hosts) or \
+            getattr(connector, "remote_triggered_delivery", False)
         threshold = getattr(connector, "oversize_threshold", None)
         lane = OVERSIZE if threshold is not None and size > threshold else ""
         return cls(connector.name, domain.lower() if dns_routed else "", lane)

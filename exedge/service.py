@@ -28,6 +28,7 @@ from exedge.auth.credentials import FileChecker, portal_for
 from exedge.auth.directory import DirectoryChecker
 from exedge.auth.secrets import load_secrets
 from exedge.config import Config
+from exedge.dequeue import Triggers
 from exedge.pipeline import build_pipeline
 from exedge.cleanup import Cleanup
 from exedge.queue import QueueManager, Spool
@@ -160,10 +161,12 @@ def build_service(config: Config, reactor=None) -> MultiService:
                                     reactor=reactor, mx=None if c.smart_hosts else mx, resolver=mx,
                                     credentials=secrets.smart_hosts.get(c.name),
                                     client_certificate=client_certificates.get(c.name))
-    pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor))   # stages checked before anything listens
+    triggers = Triggers()
+    # stages checked before anything listens
+    pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor), dequeue=triggers)
     manager = QueueManager(spool, router, agents, clock=reactor, policy=config.queue,
                            bouncer=Bouncer(cleanup, config.server.fqdn, spool.run_delivery, reactor),
-                           route_policy=pipeline if pipeline.routes else None, intake=intake)
+                           route_policy=pipeline if pipeline.routes else None, intake=intake, triggers=triggers)
     spool_service.setServiceParent(top)
     manager.setServiceParent(top)
     portal = None

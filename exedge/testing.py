@@ -73,13 +73,14 @@ class StringSession:
     L{exedge.config.Config}; the session arrives on the first binding of
     its first receive connector (or C{local}, (host, port)) from C{peer}.
     Committed messages land in C{sink.messages}, and their bytes in a real
-    spool under C{spool_directory}; disk work runs at once, or through
-    C{run} (a L{ManualRun}). C{pipeline}: an L{exedge.pipeline.Pipeline}
+    spool under C{spool_directory} (or C{spool}, one the test shares with
+    a queue manager); disk work runs at once, or through C{run} (a
+    L{ManualRun}). C{pipeline}: an L{exedge.pipeline.Pipeline}
     of the stages under test, built on C{clock}.
     """
 
     def __init__(self, config, spool_directory: str, *, peer: str = "127.0.0.1", local=None, run=None,
-                 pipeline=None, clock=None):
+                 pipeline=None, clock=None, spool=None):
         from exedge.cleanup import Cleanup
         from exedge.queue import Spool
         from exedge.receive import ConnectorTable, ServerContext, SMTPServer
@@ -87,8 +88,10 @@ class StringSession:
         self.config = config
         self.clock = clock if clock is not None else task.Clock()
         self.sink = Announced()
-        self.spool = Spool(spool_directory, run or (lambda f: defer.maybeDeferred(f)))
-        self.spool.prepare()
+        if spool is None:
+            spool = Spool(spool_directory, run or (lambda f: defer.maybeDeferred(f)))
+            spool.prepare()
+        self.spool = spool
         self.context = ServerContext(
             server=config.server,
             connectors=ConnectorTable(config.receive_connectors),

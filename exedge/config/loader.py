@@ -136,6 +136,15 @@ def _validate(cfg: dict, out: _Collector) -> None:
                             "no message would ever wait for the oversize schedule")
         elif conn.oversize_schedule is not None:
             out.problem(path + ("oversize_schedule",), "needs oversize_threshold (the size above which it applies)")
+        if conn.remote_triggered_delivery:
+            if not conn.schedule.always or conn.oversize_schedule is not None:
+                out.problem(path + ("remote_triggered_delivery",),
+                            "its queues run when the site asks, not on a schedule: leave schedule and "
+                            "oversize_schedule out (Exchange offers one or the other)")
+            if conn.drop_directory:
+                out.problem(path + ("remote_triggered_delivery",), "a drop directory has no site to ask for its mail")
+        elif conn.remote_trigger_accounts:
+            out.problem(path + ("remote_trigger_accounts",), "needs remote_triggered_delivery = true")
         if not conn.drop_directory:
             continue
         # files are named by queue id: two connectors in one directory would

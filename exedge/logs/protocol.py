@@ -12,9 +12,19 @@ logged when the connector's protocol_logging_level is Verbose.
 
 from __future__ import annotations
 
+import re
+
 from twisted.logger import Logger
 
 _log = Logger(namespace="exedge.protocol")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def _escaped(line: bytes) -> str:
+    """A client's line as the log may show it: control characters (an ESC for a terminal) as \\xNN."""
+    if _CONTROL.search(line):
+        line = _CONTROL.sub(lambda m: b"\\x%02x" % m.group()[0], line)
+    return line.decode("ascii", "backslashreplace")
 
 
 class ProtocolLog:
@@ -46,7 +56,7 @@ class ProtocolLog:
 
     def received(self, line: bytes) -> None:
         if self.verbose:
-            self._emit("<", line[:512].decode("ascii", "backslashreplace"))
+            self._emit("<", _escaped(line[:512]))
 
     def sent(self, data: bytes) -> None:
         if self.verbose:

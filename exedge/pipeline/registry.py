@@ -28,7 +28,13 @@ from .runner import Entry, Pipeline
 from .stage import IStageFactory, hooks_of
 
 # every built-in stage, by name
-BUILTIN = {f.name: f for f in (*builtin.BUILTIN.values(), sender_id.SenderIdFactory(), *content.FACTORIES)}
+def builtins() -> dict:
+    """The stages exedge ships, by name."""
+    # the dequeue room's ETRN stage imports the stage interface from this
+    # package: imported when asked for, not when this module is
+    from exedge.dequeue.etrn import EtrnFactory
+    return {f.name: f for f in (*builtin.BUILTIN.values(), sender_id.SenderIdFactory(), *content.FACTORIES,
+                                EtrnFactory())}
 
 PACKAGE = "exedge_dropins"
 
@@ -54,8 +60,8 @@ def discover(directory: str) -> tuple[dict, list[tuple[str, str]], dict]:
     (name -> factory, [(file, error)] of broken plugins, name -> where it came from).
     Built-ins come first; a drop-in cannot take a built-in's name.
     """
-    factories = dict(BUILTIN)
-    origins = {name: "built-in" for name in BUILTIN}
+    factories = builtins()
+    origins = {name: "built-in" for name in factories}
     broken: list[tuple[str, str]] = []
     if not os.path.isdir(directory):
         return factories, broken, origins
@@ -86,11 +92,16 @@ def discover(directory: str) -> tuple[dict, list[tuple[str, str]], dict]:
 
 @attrs.frozen
 class StageContext:
-    """What a stage may use of the server: its clock, its DNS resolver, the configuration."""
+    """
+    What a stage may use of the server: its clock, its DNS resolver, the
+    configuration, and the door to the queue for remote triggers
+    (L{exedge.interfaces.IRemoteTriggers}: ETRN).
+    """
 
     clock: object
     resolver: object
     config: object
+    dequeue: object = None
 
 
 def _build(factory, options, context):
@@ -102,7 +113,7 @@ def _build(factory, options, context):
     return factory.build(options, context) if len(params) >= 2 else factory.build(options)
 
 
-def build_pipeline(config, clock, resolver=None) -> Pipeline:
+def build_pipeline(config, clock, resolver=None, dequeue=None) -> Pipeline:
     """The configured pipeline; ConfigError naming the entry and key for every problem."""
     factories, broken, origins = discover(config.server.plugin_directory)
     problems = [config.problem(("server", "plugin_directory"), f"broken plugin {path}: {error}")
@@ -136,7 +147,7 @@ def build_pipeline(config, clock, resolver=None) -> Pipeline:
         if problems:
             continue
         try:
-            stage = _build(factory, options, StageContext(clock, resolver, config))
+            stage = _build(factory, options, StageContext(clock, resolver, config, dequeue))
         except ValueError as e:
             problems.append(config.problem(("pipeline", i), f"stage {item.stage}: {e}"))
             continue

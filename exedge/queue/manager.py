@@ -36,7 +36,20 @@ log = Logger()
 
 SWEEP_INTERVAL = 60.0   # seconds between looks for expired messages in waiting queues
 SCHEDULE = "schedule"   # the hold reason of a queue outside its connector's connection schedule
-_HOLD_TEXT = {SCHEDULE: "held until the send connector's connection schedule opens"}
+TRIGGER = "remote triggered delivery"   # ... of a queue that runs when its site asks (ETRN, ATRN)
+_HOLD_TEXT = {SCHEDULE: "held until the send connector's connection schedule opens",
+              TRIGGER: "held for remote triggered delivery; the site did not ask for its mail (ETRN)"}
+
+
+@attrs.frozen
+class Triggered:
+    """What a remote trigger (ETRN) found and did."""
+
+    queues: int = 0            # held queues that match
+    messages: int = 0          # messages waiting in them
+    started: bool = False      # a run began now
+    running: bool = False      # a run was already under way
+    suspended: bool = False    # an admin suspended one of them: nothing runs
 
 
 class QueueStatus(enum.Enum):
@@ -58,6 +71,7 @@ class DeliveryQueue:
     in_flight: int = 0
     failures: int = 0          # transient failures in a row, for the retry schedule
     waiting: list = attrs.field(factory=list)   # deferred recipients waiting out message_retry_interval
+    triggered: bool = False    # a run asked for by the site (ETRN) is under way
     _retry_call: object = None
 
     @property
@@ -86,11 +100,13 @@ class QueueManager(Service):
     C{route_policy} has a say after the router chose
     (L{exedge.interfaces.IRoutePolicy}: the pipeline's on_route stages);
     C{intake} is where committed messages are announced
-    (L{exedge.queue.intake.Intake}): this manager takes them from there.
+    (L{exedge.queue.intake.Intake}): this manager takes them from there;
+    C{triggers} (L{exedge.dequeue.Triggers}) is where sites ask for their
+    held mail (ETRN): this manager answers there.
     """
 
     def __init__(self, spool, router, agents: dict, clock, policy: QueueConfig = QueueConfig(),
-                 concurrency: int = 4, *, bouncer=None, route_policy=None, intake=None):
+                 concurrency: int = 4, *, bouncer=None, route_policy=None, intake=None, triggers=None):
         self.spool = spool
         self.router = router
         self.agents = agents
@@ -110,6 +126,8 @@ class QueueManager(Service):
         self._down: dict[tuple[str, str], _Down] = {}    # (connector, destination) whose hosts are all down
         if intake is not None:
             intake.serve(self.submit)
+        if triggers is not None:
+            triggers.serve(self)
 
     # -- intake ------------------------------------------------------------
 
@@ -216,9 +234,50 @@ class QueueManager(Service):
             elif hop == ROUTE_DEFERRED:
                 queue.status = QueueStatus.Held
                 queue.hold_reason = "a routing stage deferred these recipients"
+            elif self._remote_triggered(hop):
+                queue.status, queue.hold_reason = QueueStatus.Held, TRIGGER
             else:
                 self._follow_schedule(queue)
         return queue
+
+    # -- remote triggered delivery (ETRN) ------------------------------------
+
+    def _remote_triggered(self, hop: NextHop) -> bool:
+        connector = self._connectors.get(hop.connector)
+        return connector is not None and connector.remote_triggered_delivery
+
+    def trigger(self, match) -> Triggered:
+        """
+        The site asks for its mail (ETRN): every held remote-triggered queue
+        whose next hop C{match(hop)} accepts runs once, with the
+        recipients it had deferred too; it is held again when the run is
+        over (delivered, deferred or failed: a remote-triggered queue never
+        opens a connection by itself).
+        """
+        queues = [q for q in self.queues.values() if self._remote_triggered(q.hop) and match(q.hop)]
+        waiting = {m.queue_id for q in queues for m, _ in list(q.items) + q.waiting}
+        result = Triggered(len(queues), len(waiting), running=any(q.triggered for q in queues),
+                           suspended=any(q.status is QueueStatus.Suspended for q in queues))
+        if result.suspended or not waiting:
+            return result
+        started = False
+        for queue in queues:
+            if queue.status is QueueStatus.Held and queue.hold_reason == TRIGGER and (queue.items or queue.waiting):
+                queue.items.extend(queue.waiting)      # deferred recipients go now too
+                queue.waiting.clear()
+                queue.status, queue.hold_reason, queue.triggered = QueueStatus.Ready, "", True
+                started = True
+                log.info("queue {hop}: run asked for by the site", hop=str(queue.hop))
+                self._kick(queue)
+        return attrs.evolve(result, started=started)
+
+    def _end_of_run(self, queue: DeliveryQueue) -> None:
+        """A remote-triggered queue whose run is over (nothing left, nothing in flight) is held again."""
+        if self._remote_triggered(queue.hop) and not queue.in_flight and \
+                (not queue.items or queue.status is not QueueStatus.Active) and \
+                queue.status in (QueueStatus.Ready, QueueStatus.Active, QueueStatus.Retry):
+            self._cancel_retry(queue)
+            queue.status, queue.hold_reason, queue.triggered = QueueStatus.Held, TRIGGER, False
 
     # -- failover between connectors by cost ----------------------------------
 
@@ -239,7 +298,7 @@ class QueueManager(Service):
         queue retries, or waits for its window.
         """
         down = self._is_down(route.hop)
-        if not down and not self._closed_now(route.hop):
+        if (not down and not self._closed_now(route.hop)) or self._remote_triggered(route.hop):
             return route
         for other in self.router.fallbacks(route):
             alternative = route.via(other)
@@ -486,10 +545,13 @@ class QueueManager(Service):
             queue.last_error = str(e) or e.__class__.__name__
             log.warn("queue {hop}: transient failure for {queue_id}: {error}",
                      hop=str(queue.hop), queue_id=message.queue_id, error=queue.last_error)
-            if queue.status is QueueStatus.Active:
+            if self._remote_triggered(queue.hop):
+                # the site cannot be reached now: held until it asks again
+                queue.status, queue.hold_reason, queue.triggered = QueueStatus.Held, TRIGGER, False
+            elif queue.status is QueueStatus.Active:
                 self._schedule_retry(queue)
             self._note_retry(message, indexes, queue.next_retry)
-            if isinstance(e, NextHopUnreachable):
+            if isinstance(e, NextHopUnreachable) and not self._remote_triggered(queue.hop):
                 self._fail_over(queue)
         else:
             queue.failures = 0
@@ -502,12 +564,14 @@ class QueueManager(Service):
             if queue.in_flight == 0:
                 queue.status = QueueStatus.Ready
             self._kick(queue)
+        self._end_of_run(queue)
 
     def _later(self, queue: DeliveryQueue, item) -> None:
         """Recipients the next hop deferred try again after the retry interval."""
         def again():
-            if item in queue.waiting:
-                queue.waiting.remove(item)
+            if item not in queue.waiting:
+                return                # taken along by a run the site asked for meanwhile
+            queue.waiting.remove(item)
             queue.items.append(item)
             self._kick(queue)
 

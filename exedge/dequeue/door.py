@@ -1,0 +1,31 @@
+"""
+The door through which remote triggers reach the queue.
+
+The ETRN stage is built with the pipeline, before the queue manager (which
+takes the pipeline as its route policy); the manager serves this door when
+it is built, as it serves the intake. What asks through it (the ETRN stage
+today; ATRN and the management endpoint next) never holds the queue
+manager itself.
+"""
+
+from __future__ import annotations
+
+from zope.interface import implementer
+
+from exedge.interfaces import IRemoteTriggers
+
+
+@implementer(IRemoteTriggers)
+class Triggers:
+    def __init__(self):
+        self._queue = None
+
+    def serve(self, queue) -> None:
+        """C{queue} (the queue manager) answers from now on."""
+        self._queue = queue
+
+    def trigger(self, match):
+        """The queue's L{exedge.queue.manager.Triggered}, or None while no queue serves the door."""
+        if self._queue is None:
+            return None
+        return self._queue.trigger(match)

@@ -1,0 +1,201 @@
+"""
+ETRN (RFC 1985) as a pipeline stage: a site asks for the mail held for it.
+
+`[[pipeline]] stage = "etrn"` adds the ETRN verb (and its EHLO keyword) to
+the receive connectors it runs on. Mail is held for a site by a send
+connector with `remote_triggered_delivery = true`: one queue per domain,
+which never opens a connection by itself. ETRN runs those queues once, on
+new outbound connections to the connector's usual next hop (its smart
+hosts or the domain's MX), as a normal queue run.
+
+The argument is untrusted input (CVE-2025-26794 was an injection through
+it): it is checked against hostname and queue-name syntax before it is
+used at all, and anything else gets 501 with nothing of it logged (its
+length only). Who is not allowed, and a node exedge does not
+hold mail for, get the same 459: nobody learns whether mail waits for a
+node they may not ask for.
+
+Replies (RFC 1985 §5.2): 250 queuing started (a run was already under way,
+or `#queue`), 251 no messages waiting, 252 pending messages started
+(`@domain`: the domain and its subdomains), 253 with the number of
+messages (`domain`), 458 unable to queue (an admin suspended the queue,
+or too many requests), 459 node not allowed, 500/501 syntax, 503 before
+EHLO/HELO or inside a mail transaction, 530 when authentication is
+required and missing.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import re
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from exedge.config import values as v
+from exedge.pipeline.stage import IStageFactory, Stage, defer_, ok, reject
+
+log = Logger()
+
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_NODE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+_QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+RATE_WINDOW = 60.0
+
+
+def parse_node(argument: str):
+    """
+    ("domain" | "subdomains" | "queue", name) for a valid ETRN argument,
+    else None. Domains are lower-cased; 255 octets at most.
+    """
+    kind, name = "domain", argument
+    if argument.startswith("@"):
+        kind, name = "subdomains", argument[1:]
+    elif argument.startswith("#"):
+        return ("queue", argument[1:]) if _QUEUE.match(argument[1:]) else None
+    name = name.rstrip(".") if name.endswith(".") and not name.endswith("..") else name
+    if not name or len(name) > 253 or not name.isascii() or not _NODE.match(name):
+        return None
+    return kind, name.lower()
+
+
+class Etrn(Stage):
+    """
+    C{triggers}: the door to the queue (L{exedge.dequeue.Triggers});
+    C{send_connectors}: the configuration's, to know which nodes are held
+    here; C{clock}: for the rate limit.
+    """
+
+    name = "etrn"
+    anti_spam = False
+
+    def __init__(self, triggers, send_connectors, clock, *, allowed_remote_ip_ranges=(),
+                 require_authentication=False, rate_limit=10, atrn=False, turn=False):
+        self.triggers = triggers
+        self.held = tuple(c for c in send_connectors if c.remote_triggered_delivery)
+        self.clock = clock
+        self.allowed = tuple(allowed_remote_ip_ranges)
+        self.require_authentication = require_authentication
+        self.rate_limit = rate_limit
+        self._asked: dict[str, collections.deque] = {}      # peer -> times of its recent requests
+        self.verbs = {"ETRN": self.etrn}
+        self.ehlo_keywords = ("ETRN",)
+        self.atrn, self.turn = atrn, turn
+
+    # -- who may ask, for what -------------------------------------------------
+
+    def _peer_allowed(self, session) -> bool:
+        if not self.allowed:
+            return True        # the receive connector's own remote ranges decided already
+        try:
+            address = ipaddress.ip_address(session.peer)
+        except ValueError:
+            return False
+        return any(address in r for r in self.allowed)
+
+    def _too_many(self, peer: str) -> bool:
+        if not self.rate_limit:
+            return False
+        now = self.clock.seconds()
+        asked = self._asked.setdefault(peer, collections.deque())
+        while asked and asked[0] <= now - RATE_WINDOW:
+            asked.popleft()
+        if len(asked) >= self.rate_limit:
+            return True
+        asked.append(now)
+        if len(self._asked) > 10000:                    # bounded: forget peers that went quiet
+            for key in [k for k, times in self._asked.items() if not times or times[-1] <= now - RATE_WINDOW]:
+                del self._asked[key]
+        return False
+
+    def _serves(self, kind: str, name: str) -> bool:
+        """Does a remote-triggered connector hold mail for this node here?"""
+        if kind == "queue":
+            return any(c.name.lower() == name.lower() for c in self.held)
+        for connector in self.held:
+            for space in connector.address_spaces:
+                if space.match_length(name) is not None:
+                    return True
+                base = space.domain[2:] if space.domain.startswith("*.") else space.domain
+                if kind == "subdomains" and base.endswith("." + name):
+                    return True       # ETRN @fabrikam.com asks for branch.fabrikam.com too
+        return False
+
+    @staticmethod
+    def _match(kind: str, name: str):
+        if kind == "domain":
+            return lambda hop: hop.destination == name
+        if kind == "subdomains":
+            return lambda hop: hop.destination == name or hop.destination.endswith("." + name)
+        return lambda hop: hop.connector.lower() == name.lower()
+
+    # -- ETRN --------------------------------------------------------------------
+
+    def etrn(self, session, argument: str):
+        if not argument:
+            return reject("Syntax: ETRN domain, ETRN @domain or ETRN #queue", "5.5.2", 500)
+        node = parse_node(argument)
+        if node is None:
+            # nothing of a hostile argument goes anywhere, the log included
+            log.info("ETRN from {peer}: refused an argument of {length} characters that is no node name",
+                     peer=session.peer, length=len(argument))
+            return reject("Syntax error in parameters: ETRN needs a domain name, @domain or #queue", "5.5.4", 501)
+        kind, name = node
+        shown_node = ("@" if kind == "subdomains" else "#" if kind == "queue" else "") + name
+        if session.helo is None:
+            return reject("Send HELO or EHLO first", "5.5.1", 503)
+        if session.sender is not None:
+            return reject("ETRN not allowed during a mail transaction", "5.5.1", 503)
+        if self.require_authentication and session.authenticated_as is None:
+            return reject("Authentication required", "5.7.0", 530)
+        if not self._peer_allowed(session) or not self._serves(kind, name):
+            log.info("ETRN {node} from {peer}: not allowed", node=shown_node, peer=session.peer)
+            return defer_(f"Node {shown_node} not allowed: not held here for you", "4.7.1", 459)
+        if self._too_many(session.peer):
+            return defer_(f"Unable to queue messages for node {shown_node}: too many requests, try later",
+                          "4.7.0", 458)
+        result = self.triggers.trigger(self._match(kind, name))
+        if result is None or result.suspended:
+            return defer_(f"Unable to queue messages for node {shown_node}", "4.3.0", 458)
+        log.info("ETRN {node} from {peer}: {messages} message(s) waiting, run {what}", node=shown_node,
+                 peer=session.peer, messages=result.messages,
+                 what="started" if result.started else "already under way" if result.running else "not needed")
+        if result.started:
+            if kind == "domain":
+                return ok(f"OK, {result.messages} pending messages for node {shown_node} started", "2.0.0", 253)
+            if kind == "subdomains":
+                return ok(f"OK, pending messages for node {shown_node} started", "2.0.0", 252)
+            return ok(f"OK, queuing for node {shown_node} started", "2.0.0", 250)
+        if result.running:
+            return ok(f"OK, queuing for node {shown_node} started", "2.0.0", 250)
+        return ok(f"OK, no messages waiting for node {shown_node}", "2.0.0", 251)
+
+
+def _rate(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10000:
+        raise ValueError(f"rate_limit is the number of ETRN requests a peer may make a minute (0: no limit), "
+                         f"got {value!r}")
+    return value
+
+
+@implementer(IStageFactory)
+class EtrnFactory:
+    name = "etrn"
+    anti_spam = False
+    hooks = ()
+    options = {
+        "allowed_remote_ip_ranges": v.list_of(v.parse_ip_range),
+        "require_authentication": v.boolean,
+        "rate_limit": _rate,
+        "atrn": v.boolean,
+        "turn": v.boolean,
+    }
+
+    def build(self, options, context=None):
+        config = getattr(context, "config", None)
+        triggers = getattr(context, "dequeue", None)
+        held = config.send_connectors if config is not None else ()
+        if config is not None and not any(c.remote_triggered_delivery for c in held):
+            raise ValueError("no send connector has remote_triggered_delivery = true: there is nothing to ask for")
+        return Etrn(triggers, held, getattr(context, "clock", None), **options)
