@@ -97,11 +97,14 @@ class IQueueSink(Interface):
 class IRemoteTriggers(Interface):
     """How a site's request for its mail (ETRN, ATRN) reaches the queue."""
 
-    def trigger(match):
+    run = Attribute("run(f): a Deferred of f() on the spool's delivery threads, for reading messages")
+
+    def trigger(match, agent=None):
         """
         Run once every held remote-triggered queue whose L{NextHop}
-        C{match(hop)} accepts; what was found and done (None: the queue is
-        not there to ask).
+        C{match(hop)} accepts, through C{agent} (an L{IDeliveryAgent}) when
+        given, else the connector's; what was found and done (None: the
+        queue is not there to ask).
         """
 
 

@@ -290,7 +290,7 @@ class SendConnector:
     oversize_threshold: int | None = setting(v.parse_size, None, "messages larger than this wait for oversize_schedule instead (e.g. \"2MB\")")
     oversize_schedule: Schedule | None = setting(parse_schedule, None, "the windows for messages above oversize_threshold (same syntax as schedule)")
     remote_triggered_delivery: bool = setting(boolean, False, "queue mail until the site asks for it (ETRN, ATRN, TURN): its queues, one per domain, never open connections by themselves")
-    remote_trigger_accounts: tuple = setting(list_of(v.address), (), "accounts (AUTH names) that may collect this connector's domains with ATRN or TURN")
+    remote_trigger_accounts: tuple = setting(list_of(v.name), (), "accounts (their AUTH names) that may collect this connector's domains with ATRN or TURN")
     comment: str = setting(text, "", "free text")
 
 

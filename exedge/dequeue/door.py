@@ -19,13 +19,19 @@ from exedge.interfaces import IRemoteTriggers
 class Triggers:
     def __init__(self):
         self._queue = None
+        self.run = None
 
-    def serve(self, queue) -> None:
-        """C{queue} (the queue manager) answers from now on."""
+    def serve(self, queue, run) -> None:
+        """
+        C{queue} (the queue manager) answers from now on; C{run(f)} is where
+        a run over the site's own connection (ATRN) reads messages from the
+        spool.
+        """
         self._queue = queue
+        self.run = run
 
-    def trigger(self, match):
+    def trigger(self, match, agent=None):
         """The queue's L{exedge.queue.manager.Triggered}, or None while no queue serves the door."""
         if self._queue is None:
             return None
-        return self._queue.trigger(match)
+        return self._queue.trigger(match, agent)

@@ -34,7 +34,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from exedge.config import values as v
-from exedge.pipeline.stage import IStageFactory, Stage, defer_, ok, reject
+from exedge.pipeline.stage import IStageFactory, Stage, defer_, ok, reject, turn
+
+from .atrn import Collection
 
 log = Logger()
 
@@ -71,17 +73,22 @@ class Etrn(Stage):
     anti_spam = False
 
     def __init__(self, triggers, send_connectors, clock, *, allowed_remote_ip_ranges=(),
-                 require_authentication=False, rate_limit=10, atrn=False, turn=False):
+                 require_authentication=False, rate_limit=10, atrn=False, turn=False, helo="localhost"):
         self.triggers = triggers
         self.held = tuple(c for c in send_connectors if c.remote_triggered_delivery)
         self.clock = clock
         self.allowed = tuple(allowed_remote_ip_ranges)
         self.require_authentication = require_authentication
         self.rate_limit = rate_limit
+        self.helo = helo
         self._asked: dict[str, collections.deque] = {}      # peer -> times of its recent requests
         self.verbs = {"ETRN": self.etrn}
         self.ehlo_keywords = ("ETRN",)
-        self.atrn, self.turn = atrn, turn
+        if atrn:
+            self.verbs["ATRN"] = self.atrn
+            self.ehlo_keywords += ("ATRN",)
+        if turn:
+            self.verbs["TURN"] = self.turn_verb
 
     # -- who may ask, for what -------------------------------------------------
 
@@ -172,6 +179,63 @@ class Etrn(Stage):
         return ok(f"OK, no messages waiting for node {shown_node}", "2.0.0", 251)
 
 
+    # -- ATRN and TURN: the connection turned round ---------------------------------
+
+    def _collectable(self, account: str) -> list:
+        """The remote-triggered connectors whose remote_trigger_accounts name C{account}."""
+        account = account.lower()
+        return [c for c in self.held if account in {a.lower() for a in c.remote_trigger_accounts}]
+
+    def _turn_round(self, session, connectors, domains, *, what: str, none_waiting):
+        names = {c.name for c in connectors}
+        collection = Collection(self.triggers.run, helo=self.helo, clock=self.clock, peer=session.peer)
+        result = self.triggers.trigger(
+            lambda hop: hop.connector in names and (not domains or hop.destination in domains), collection)
+        if result is None or result.suspended or (result.running and not result.started):
+            return defer_(f"Unable to process {what} request now", "4.3.0", 451)
+        log.info("{what} from {account} at {peer}: {messages} message(s) for {domains}", what=what,
+                 account=session.authenticated_as, peer=session.peer, messages=result.messages,
+                 domains=", ".join(sorted(domains)) or "all its domains")
+        if not result.started and none_waiting is not None:
+            return none_waiting
+        return turn("OK now reversing the connection", collection.protocol)
+
+    def atrn(self, session, argument: str):
+        """RFC 2645: after AUTH, the held mail of the account's domains, over this connection."""
+        if session.authenticated_as is None:
+            return reject("Authentication required", "5.7.0", 530)
+        if session.sender is not None:
+            return reject("ATRN not allowed during a mail transaction", "5.5.1", 503)
+        domains = set()
+        for item in argument.split(",") if argument else ():
+            node = parse_node(item.strip())
+            if node is None or node[0] != "domain":
+                return reject("Syntax: ATRN [domain[,domain...]]", "5.5.4", 501)
+            domains.add(node[1])
+        mine = self._collectable(session.authenticated_as)
+        refused = [d for d in domains
+                   if not any(space.match_length(d) is not None for c in mine for space in c.address_spaces)]
+        if not mine or refused:
+            log.info("ATRN from {account} at {peer} refused", account=session.authenticated_as, peer=session.peer)
+            return defer_("ATRN request refused", "4.7.1", 450)
+        return self._turn_round(session, mine, domains, what="ATRN",
+                                none_waiting=defer_("You have no mail", "4.2.0", 453))
+
+    def turn_verb(self, session, argument: str):
+        """
+        RFC 821's TURN, only for an authenticated account that may collect
+        (anonymous TURN hands one peer another's mail: RFC 5321 App. F).
+        """
+        if argument:
+            return reject("Syntax: TURN", "5.5.4", 501)
+        mine = self._collectable(session.authenticated_as) if session.authenticated_as else []
+        if not mine:
+            return reject("TURN is only for authenticated sites that collect their mail", "5.7.0", 502)
+        if session.sender is not None:
+            return reject("TURN not allowed during a mail transaction", "5.5.1", 503)
+        return self._turn_round(session, mine, set(), what="TURN", none_waiting=None)
+
+
 def _rate(value):
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10000:
         raise ValueError(f"rate_limit is the number of ETRN requests a peer may make a minute (0: no limit), "
@@ -198,4 +262,5 @@ class EtrnFactory:
         held = config.send_connectors if config is not None else ()
         if config is not None and not any(c.remote_triggered_delivery for c in held):
             raise ValueError("no send connector has remote_triggered_delivery = true: there is nothing to ask for")
-        return Etrn(triggers, held, getattr(context, "clock", None), **options)
+        helo = config.server.fqdn if config is not None else "localhost"
+        return Etrn(triggers, held, getattr(context, "clock", None), helo=helo, **options)

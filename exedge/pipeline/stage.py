@@ -31,6 +31,10 @@ class Verdict:
     code: int = 0
     status: str = ""
     text: str = ""
+    # a verb's positive answer that hands the connection over once it is
+    # written (ATRN, TURN): called then, it gives the protocol that takes
+    # the connection from there (the session forwards everything to it)
+    turn: object = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def final(self) -> bool:
@@ -52,6 +56,15 @@ def defer_(text: str, status: str = "4.7.1", code: int = 451) -> Verdict:
 def ok(text: str = "OK", status: str = "2.0.0", code: int = 250) -> Verdict:
     """The positive answer of a stage's own SMTP verb (L{IStage.verbs})."""
     return Verdict("ok", code, status, text)
+
+
+def turn(text: str, protocol_factory, status: str = "2.0.0", code: int = 250) -> Verdict:
+    """
+    A verb's positive answer after which the connection carries another
+    protocol (ATRN and TURN reverse the roles of client and server):
+    C{protocol_factory()} is called once the answer is written.
+    """
+    return Verdict("ok", code, status, text, turn=protocol_factory)
 
 
 def disconnect(text: str = "Closing connection", status: str = "4.7.0") -> Verdict:

@@ -71,7 +71,8 @@ class DeliveryQueue:
     in_flight: int = 0
     failures: int = 0          # transient failures in a row, for the retry schedule
     waiting: list = attrs.field(factory=list)   # deferred recipients waiting out message_retry_interval
-    triggered: bool = False    # a run asked for by the site (ETRN) is under way
+    triggered: bool = False    # a run asked for by the site (ETRN, ATRN) is under way
+    agent: object = None       # who delivers that run when it is not the connector's agent (ATRN's session)
     _retry_call: object = None
 
     @property
@@ -127,7 +128,7 @@ class QueueManager(Service):
         if intake is not None:
             intake.serve(self.submit)
         if triggers is not None:
-            triggers.serve(self)
+            triggers.serve(self, spool.run_delivery)
 
     # -- intake ------------------------------------------------------------
 
@@ -246,19 +247,22 @@ class QueueManager(Service):
         connector = self._connectors.get(hop.connector)
         return connector is not None and connector.remote_triggered_delivery
 
-    def trigger(self, match) -> Triggered:
+    def trigger(self, match, agent=None) -> Triggered:
         """
         The site asks for its mail (ETRN): every held remote-triggered queue
         whose next hop C{match(hop)} accepts runs once, with the
         recipients it had deferred too; it is held again when the run is
         over (delivered, deferred or failed: a remote-triggered queue never
-        opens a connection by itself).
+        opens a connection by itself). With C{agent} (an
+        L{exedge.interfaces.IDeliveryAgent}), that run is delivered by it
+        (ATRN: over the connection the site opened) and nothing starts
+        while another run of these queues is under way.
         """
         queues = [q for q in self.queues.values() if self._remote_triggered(q.hop) and match(q.hop)]
         waiting = {m.queue_id for q in queues for m, _ in list(q.items) + q.waiting}
         result = Triggered(len(queues), len(waiting), running=any(q.triggered for q in queues),
                            suspended=any(q.status is QueueStatus.Suspended for q in queues))
-        if result.suspended or not waiting:
+        if result.suspended or not waiting or (agent is not None and result.running):
             return result
         started = False
         for queue in queues:
@@ -266,6 +270,7 @@ class QueueManager(Service):
                 queue.items.extend(queue.waiting)      # deferred recipients go now too
                 queue.waiting.clear()
                 queue.status, queue.hold_reason, queue.triggered = QueueStatus.Ready, "", True
+                queue.agent = agent
                 started = True
                 log.info("queue {hop}: run asked for by the site", hop=str(queue.hop))
                 self._kick(queue)
@@ -277,7 +282,7 @@ class QueueManager(Service):
                 (not queue.items or queue.status is not QueueStatus.Active) and \
                 queue.status in (QueueStatus.Ready, QueueStatus.Active, QueueStatus.Retry):
             self._cancel_retry(queue)
-            queue.status, queue.hold_reason, queue.triggered = QueueStatus.Held, TRIGGER, False
+            queue.status, queue.hold_reason, queue.triggered, queue.agent = QueueStatus.Held, TRIGGER, False, None
 
     # -- failover between connectors by cost ----------------------------------
 
@@ -425,7 +430,7 @@ class QueueManager(Service):
         """Start attempts while the queue may run, has work and has room."""
         if not self.running:
             return
-        limit = getattr(self.agents.get(queue.hop.connector), "concurrency", self.concurrency)
+        limit = getattr(queue.agent or self.agents.get(queue.hop.connector), "concurrency", self.concurrency)
         while queue.status in (QueueStatus.Ready, QueueStatus.Active) and queue.items \
                 and queue.in_flight < limit:
             queue.status = QueueStatus.Active
@@ -532,7 +537,7 @@ class QueueManager(Service):
                 if retry:
                     self._later(queue, (message, retry))
             elif indexes:
-                outcomes = yield self.agents[queue.hop.connector].deliver(message, indexes)
+                outcomes = yield (queue.agent or self.agents[queue.hop.connector]).deliver(message, indexes)
                 left = set(indexes) - {o.index for o in outcomes if o.status in ("delivered", "failed")}
                 # never raises: delivered recipients count whatever happens to the reports
                 retry = yield self._record(message, outcomes)
@@ -547,7 +552,7 @@ class QueueManager(Service):
                      hop=str(queue.hop), queue_id=message.queue_id, error=queue.last_error)
             if self._remote_triggered(queue.hop):
                 # the site cannot be reached now: held until it asks again
-                queue.status, queue.hold_reason, queue.triggered = QueueStatus.Held, TRIGGER, False
+                queue.status, queue.hold_reason, queue.triggered, queue.agent = QueueStatus.Held, TRIGGER, False, None
             elif queue.status is QueueStatus.Active:
                 self._schedule_retry(queue)
             self._note_retry(message, indexes, queue.next_retry)

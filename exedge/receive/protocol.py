@@ -128,6 +128,7 @@ class SMTPServer(basic.LineReceiver):
         self._life_call = None
         self._close_after_answer: Reply | None = None
         self._input_ended = False            # the client closed its sending side
+        self._turned = None                  # the protocol this connection was turned over to (ATRN)
         self._handshaken = False             # the TLS handshake (STARTTLS or implicit) is done
 
     @property
@@ -300,7 +301,7 @@ class SMTPServer(basic.LineReceiver):
         closes (L{_input_done}). Plain TCP only: Twisted's TLS layer takes
         the end of input for the end of the connection.
         """
-        if self._closing:
+        if self._closing or self._turned is not None:
             return
         self._input_ended = True
         self.flow.end_of_input()
@@ -328,6 +329,8 @@ class SMTPServer(basic.LineReceiver):
         self._close()
 
     def connectionLost(self, reason=None) -> None:
+        if self._turned is not None:
+            self._turned.connectionLost(reason)
         self._closing = True
         self.flow.lost()
         for call in (self._idle_call, self._life_call):
@@ -374,6 +377,8 @@ class SMTPServer(basic.LineReceiver):
     # -- input ---------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._turned is not None:
+            return self._turned.dataReceived(data)
         if self._closing:
             return
         if self._idle_call is not None and self._idle_call.active():
@@ -449,6 +454,8 @@ class SMTPServer(basic.LineReceiver):
         self._write(reply.encode())
         if reply.after is not None:
             reply.after()
+            if self._turned is not None:
+                return False             # the connection carries another session now
         if self._close_after_answer is not None:
             self.plog.info(self._close_after_answer.text)
             self._refuse(self._close_after_answer)
@@ -474,7 +481,7 @@ class SMTPServer(basic.LineReceiver):
         if self._stages_on and verb.isalpha():
             stage_verb = self.ctx.pipeline.verb(self.session, verb.decode("ascii").upper())
             if stage_verb is not None:
-                return then(stage_verb(arg.decode("latin-1").strip(" ")), verb_reply, self.plog.info)
+                return then(stage_verb(arg.decode("latin-1").strip(" ")), self._verb_reply)
         handler = getattr(self, "do_" + verb.decode("ascii", "replace").upper(), None) if verb.isalpha() else None
         if handler is None:
             return syntax_error("Command unrecognized", "5.5.1", 500)
@@ -727,6 +734,31 @@ class SMTPServer(basic.LineReceiver):
     do_EXPN = do_TURN = do_ETRN = do_ATRN = do_BDAT = _not_offered
 
     # -- the pipeline ----------------------------------------------------------
+
+    def _verb_reply(self, verdict) -> Reply:
+        """A stage verb's answer; one that turns the connection over (ATRN) does so once it is written."""
+        reply = verb_reply(verdict, self.plog.info)
+        if verdict.turn is not None and verdict.kind == "ok":
+            reply = attrs.evolve(reply, after=lambda: self._turn(verdict.turn()))
+        return reply
+
+    def _turn(self, protocol) -> None:
+        """
+        ATRN or TURN: from now on this connection carries a session in the
+        other direction (C{protocol}, our SMTP client); this session only
+        forwards to it what arrives, and ends with the connection. The
+        client's own timeouts bound it.
+        """
+        self.plog.info("the connection is turned round: we deliver, the client receives")
+        for call in (self._idle_call, self._life_call):
+            if call is not None and call.active():
+                call.cancel()
+        self.flow.close()                # no more reading decisions of ours: the client's producer
+        self._turned = protocol
+        pending, self._buffer = self._buffer, b""
+        protocol.makeConnection(self.transport)
+        if pending:
+            protocol.dataReceived(pending)
 
     def _staged(self, hook: str, reply: Reply, args: tuple, undo=None):
         """C{reply} once the stages agree with it; their verdict's reply (and C{undo}) if not."""

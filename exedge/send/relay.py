@@ -197,11 +197,9 @@ class RelayAgent:
 
     def _load(self, batch, entries: dict):
         """
-        Read the messages of C{batch} (from memory if they were just
-        committed, else on the delivery thread) into outbound
-        messages keyed in C{entries}. A message that cannot be read fails
-        alone (transiently: the queue retries it). Cancelled meanwhile (the
-        connection was lost), the batch goes back to the head of the line.
+        Read the messages of C{batch} (L{load}) into outbound messages keyed
+        in C{entries}. Cancelled meanwhile (the connection was lost), the
+        batch goes back to the head of the line.
         """
         if not batch:
             return defer.succeed([])
@@ -213,45 +211,12 @@ class RelayAgent:
 
         d = defer.Deferred(cancel)
 
-        def read_all():
-            datas = []
-            for message, _, _ in batch:
-                try:
-                    datas.append(message.read_data())
-                except Exception:
-                    datas.append(Failure())
-            return datas
-
-        def loaded(datas):
+        def loaded(outbound):
             if cancelled:
                 return
-            outbound = []
-            for entry, data in zip(batch, datas):
-                message, indexes, done = entry
-                if isinstance(data, Failure):
-                    log.failure("reading {queue_id} from the spool", data, queue_id=message.queue_id)
-                    done.errback(data)
-                    continue
-                key = next(self._keys)
-                entries[key] = entry
-                env = message.envelope
-                rcpts = tuple(OutboundRecipient(env.recipients[i].address, env.recipients[i].notify,
-                                                env.recipients[i].orcpt, key=i) for i in indexes)
-                outbound.append(OutboundMessage(env.sender, rcpts, data, env.ret, env.envid, key=key,
-                                                auth=env.auth))
             d.callback(outbound)
 
-        def thread_failed(f):
-            if not cancelled:
-                for _, _, done in batch:
-                    done.errback(f)
-                d.callback([])
-
-        held = [message.in_memory() for message, _, _ in batch]
-        if all(data is not None for data in held):
-            loaded(held)      # just committed: no trip to the disk (see RecentData)
-        else:
-            self.run(read_all).addCallbacks(loaded, thread_failed)
+        load(batch, self.run, entries, self._keys).addCallback(loaded)
         return d
 
     def _requeue(self, batch) -> None:
@@ -380,15 +345,63 @@ class RelayAgent:
 
     def _settled(self, entries: dict, message_result, extensions: dict, remote: str) -> None:
         message, indexes, d = entries.pop(message_result.message.key)
-        # each result names its recipient's index: the same address twice
-        # (with different NOTIFY or ORCPT, say) cannot swap outcomes
-        outcomes = []
-        for r in message_result.recipients:
-            status = {Status.delivered: "delivered", Status.failed: "failed",
-                      Status.deferred: "deferred"}[r.status]
-            action = "" if status != "delivered" or "DSN" in extensions else "relayed"
-            # the next hop's reply as it was sent (the NDR quotes it in
-            # Diagnostic-Code); the enhanced code, its or our default, goes apart
-            detail = r.reply or f"{r.code} {r.enhanced} {r.text}".strip()
-            outcomes.append(Outcome(r.key, status, detail, r.enhanced, remote, action))
-        d.callback(outcomes)
+        d.callback(outcomes_of(message_result, extensions, remote))
+
+
+def load(batch, run, entries: dict, keys) -> defer.Deferred:
+    """
+    The outbound messages of C{batch} ((stored message, recipient indexes,
+    Deferred of its outcomes) each), read from memory if they were just
+    committed, else by C{run} on the delivery thread; each is keyed in
+    C{entries} by a key from C{keys}. A message that cannot be read fails
+    alone, its Deferred failing (transiently: the queue retries it).
+    """
+    def read_all():
+        datas = []
+        for message, _, _ in batch:
+            try:
+                datas.append(message.read_data())
+            except Exception:
+                datas.append(Failure())
+        return datas
+
+    def loaded(datas):
+        outbound = []
+        for entry, data in zip(batch, datas):
+            message, indexes, done = entry
+            if isinstance(data, Failure):
+                log.failure("reading {queue_id} from the spool", data, queue_id=message.queue_id)
+                done.errback(data)
+                continue
+            key = next(keys)
+            entries[key] = entry
+            env = message.envelope
+            rcpts = tuple(OutboundRecipient(env.recipients[i].address, env.recipients[i].notify,
+                                            env.recipients[i].orcpt, key=i) for i in indexes)
+            outbound.append(OutboundMessage(env.sender, rcpts, data, env.ret, env.envid, key=key, auth=env.auth))
+        return outbound
+
+    def thread_failed(f):
+        for _, _, done in batch:
+            done.errback(f)
+        return []
+
+    held = [message.in_memory() for message, _, _ in batch]
+    if all(data is not None for data in held):
+        return defer.succeed(loaded(held))      # just committed: no trip to the disk (see RecentData)
+    return run(read_all).addCallbacks(loaded, thread_failed)
+
+
+def outcomes_of(message_result, extensions: dict, remote: str) -> list:
+    """One L{Outcome} per recipient of a message a session settled."""
+    # each result names its recipient's index: the same address twice
+    # (with different NOTIFY or ORCPT, say) cannot swap outcomes
+    outcomes = []
+    for r in message_result.recipients:
+        status = {Status.delivered: "delivered", Status.failed: "failed", Status.deferred: "deferred"}[r.status]
+        action = "" if status != "delivered" or "DSN" in extensions else "relayed"
+        # the next hop's reply as it was sent (the NDR quotes it in
+        # Diagnostic-Code); the enhanced code, its or our default, goes apart
+        detail = r.reply or f"{r.code} {r.enhanced} {r.text}".strip()
+        outcomes.append(Outcome(r.key, status, detail, r.enhanced, remote, action))
+    return outcomes
