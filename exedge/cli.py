@@ -5,6 +5,9 @@ The `exedge` command. Sub-commands:
   exedge check-config --defaults   every key with its default and meaning
   exedge user add|remove|list (--config FILE | --file CREDENTIALS)
                                local AUTH users ([directory] credentials_file)
+  exedge etrn NAME [--config FILE]
+                               run [[etrn_clients]] NAME once (a link-up script's call): print each
+                               reply; exit 0 when every domain got a 25x
 """
 
 from __future__ import annotations
@@ -113,6 +116,46 @@ def user(args) -> int:
     return 0
 
 
+def etrn(args) -> int:
+    """One run of an ETRN client, whether or not a server is running: each reply printed."""
+    try:
+        config = load(args.config)
+        secrets = load_secrets(config)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    client = next((c for c in config.etrn_clients if c.name.lower() == args.name.lower()), None)
+    if client is None:
+        names = ", ".join(c.name for c in config.etrn_clients) or "none"
+        print(f"exedge etrn: no [[etrn_clients]] named {args.name!r} in {args.config} (there: {names})",
+              file=sys.stderr)
+        return 2
+    from twisted.internet import defer, task
+
+    from exedge.dequeue.client import EtrnFailed, Run
+
+    outcome = []
+
+    async def run(reactor):
+        try:
+            answers = await Run(client, helo=config.server.fqdn, reactor=reactor, clock=reactor,
+                                credentials=secrets.etrn_clients.get(client.name)).start()
+        except EtrnFailed as e:
+            print(f"{client.name}: {e}", file=sys.stderr)
+            outcome.append(1)
+            return
+        for answer in answers:
+            print(f"ETRN {answer.node}: {answer.code} {answer.text}")
+        outcome.append(0 if all(a.ok for a in answers) else 1)
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    except SystemExit:        # react() ends the process its own way; the outcome is ours
+        pass
+    return outcome[0] if outcome else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="exedge", description="exedge SMTP edge transport server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +173,10 @@ def main(argv=None) -> int:
                    help="permission group the user also holds: ExchangeServers, ExchangeLegacyServers, Partners")
     p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     p.set_defaults(func=user)
+    p = sub.add_parser("etrn", help="ask a provider for our held mail once ([[etrn_clients]] NAME)")
+    p.add_argument("name", help="the [[etrn_clients]] entry's name")
+    p.add_argument("--config", default="etc/exedge.toml", help="the exedge configuration (default etc/exedge.toml)")
+    p.set_defaults(func=etrn)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -29,6 +29,7 @@ from exedge.auth.directory import DirectoryChecker
 from exedge.auth.secrets import load_secrets
 from exedge.config import Config
 from exedge.dequeue import Triggers
+from exedge.dequeue.client import EtrnClientService
 from exedge.pipeline import build_pipeline
 from exedge.cleanup import Cleanup
 from exedge.queue import QueueManager, Spool
@@ -191,4 +192,7 @@ def build_service(config: Config, reactor=None) -> MultiService:
     )
     for service in listener_services(reactor, context):
         service.setServiceParent(top)
+    for etrn in config.etrn_clients:
+        EtrnClientService(etrn, helo=config.server.fqdn, reactor=reactor,
+                          credentials=secrets.etrn_clients.get(etrn.name)).setServiceParent(top)
     return top

@@ -17,6 +17,7 @@ from exedge.config import Config, ConfigError
 class Secrets:
     smart_hosts: dict           # send connector name -> (username, password)
     directory_service: tuple | None = None   # (username, password) for [directory] bind_mode = "Search"
+    etrn_clients: dict = attrs.field(factory=dict)   # ETRN client name -> (username, password)
 
 
 def _read(config: Config, path_key: tuple, path: str, problems: list) -> str | None:
@@ -42,6 +43,14 @@ def load_secrets(config: Config) -> Secrets:
                              problems)
             if password is not None:
                 smart_hosts[c.name] = (ref["username"], password)
+    etrn = {}
+    for i, c in enumerate(config.etrn_clients):
+        if c.authentication_credential and c.smart_host_auth_mechanism != "None":
+            ref = c.authentication_credential
+            password = _read(config, ("etrn_clients", i, "authentication_credential"), ref["password_file"],
+                             problems)
+            if password is not None:
+                etrn[c.name] = (ref["username"], password)
     service = None
     ref = config.directory.service_account
     if ref:
@@ -50,4 +59,4 @@ def load_secrets(config: Config) -> Secrets:
             service = (ref["username"], password)
     if problems:
         raise ConfigError(problems)
-    return Secrets(smart_hosts, service)
+    return Secrets(smart_hosts, service, etrn)

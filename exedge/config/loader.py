@@ -155,6 +155,27 @@ def _validate(cfg: dict, out: _Collector) -> None:
                         f"{conn.drop_directory!r} is already the drop directory of send_connectors[{drops[where]}]")
         drops.setdefault(where, i)
 
+    seen_clients: dict[str, int] = {}
+    for i, client in enumerate(cfg["etrn_clients"]):
+        if client is None:
+            continue
+        path = ("etrn_clients", i)
+        if client.name.lower() in seen_clients:
+            out.problem(path + ("name",), f"duplicate ETRN client name {client.name!r} "
+                                          f"(also etrn_clients[{seen_clients[client.name.lower()]}])")
+        seen_clients.setdefault(client.name.lower(), i)
+        if not client.domains:
+            out.problem(path + ("domains",), "needs at least one domain to ask for")
+        if client.interval is not None and client.interval < 60:
+            out.problem(path + ("interval",), "at least 60 seconds: ETRN starts a queue run at the provider")
+        if client.tls_auth_level and not client.require_tls:
+            out.problem(path + ("tls_auth_level",), "needs require_tls = true")
+        if client.ignore_start_tls and (client.require_tls or client.smart_host_auth_mechanism == "BasicAuthRequireTLS"):
+            out.problem(path + ("ignore_start_tls",), "cannot be combined with require_tls or BasicAuthRequireTLS")
+        if client.smart_host_auth_mechanism != "None" and not client.authentication_credential:
+            out.problem(path + ("smart_host_auth_mechanism",),
+                        f"{client.smart_host_auth_mechanism} needs authentication_credential")
+
     seen_domains: dict[str, int] = {}
     for i, dom in enumerate(cfg["accepted_domains"]):
         if dom is None:
@@ -298,6 +319,7 @@ def loads(text: str, source: str = "<config>") -> m.Config:
         queue=cfg["queue"],
         directory=cfg["directory"],
         pipeline=tuple(cfg["pipeline"]),
+        etrn_clients=tuple(cfg["etrn_clients"]),
         accepted_domains=tuple(cfg["accepted_domains"]),
         receive_connectors=tuple(cfg["receive_connectors"]),
         send_connectors=tuple(cfg["send_connectors"]),

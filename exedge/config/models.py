@@ -294,6 +294,39 @@ class SendConnector:
     comment: str = setting(text, "", "free text")
 
 
+def etrn_server(value: Any) -> tuple[str, int]:
+    """"mail.isp.example:25" (the port defaults to 25)."""
+    host, port = parse_smart_host(value)
+    return host, port or 25
+
+
+@attrs.frozen(kw_only=True)
+class EtrnClient:
+    """
+    One [[etrn_clients]] table: a provider that holds our mail until we ask
+    for it with ETRN (the dial-up site's side). TLS and authentication take
+    the keys a send connector uses towards its smart hosts.
+    """
+
+    name: str = setting(name, doc="unique name (exedge etrn NAME runs it once)")
+    server: tuple = setting(etrn_server, doc="the provider's SMTP server, \"mail.isp.example\" or \"192.0.2.1:2525\" (port 25 by default)")
+    domains: tuple = setting(list_of(v.etrn_node), doc="what to ask for: \"branch.example.com\", or \"@example.com\" for it and its subdomains")
+    schedule: Schedule | None = setting(parse_schedule, None, "run at each opening of these windows (and every interval inside them); same syntax as a send connector's")
+    schedule_time_zone: object = setting(parse_time_zone, None, "IANA time zone of schedule (default: this server's zone)")
+    interval: float | None = setting(v.parse_timespan, None, "run this often (inside schedule, when both are set); neither: only on demand (exedge etrn NAME)")
+    helo: str | None = setting(v.parse_fqdn, None, "EHLO name (default: [server].fqdn)")
+    connection_inactivity_timeout: float = setting(timespan(3600), 60.0, "longest wait for a reply")
+    ignore_start_tls: bool = setting(boolean, False, "never use STARTTLS")
+    require_tls: bool = setting(boolean, False, "ask only over TLS")
+    tls_auth_level: str | None = setting(choice("EncryptionOnly", "CertificateValidation", "DomainValidation"), None, "with require_tls: what the server's certificate must prove")
+    tls_domain: str | None = setting(v.parse_fqdn, None, "DomainValidation: the name the certificate must carry (default: the server's name)")
+    tls_ca_file: str | None = setting(text, None, "CA certificates for validating the server (default: the system's)")
+    smart_host_auth_mechanism: str = setting(choice("None", "BasicAuth", "BasicAuthRequireTLS"), "None", "how to authenticate to the server before ETRN")
+    authentication_credential: dict | None = setting(secret_ref, None, "{ username, password_file } for BasicAuth")
+
+    tls_send_domain_secure_list = ()    # what exedge.tls.client_policy asks of a send connector
+
+
 @attrs.frozen(kw_only=True)
 class QueueConfig:
     """Retry and expiry, with Exchange's Edge Transport defaults."""
@@ -315,6 +348,7 @@ class Config:
     queue: QueueConfig = QueueConfig()
     directory: DirectoryConfig = DirectoryConfig()
     pipeline: tuple = ()
+    etrn_clients: tuple = ()
     accepted_domains: tuple
     receive_connectors: tuple
     send_connectors: tuple
@@ -336,4 +370,5 @@ SECTIONS = {
     "receive_connectors": (ReceiveConnector, True),
     "send_connectors": (SendConnector, True),
     "pipeline": (PipelineEntry, True),
+    "etrn_clients": (EtrnClient, True),
 }

@@ -334,3 +334,37 @@ def ldap_url(value: Any) -> str:
         raise ValueError(f"expected \"ldaps://host:port\", got {value!r}")
     parse_ldap_url(value.strip())
     return value.strip()
+
+
+_ETRN_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_ETRN_NODE = re.compile(rf"^{_ETRN_LABEL}(?:\.{_ETRN_LABEL})*$")
+_ETRN_QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def parse_etrn_node(argument: str):
+    """
+    ("domain" | "subdomains" | "queue", name) for an ETRN argument (RFC
+    1985: "domain", "@domain" for it and its subdomains, "#queue"), or
+    None. Host-name syntax only: ASCII letters, digits and hyphens in
+    dot-separated labels, at most 253 characters; domains are lower-cased.
+    Both the server (a client's argument) and the config (an ETRN client's
+    domains) read nodes this way.
+    """
+    kind, name = "domain", argument
+    if argument.startswith("@"):
+        kind, name = "subdomains", argument[1:]
+    elif argument.startswith("#"):
+        return ("queue", argument[1:]) if _ETRN_QUEUE.match(argument[1:]) else None
+    if name.endswith(".") and not name.endswith(".."):
+        name = name[:-1]
+    if not name or len(name) > 253 or not name.isascii() or not _ETRN_NODE.match(name):
+        return None
+    return kind, name.lower()
+
+
+def etrn_node(value: Any) -> str:
+    """A node to ask for with ETRN: "branch.example.com", or "@example.com" for it and its subdomains."""
+    node = parse_etrn_node(value) if isinstance(value, str) else None
+    if node is None or node[0] == "queue":
+        raise ValueError(f'expected a domain such as "branch.example.com" or "@example.com", got {value!r}')
+    return ("@" if node[0] == "subdomains" else "") + node[1]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import ipaddress
-import re
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -40,26 +39,8 @@ from .atrn import Collection
 
 log = Logger()
 
-_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-_NODE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
-_QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RATE_WINDOW = 60.0
-
-
-def parse_node(argument: str):
-    """
-    ("domain" | "subdomains" | "queue", name) for a valid ETRN argument,
-    else None. Domains are lower-cased; 255 octets at most.
-    """
-    kind, name = "domain", argument
-    if argument.startswith("@"):
-        kind, name = "subdomains", argument[1:]
-    elif argument.startswith("#"):
-        return ("queue", argument[1:]) if _QUEUE.match(argument[1:]) else None
-    name = name.rstrip(".") if name.endswith(".") and not name.endswith("..") else name
-    if not name or len(name) > 253 or not name.isascii() or not _NODE.match(name):
-        return None
-    return kind, name.lower()
+parse_node = v.parse_etrn_node
 
 
 class Etrn(Stage):
