@@ -290,8 +290,18 @@ class SendConnector:
     oversize_threshold: int | None = setting(v.parse_size, None, "messages larger than this wait for oversize_schedule instead (e.g. \"2MB\")")
     oversize_schedule: Schedule | None = setting(parse_schedule, None, "the windows for messages above oversize_threshold (same syntax as schedule)")
     remote_triggered_delivery: bool = setting(boolean, False, "queue mail until the site asks for it (ETRN, ATRN, TURN): its queues, one per domain, never open connections by themselves")
+    accept_messages_only_from: tuple = setting(list_of(v.sender_pattern), (), "only these senders' mail may go through this connector (Exchange 2000's Delivery Restrictions): \"user@domain\", \"*@domain\", \"*.domain\", \"<>\" for reports; others go to the next connector by cost, else an NDR 5.7.1")
+    reject_messages_from: tuple = setting(list_of(v.sender_pattern), (), "these senders' mail may not go through this connector (same forms)")
     remote_trigger_accounts: tuple = setting(list_of(v.name), (), "accounts (their AUTH names) that may collect this connector's domains with ATRN or TURN")
     comment: str = setting(text, "", "free text")
+
+    def refuses_sender(self, sender: str) -> str | None:
+        """Why this connector's delivery restrictions refuse mail from C{sender} ("" for <>), or None."""
+        if self.reject_messages_from and v.sender_matches(self.reject_messages_from, sender):
+            return f"the sender <{sender}> is in its reject_messages_from"
+        if self.accept_messages_only_from and not v.sender_matches(self.accept_messages_only_from, sender):
+            return f"the sender <{sender}> is not in its accept_messages_only_from"
+        return None
 
 
 def etrn_server(value: Any) -> tuple[str, int]:

@@ -368,3 +368,36 @@ def etrn_node(value: Any) -> str:
     if node is None or node[0] == "queue":
         raise ValueError(f'expected a domain such as "branch.example.com" or "@example.com", got {value!r}')
     return ("@" if node[0] == "subdomains" else "") + node[1]
+
+
+def sender_pattern(value: Any) -> str:
+    """
+    Who a send connector's delivery restrictions name: "user@domain",
+    "*@domain" (anyone at the domain), "*.domain" (anyone at the domain or
+    its subdomains), or "<>" (the null sender: reports and notices).
+    """
+    if not isinstance(value, str):
+        raise ValueError(f'expected "user@domain", "*@domain", "*.domain" or "<>", got {value!r}')
+    text = value.strip().lower()
+    if text == "<>":
+        return text
+    if text.startswith("*."):
+        return "*." + parse_domain(text[2:])
+    local, at, domain = text.rpartition("@")
+    if not at or not local or any(c in local for c in " <>\"") or (local != "*" and "*" in local):
+        raise ValueError(f'expected "user@domain", "*@domain", "*.domain" or "<>", got {value!r}')
+    return f"{local}@{parse_domain(domain)}"
+
+
+def sender_matches(patterns, sender: str) -> bool:
+    """Does C{sender} ("" for the null sender) match one of these L{sender_pattern}s?"""
+    if not sender:
+        return "<>" in patterns
+    sender = sender.lower()
+    domain = sender.rpartition("@")[2]
+    for pattern in patterns:
+        if pattern == sender or pattern == "*@" + domain:
+            return True
+        if pattern.startswith("*.") and (domain == pattern[2:] or domain.endswith(pattern[1:])):
+            return True
+    return False

@@ -30,6 +30,9 @@ from zope.interface import implementer
 from exedge.auth.permissions import Right
 from exedge.config import values as v
 
+from exedge.interfaces import Refusal
+from exedge.routing import reroute
+
 from .offload import StageThreads
 from .stage import IStageFactory, Stage, reject
 
@@ -175,17 +178,16 @@ class ContentRestrictions(Stage):
         return None
 
     def on_route(self, envelope, recipient, route):
-        rule = self.send.get(route.connector.name)
         facts = (envelope.sender == "", envelope.notes.get("priority", "Normal"), envelope.size)
-        why = rule.refuses(*facts) if rule is not None else None
-        if why is None:
-            return None
-        for other in route.alternatives:
-            alternative = self.send.get(other.name)
-            if alternative is None or alternative.refuses(*facts) is None:
-                return route.via(other)
-        return reject(f"No send connector may carry this message to {route.domain}: "
-                      f"on {route.connector.name}, {why}", "5.7.1", 550)
+
+        def refuses(connector):
+            rule = self.send.get(connector.name)
+            return rule.refuses(*facts) if rule is not None else None
+
+        chosen = reroute(route, refuses)
+        if isinstance(chosen, Refusal):
+            return reject(chosen.text, chosen.status, 550)
+        return None if chosen is route else chosen
 
 
 @implementer(IStageFactory)

@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from exedge.config import QueueConfig
 from exedge.interfaces import OVERSIZE, Deferral, IQueueSink, NextHop, NextHopUnreachable, Outcome, Refusal
-from exedge.routing import ROUTE_DEFERRED, TOO_LARGE, UNREACHABLE
+from exedge.routing import ROUTE_DEFERRED, TOO_LARGE, UNREACHABLE, reroute
 
 log = Logger()
 
@@ -161,7 +161,10 @@ class QueueManager(Service):
                                        f"that serves this domain ({envelope.size} bytes)", "5.3.4"))
                 continue
             if route.connector is not None:
-                route = self._avoid_down(route)
+                route = reroute(self._avoid_down(route), lambda c: c.refuses_sender(envelope.sender))
+                if isinstance(route, Refusal):
+                    refused.append(Outcome(i, "failed", f"{route.status} {route.text}", route.status))
+                    continue
             if self.route_policy is not None and route.connector is not None:
                 route = self.route_policy.route(envelope, address, route)
                 if isinstance(route, Refusal):

@@ -6,6 +6,6 @@ notion of connectors or address-space cost.
 
 from exedge.interfaces import NextHop, Route
 
-from .router import ROUTE_DEFERRED, TOO_LARGE, UNREACHABLE, Router
+from .router import ROUTE_DEFERRED, TOO_LARGE, UNREACHABLE, Router, reroute
 
-__all__ = ["ROUTE_DEFERRED", "NextHop", "Route", "Router", "TOO_LARGE", "UNREACHABLE"]
+__all__ = ["ROUTE_DEFERRED", "NextHop", "Route", "Router", "TOO_LARGE", "UNREACHABLE", "reroute"]

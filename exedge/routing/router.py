@@ -14,7 +14,7 @@ from typing import Iterable
 import attrs
 
 from exedge.config import AcceptedDomain, SendConnector
-from exedge.interfaces import NextHop, Route
+from exedge.interfaces import NextHop, Refusal, Route
 
 
 UNREACHABLE = NextHop("Unreachable", "")
@@ -102,3 +102,22 @@ class Router:
             domain = address.rpartition("@")[2]
             hops.setdefault(self.next_hop(domain, size), []).append(index)
         return hops
+
+
+def reroute(route: Route, refuses):
+    """
+    C{route}, if C{refuses(connector)} has nothing against its connector;
+    else the same recipient through the first of its alternatives (best
+    first: most specific, then cheapest) that it lets carry the message;
+    else a L{Refusal} (5.7.1, an NDR) saying why the chosen one may not.
+    The routing-time check of content restrictions and of a send
+    connector's delivery restrictions alike.
+    """
+    why = refuses(route.connector)
+    if why is None:
+        return route
+    for other in route.alternatives:
+        if refuses(other) is None:
+            return route.via(other)
+    return Refusal(f"No send connector may carry this message to {route.domain}: on {route.connector.name}, {why}",
+                   "5.7.1")
