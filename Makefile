@@ -28,7 +28,10 @@ install-test: $(VENV)/.installed-test debian-test-deps
 # (iproute2: the listen backlog the kernel holds), a
 # Samba AD domain controller (the directory for AUTH; ../shared/research/
 # directory-servers.md) and rspamd (the plugins/rspamd_scan.py stage; the
-# tests start their own daemon). policy-rc.d keeps Debian from starting services.
+# tests start their own daemon), fetchmail (a site collecting in its ETRN and
+# ODMR modes) and postfix (a private instance as the provider our ETRN client
+# asks; the system one is never started). policy-rc.d keeps Debian from
+# starting services.
 SAMBA_PACKAGES := samba samba-dsdb-modules samba-vfs-modules samba-ad-provision
 debian-test-deps:
 	@missing=""; \
@@ -37,6 +40,8 @@ debian-test-deps:
 	command -v rspamd >/dev/null 2>&1 || missing="$$missing rspamd"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	command -v ss >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	command -v fetchmail >/dev/null 2>&1 || missing="$$missing fetchmail"; \
+	command -v postfix >/dev/null 2>&1 || missing="$$missing postfix"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive \

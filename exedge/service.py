@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from exedge import tls
-from exedge.auth.credentials import FileChecker, portal_for
+from exedge.auth.credentials import CramMD5Checker, FileChecker, portal_for
 from exedge.auth.directory import DirectoryChecker
 from exedge.auth.secrets import load_secrets
 from exedge.config import Config
@@ -171,6 +171,7 @@ def build_service(config: Config, reactor=None) -> MultiService:
     spool_service.setServiceParent(top)
     manager.setServiceParent(top)
     portal = None
+    checker = None
     if config.directory.credentials_file or config.directory.servers:
         auth_pool = ThreadPoolService("exedge-auth", config.directory.auth_threads, reactor)
         auth_pool.setServiceParent(top)
@@ -178,7 +179,8 @@ def build_service(config: Config, reactor=None) -> MultiService:
             checker = DirectoryChecker(config.directory, auth_pool.run, secrets.directory_service)
         else:
             checker = FileChecker(config.directory.credentials_file, auth_pool.run)
-        portal = portal_for(checker)
+    if checker is not None or secrets.cram_md5:
+        portal = portal_for(checker, CramMD5Checker(secrets.cram_md5) if secrets.cram_md5 else None)
     context = ServerContext(
         server=config.server,
         connectors=ConnectorTable(config.receive_connectors),

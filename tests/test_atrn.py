@@ -200,3 +200,40 @@ def test_turn_only_when_enabled_and_only_for_a_collector(start_server, ca, tmp_p
     assert peer.command(f"AUTH PLAIN {token}").startswith(b"235 ")
     assert peer.command("TURN").startswith(b"250 ")
     assert [rcpts for rcpts, _ in peer.serve()] == [["bob@branch.fabrikam.com"]]
+
+
+def test_cram_md5_only_for_the_accounts_whose_secret_is_held(start_server, ca, tmp_path):
+    """
+    CRAM-MD5 (RFC 2195) is offered beside PLAIN and LOGIN when [directory]
+    cram_md5_accounts names accounts: it needs their secret in clear here.
+    smtplib prefers it when offered.
+    """
+    import smtplib
+    cert, key = ca.issue("edge01", "edge01.example.com")
+    users = tmp_path / "users.txt"
+    add_user(users, "branch@fabrikam.com")
+    add_user(users, "someone@fabrikam.com")
+    secret = tmp_path / "branch.secret"
+    secret.write_text(PASSWORD + "\n")
+    server = start_server(
+        internet=f'auth_mechanisms = ["Tls", "BasicAuth"]\npermission_groups = ["AnonymousUsers", "ExchangeUsers"]\n'
+                 f'auth_tarpit_interval = 0\nmax_logon_failures = 0\n',
+        extra=f'[directory]\ncredentials_file = "{users}"\n'
+              f'cram_md5_accounts = [{{ username = "branch@fabrikam.com", password_file = "{secret}" }}]\n')
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.ehlo()
+        assert "CRAM-MD5" in c.esmtp_features["auth"].split()
+        c.user, c.password = "branch@fabrikam.com", PASSWORD
+        assert c.auth("CRAM-MD5", c.auth_cram_md5)[0] == 235
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.ehlo()
+        c.user, c.password = "branch@fabrikam.com", "wrong"
+        with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+            c.auth("CRAM-MD5", c.auth_cram_md5)
+        assert e.value.smtp_code == 535
+        c.user, c.password = "someone@fabrikam.com", PASSWORD       # no secret held for this one
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            c.auth("CRAM-MD5", c.auth_cram_md5)
+        c.user = "someone@fabrikam.com"
+        assert c.auth("PLAIN", c.auth_plain)[0] == 235              # its password still works as ever
+    assert PASSWORD not in server.log

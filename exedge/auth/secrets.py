@@ -18,6 +18,7 @@ class Secrets:
     smart_hosts: dict           # send connector name -> (username, password)
     directory_service: tuple | None = None   # (username, password) for [directory] bind_mode = "Search"
     etrn_clients: dict = attrs.field(factory=dict)   # ETRN client name -> (username, password)
+    cram_md5: dict = attrs.field(factory=dict)       # account (lower case) -> its secret, for CRAM-MD5
 
 
 def _read(config: Config, path_key: tuple, path: str, problems: list) -> str | None:
@@ -51,6 +52,11 @@ def load_secrets(config: Config) -> Secrets:
                              problems)
             if password is not None:
                 etrn[c.name] = (ref["username"], password)
+    cram = {}
+    for i, ref in enumerate(config.directory.cram_md5_accounts):
+        password = _read(config, ("directory", "cram_md5_accounts", i), ref["password_file"], problems)
+        if password is not None:
+            cram[ref["username"].lower()] = password
     service = None
     ref = config.directory.service_account
     if ref:
@@ -59,4 +65,4 @@ def load_secrets(config: Config) -> Secrets:
             service = (ref["username"], password)
     if problems:
         raise ConfigError(problems)
-    return Secrets(smart_hosts, service, etrn)
+    return Secrets(smart_hosts, service, etrn, cram)

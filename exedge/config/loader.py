@@ -246,7 +246,8 @@ def _validate(cfg: dict, out: _Collector) -> None:
         if rc.tls_mode == "Implicit" and "Tls" not in mechs:
             out.problem(path + ("tls_mode",), "Implicit TLS needs Tls in auth_mechanisms")
         if mechs & {"BasicAuth", "BasicAuthRequireTLS"} and cfg["directory"] is not None \
-                and not cfg["directory"].credentials_file and not cfg["directory"].servers:
+                and not cfg["directory"].credentials_file and not cfg["directory"].servers \
+                and not cfg["directory"].cram_md5_accounts:
             out.problem(path + ("auth_mechanisms",),
                         "BasicAuth without [directory] servers or credentials_file: AUTH will not be offered",
                         warning=True)

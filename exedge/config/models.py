@@ -105,6 +105,7 @@ class DirectoryConfig:
     timeout: float = setting(timespan(120), 5.0, "connect and answer timeout per directory server")
     group_permissions: dict = setting(group_map, {"Exchange Servers": "ExchangeServers"}, "directory group (cn) = permission group its members hold, nested groups included")
     auth_threads: int = setting(integer(1, 64), 4, "threads that check passwords, so a slow check never blocks the event loop")
+    cram_md5_accounts: tuple = setting(list_of(secret_ref), (), "accounts that may also AUTH with CRAM-MD5 (RFC 2195), [{ username, password_file }]: it needs the secret in clear on this server, so only those named here; fetchmail's ODMR mode logs in no other way")
 
 
 @attrs.frozen(kw_only=True)

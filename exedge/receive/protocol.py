@@ -58,7 +58,7 @@ from .flow import Flow, InOrder
 from .params import CommandRefused, parse_mail, parse_rcpt
 from .partners import DomainSecurity
 from .reply import Reply, bad_sequence, syntax_error, verb_reply, verdict_reply
-from .sasl import AuthDialogue
+from .sasl import AuthDialogue, offers_cram_md5
 
 log = Logger()
 
@@ -523,7 +523,7 @@ class SMTPServer(basic.LineReceiver):
         if self._tls_offered():
             ext.append("STARTTLS")
         if self._auth_offered():
-            ext.append("AUTH PLAIN LOGIN")
+            ext.append("AUTH PLAIN LOGIN CRAM-MD5" if offers_cram_md5(self.ctx.portal) else "AUTH PLAIN LOGIN")
         if self._stages_on:
             ext.extend(self.ctx.pipeline.ehlo_keywords(self.session))
         return ext
@@ -586,7 +586,7 @@ class SMTPServer(basic.LineReceiver):
             c = self.connector
             self.sasl = AuthDialogue(self.ctx.portal, self.ctx.clock, max_failures=c.max_logon_failures,
                                      tarpit=c.auth_tarpit_interval, note=self.plog.info,
-                                     session_id=self.session_id, authenticated=self._authenticated)
+                                     session_id=self.session_id, authenticated=self._authenticated, host=self.fqdn)
         return self.sasl.begin(mechanism.upper(), initial.strip(" "))
 
     def _authenticated(self, identity):
