@@ -138,3 +138,44 @@ def test_etrn_client_config_errors():
         with pytest.raises(ConfigError) as e:
             loads(base + extra, "site.toml")
         assert "site.toml:" in str(e.value) and message in str(e.value), (extra, str(e.value))
+
+
+def test_exedge_asks_a_real_postfix_that_holds_our_mail(start_server, tmp_path):
+    """
+    Postfix as the provider: it holds mail for branch.fabrikam.com in its
+    deferred queue (an etrn-only transport in defer_transports, the domain
+    in fast_flush_domains) until our client's ETRN; then it delivers to us.
+    """
+    import smtplib
+    import postfix
+    if not postfix.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("postfix is not installed, or not root")
+        pytest.skip("postfix is not installed, or not root")
+    site = start_server(extra='[[accepted_domains]]\ndomain_name = "branch.fabrikam.com"\n'
+                              '[[send_connectors]]\nname = "Branch mailboxes"\naddress_spaces = ["branch.fabrikam.com"]\n'
+                              'drop_directory = "var/branch"\n')
+    isp = postfix.PrivatePostfix(free_port(), {
+        "relay_domains": "branch.fabrikam.com",
+        "transport_maps": f"inline:{{branch.fabrikam.com=etrn-only:[127.0.0.1]:{site.port}}}",
+        "defer_transports": "etrn-only",
+        "fast_flush_domains": "$relay_domains",
+        "smtpd_etrn_restrictions": "permit_mynetworks, reject",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+    }, master_extra="etrn-only unix - - n - - smtp\n")
+    isp.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", isp.port, timeout=10) as c:
+            c.sendmail("alice@partner.test", ["bob@branch.fabrikam.com"], b"Subject: via the ISP\r\n\r\nheld\r\n")
+        assert wait_until(lambda: "bob@branch.fabrikam.com" in isp.queue_listing()), isp.log[-3000:]
+        config = tmp_path / "site.toml"
+        config.write_text(site_config(isp.port).replace(', "@sales.fabrikam.com"', ""))
+        r = subprocess.run([EXEDGE, "etrn", "ISP", "--config", str(config)], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0 and r.stdout.startswith("ETRN branch.fabrikam.com: 250 "), r.stdout + r.stderr
+        drop = site.path("var", "branch")
+        assert wait_until(lambda: os.path.isdir(drop) and os.listdir(drop), 30), isp.log[-3000:]
+        with open(os.path.join(drop, os.listdir(drop)[0]), "rb") as f:
+            assert b"Subject: via the ISP" in f.read()
+    finally:
+        isp.stop()
