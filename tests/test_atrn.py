@@ -216,8 +216,8 @@ def test_cram_md5_only_for_the_accounts_whose_secret_is_held(start_server, ca, t
     secret = tmp_path / "branch.secret"
     secret.write_text(PASSWORD + "\n")
     server = start_server(
-        internet=f'auth_mechanisms = ["Tls", "BasicAuth"]\npermission_groups = ["AnonymousUsers", "ExchangeUsers"]\n'
-                 f'auth_tarpit_interval = 0\nmax_logon_failures = 0\n',
+        internet='auth_mechanisms = ["Tls", "BasicAuth"]\npermission_groups = ["AnonymousUsers", "ExchangeUsers"]\n'
+                 'auth_tarpit_interval = 0\nmax_logon_failures = 0\n',
         extra=f'[directory]\ncredentials_file = "{users}"\n'
               f'cram_md5_accounts = [{{ username = "branch@fabrikam.com", password_file = "{secret}" }}]\n')
     with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:

@@ -13,11 +13,11 @@ import threading
 import pytest
 from ldap3 import SIMPLE, Connection, Server, Tls
 
-from harness import LOOPBACK, free_port, server_config
+from harness import LOCAL_DROP, LOOPBACK, free_port, server_config
 
 
 def config(ad, *, servers=None, groups=("AnonymousUsers", "ExchangeUsers"), directory=None, accepted_domains=(),
-           pipeline=()):
+           pipeline=(), send_connectors=()):
     """
     A client frontend doing AUTH against C{ad} (LDAPS by default); C{directory}:
     more [directory] keys, C{accepted_domains} besides example.com.
@@ -29,7 +29,7 @@ def config(ad, *, servers=None, groups=("AnonymousUsers", "ExchangeUsers"), dire
                              "tarpit_interval": 0, "auth_tarpit_interval": 0, "max_logon_failures": 10},),
         directory={"servers": servers or [f"ldaps://{ad['LDAP_HOST']}:636"], "base_dn": ad["BASE_DN"],
                    "ca_file": ad["TLS_CA_FILE"], "timeout": 3, **(directory or {})},
-        pipeline=pipeline)
+        send_connectors=(LOCAL_DROP, *send_connectors), pipeline=pipeline)
 
 
 def auth(port, user, password, mechanism="PLAIN"):
@@ -231,3 +231,24 @@ def test_recipient_lookup_needs_a_service_account(tmp_path, samba_ad):
                 .format(port=2525))
     with pytest.raises(ConfigError, match="needs \\[directory\\] servers and service_account"):
         build_pipeline(cfg, None)
+
+
+def test_atrn_after_auth_against_the_directory(start_server, samba_ad):
+    """ATRN (RFC 2645) with the account checked by the real AD: the held mail comes over the turned connection."""
+    from test_atrn import Line
+    server = start_server(config(
+        samba_ad, accepted_domains=({"domain_name": "branch.fabrikam.com", "domain_type": "InternalRelay"},),
+        pipeline=({"stage": "etrn", "atrn": True},),
+        send_connectors=({"name": "To Branch", "address_spaces": ["branch.fabrikam.com"], "smart_hosts": ["192.0.2.10"],
+                          "dns_routing_enabled": False, "remote_triggered_delivery": True,
+                          "remote_trigger_accounts": ["smtpgateway@fabrikam.com"]},)))
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.sendmail("alice@partner.test", ["bob@branch.fabrikam.com"], b"Subject: for the branch\r\n\r\nheld\r\n")
+    peer = Line(socket.create_connection(("127.0.0.1", server.port), timeout=20))
+    assert peer.reply().startswith(b"220 ")
+    assert b"ATRN" in peer.command("EHLO branch.fabrikam.com")
+    token = base64.b64encode(b"\0SMTPGateway@Fabrikam.com\0Gatew4y!pass").decode()
+    assert peer.command(f"AUTH PLAIN {token}").startswith(b"235 ")
+    assert peer.command("ATRN branch.fabrikam.com") == b"250 2.0.0 OK now reversing the connection"
+    [(rcpts, data)] = peer.serve()
+    assert rcpts == ["bob@branch.fabrikam.com"] and b"Subject: for the branch" in data

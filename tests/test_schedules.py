@@ -198,7 +198,7 @@ def test_bad_schedules_are_config_errors_with_their_line(value, message):
             f'dns_routing_enabled = false\nschedule = {value}\n')
     with pytest.raises(ConfigError) as e:
         loads(text, "edge.toml")
-    assert f"edge.toml:6: send_connectors[0].schedule: " in str(e.value) and message in str(e.value)
+    assert "edge.toml:6: send_connectors[0].schedule: " in str(e.value) and message in str(e.value)
 
 
 def test_oversize_settings_are_checked_together():
