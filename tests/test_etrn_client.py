@@ -179,3 +179,38 @@ def test_exedge_asks_a_real_postfix_that_holds_our_mail(start_server, tmp_path):
             assert b"Subject: via the ISP" in f.read()
     finally:
         isp.stop()
+
+
+def test_the_client_starts_tls_and_authenticates_before_it_asks(start_server, tmp_path):
+    """
+    A provider that lets only authenticated sites ETRN: the client starts
+    TLS (validating the chain against a private CA) and authenticates with
+    the smart-host keys of its [[etrn_clients]] entry; without them: 530.
+    """
+    from certs import CA
+    from test_tls_auth import PASSWORD, add_user
+    ca = CA(tmp_path)
+    cert, key = ca.issue("isp", "edge01.example.com")
+    users = tmp_path / "users.txt"
+    add_user(users, "branch@fabrikam.com")
+    isp = start_server(
+        internet=f'auth_mechanisms = ["Tls", "BasicAuth", "BasicAuthRequireTLS"]\n'
+                 f'permission_groups = ["AnonymousUsers", "ExchangeUsers"]\ncertificate_file = "{cert}"\n'
+                 f'private_key_file = "{key}"\nauth_tarpit_interval = 0\ntarpit_interval = 0\n',
+        extra=ETRN_SERVER.format(sink=free_port()).replace(
+            'receive_connectors = ["From Internet"]', 'receive_connectors = ["From Internet"]\nrequire_authentication = true')
+        + f'\n[directory]\ncredentials_file = "{users}"\n')
+    secret = tmp_path / "isp.secret"
+    secret.write_text(PASSWORD + "\n")
+    config = tmp_path / "site.toml"
+    tls = (f'require_tls = true\ntls_auth_level = "CertificateValidation"\ntls_ca_file = "{ca.cert_file}"\n'
+           'smart_host_auth_mechanism = "BasicAuth"\n'
+           f'authentication_credential = {{ username = "branch@fabrikam.com", password_file = "{secret}" }}\n')
+    config.write_text(site_config(isp.port, extra=tls).replace(', "@sales.fabrikam.com"', ""))
+    r = subprocess.run([EXEDGE, "etrn", "ISP", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "251 2.0.0 OK, no messages waiting" in r.stdout, r.stdout + r.stderr
+    assert "authenticated as branch@fabrikam.com" in isp.log and PASSWORD not in isp.log
+    config.write_text(site_config(isp.port, extra=f'tls_ca_file = "{ca.cert_file}"\n')
+                      .replace(', "@sales.fabrikam.com"', ""))
+    r = subprocess.run([EXEDGE, "etrn", "ISP", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "530 5.7.0 Authentication required" in r.stdout
