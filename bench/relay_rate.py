@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import against  # noqa: E402  (bench/against.py: another commit of exedge, for --against)
 import harness  # noqa: E402
+import postfix  # noqa: E402  (tests/postfix.py: a private Postfix instance)
 
 
 def median(values: list[float]) -> float:
@@ -98,92 +99,27 @@ class Exedge:
 
 
 class Postfix:
-    """A private Postfix instance under the run's directory (its own queue, port and log)."""
+    """A private Postfix instance (tests/postfix.py): its own queue, port and log."""
 
     name = "postfix"
 
     def __init__(self, workdir: str, sink_port: int):
         self.port = harness.free_port()
-        self.conf = os.path.join(workdir, "postfix-etc")
-        self.queue = os.path.join(workdir, "postfix-queue")
-        self.data = os.path.join(workdir, "postfix-data")
-        os.makedirs(self.conf)
-        shutil.copy("/etc/postfix/master.cf", os.path.join(self.conf, "master.cf"))
-        with open(os.path.join(self.conf, "master.cf")) as f:
-            master = f.read()
-        # our port on loopback instead of smtp on all addresses, and a file log (no syslog here)
-        master = master.replace("smtp      inet  n       -       y       -       -       smtpd",
-                                f"{HOST}:{self.port} inet n - n - - smtpd", 1)
-        master += "\npostlog   unix-dgram n  -       n       -       1       postlogd\n"
-        with open(os.path.join(self.conf, "master.cf"), "w") as f:
-            f.write(master)
-        main = {
-            "compatibility_level": "3.6",
-            "meta_directory": "/etc/postfix",      # Debian keeps postfix-files there
-            "queue_directory": self.queue,
-            "data_directory": self.data,
+        self.instance = postfix.PrivatePostfix(self.port, {
             "myhostname": "bench.reference.test",
-            "mydestination": "",
-            "inet_interfaces": HOST,
-            "inet_protocols": "ipv4",
-            "mynetworks": "127.0.0.0/8",
             "relay_domains": "relay.test",
             "relayhost": f"[{HOST}]:{sink_port}",
             "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
-            "maillog_file": os.path.join(workdir, "postfix.log"),
-            "maillog_file_prefixes": workdir,
-            "smtp_tls_security_level": "none",
-            "smtpd_tls_security_level": "none",
-            "biff": "no",
             "smtpd_client_connection_count_limit": "1000",
             "smtpd_client_connection_rate_limit": "0",
             "default_process_limit": "100",
-            "alias_maps": "",
-            "alias_database": "",
-        }
-        with open(os.path.join(self.conf, "main.cf"), "w") as f:
-            f.writelines(f"{k} = {v}\n" for k, v in main.items())
-
-    def _postfix(self, *args) -> None:
-        r = subprocess.run(["postfix", "-c", self.conf, *args], capture_output=True, text=True, timeout=60)
-        if r.returncode:
-            raise RuntimeError(f"postfix {' '.join(args)}: {r.stderr.strip()[-600:]}")
+        })
 
     def start(self) -> None:
-        # Postfix starts an instance from another directory only if the
-        # default configuration names it (a "No configuration" install has
-        # no default main.cf: write a minimal one)
-        if not os.path.exists("/etc/postfix/main.cf"):
-            with open("/etc/postfix/main.cf", "w") as f:
-                f.write("compatibility_level = 3.6\n")
-        listed = subprocess.run(["postconf", "-h", "alternate_config_directories"],
-                                capture_output=True, text=True).stdout.strip()
-        if self.conf not in listed.split():
-            subprocess.run(["postconf", "-e", f"alternate_config_directories = {listed} {self.conf}".strip()],
-                           check=True)
-        os.makedirs(self.queue, exist_ok=True)
-        os.makedirs(self.data, exist_ok=True)
-        shutil.chown(self.data, "postfix", "postfix")
-        self._postfix("check")
-        self._postfix("start")
-        wait_port(self.port)
+        self.instance.start()
 
     def stop(self) -> None:
-        try:
-            self._postfix("stop")
-        except (RuntimeError, subprocess.TimeoutExpired):
-            pass
-        pid_file = os.path.join(self.queue, "pid", "master.pid")
-        if os.path.exists(pid_file):
-            pid = int(open(pid_file).read().strip() or 0)
-            for _ in range(100):
-                try:
-                    os.kill(pid, 0)
-                except OSError:
-                    break
-                time.sleep(0.1)
-            else:
-                os.kill(pid, signal.SIGKILL)
+        self.instance.stop()
 
 
 def run_one(kind, size: int, conns: int, count: int, cap: float) -> dict:

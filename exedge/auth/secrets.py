@@ -1,6 +1,6 @@
 """
-Passwords exedge itself uses (smart-host AUTH, the directory's service
-account): each lives in its own password_file, never in the main
+Passwords exedge itself uses (smart-host AUTH, an ETRN client's AUTH, the
+directory's service account, the CRAM-MD5 accounts' secrets): each lives in its own password_file, never in the main
 configuration and never in a log. They are all read here, once, at
 start-up, so a file that cannot be read stops the server (and
 check-config) with the key and line that name it.
@@ -36,22 +36,20 @@ def _read(config: Config, path_key: tuple, path: str, problems: list) -> str | N
 
 def load_secrets(config: Config) -> Secrets:
     problems: list = []
-    smart_hosts = {}
-    for i, c in enumerate(config.send_connectors):
-        if c.authentication_credential and c.smart_host_auth_mechanism in ("BasicAuth", "BasicAuthRequireTLS"):
-            ref = c.authentication_credential
-            password = _read(config, ("send_connectors", i, "authentication_credential"), ref["password_file"],
-                             problems)
-            if password is not None:
-                smart_hosts[c.name] = (ref["username"], password)
-    etrn = {}
-    for i, c in enumerate(config.etrn_clients):
-        if c.authentication_credential and c.smart_host_auth_mechanism != "None":
-            ref = c.authentication_credential
-            password = _read(config, ("etrn_clients", i, "authentication_credential"), ref["password_file"],
-                             problems)
-            if password is not None:
-                etrn[c.name] = (ref["username"], password)
+
+    def credentials(section: str, items) -> dict:
+        """name -> (username, password) of the entries of C{section} that authenticate with a password."""
+        found = {}
+        for i, c in enumerate(items):
+            if c.authentication_credential and c.smart_host_auth_mechanism in ("BasicAuth", "BasicAuthRequireTLS"):
+                ref = c.authentication_credential
+                password = _read(config, (section, i, "authentication_credential"), ref["password_file"], problems)
+                if password is not None:
+                    found[c.name] = (ref["username"], password)
+        return found
+
+    smart_hosts = credentials("send_connectors", config.send_connectors)
+    etrn = credentials("etrn_clients", config.etrn_clients)
     cram = {}
     for i, ref in enumerate(config.directory.cram_md5_accounts):
         password = _read(config, ("directory", "cram_md5_accounts", i), ref["password_file"], problems)
