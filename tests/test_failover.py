@@ -251,3 +251,26 @@ def test_over_real_sockets_a_5xx_greeting_is_an_answer_not_a_down_link(tmp_path)
         manager.stopService()
         yield slow.stop()
         yield fast.stop()
+
+
+def test_a_fallback_that_refuses_the_sender_is_no_fallback_the_mail_waits(tmp_path):
+    """
+    Review finding: failover picked the dial-up link without asking its
+    delivery restrictions, and what it refused was bounced 5.7.1 (or left
+    through the "*" connector) instead of waiting for the fast link.
+    """
+    manager, agents, clock, spool = setup(tmp_path, slow='accept_messages_only_from = ["*@fabrikam.com"]\n')
+    bounced = []
+    manager.bouncer.bounce = lambda message, outcomes: (bounced.append(outcomes), defer.succeed(None))[1]
+    outsider = submit(manager, spool, "bob@branch.test")                     # from a@s.test
+    assert agents["Dial-up"].calls == [] and agents["Internet"].calls == [] and bounced == []
+    queue = manager.queues[NextHop("Fast link", "")]
+    assert queue.status is QueueStatus.Retry and queue.message_count == 1   # waits for the fast link
+    incoming = spool.begin()
+    incoming.write(b"Subject: t\r\n\r\nbody\r\n")
+    stored = []
+    incoming.commit(Envelope(sender="alice@fabrikam.com", recipients=(Recipient("carol@branch.test"),), size=100,
+                             received_at=clock.seconds())).addCallback(stored.append)
+    manager.submit(stored[0])
+    assert agents["Dial-up"].calls == [["carol@branch.test"]]              # the dial-up link takes its own
+    assert os.listdir(spool.queue_dir) == [outsider.queue_id]

@@ -29,7 +29,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from exedge.config import QueueConfig
-from exedge.interfaces import OVERSIZE, Deferral, IQueueSink, NextHop, NextHopUnreachable, Outcome, Refusal
+from exedge.interfaces import (
+    OVERSIZE, Deferral, IQueueSink, NextHop, NextHopUnreachable, Outcome, Refusal, Route,
+)
 from exedge.routing import ROUTE_DEFERRED, TOO_LARGE, UNREACHABLE, reroute
 
 log = Logger()
@@ -160,19 +162,13 @@ class QueueManager(Service):
                 refused.append(Outcome(i, "failed", "5.3.4 Message too large for every send connector "
                                        f"that serves this domain ({envelope.size} bytes)", "5.3.4"))
                 continue
-            if route.connector is not None:
-                route = reroute(self._avoid_down(route), lambda c: c.refuses_sender(envelope.sender))
-                if isinstance(route, Refusal):
-                    refused.append(Outcome(i, "failed", f"{route.status} {route.text}", route.status))
-                    continue
-            if self.route_policy is not None and route.connector is not None:
-                route = self.route_policy.route(envelope, address, route)
-                if isinstance(route, Refusal):
-                    refused.append(Outcome(i, "failed", f"{route.status} {route.text}", route.status))
-                    continue
-                if isinstance(route, Deferral):
-                    deferred.setdefault(f"{route.status} {route.text}", []).append(i)
-                    continue
+            route = self._choose(envelope, address, route)
+            if isinstance(route, Refusal):
+                refused.append(Outcome(i, "failed", f"{route.status} {route.text}", route.status))
+                continue
+            if isinstance(route, Deferral):
+                deferred.setdefault(f"{route.status} {route.text}", []).append(i)
+                continue
             hops.setdefault(route.hop, []).append(i)
         if refused:
             self._settle(message, refused)
@@ -182,6 +178,35 @@ class QueueManager(Service):
             queue = self.queue_for(hop)
             queue.items.append((message, indexes))
             self._kick(queue)
+
+    def _choose(self, envelope, address: str, route):
+        """
+        After the router: the connectors' delivery restrictions (the next
+        candidate by cost, else a Refusal), the route policy (the pipeline's
+        on_route), then failover: while the chosen connector is down (or
+        closed while another is open), a fallback that the restrictions and
+        the policy let carry this message; with none, the route stays and
+        the recipient waits for its connector.
+        """
+        if route.connector is None:
+            return route
+
+        def refuses(connector):
+            return connector.refuses_sender(envelope.sender)
+
+        route = reroute(route, refuses)
+        if self.route_policy is not None and isinstance(route, Route):
+            route = self.route_policy.route(envelope, address, route)
+        if not isinstance(route, Route) or route.connector is None:
+            return route
+        alternative = self._avoid_down(route, refuses)
+        if alternative is not route and self.route_policy is not None:
+            # the policy must agree to the fallback as it is (content restrictions, a
+            # stage's choice); moved elsewhere or refused, the recipient waits instead
+            checked = self.route_policy.route(envelope, address, alternative)
+            if not isinstance(checked, Route) or checked.connector is not alternative.connector:
+                return route
+        return alternative
 
     def _settle(self, message, outcomes) -> None:
         """
@@ -297,20 +322,23 @@ class QueueManager(Service):
         found = self._schedule_of(hop)
         return found is not None and not found[0].is_open(self.clock.seconds(), found[1])
 
-    def _avoid_down(self, route):
+    def _avoid_down(self, route, refuses):
         """
         C{route}, or the same recipient through a fallback connector (same
         address space, same or higher cost: L{Router.fallbacks}) while
         C{route}'s connector is down, or outside its schedule when a
-        fallback is open now. With no usable fallback the route stays: its
-        queue retries, or waits for its window.
+        fallback is open now. A fallback must be up, open, carry mail by
+        itself (not a remote-triggered one) and not refuse the sender
+        (C{refuses}). With none the route stays: its queue retries, or
+        waits for its window.
         """
         down = self._is_down(route.hop)
         if (not down and not self._closed_now(route.hop)) or self._remote_triggered(route.hop):
             return route
         for other in self.router.fallbacks(route):
             alternative = route.via(other)
-            if self._is_down(alternative.hop) or self._closed_now(alternative.hop):
+            if self._is_down(alternative.hop) or self._closed_now(alternative.hop) or \
+                    self._remote_triggered(alternative.hop) or refuses(other) is not None:
                 continue
             state = self._down.get((route.hop.connector, route.hop.destination))
             if state is not None and other.name not in state.switched:
@@ -541,6 +569,7 @@ class QueueManager(Service):
                     self._later(queue, (message, retry))
             elif indexes:
                 outcomes = yield (queue.agent or self.agents[queue.hop.connector]).deliver(message, indexes)
+                self._answered(queue.hop)          # a host answered: if the hop was down, it is up again
                 left = set(indexes) - {o.index for o in outcomes if o.status in ("delivered", "failed")}
                 # never raises: delivered recipients count whatever happens to the reports
                 retry = yield self._record(message, outcomes)
@@ -565,7 +594,6 @@ class QueueManager(Service):
             queue.failures = 0
             if queue.status is QueueStatus.Active:
                 queue.last_error = ""
-            self._answered(queue.hop)
         finally:
             queue.in_flight -= 1
         if queue.status is QueueStatus.Active:
