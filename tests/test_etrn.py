@@ -19,6 +19,7 @@ from exedge.dequeue.etrn import Etrn
 from exedge.interfaces import NextHop, Outcome
 from exedge.pipeline import Entry, Pipeline
 from exedge.queue import Envelope, QueueManager, QueueStatus, Recipient
+from exedge.receive import SMTPServer
 from exedge.routing import Router
 from exedge.testing import StringSession
 from harness import config_text
@@ -254,3 +255,82 @@ def test_over_real_smtp_the_held_message_reaches_the_site_after_etrn(start_serve
     finally:
         sink.terminate()
         sink.wait(timeout=15)
+
+
+def _turned_site(tmp_path, hold_messages=1):
+    """A session that said ATRN and got 250: the test is now the site, the SMTP server."""
+    config = loads(config_text(2525, extra=HELD.replace(
+        "remote_triggered_delivery = true", 'remote_triggered_delivery = true\nremote_trigger_accounts = ["branch"]')))
+    clock, triggers = task.Clock(), Triggers()
+    clock.advance(1_800_000_000)
+    pipeline = Pipeline([Entry(Etrn(triggers, config.send_connectors, clock, atrn=True))], clock)
+    session = StringSession(config, str(tmp_path / "spool"), clock=clock, pipeline=pipeline)
+    manager = QueueManager(session.spool, Router(config.accepted_domains, config.send_connectors),
+                           {"To Branch": Agent("To Branch")}, clock=clock, triggers=triggers)
+    manager.startService()
+    for n in range(hold_messages):
+        incoming = session.spool.begin()
+        incoming.write(b"Subject: %d\r\n\r\nheld\r\n" % n)
+        stored = []
+        incoming.commit(Envelope(sender="a@partner.test", recipients=(Recipient(f"u{n}@branch.fabrikam.com"),),
+                                 size=30, received_at=clock.seconds())).addCallback(stored.append)
+        manager.submit(stored[0])
+    session.send(b"EHLO branch.fabrikam.com\r\n")
+    session.proto.identity = type("Identity", (), {"name": "branch"})()
+    assert session.send(b"ATRN\r\n") == b"250 2.0.0 OK now reversing the connection\r\n"
+    return session, manager
+
+
+def test_a_turned_connection_is_closed_after_its_session_and_aborted_if_the_site_keeps_it(tmp_path):
+    """Review finding: after the turned session nothing bounded the connection, so a site kept its slot."""
+    session, _ = _turned_site(tmp_path, hold_messages=0 + 1)
+    assert session.send(b"220 branch ESMTP\r\n").startswith(b"EHLO ")
+    out = session.send(b"250 branch\r\n")
+    assert out.startswith(b"MAIL FROM:")
+    session.send(b"250 ok\r\n")                                # MAIL
+    session.send(b"250 ok\r\n")                                # RCPT
+    assert session.send(b"354 go\r\n").endswith(b"\r\n.\r\n")  # DATA, then the message
+    assert session.send(b"250 got it\r\n") == b"QUIT\r\n"
+    assert session.transport.disconnecting and not session.transport.disconnected
+    session.clock.advance(SMTPServer.CLOSE_GRACE)              # the site neither closes nor answers close_notify
+    assert session.transport.disconnected
+
+
+def test_a_half_close_by_the_turned_site_ends_the_run_at_once(tmp_path):
+    """Review finding: the half-close went nowhere and the run hung until the client's timeouts."""
+    session, manager = _turned_site(tmp_path)
+    session.send(b"220 branch ESMTP\r\n")
+    session.proto.readConnectionLost()
+    assert session.transport.disconnected
+    session.proto.connectionLost(None)
+    queue = manager.queues[NextHop("To Branch", "branch.fabrikam.com")]
+    assert (queue.status, queue.hold_reason, queue.message_count) == (QueueStatus.Held, "remote triggered delivery", 1)
+
+
+def test_a_turned_session_reads_held_mail_a_few_messages_at_a_time(tmp_path):
+    """Review finding: every held message was read into memory at once."""
+    from exedge.dequeue.atrn import Collection
+    reads = []
+
+    def run(f):
+        reads.append(f)
+        return defer.maybeDeferred(f)
+
+    collection = Collection(run, helo="edge", clock=task.Clock(), peer="site")
+
+    class Held:
+        def __init__(self, n):
+            self.queue_id, self.n = f"Q{n}", n
+            self.envelope = Envelope(sender="a@b.test", recipients=(Recipient(f"u{n}@branch.test"),))
+
+        def in_memory(self):
+            return None
+
+        def read_data(self):
+            return b"Subject: x\r\n\r\nx\r\n"
+
+    for n in range(25):
+        collection.deliver(Held(n), [0])
+    got = []
+    collection._source(None).addCallback(got.append)
+    assert len(got[0]) == Collection.batch and len(reads) == 1

@@ -215,3 +215,23 @@ def test_oversize_settings_are_checked_together():
     with pytest.raises(ConfigError) as e:
         loads(base + 'schedule_time_zone = "Europe/Bonn"\n', "e.toml")
     assert "e.toml:6: send_connectors[0].schedule_time_zone: unknown time zone 'Europe/Bonn'" in str(e.value)
+
+
+def test_in_the_hour_an_autumn_change_repeats_open_and_the_next_change_agree():
+    """
+    Review finding: is_open read wall-clock minutes while next_change read
+    first occurrences, so in the repeated hour a queue made after a
+    window's close was taken for open until the next week's change.
+    """
+    utc = datetime.timezone.utc
+    late = parse_schedule(["Sun 00:00-02:30"])      # 25 October 2026: 03:00 CEST becomes 02:00 CET
+    first_0210 = datetime.datetime(2026, 10, 25, 0, 10, tzinfo=utc).timestamp()    # 02:10 CEST
+    closes = datetime.datetime(2026, 10, 25, 0, 30, tzinfo=utc).timestamp()        # 02:30 CEST, the first one
+    second_0210 = datetime.datetime(2026, 10, 25, 1, 10, tzinfo=utc).timestamp()   # 02:10 CET, again
+    assert late.is_open(first_0210, BERLIN) and late.next_change(first_0210, BERLIN) == closes
+    assert not late.is_open(second_0210, BERLIN)
+    assert late.next_opening(second_0210, BERLIN) == at(2026, 11, 1, 0, 0)
+    # the hour a spring change skips: the window opens when its timer fires, not half an hour before
+    gap = parse_schedule(["Sun 02:30-05:00"])
+    three = datetime.datetime(2027, 3, 28, 1, 0, tzinfo=utc).timestamp()           # 03:00 CEST
+    assert not gap.is_open(three, BERLIN) and gap.next_change(three, BERLIN) == at(2027, 3, 28, 3, 30)

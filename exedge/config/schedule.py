@@ -52,12 +52,26 @@ class Schedule:
     def __str__(self) -> str:
         return self.text
 
+    def _boundaries(self, when: float, zone):
+        """(POSIX time, is a start) of every window edge of the weeks around C{when}."""
+        local = _local(when, zone)
+        monday = datetime.datetime.combine(local.date() - datetime.timedelta(days=local.weekday()),
+                                           datetime.time())
+        for week in (-1, 0, 1):
+            for start, end in self.windows:
+                yield _instant(monday + datetime.timedelta(minutes=week * WEEK + start), zone), True
+                yield _instant(monday + datetime.timedelta(minutes=week * WEEK + end), zone), False
+
     def is_open(self, when: float, zone: datetime.tzinfo | None) -> bool:
-        """Is C{when} (a POSIX time) inside a window?"""
+        """
+        Is C{when} (a POSIX time) inside a window? Read from the same
+        instants as L{next_change}, so that what is open and when it next
+        changes agree, in the hours a clock change skips or repeats too.
+        """
         if self.always or self.never:
             return self.always
-        minute = _minute_of_week(when, zone)
-        return any(start <= minute < end or start <= minute + WEEK < end for start, end in self.windows)
+        last = max(((at, is_start) for at, is_start in self._boundaries(when, zone) if at <= when), default=None)
+        return last is not None and last[1]
 
     def next_change(self, when: float, zone: datetime.tzinfo | None) -> float | None:
         """
@@ -66,18 +80,7 @@ class Schedule:
         """
         if self.always or self.never:
             return None
-        local = _local(when, zone)
-        monday = datetime.datetime.combine(local.date() - datetime.timedelta(days=local.weekday()),
-                                           datetime.time())
-        candidates = []
-        for week in (-1, 0, 1):
-            for start, end in self.windows:
-                for minute in (start, end):
-                    wall = monday + datetime.timedelta(minutes=week * WEEK + minute)
-                    at = _instant(wall, zone)
-                    if at > when:
-                        candidates.append(at)
-        return min(candidates)
+        return min(at for at, _ in self._boundaries(when, zone) if at > when)
 
     def next_opening(self, when: float, zone: datetime.tzinfo | None) -> float | None:
         """When the schedule next opens after C{when} (None: never, or it is Always)."""
@@ -107,11 +110,6 @@ def _instant(wall: datetime.datetime, zone) -> float:
     if zone is None:
         return wall.timestamp()
     return wall.replace(tzinfo=zone).timestamp()
-
-
-def _minute_of_week(when: float, zone) -> float:
-    local = _local(when, zone)
-    return local.weekday() * 1440 + local.hour * 60 + local.minute + local.second / 60
 
 
 def _minute(hours: str, minutes: str, window: str) -> int:

@@ -354,10 +354,10 @@ def parse_etrn_node(argument: str):
     if argument.startswith("@"):
         kind, name = "subdomains", argument[1:]
     elif argument.startswith("#"):
-        return ("queue", argument[1:]) if _ETRN_QUEUE.match(argument[1:]) else None
+        return ("queue", argument[1:]) if _ETRN_QUEUE.fullmatch(argument[1:]) else None
     if name.endswith(".") and not name.endswith(".."):
         name = name[:-1]
-    if not name or len(name) > 253 or not name.isascii() or not _ETRN_NODE.match(name):
+    if not name or len(name) > 253 or not name.isascii() or not _ETRN_NODE.fullmatch(name):
         return None
     return kind, name.lower()
 

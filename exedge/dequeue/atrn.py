@@ -34,6 +34,7 @@ from exedge.send.relay import load, outcomes_of
 class Collection:
     concurrency = 1 << 16          # every held message at once: the one session takes them in turn
     connector = None
+    batch = 10                     # messages read from the spool at a time: a site back after days may have GBs
 
     def __init__(self, run, *, helo: str, clock, peer: str, timeouts: Timeouts = Timeouts()):
         """C{run}: where messages are read from the spool (its delivery threads)."""
@@ -64,9 +65,10 @@ class Collection:
         return self.client
 
     def _source(self, room):
-        batch = self._waiting if room is None else self._waiting[:room]
-        self._waiting = self._waiting[len(batch):]
-        return load(batch, self.run, self._entries, self._keys)      # [] ends the session
+        """The next few messages (the client asks again when it has sent them); [] ends the session."""
+        size = self.batch if room is None else min(room, self.batch)
+        batch, self._waiting = self._waiting[:size], self._waiting[size:]
+        return load(batch, self.run, self._entries, self._keys)
 
     def _settled(self, message_result) -> None:
         message, indexes, d = self._entries.pop(message_result.message.key)

@@ -80,7 +80,8 @@ class _Asking(basic.LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         text = line.rstrip(b"\r").decode("utf-8", "replace")
         if len(text) < 3 or not text[:3].isdigit():
-            return self._fail(f"not an SMTP reply: {text[:100]!r}")
+            self._fail(f"not an SMTP reply: {text[:100]!r}")
+            return self.transport.abortConnection()
         self.lines.append(text)
         if text[3:4] == "-":
             return

@@ -58,7 +58,7 @@ from .flow import Flow, InOrder
 from .params import CommandRefused, parse_mail, parse_rcpt
 from .partners import DomainSecurity
 from .reply import Reply, bad_sequence, syntax_error, verb_reply, verdict_reply
-from .sasl import AuthDialogue, offers_cram_md5
+from .sasl import AuthDialogue, mechanisms
 
 log = Logger()
 
@@ -301,7 +301,10 @@ class SMTPServer(basic.LineReceiver):
         closes (L{_input_done}). Plain TCP only: Twisted's TLS layer takes
         the end of input for the end of the connection.
         """
-        if self._closing or self._turned is not None:
+        if self._turned is not None:
+            # the site, the turned session's server, has finished sending: its session is over
+            return self.transport.abortConnection()
+        if self._closing:
             return
         self._input_ended = True
         self.flow.end_of_input()
@@ -523,7 +526,7 @@ class SMTPServer(basic.LineReceiver):
         if self._tls_offered():
             ext.append("STARTTLS")
         if self._auth_offered():
-            ext.append("AUTH PLAIN LOGIN CRAM-MD5" if offers_cram_md5(self.ctx.portal) else "AUTH PLAIN LOGIN")
+            ext.append("AUTH " + " ".join(mechanisms(self.ctx.portal)))
         if self._stages_on:
             ext.extend(self.ctx.pipeline.ehlo_keywords(self.session))
         return ext
@@ -747,7 +750,8 @@ class SMTPServer(basic.LineReceiver):
         ATRN or TURN: from now on this connection carries a session in the
         other direction (C{protocol}, our SMTP client); this session only
         forwards to it what arrives, and ends with the connection. The
-        client's own timeouts bound it.
+        client's own timeouts bound it; when its C{result} fires, the
+        connection is closed with the same grace as any session's end.
         """
         self.plog.info("the connection is turned round: we deliver, the client receives")
         for call in (self._idle_call, self._life_call):
@@ -759,6 +763,11 @@ class SMTPServer(basic.LineReceiver):
         protocol.makeConnection(self.transport)
         if pending:
             protocol.dataReceived(pending)
+        # when the turned session is over, the connection goes as ours would:
+        # closed, and aborted if the site does not let it go (close_notify unanswered)
+        result = getattr(protocol, "result", None)
+        if isinstance(result, defer.Deferred):
+            result.addBoth(lambda outcome: (self.flow.end(), outcome)[1])
 
     def _staged(self, hook: str, reply: Reply, args: tuple, undo=None):
         """C{reply} once the stages agree with it; their verdict's reply (and C{undo}) if not."""

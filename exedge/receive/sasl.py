@@ -18,7 +18,9 @@ import secrets
 import time
 
 from twisted.cred import error as cred_error
-from twisted.cred.credentials import CramMD5Credentials, IUsernameHashedPassword, UsernamePassword
+from twisted.cred.credentials import (
+    CramMD5Credentials, IUsernameHashedPassword, IUsernamePassword, UsernamePassword,
+)
 from twisted.internet import task
 from twisted.logger import Logger
 
@@ -71,6 +73,8 @@ class AuthDialogue:
 
     def begin(self, mechanism: str, initial: str):
         """AUTH C{mechanism} [C{initial}]: the reply, at once or as a Deferred."""
+        if mechanism not in mechanisms(self.portal):
+            return Reply(504, "5.5.4", "Unrecognized authentication type", protocol_error=True, tarpit=True)
         if mechanism == "PLAIN":
             if initial:
                 return self._plain(initial)
@@ -81,7 +85,7 @@ class AuthDialogue:
                 return self._login_user(initial)
             self._step = self._login_user
             return Reply(334, None, USERNAME_PROMPT)
-        if mechanism == "CRAM-MD5" and offers_cram_md5(self.portal):
+        if mechanism == "CRAM-MD5":
             if initial:
                 return syntax_error("CRAM-MD5 takes no initial response", "5.5.2")
             credentials = CramMD5Credentials(self.host)
@@ -178,6 +182,10 @@ class AuthDialogue:
         return task.deferLater(self.clock, self.tarpit, lambda: reply)
 
 
-def offers_cram_md5(portal) -> bool:
-    """Can this portal check CRAM-MD5 ([directory] cram_md5_accounts)?"""
-    return portal is not None and IUsernameHashedPassword in portal.listCredentialsInterfaces()
+def mechanisms(portal) -> list[str]:
+    """The SASL mechanisms this portal can check: PLAIN and LOGIN with passwords, CRAM-MD5 with held secrets."""
+    if portal is None:
+        return []
+    found = portal.listCredentialsInterfaces()
+    return (["PLAIN", "LOGIN"] if IUsernamePassword in found else []) + \
+        (["CRAM-MD5"] if IUsernameHashedPassword in found else [])

@@ -212,11 +212,10 @@ class RelayAgent:
         d = defer.Deferred(cancel)
 
         def loaded(outbound):
-            if cancelled:
-                return
-            d.callback(outbound)
+            if not cancelled:
+                d.callback(outbound)
 
-        load(batch, self.run, entries, self._keys).addCallback(loaded)
+        load(batch, self.run, entries, self._keys, cancelled=lambda: bool(cancelled)).addCallback(loaded)
         return d
 
     def _requeue(self, batch) -> None:
@@ -348,13 +347,15 @@ class RelayAgent:
         d.callback(outcomes_of(message_result, extensions, remote))
 
 
-def load(batch, run, entries: dict, keys) -> defer.Deferred:
+def load(batch, run, entries: dict, keys, cancelled=lambda: False) -> defer.Deferred:
     """
     The outbound messages of C{batch} ((stored message, recipient indexes,
     Deferred of its outcomes) each), read from memory if they were just
     committed, else by C{run} on the delivery thread; each is keyed in
     C{entries} by a key from C{keys}. A message that cannot be read fails
-    alone, its Deferred failing (transiently: the queue retries it).
+    alone, its Deferred failing (transiently: the queue retries it). When
+    C{cancelled()} is true by the time the reading is done, the batch
+    belongs to its caller again: nothing is keyed and nothing fires.
     """
     def read_all():
         datas = []
@@ -366,6 +367,8 @@ def load(batch, run, entries: dict, keys) -> defer.Deferred:
         return datas
 
     def loaded(datas):
+        if cancelled():
+            return []
         outbound = []
         for entry, data in zip(batch, datas):
             message, indexes, done = entry
@@ -382,8 +385,9 @@ def load(batch, run, entries: dict, keys) -> defer.Deferred:
         return outbound
 
     def thread_failed(f):
-        for _, _, done in batch:
-            done.errback(f)
+        if not cancelled():
+            for _, _, done in batch:
+                done.errback(f)
         return []
 
     held = [message.in_memory() for message, _, _ in batch]
