@@ -168,3 +168,21 @@ def test_a_message_still_in_memory_is_sent_without_a_trip_to_the_disk():
         assert sink.messages[0].data == b"Subject: held\r\n\r\nx\r\n"
     finally:
         yield sink.stop()
+
+
+def test_a_cancelled_load_leaves_its_messages_to_the_agent():
+    """
+    Review finding: a load cancelled while the spool read was under way
+    (the connection went away) requeued the batch and then failed its
+    callers too, so the queue retried what the agent would also deliver.
+    """
+    reading = defer.Deferred()
+    a = RelayAgent(connector(2525), helo="edge01.example.com", run=lambda f: reading, reactor=reactor)
+    done = defer.Deferred()
+    batch = [(stored(1), [0], done)]
+    loading = a._load(batch, {})
+    loading.cancel()
+    reading.errback(OSError(5, "Input/output error"))
+    assert not done.called                                      # the agent still has it, requeued
+    assert a._pending[""][0][2] is done
+    a._pending.clear()
