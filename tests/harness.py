@@ -20,6 +20,15 @@ BIN = os.path.dirname(sys.executable)
 TWISTD = os.path.join(BIN, "twistd")
 
 
+def read_log(path: str) -> str:
+    """A process's log so far, or "" before it wrote one: what a failing test prints."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -194,11 +203,7 @@ class Server:
 
     @property
     def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def _end(self, sig) -> None:
         if self.proc is not None and self.proc.poll() is None:

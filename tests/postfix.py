@@ -18,6 +18,8 @@ import subprocess
 import tempfile
 import time
 
+from harness import read_log
+
 HOST = "127.0.0.1"
 
 
@@ -86,11 +88,7 @@ class PrivatePostfix:
 
     @property
     def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def start(self) -> "PrivatePostfix":
         if not os.path.exists("/etc/postfix/main.cf"):
