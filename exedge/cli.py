@@ -8,6 +8,10 @@ The `exedge` command. Sub-commands:
   exedge etrn NAME [--config FILE]
                                run [[etrn_clients]] NAME once (a link-up script's call): print each
                                reply; exit 0 when every domain got a 25x
+  exedge queue list|flush [--config FILE] [--json]
+                               the running server's queues (postqueue -p / -f), over [management] socket
+  exedge reload [--config FILE]   read the configuration again (as SIGHUP); the old one stays if it is bad
+  exedge status [--config FILE]   version, uptime, connectors and their listening state, sessions, spool
 """
 
 from __future__ import annotations
@@ -177,6 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("name", help="the [[etrn_clients]] entry's name")
     p.add_argument("--config", default="etc/exedge.toml", help="the exedge configuration (default etc/exedge.toml)")
     p.set_defaults(func=etrn)
+    from exedge.manage.commands import add_parsers
+    add_parsers(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

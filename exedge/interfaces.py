@@ -231,3 +231,81 @@ class IDeliveryAgent(Interface):
         one per recipient; a failed Deferred is a transient failure of the
         whole attempt (L{NextHopUnreachable} when no host could be reached).
         """
+
+
+# -- administration --------------------------------------------------------------
+
+@attrs.frozen
+class QueueInfo:
+    """One delivery queue as an admin sees it (Exchange's Get-Queue)."""
+
+    identity: str            # "3", or "Unreachable": stable while the server runs
+    hop: NextHop
+    status: str              # Ready | Active | Retry | Suspended | Held
+    message_count: int       # messages waiting or in flight in this queue
+    hold_reason: str = ""
+    last_error: str = ""
+    next_retry: float | None = None   # epoch seconds
+    oldest: float | None = None       # arrival time of the oldest message waiting (epoch seconds)
+
+
+@attrs.frozen
+class RecipientInfo:
+    address: str
+    status: str              # Complete | Ready | Active | Retry | Held | Suspended
+    queue: str = ""          # the identity of the queue it waits in
+    last_error: str = ""
+
+
+@attrs.frozen
+class MessageInfo:
+    """One message in the queues (Exchange's Get-Message)."""
+
+    identity: str            # the spool's queue id
+    status: str              # Active | Ready | Retry | Held | Suspended
+    sender: str
+    recipients: tuple        # of RecipientInfo
+    size: int
+    received_at: float
+    queues: tuple            # identities of the queues it sits in
+    last_error: str = ""
+    receive_connector: str = ""
+    peer: str = ""
+
+
+class QueueActionRefused(Exception):
+    """An admin action that cannot be done as asked (the reason says why and what to do)."""
+
+
+class IQueueAdmin(Interface):
+    """What the management endpoint may see of the queues and do to them (the queue manager)."""
+
+    def queue_infos():
+        """Every queue now, as L{QueueInfo} values."""
+
+    def message_infos(queue=None):
+        """Every message (in the queue with identity C{queue}), as L{MessageInfo} values."""
+
+    def retry_queue(identity, resubmit=False):
+        """Try a queue now (C{resubmit}: route its messages again, as after a configuration change)."""
+
+    def suspend_queue(identity):
+        """Start nothing new from this queue until resumed."""
+
+    def resume_queue(identity):
+        """Undo L{suspend_queue}."""
+
+    def redirect_queue(identity, connector):
+        """Move what waits in this queue to the next hop of the send connector named C{connector}."""
+
+    def suspend_message(identity):
+        """Start no delivery of this message, in any queue, until resumed."""
+
+    def resume_message(identity):
+        """Undo L{suspend_message}."""
+
+    def remove_message(identity, ndr):
+        """Give up on the message's pending recipients: a Deferred (C{ndr}: tell the sender)."""
+
+    def export_message(identity):
+        """A Deferred firing with the message's bytes, as stored."""

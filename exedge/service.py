@@ -16,6 +16,10 @@ the listeners (with cleanup).
 from __future__ import annotations
 
 import ipaddress
+import os
+import time
+
+import attrs
 
 from twisted.application.service import MultiService, Service
 from twisted.names import client
@@ -27,14 +31,19 @@ from exedge import tls
 from exedge.auth.credentials import CramMD5Checker, FileChecker, portal_for
 from exedge.auth.directory import DirectoryChecker
 from exedge.auth.secrets import load_secrets
-from exedge.config import Config
+from exedge import __version__
+from exedge.config import Config, ConfigError, load
 from exedge.dequeue import Triggers
 from exedge.dequeue.client import EtrnClientService
 from exedge.pipeline import build_pipeline
 from exedge.cleanup import Cleanup
 from exedge.queue import QueueManager, Spool
 from exedge.queue.intake import Intake
-from exedge.receive import ConnectorTable, ServerContext, listener_services
+from exedge.manage.api import ManagementAPI
+from exedge.manage.service import ManagementService
+from exedge.metrics import Metrics
+from exedge.receive import ConnectorTable, SMTPFactory, ServerContext
+from exedge.receive.listener import listener_service
 from exedge.routing import Router
 from exedge.dsn import Bouncer
 from exedge.send import DropDirectoryAgent, RelayAgent
@@ -137,64 +146,240 @@ def mx_resolver(config: Config, reactor) -> MXResolver:
     return MXResolver(resolver, own_names=names, own_addresses=bound, allowed_addresses=allowed - bound)
 
 
-def build_service(config: Config, reactor=None) -> MultiService:
-    if reactor is None:
-        from twisted.internet import reactor
-    top = MultiService()
-    router = Router(config.accepted_domains, config.send_connectors)
-    intake = Intake()
-    spool_service = SpoolService(config.server.spool_directory, config.server.spool_threads,
-                                 config.server.delivery_threads, reactor, intake.submit)
-    spool = spool_service.spool
-    cleanup = Cleanup(spool, intake, reactor, quarantine_mailbox=config.server.quarantine_mailbox)
-    agents = {}
-    mx = None
-    secrets = load_secrets(config)      # every password file read now: a bad one stops start-up
-    client_certificates = tls.send_client_certificates(config)
-    for c in config.send_connectors:
-        if c.drop_directory:
-            agents[c.name] = DropDirectoryAgent(c, spool.run_delivery, defer_to=spool.receiving, clock=reactor)
-            continue
-        if mx is None:
-            mx = mx_resolver(config, reactor)
-        # smart hosts given by name are looked up like MX hosts, through [server].dns_servers
-        agents[c.name] = RelayAgent(c, helo=c.fqdn or config.server.fqdn, run=spool.run_delivery,
-                                    reactor=reactor, mx=None if c.smart_hosts else mx, resolver=mx,
-                                    credentials=secrets.smart_hosts.get(c.name),
-                                    client_certificate=client_certificates.get(c.name))
-    triggers = Triggers()
-    # stages checked before anything listens
-    pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor), dequeue=triggers)
-    manager = QueueManager(spool, router, agents, clock=reactor, policy=config.queue,
-                           bouncer=Bouncer(cleanup, config.server.fqdn, spool.run_delivery, reactor),
-                           route_policy=pipeline if pipeline.routes else None, intake=intake, triggers=triggers)
-    spool_service.setServiceParent(top)
-    manager.setServiceParent(top)
-    portal = None
-    checker = None
-    if config.directory.credentials_file or config.directory.servers:
-        auth_pool = ThreadPoolService("exedge-auth", config.directory.auth_threads, reactor)
-        auth_pool.setServiceParent(top)
+@attrs.frozen
+class _Parts:
+    """What a configuration builds that a reload replaces as one: all of it checked before any is used."""
+
+    config: Config
+    router: Router
+    agents: dict
+    pipeline: object
+    context: ServerContext
+    etrn: tuple
+
+
+class ExedgeServer(MultiService):
+    """
+    The whole server. What lives as long as the process (the spool and its
+    threads, cleanup, the queue manager, the management endpoint) is made
+    once; what a configuration describes (routing, send connectors' agents,
+    receive connectors, TLS, AUTH, the pipeline, ETRN clients) is built as
+    L{_Parts}, and L{reload} swaps a new set in atomically: a file that
+    does not load, a certificate that does not read or a port that cannot
+    be bound leaves the running configuration as it was. Sessions in flight
+    keep the context they started with (the protocol holds it); new
+    sessions get the new one.
+    """
+
+    def __init__(self, config: Config, reactor=None, config_path: str | None = None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.config_path = config_path
+        self.started_at = reactor.seconds()
+        self.loaded_at = self.started_at
+        self.metrics = Metrics(clock=reactor)
+        self.intake = Intake()
+        self.spool_service = SpoolService(config.server.spool_directory, config.server.spool_threads,
+                                          config.server.delivery_threads, reactor, self.intake.submit)
+        spool = self.spool_service.spool
+        self.cleanup = Cleanup(spool, self.intake, reactor, quarantine_mailbox=config.server.quarantine_mailbox)
+        self.triggers = Triggers()
+        # every thread that checks passwords, whichever directory a reload names
+        self.auth_pool = ThreadPoolService("exedge-auth", config.directory.auth_threads, reactor)
+        parts = self._build(config)
+        self.manager = QueueManager(spool, parts.router, parts.agents, clock=reactor, policy=config.queue,
+                                    bouncer=Bouncer(self.cleanup, config.server.fqdn, spool.run_delivery, reactor),
+                                    route_policy=parts.pipeline if parts.pipeline.routes else None,
+                                    intake=self.intake, triggers=self.triggers)
+        self.metrics.watch_queues(self.manager)
+        self.spool_service.setServiceParent(self)
+        self.manager.setServiceParent(self)
+        self.auth_pool.setServiceParent(self)
+        self.factory = SMTPFactory(parts.context)
+        self.listeners: dict = {}            # Binding -> its listening service
+        for binding in parts.context.connectors.listen_bindings():
+            self._listener(binding, parts.context).setServiceParent(self)
+        for service in parts.etrn:
+            service.setServiceParent(self)
+        self.parts = parts
+        self.management = None
+        if config.management.socket or config.management.listen is not None:
+            self.management = ManagementService(config, reactor, self._api)
+            self.management.setServiceParent(self)
+
+    # -- building ------------------------------------------------------------
+
+    def _build(self, config: Config) -> _Parts:
+        """Everything a configuration describes; ConfigError for what only files can tell."""
+        reactor = self.reactor
+        spool = self.spool_service.spool
+        router = Router(config.accepted_domains, config.send_connectors)
+        agents = {}
+        mx = None
+        secrets = load_secrets(config)      # every password file read now: a bad one stops start-up
+        client_certificates = tls.send_client_certificates(config)
+        for c in config.send_connectors:
+            if c.drop_directory:
+                agents[c.name] = DropDirectoryAgent(c, spool.run_delivery, defer_to=spool.receiving, clock=reactor)
+                continue
+            if mx is None:
+                mx = mx_resolver(config, reactor)
+            # smart hosts given by name are looked up like MX hosts, through [server].dns_servers
+            agents[c.name] = RelayAgent(c, helo=c.fqdn or config.server.fqdn, run=spool.run_delivery,
+                                        reactor=reactor, mx=None if c.smart_hosts else mx, resolver=mx,
+                                        credentials=secrets.smart_hosts.get(c.name),
+                                        client_certificate=client_certificates.get(c.name))
+        # stages checked before anything listens
+        pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor), dequeue=self.triggers)
+        portal = None
+        checker = None
         if config.directory.servers:
-            checker = DirectoryChecker(config.directory, auth_pool.run, secrets.directory_service)
-        else:
-            checker = FileChecker(config.directory.credentials_file, auth_pool.run)
-    if checker is not None or secrets.cram_md5:
-        portal = portal_for(checker, CramMD5Checker(secrets.cram_md5) if secrets.cram_md5 else None)
-    context = ServerContext(
-        server=config.server,
-        connectors=ConnectorTable(config.receive_connectors),
-        router=router,
-        cleanup=cleanup,
-        clock=reactor,
-        tls=tls.receive_contexts(config),      # certificates checked before anything listens
-        portal=portal,
-        client_ca=tls.client_ca_stores(config),
-        pipeline=pipeline,
-    )
-    for service in listener_services(reactor, context):
-        service.setServiceParent(top)
-    for etrn in config.etrn_clients:
-        EtrnClientService(etrn, helo=config.server.fqdn, reactor=reactor,
-                          credentials=secrets.etrn_clients.get(etrn.name)).setServiceParent(top)
-    return top
+            checker = DirectoryChecker(config.directory, self.auth_pool.run, secrets.directory_service)
+        elif config.directory.credentials_file:
+            checker = FileChecker(config.directory.credentials_file, self.auth_pool.run)
+        if checker is not None or secrets.cram_md5:
+            portal = portal_for(checker, CramMD5Checker(secrets.cram_md5) if secrets.cram_md5 else None)
+        context = ServerContext(
+            server=config.server,
+            connectors=ConnectorTable(config.receive_connectors),
+            router=router,
+            cleanup=self.cleanup,
+            clock=reactor,
+            tls=tls.receive_contexts(config),      # certificates checked before anything listens
+            portal=portal,
+            client_ca=tls.client_ca_stores(config),
+            pipeline=pipeline,
+            metrics=self.metrics,
+        )
+        etrn = tuple(EtrnClientService(e, helo=config.server.fqdn, reactor=reactor,
+                                       credentials=secrets.etrn_clients.get(e.name)) for e in config.etrn_clients)
+        return _Parts(config, router, agents, pipeline, context, etrn)
+
+    def _listener(self, binding, context: ServerContext):
+        service = listener_service(self.reactor, binding, context.connectors.listen_backlog(binding), self.factory)
+        self.listeners[binding] = service
+        return service
+
+    @property
+    def config(self) -> Config:
+        return self.parts.config
+
+    # -- reload ----------------------------------------------------------------
+
+    def reload(self) -> dict:
+        """
+        Read the configuration file again and swap it in, or keep the
+        running one and say why. Returns the report the endpoint shows
+        (also logged); never raises.
+        """
+        if self.config_path is None:
+            return {"reloaded": False, "problems": ["this server was not started from a file"]}
+        try:
+            config = load(self.config_path)
+            parts = self._build(config)
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("reload refused: {problem}", problem=str(problem))
+            log.error("reload refused: {count} problem(s) in {path}; still running on the configuration "
+                      "loaded before", count=len(e.problems), path=self.config_path)
+            return {"reloaded": False, "problems": [str(p) for p in e.problems]}
+        old = self.parts
+        wanted = set(parts.context.connectors.listen_bindings())
+        added = [b for b in parts.context.connectors.listen_bindings() if b not in self.listeners]
+        started = []
+        for binding in added:
+            service = self._listener(binding, parts.context)
+            try:
+                service.setServiceParent(self)      # binds now, the server running
+            except Exception as e:
+                log.error("reload refused: cannot listen on {binding}: {error}", binding=str(binding), error=e)
+                for s in [service] + started:
+                    self._drop_listener(s)
+                return {"reloaded": False, "problems": [f"cannot listen on {binding}: {e}"]}
+            started.append(service)
+        removed = [b for b in self.listeners if b not in wanted]
+        for binding in removed:
+            self._drop_listener(self.listeners[binding])
+        # the swap: new sessions and new routing from here on, in one turn of the reactor
+        self.factory.context = parts.context
+        rerouted = self.manager.reconfigure(parts.router, parts.agents, config.queue,
+                                            route_policy=parts.pipeline if parts.pipeline.routes else None)
+        for service in old.etrn:
+            service.disownServiceParent()
+        for service in parts.etrn:
+            service.setServiceParent(self)
+        self.parts = parts
+        self.loaded_at = self.reactor.seconds()
+        later = _needs_restart(old.config, config)
+        for key in later:
+            log.warn("reload: {key} changed; it takes effect at the next restart", key=key)
+        report = {"reloaded": True, "listening_added": [str(b) for b in added],
+                  "listening_removed": [str(b) for b in removed], "restart_needed_for": later, **rerouted}
+        log.info("reload: {path} loaded ({receive} receive, {send} send connector(s)); listening added: {added}; "
+                 "removed: {removed}; {moved} queued item(s) routed again",
+                 path=self.config_path, receive=len(config.receive_connectors), send=len(config.send_connectors),
+                 added=", ".join(report["listening_added"]) or "none",
+                 removed=", ".join(report["listening_removed"]) or "none", moved=rerouted["items_rerouted"])
+        return report
+
+    def _drop_listener(self, service) -> None:
+        for binding, s in list(self.listeners.items()):
+            if s is service:
+                del self.listeners[binding]
+        if service.parent is not None:
+            service.disownServiceParent()
+
+    # -- the management endpoint's view ------------------------------------------
+
+    def _api(self, token):
+        return ManagementAPI(self.manager, server_name=self.config.server.fqdn.split(".")[0], status=self.status,
+                             reload=self.reload, metrics=self.metrics.render, page=None, token=token)
+
+    def status(self) -> dict:
+        now = self.reactor.seconds()
+        config = self.config
+        listening = {str(b): bool(s.running) for b, s in self.listeners.items()}
+        return {
+            "version": __version__,
+            "server": config.server.fqdn,
+            "pid": os.getpid(),
+            "started": _iso(self.started_at),
+            "uptime_seconds": round(now - self.started_at, 3),
+            "configuration": {"file": self.config_path, "loaded": _iso(self.loaded_at)},
+            "receive_connectors": [
+                {"name": c.name, "enabled": c.enabled, "bindings": [str(b) for b in c.bindings],
+                 "listening": c.enabled and all(listening.get(str(b), False) for b in c.bindings),
+                 "sessions": self.metrics.sessions_now(c.name)}
+                for c in config.receive_connectors],
+            "sessions": self.metrics.sessions_now(),
+            "send_connectors": [{"name": c.name, "enabled": c.enabled} for c in config.send_connectors],
+            "spool": {"directory": config.server.spool_directory, **self.manager.summary()},
+        }
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+# what a reload cannot change in a running process: the spool, its threads, the endpoint itself
+_RESTART_KEYS = (("server", "spool_directory"), ("server", "spool_threads"), ("server", "delivery_threads"),
+                 ("server", "fqdn"), ("server", "quarantine_mailbox"), ("directory", "auth_threads"),
+                 ("management", None))
+
+
+def _needs_restart(old: Config, new: Config) -> list[str]:
+    changed = []
+    for section, key in _RESTART_KEYS:
+        a, b = getattr(old, section), getattr(new, section)
+        if key is None:
+            if a != b:
+                changed.append(f"[{section}]")
+        elif getattr(a, key) != getattr(b, key):
+            changed.append(f"{section}.{key}")
+    return changed
+
+
+def build_service(config: Config, reactor=None, config_path: str | None = None) -> ExedgeServer:
+    return ExedgeServer(config, reactor, config_path)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from harness import Server, config_text, free_port
+from harness import Server, Sink, config_text, free_port
 
 
 @pytest.fixture
@@ -31,6 +31,21 @@ def start_server(tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def sinks(tmp_path):
+    started = []
+
+    def start(name, *args, host="127.0.0.1", port=None):
+        sink = Sink(tmp_path, name, *args, host=host, port=port)
+        started.append(sink)
+        return sink
+
+    yield start
+    for sink in started:
+        sink.stop()
+
 
 
 DIRECTORY_SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "directory")

@@ -240,3 +240,34 @@ class Server:
                 return value
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}\n--- log ---\n{self.log[-4000:]}")
+
+
+class Sink:
+    """The project's recording sink (exedge.testing) in its own process, on a free port."""
+
+    def __init__(self, tmp_path, name, *args, host="127.0.0.1", port=None):
+        self.port = port or free_port(host)
+        self.out = str(tmp_path / name)
+        self.proc = subprocess.Popen([sys.executable, "-m", "exedge.testing", "--port", str(self.port),
+                                      "--host", host, "--out", self.out, *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((host, self.port), timeout=0.5).close()
+                return
+            except OSError:
+                assert self.proc.poll() is None, "the sink died"
+                time.sleep(0.05)
+        raise RuntimeError("the sink did not start")
+
+    def files(self):
+        if not os.path.isdir(self.out):
+            return []
+        return [open(os.path.join(self.out, n), "rb").read() for n in sorted(os.listdir(self.out))
+                if n.endswith(".eml")]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)

@@ -6,59 +6,11 @@ a recording sink on stock twisted.mail, each in its own process.
 import email
 import email.policy
 import os
-import signal
 import smtplib
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
 from harness import FROM_INTERNAL_ORG, FROM_INTERNET, LOCAL_DROP, free_port, server_config
-
-
-class Sink:
-    def __init__(self, tmp_path, name, *args, host="127.0.0.1"):
-        self.port = free_port(host)
-        self.out = str(tmp_path / name)
-        self.proc = subprocess.Popen([sys.executable, "-m", "exedge.testing", "--port", str(self.port),
-                                      "--host", host, "--out", self.out, *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection((host, self.port), timeout=0.5).close()
-                return
-            except OSError:
-                assert self.proc.poll() is None, "the sink died"
-                time.sleep(0.05)
-        raise RuntimeError("the sink did not start")
-
-    def files(self):
-        if not os.path.isdir(self.out):
-            return []
-        return [open(os.path.join(self.out, n), "rb").read() for n in sorted(os.listdir(self.out))
-                if n.endswith(".eml")]
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=15)
-
-
-@pytest.fixture
-def sinks(tmp_path):
-    started = []
-
-    def start(name, *args, host="127.0.0.1"):
-        sink = Sink(tmp_path, name, *args, host=host)
-        started.append(sink)
-        return sink
-
-    yield start
-    for sink in started:
-        sink.stop()
 
 
 def config(smart_hosts):

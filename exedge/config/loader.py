@@ -7,6 +7,8 @@ every mistake in one run, each with the file, the line and the key.
 
 from __future__ import annotations
 
+import ipaddress
+
 import os
 import tomllib
 from typing import Any
@@ -78,6 +80,15 @@ def _build(model: type, table: Any, path: tuple, out: _Collector) -> Any:
 
 def _validate(cfg: dict, out: _Collector) -> None:
     """Rules that span keys or sections (Exchange's cmdlet validations)."""
+    management = cfg["management"]
+    if management is not None and management.listen is not None:
+        host = management.listen[0]
+        if not management.token_file:
+            out.problem(("management", "listen"), "the TCP endpoint needs a bearer token: add token_file = \"...\" "
+                        "under [management] (a file holding the token)")
+        if not ipaddress.ip_address(host).is_loopback and not management.allow_remote:
+            out.problem(("management", "listen"), f"{host} is not a loopback address: the endpoint would be reachable "
+                        "from the network; set allow_remote = true under [management] if that is meant")
     for section in ("receive_connectors", "send_connectors"):
         seen: dict[str, int] = {}
         for i, conn in enumerate(cfg[section]):
@@ -319,6 +330,7 @@ def loads(text: str, source: str = "<config>") -> m.Config:
         server=cfg["server"],
         queue=cfg["queue"],
         directory=cfg["directory"],
+        management=cfg["management"],
         pipeline=tuple(cfg["pipeline"]),
         etrn_clients=tuple(cfg["etrn_clients"]),
         accepted_domains=tuple(cfg["accepted_domains"]),
@@ -342,6 +354,26 @@ def load(path: str) -> m.Config:
     except UnicodeDecodeError as e:
         raise ConfigError([Problem(path, None, "", f"not UTF-8: {e}")]) from None
     return loads(text, path)
+
+
+def load_section(path: str, section: str):
+    """
+    One section of the file at C{path}, whatever the rest says: the
+    command line finds the running server's socket in [management] even
+    when another section is broken (and the server refused to reload it).
+    """
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+        raw = tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError([Problem(path, None, "", f"cannot read: {e}")]) from None
+    model, _ = m.SECTIONS[section]
+    out = _Collector(path, text)
+    built = _build(model, raw.get(section, {}), (section,), out)
+    if out.problems:
+        raise ConfigError(out.problems)
+    return built
 
 
 def defaults() -> list[tuple[str, str, Any, str]]:

@@ -354,10 +354,26 @@ class QueueConfig:
 
 
 @attrs.frozen(kw_only=True)
+class ManagementConfig:
+    """
+    The management endpoint (queues, reload, metrics, the queue viewer):
+    on a UNIX socket whose mode (0600) is the access control, and on TCP
+    only with a bearer token.
+    """
+
+    socket: str = setting(text, "var/run/exedge.sock", "UNIX socket of the management endpoint (mode 0600; relative to the working directory); \"\" = none")
+    listen: tuple | None = setting(host_port(8025), None, "also serve the endpoint on TCP at \"ip:port\" (loopback unless allow_remote); needs token_file")
+    token_file: str | None = setting(text, None, "file holding the bearer token that TCP clients must send (Authorization: Bearer ...)")
+    allow_remote: bool = setting(boolean, False, "let listen be a non-loopback address (the token is still required)")
+    max_request_size: int = setting(v.parse_size, 65536, "largest request body the endpoint reads; larger ones get 413")
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     server: ServerConfig
     queue: QueueConfig = QueueConfig()
     directory: DirectoryConfig = DirectoryConfig()
+    management: ManagementConfig = ManagementConfig()
     pipeline: tuple = ()
     etrn_clients: tuple = ()
     accepted_domains: tuple
@@ -377,6 +393,7 @@ SECTIONS = {
     "server": (ServerConfig, False),
     "queue": (QueueConfig, False),
     "directory": (DirectoryConfig, False),
+    "management": (ManagementConfig, False),
     "accepted_domains": (AcceptedDomain, True),
     "receive_connectors": (ReceiveConnector, True),
     "send_connectors": (SendConnector, True),

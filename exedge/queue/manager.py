@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import datetime
 import enum
+import itertools
 
 import attrs
 from twisted.application.service import Service
@@ -30,7 +31,8 @@ from zope.interface import implementer
 
 from exedge.config import QueueConfig
 from exedge.interfaces import (
-    OVERSIZE, Deferral, IQueueSink, NextHop, NextHopUnreachable, Outcome, Refusal, Route,
+    OVERSIZE, Deferral, IQueueAdmin, IQueueSink, MessageInfo, NextHop, NextHopUnreachable, Outcome,
+    QueueActionRefused, QueueInfo, RecipientInfo, Refusal, Route,
 )
 from exedge.routing import ROUTE_DEFERRED, TOO_LARGE, UNREACHABLE, reroute
 
@@ -39,6 +41,8 @@ log = Logger()
 SWEEP_INTERVAL = 60.0   # seconds between looks for expired messages in waiting queues
 SCHEDULE = "schedule"   # the hold reason of a queue outside its connector's connection schedule
 TRIGGER = "remote triggered delivery"   # ... of a queue that runs when its site asks (ETRN, ATRN)
+_SPECIAL = {UNREACHABLE: "Unreachable", ROUTE_DEFERRED: "Deferred"}   # Exchange names its special queues
+_ADMIN_REMOVED = "5.3.2 QUEUE.Admin; message deleted by administrative action"
 _HOLD_TEXT = {SCHEDULE: "held until the send connector's connection schedule opens",
               TRIGGER: "held for remote triggered delivery; the site did not ask for its mail (ETRN)"}
 
@@ -75,6 +79,9 @@ class DeliveryQueue:
     waiting: list = attrs.field(factory=list)   # deferred recipients waiting out message_retry_interval
     triggered: bool = False    # a run asked for by the site (ETRN, ATRN) is under way
     agent: object = None       # who delivers that run when it is not the connector's agent (ATRN's session)
+    identity: str = ""         # what admins call it (Get-Queue): a number, or the special queue's name
+    active: list = attrs.field(factory=list)    # items in flight
+    parked: list = attrs.field(factory=list)    # items of messages an admin suspended
     _retry_call: object = None
 
     @property
@@ -92,7 +99,7 @@ class _Down:
     switched: set = attrs.field(factory=set)   # fallbacks logged as taking its mail
 
 
-@implementer(IQueueSink)
+@implementer(IQueueSink, IQueueAdmin)
 class QueueManager(Service):
     """
     Routes committed messages into per-hop queues and runs each queue with
@@ -127,6 +134,9 @@ class QueueManager(Service):
         self._connectors = {c.name: c for c in getattr(router, "send_connectors", ())}
         self._schedule_calls: dict[tuple[str, str], object] = {}   # (connector, lane) -> its next change
         self._down: dict[tuple[str, str], _Down] = {}    # (connector, destination) whose hosts are all down
+        self._messages: dict[str, object] = {}           # queue id -> the live StoredMessage (admins ask by id)
+        self._suspended: set[str] = set()                # messages an admin suspended
+        self._identities = itertools.count(1)
         if intake is not None:
             intake.serve(self.submit)
         if triggers is not None:
@@ -142,6 +152,7 @@ class QueueManager(Service):
                 lambda f: log.failure("removing {queue_id}", f, queue_id=message.queue_id))
             return
         self._live.setdefault(message.queue_id, set(message.done))
+        self._messages.setdefault(message.queue_id, message)
         self._delay_notified.setdefault(message.queue_id, set(message.delay_notified))
         wait = message.retry_at - self.clock.seconds()
         if wait > 0:
@@ -235,8 +246,9 @@ class QueueManager(Service):
         item = (message, indexes)
 
         def again():
-            if item in queue.waiting:
-                queue.waiting.remove(item)
+            if item not in queue.waiting:
+                return            # taken along meanwhile (an admin's retry, a reload)
+            queue.waiting.remove(item)
             done = self._live.get(message.queue_id)
             left = [i for i in indexes if done is not None and i not in done]
             if not left:
@@ -257,6 +269,7 @@ class QueueManager(Service):
         queue = self.queues.get(hop)
         if queue is None:
             queue = self.queues[hop] = DeliveryQueue(hop)
+            queue.identity = _SPECIAL.get(hop) or str(next(self._identities))
             if hop == UNREACHABLE:
                 queue.status = QueueStatus.Held
                 queue.hold_reason = "no send connector serves these recipients"
@@ -455,6 +468,250 @@ class QueueManager(Service):
             queue.hold_reason = ""
         self._kick(queue)
 
+    # -- a new configuration (reload) -----------------------------------------
+
+    def reconfigure(self, router, agents: dict, policy: QueueConfig, route_policy=None) -> dict:
+        """
+        Swap in the routing of a reloaded configuration. Queues of send
+        connectors that changed or went away give their waiting mail back
+        to routing (what is in flight finishes where it is, and an attempt
+        whose connector is gone routes again); their retry and failover
+        state starts afresh. The Unreachable and Deferred queues are
+        routed again too: held mail that now has a route goes out.
+        Returns what was moved, for the reload's report.
+        """
+        old = self._connectors
+        self.router, self.agents, self.policy, self.route_policy = router, agents, policy, route_policy
+        self._connectors = {c.name: c for c in router.send_connectors}
+        changed = {name for name in set(old) | set(self._connectors) if old.get(name) != self._connectors.get(name)}
+        for call in self._schedule_calls.values():
+            if call.active():
+                call.cancel()
+        self._schedule_calls.clear()
+        self._down = {k: v for k, v in self._down.items() if k[0] not in changed}
+        moved = 0
+        for queue in list(self.queues.values()):
+            if queue.hop in (UNREACHABLE, ROUTE_DEFERRED) or queue.hop.connector in changed:
+                moved += len(queue.items) + len(queue.waiting) + len(queue.parked)
+                if queue.hop.connector in changed:
+                    self._cancel_retry(queue)
+                    queue.status, queue.hold_reason, queue.failures, queue.last_error = QueueStatus.Ready, "", 0, ""
+                    queue.triggered, queue.agent = False, None
+                    if not queue.in_flight and queue.hop.connector not in self._connectors:
+                        del self.queues[queue.hop]
+                self._resubmit(queue)
+        for queue in list(self.queues.values()):
+            if queue.hop in (UNREACHABLE, ROUTE_DEFERRED):
+                continue
+            if self._remote_triggered(queue.hop) and queue.status is QueueStatus.Ready and not queue.in_flight:
+                queue.status, queue.hold_reason = QueueStatus.Held, TRIGGER
+            elif queue.status is QueueStatus.Held and queue.hold_reason == TRIGGER and \
+                    not self._remote_triggered(queue.hop):
+                queue.status, queue.hold_reason = QueueStatus.Ready, ""
+            self._follow_schedule(queue)
+            self._kick(queue)
+        return {"send_connectors_changed": sorted(changed), "items_rerouted": moved}
+
+    # -- what admins see and do (IQueueAdmin: the management endpoint) ------
+
+    def summary(self) -> dict:
+        """The spool as the queues know it: messages not yet done, and their size."""
+        return {"messages": len(self._live),
+                "bytes": sum(m.envelope.size for m in self._messages.values())}
+
+    def _queue(self, identity: str) -> DeliveryQueue:
+        for queue in self.queues.values():
+            if queue.identity.lower() == identity.lower():
+                return queue
+        raise KeyError(identity)
+
+    def _items(self, queue: DeliveryQueue) -> list:
+        """What a queue holds, whatever its state: (state, item) pairs."""
+        return [("Active", i) for i in queue.active] + [("Ready", i) for i in queue.items] + \
+            [("Retry", i) for i in queue.waiting] + [("Suspended", i) for i in queue.parked]
+
+    def queue_infos(self) -> list[QueueInfo]:
+        out = []
+        for queue in self.queues.values():
+            if queue.hop == TOO_LARGE:
+                continue
+            held = self._items(queue)
+            ids = {item[0].queue_id for _, item in held}
+            arrivals = [item[0].envelope.received_at for _, item in held]
+            out.append(QueueInfo(queue.identity, queue.hop, queue.status.value, len(ids),
+                                 _HOLD_TEXT.get(queue.hold_reason, queue.hold_reason), queue.last_error,
+                                 queue.next_retry, min(arrivals) if arrivals else None))
+        return out
+
+    def message_infos(self, queue: str | None = None) -> list[MessageInfo]:
+        queues = [self._queue(queue)] if queue is not None else list(self.queues.values())
+        where: dict[str, list] = {}          # queue id -> [(state, DeliveryQueue, indexes)]
+        for q in queues:
+            for state, (message, indexes) in self._items(q):
+                if state == "Ready" and q.status in (QueueStatus.Held, QueueStatus.Suspended, QueueStatus.Retry):
+                    state = q.status.value
+                where.setdefault(message.queue_id, []).append((state, q, indexes))
+        out = []
+        for queue_id, places in where.items():
+            message = self._messages.get(queue_id)
+            done = self._live.get(queue_id)
+            if message is None or done is None:
+                continue
+            env = message.envelope
+            status = {i: ("Complete", None) for i in done}
+            for state, q, indexes in places:
+                for i in indexes:
+                    if i not in done:
+                        status[i] = (state, q)
+            rcpts = tuple(RecipientInfo(r.address, status.get(i, ("Ready", None))[0],
+                                        status[i][1].identity if status.get(i, (0, None))[1] else "",
+                                        status[i][1].last_error if status.get(i, (0, None))[1] else "")
+                          for i, r in enumerate(env.recipients))
+            states = {s for s, _, _ in places}
+            overall = next((s for s in ("Active", "Suspended", "Retry", "Held", "Ready") if s in states), "Ready")
+            if queue_id in self._suspended:
+                overall = "Suspended"
+            errors = [q.last_error for _, q, _ in places if q.last_error]
+            out.append(MessageInfo(queue_id, overall, env.sender, rcpts, env.size, env.received_at,
+                                   tuple(dict.fromkeys(q.identity for _, q, _ in places)),
+                                   errors[0] if errors else "", env.receive_connector, env.peer))
+        return sorted(out, key=lambda m: (m.received_at, m.identity))
+
+    def _message(self, identity: str):
+        message = self._messages.get(identity)
+        if message is None or identity not in self._live:
+            raise KeyError(identity)
+        return message
+
+    def retry_queue(self, identity: str, resubmit: bool = False) -> None:
+        """
+        Exchange's Retry-Queue: a queue in Retry tries now, with the
+        recipients that wait out their retry interval. With C{resubmit}
+        (and always for Unreachable and Deferred) its messages are routed
+        again from scratch, as after a change of send connectors.
+        """
+        queue = self._queue(identity)
+        if resubmit or queue.hop in (UNREACHABLE, ROUTE_DEFERRED):
+            self._resubmit(queue)
+            return
+        if queue.status is QueueStatus.Suspended:
+            raise QueueActionRefused(f"queue {identity} is suspended: resume it (Resume-Queue)")
+        if queue.status is QueueStatus.Held:
+            reason = _HOLD_TEXT.get(queue.hold_reason, queue.hold_reason)
+            raise QueueActionRefused(f"queue {identity} is held ({reason}); it is not retried by an admin")
+        self._cancel_retry(queue)
+        queue.items.extend(queue.waiting)
+        queue.waiting.clear()
+        if queue.status is QueueStatus.Retry:
+            queue.status = QueueStatus.Ready
+        log.info("queue {hop}: retried now by an admin", hop=str(queue.hop))
+        self._kick(queue)
+
+    def _resubmit(self, queue: DeliveryQueue) -> None:
+        """Route everything that waits in C{queue} again (what is in flight finishes where it is)."""
+        items = list(queue.items) + queue.waiting + queue.parked
+        queue.items.clear()
+        queue.waiting.clear()
+        queue.parked.clear()
+        log.info("queue {hop}: {count} item(s) resubmitted", hop=str(queue.hop), count=len(items))
+        for message, indexes in items:
+            done = self._live.get(message.queue_id)
+            left = [i for i in indexes if done is not None and i not in done]
+            if left:
+                self._route(message, left)
+
+    def suspend_queue(self, identity: str) -> None:
+        queue = self._queue(identity)
+        if queue.hop in (UNREACHABLE, ROUTE_DEFERRED):
+            raise QueueActionRefused(f"queue {queue.identity} never delivers by itself; nothing to suspend")
+        self.suspend(queue.hop)
+        log.info("queue {hop}: suspended by an admin", hop=str(queue.hop))
+
+    def resume_queue(self, identity: str) -> None:
+        queue = self._queue(identity)
+        if queue.status is not QueueStatus.Suspended:
+            raise QueueActionRefused(f"queue {queue.identity} is {queue.status.value}, not suspended")
+        queue.status = QueueStatus.Ready
+        if self._remote_triggered(queue.hop):
+            queue.status, queue.hold_reason = QueueStatus.Held, TRIGGER
+        else:
+            self._follow_schedule(queue)
+        log.info("queue {hop}: resumed by an admin", hop=str(queue.hop))
+        self._kick(queue)
+
+    def redirect_queue(self, identity: str, connector: str) -> None:
+        """Move what waits in the queue to C{connector}'s next hop for each recipient's domain."""
+        queue = self._queue(identity)
+        target = next((c for c in self._connectors.values() if c.name.lower() == connector.lower()), None)
+        if target is None:
+            raise QueueActionRefused(f"no send connector named {connector!r}; there are: "
+                                     + ", ".join(sorted(self._connectors)))
+        if not target.enabled:
+            raise QueueActionRefused(f"send connector {target.name!r} is disabled")
+        items = list(queue.items) + queue.waiting
+        queue.items.clear()
+        queue.waiting.clear()
+        for message, indexes in items:
+            hops: dict[NextHop, list[int]] = {}
+            for i in indexes:
+                domain = message.envelope.recipients[i].address.rpartition("@")[2]
+                hops.setdefault(NextHop.of(target, domain, message.envelope.size), []).append(i)
+            for hop, moved in hops.items():
+                self.queue_for(hop).items.append((message, moved))
+        log.info("queue {hop}: {count} item(s) redirected to send connector {to}", hop=str(queue.hop),
+                 count=len(items), to=target.name)
+        for other in list(self.queues.values()):
+            self._kick(other)
+
+    def suspend_message(self, identity: str) -> None:
+        self._message(identity)
+        self._suspended.add(identity)
+        for queue in self.queues.values():
+            keep = collections.deque()
+            for item in queue.items:
+                (queue.parked if item[0].queue_id == identity else keep).append(item)
+            queue.items = keep
+        log.info("{queue_id}: suspended by an admin", queue_id=identity)
+
+    def resume_message(self, identity: str) -> None:
+        self._message(identity)
+        if identity not in self._suspended:
+            raise QueueActionRefused(f"message {identity} is not suspended")
+        self._suspended.discard(identity)
+        for queue in self.queues.values():
+            mine = [item for item in queue.parked if item[0].queue_id == identity]
+            if mine:
+                queue.parked = [item for item in queue.parked if item[0].queue_id != identity]
+                queue.items.extend(mine)
+                self._kick(queue)
+        log.info("{queue_id}: resumed by an admin", queue_id=identity)
+
+    def remove_message(self, identity: str, ndr: bool):
+        """
+        Exchange's Remove-Message: every pending recipient fails with
+        "deleted by administrative action" (the sender gets an NDR only
+        with C{ndr}). Refused while a delivery of it is in flight: its
+        outcome could be a delivery; suspend the message first.
+        """
+        message = self._message(identity)
+        if any(item[0].queue_id == identity for q in self.queues.values() for item in q.active):
+            raise QueueActionRefused(f"message {identity} is being delivered now; suspend it "
+                                     "(Suspend-Message) and remove it then")
+        for queue in self.queues.values():
+            queue.items = collections.deque(i for i in queue.items if i[0].queue_id != identity)
+            queue.waiting = [i for i in queue.waiting if i[0].queue_id != identity]
+            queue.parked = [i for i in queue.parked if i[0].queue_id != identity]
+        done = self._live[identity]
+        # Exchange says 4.3.2 here; a failed DSN must carry a class 5 code (RFC 3464 §2.3.4)
+        outcomes = [Outcome(i, "failed", _ADMIN_REMOVED, "5.3.2") for i in message.pending() if i not in done]
+        log.info("{queue_id}: removed by an admin ({ndr})", queue_id=identity,
+                 ndr="the sender gets an NDR" if ndr else "without NDR")
+        return self._record(message, outcomes, bounce=ndr)
+
+    def export_message(self, identity: str):
+        message = self._message(identity)
+        return self.spool.run_delivery(message.read_data)
+
     # -- running -----------------------------------------------------------
 
     def _kick(self, queue: DeliveryQueue) -> None:
@@ -464,9 +721,14 @@ class QueueManager(Service):
         limit = getattr(queue.agent or self.agents.get(queue.hop.connector), "concurrency", self.concurrency)
         while queue.status in (QueueStatus.Ready, QueueStatus.Active) and queue.items \
                 and queue.in_flight < limit:
+            item = queue.items.popleft()
+            if item[0].queue_id in self._suspended:
+                queue.parked.append(item)      # until an admin resumes the message
+                continue
             queue.status = QueueStatus.Active
             queue.in_flight += 1
-            self._attempt(queue, queue.items.popleft())
+            queue.active.append(item)
+            self._attempt(queue, item)
 
     def startService(self) -> None:
         super().startService()
@@ -567,6 +829,9 @@ class QueueManager(Service):
                 retry = yield self._expire(queue, (message, indexes))
                 if retry:
                     self._later(queue, (message, retry))
+            elif indexes and queue.agent is None and queue.hop.connector not in self.agents:
+                # its send connector went away in a reload while it waited here
+                self._route(message, indexes)
             elif indexes:
                 outcomes = yield (queue.agent or self.agents[queue.hop.connector]).deliver(message, indexes)
                 self._answered(queue.hop)          # a host answered: if the hop was down, it is up again
@@ -596,6 +861,7 @@ class QueueManager(Service):
                 queue.last_error = ""
         finally:
             queue.in_flight -= 1
+            queue.active.remove(item)
         if queue.status is QueueStatus.Active:
             if queue.in_flight == 0:
                 queue.status = QueueStatus.Ready
@@ -640,7 +906,7 @@ class QueueManager(Service):
         queue._retry_call = self.clock.callLater(delay, retry)
 
     @defer.inlineCallbacks
-    def _record(self, message, outcomes):
+    def _record(self, message, outcomes, bounce: bool = True):
         """
         Take final outcomes into account. Delivered recipients count at once,
         whatever happens next; a failed recipient counts only once its NDR
@@ -662,7 +928,7 @@ class QueueManager(Service):
         delivered = [o for o in final if o.status == "delivered"]
         failed = [o for o in final if o.status == "failed"]
         retry: list[int] = []
-        if self.bouncer is not None and failed:
+        if self.bouncer is not None and failed and bounce:
             try:
                 # the NDR is safe in the spool before the failure is noted
                 yield self.bouncer.bounce(message, failed)
@@ -682,6 +948,8 @@ class QueueManager(Service):
             # complete: no need to note outcomes first, nor to wait for the
             # unlink; a crash before it means a second delivery, never none
             del self._live[message.queue_id]
+            self._messages.pop(message.queue_id, None)
+            self._suspended.discard(message.queue_id)
             self._delay_notified.pop(message.queue_id, None)
             self.spool.remove(message).addErrback(
                 lambda f: log.failure("removing {queue_id}", f, queue_id=message.queue_id))

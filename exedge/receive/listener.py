@@ -24,20 +24,22 @@ class SMTPFactory(protocol.ServerFactory):
         return p
 
 
+def listener_service(reactor, binding, backlog: int, factory) -> StreamServerEndpointService:
+    """The listening service of one binding; it binds when started (privilegedStartService)."""
+    if binding.version == 6:
+        endpoint = endpoints.TCP6ServerEndpoint(reactor, binding.port, backlog=backlog, interface=binding.host)
+    else:
+        endpoint = endpoints.TCP4ServerEndpoint(reactor, binding.port, backlog=backlog, interface=binding.host)
+    service = StreamServerEndpointService(endpoint, factory)
+    service.setName(f"smtp {binding}")
+    # a port that cannot be bound must stop the server, not be logged and ignored
+    service._raiseSynchronously = True
+    return service
+
+
 def listener_services(reactor, context: ServerContext) -> list[StreamServerEndpointService]:
+    # Twisted's default backlog of 50 drops the SYNs of a burst, and each
+    # dropped SYN costs its client a retry a second later: the backlog is the connectors'
     factory = SMTPFactory(context)
-    services = []
-    for binding in context.connectors.listen_bindings():
-        # Twisted's default backlog of 50 drops the SYNs of a burst, and each
-        # dropped SYN costs its client a retry a second later
-        backlog = context.connectors.listen_backlog(binding)
-        if binding.version == 6:
-            endpoint = endpoints.TCP6ServerEndpoint(reactor, binding.port, backlog=backlog, interface=binding.host)
-        else:
-            endpoint = endpoints.TCP4ServerEndpoint(reactor, binding.port, backlog=backlog, interface=binding.host)
-        service = StreamServerEndpointService(endpoint, factory)
-        service.setName(f"smtp {binding}")
-        # a port that cannot be bound must stop the server, not be logged and ignored
-        service._raiseSynchronously = True
-        services.append(service)
-    return services
+    return [listener_service(reactor, b, context.connectors.listen_backlog(b), factory)
+            for b in context.connectors.listen_bindings()]

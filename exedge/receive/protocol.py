@@ -78,6 +78,7 @@ class ServerContext:
     portal: object = None     # twisted.cred Portal for AUTH; None: no AUTH anywhere
     client_ca: dict = attrs.field(factory=dict)   # receive connector name -> X509Store for partner certificates
     pipeline: object = None   # exedge.pipeline.Pipeline; None or empty: no stages
+    metrics: object = None    # exedge.metrics.Metrics; None: not counted (protocol tests)
 
 
 _session_counter = itertools.count()
@@ -184,6 +185,8 @@ class SMTPServer(basic.LineReceiver):
             self.plog.connect("connection limit reached")
             return self._refuse(Reply(421, "4.3.2", "Service not available, too many connections; try again later"))
         self._admitted = True
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.session_opened(connector.name)
         self.security = DomainSecurity(connector, self.ctx.client_ca.get(connector.name), self.transport,
                                        self.plog.info)
         self.fqdn = connector.effective_fqdn(self.ctx.server)
@@ -345,6 +348,8 @@ class SMTPServer(basic.LineReceiver):
         if self._admitted:
             self._admitted = False
             self.ctx.connectors.release(self.connector, self.peer_host)
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.session_closed(self.connector.name)
         if self.plog is not None:
             self.plog.disconnect()
         if self._stages_on:

@@ -1,0 +1,272 @@
+"""
+The management endpoint against a running server: the queue verbs with
+messages held (Unreachable) and in retry (a smart host that is down), the
+command line's view of them, and the endpoint's refusals.
+"""
+
+import contextlib
+import json
+import os
+import smtplib
+import stat
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from harness import FROM_INTERNAL_ORG, LOCAL_DROP, free_port, read_log, server_config
+
+from exedge.manage.client import EndpointError, ManagementClient
+
+EXEDGE = os.path.join(os.path.dirname(sys.executable), "exedge")
+
+
+def config(dead_port: int, extra: str = "") -> str:
+    """example.com dropped; partner.test through a smart host on C{dead_port}; the rest unreachable."""
+    return server_config(
+        accepted_domains=("example.com", {"domain_name": "partner.test", "domain_type": "InternalRelay"}),
+        receive_connectors=(dict(FROM_INTERNAL_ORG, tarpit_interval=0),),
+        send_connectors=(LOCAL_DROP, {"name": "To Partner", "address_spaces": ["partner.test"],
+                                      "dns_routing_enabled": False, "smart_hosts": [f"127.0.0.1:{dead_port}"]}),
+        extra=extra)
+
+
+def send(server, rcpt, subject):
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.sendmail("alice@example.com", [rcpt],
+                   f"Subject: {subject}\r\nFrom: alice@example.com\r\n\r\nhello\r\n".encode())
+
+
+@contextlib.contextmanager
+def client_of(server):
+    """The command line's client, from the server's working directory (the socket path is relative to it)."""
+    old = os.getcwd()
+    os.chdir(server.workdir)
+    try:
+        yield ManagementClient(server.config_path)
+    finally:
+        os.chdir(old)
+
+
+def exedge(server, *args):
+    return subprocess.run([EXEDGE, *args, "--config", server.config_path], cwd=server.workdir,
+                          capture_output=True, text=True, timeout=60)
+
+
+def queues_by_hop(client):
+    return {q["connector"]: q for q in client.queues()}
+
+
+def held_and_retrying(server, client):
+    """One message waiting in Unreachable, one in the partner's queue in Retry."""
+    send(server, "carol@other.test", "nobody routes me")
+    send(server, "bob@partner.test", "the smart host is down")
+
+    def ready():
+        q = queues_by_hop(client)
+        return "Unreachable" in q and q.get("To Partner", {}).get("status") == "Retry" and q
+
+    return server.wait_for(ready, what="a held and a retrying queue")
+
+
+def test_the_queues_held_and_in_retry_as_admins_see_them(start_server):
+    server = start_server(config(free_port()))
+    assert stat.S_IMODE(os.stat(server.path("var", "run", "exedge.sock")).st_mode) == 0o600
+    with client_of(server) as client:
+        queues = held_and_retrying(server, client)
+        partner, unreachable = queues["To Partner"], queues["Unreachable"]
+        assert partner["message_count"] == 1 and partner["next_retry_time"]
+        assert "refused" in partner["last_error"].lower() or "connect" in partner["last_error"].lower()
+        assert unreachable["status"] == "Held" and unreachable["message_count"] == 1
+        assert unreachable["identity"] == "edge01\\Unreachable"
+        assert "no send connector" in unreachable["hold_reason"]
+
+        [held] = client.messages("Unreachable")
+        assert held["from_address"] == "alice@example.com"
+        assert held["recipients"] == [{"address": "carol@other.test", "status": "Held", "queue": "Unreachable",
+                                       "last_error": ""}]
+        [waiting] = client.messages(partner["id"])
+        assert waiting["recipients"][0]["status"] == "Retry"
+        assert waiting["queue"] == [partner["id"]]
+        assert b"Subject: nobody routes me" in client.export(held["identity"])
+
+    listing = exedge(server, "queue", "list")
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0].split()[:3] == ["Identity", "DeliveryType", "Status"]
+    assert any("edge01\\Unreachable" in line and "Held" in line for line in lines)
+    assert any("To Partner" in line or "Retry" in line for line in lines)
+    as_json = json.loads(exedge(server, "queue", "list", "--json").stdout)
+    assert {q["status"] for q in as_json} == {"Held", "Retry"}
+
+
+def test_retry_suspend_resume_and_remove(start_server, sinks):
+    port = free_port()
+    server = start_server(config(port))
+    with client_of(server) as client:
+        queues = held_and_retrying(server, client)
+        partner = queues["To Partner"]["id"]
+        [waiting] = client.messages(partner)
+        [held] = client.messages("Unreachable")
+
+        client.message_action(waiting["identity"], "suspend")
+        assert client.messages(partner)[0]["status"] == "Suspended"
+        sink = sinks("partner", port=port)
+        client.queue_action(partner, "retry")          # the queue runs; the suspended message stays
+        send(server, "dave@partner.test", "not suspended")
+        server.wait_for(lambda: len(sink.files()) == 1, what="the message that is not suspended")
+        assert b"not suspended" in sink.files()[0]
+        assert [m["status"] for m in client.messages(partner)] == ["Suspended"]
+
+        client.message_action(waiting["identity"], "resume")
+        server.wait_for(lambda: len(sink.files()) == 2, what="the resumed message")
+        with pytest.raises(EndpointError) as refused:
+            client.message_action(held["identity"], "resume")
+        assert refused.value.status == 409 and "not suspended" in str(refused.value)
+
+        client.message_action(held["identity"], "remove", {"ndr": True})
+        ndr = server.wait_for(server.drop_files, what="the NDR of the removed message")
+        with open(ndr[0], "rb") as f:
+            report = f.read()
+        assert b"X-Receiver: <alice@example.com>" in report
+        assert b"deleted by administrative action" in report
+        assert client.messages() == []
+        with pytest.raises(EndpointError) as gone:
+            client.export(held["identity"])
+        assert gone.value.status == 404
+    server.wait_for(lambda: not os.listdir(server.path("var", "spool", "queue")), what="an empty spool")
+
+
+def test_redirect_and_remove_without_ndr(start_server):
+    server = start_server(config(free_port()))
+    with client_of(server) as client:
+        queues = held_and_retrying(server, client)
+        client.queue_action(queues["To Partner"]["id"], "redirect", {"connector": "Local drop"})
+        [dropped] = server.wait_for(server.drop_files, what="the redirected message")
+        with open(dropped, "rb") as f:
+            assert b"X-Receiver: <bob@partner.test>" in f.read()
+
+        with pytest.raises(EndpointError) as unknown:
+            client.queue_action("Unreachable", "redirect", {"connector": "Nowhere"})
+        assert unknown.value.status == 409 and "Local drop" in str(unknown.value)
+
+        [held] = client.messages("Unreachable")
+        client.message_action(held["identity"], "remove", {"ndr": False})
+        assert client.messages() == []
+    server.wait_for(lambda: not os.listdir(server.path("var", "spool", "queue")), what="an empty spool")
+    assert len(server.drop_files()) == 1          # no NDR
+
+
+def test_flush_retries_what_waits(start_server, sinks):
+    port = free_port()
+    server = start_server(config(port))
+    with client_of(server) as client:
+        held_and_retrying(server, client)
+        sink = sinks("partner", port=port)
+        flushed = exedge(server, "queue", "flush")
+        assert flushed.returncode == 0 and "retried 1 queue(s)" in flushed.stdout, flushed
+        server.wait_for(sink.files, what="the flushed message")
+        assert [q["connector"] for q in client.queues() if q["message_count"]] == ["Unreachable"]
+
+
+# -- the endpoint's refusals ------------------------------------------------------
+
+TOKEN = "s3cret-token-for-the-tests-0123456789"
+
+
+@pytest.fixture
+def tcp_server(start_server, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    port = free_port()
+    extra = f'\n[management]\nlisten = "127.0.0.1:{port}"\ntoken_file = "{token_file}"\n'
+    server = start_server(config(free_port(), extra))
+    return server, f"http://127.0.0.1:{port}"
+
+
+def call(url, method="GET", body=None, token=TOKEN, headers=()):
+    request = urllib.request.Request(url, data=body, method=method, headers=dict(headers))
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_tcp_needs_the_token(tcp_server):
+    server, base = tcp_server
+    assert call(base + "/api/status")[0] == 200
+    for token in (None, "wrong", TOKEN[:-1], TOKEN + "x", ""):
+        status, body = call(base + "/api/queues", token=token)
+        assert status == 401, token
+        assert json.loads(body)["status"] == 401
+    status, _ = call(base + "/api/status", token=None, headers={"Authorization": f"Basic {TOKEN}"}.items())
+    assert status == 401
+
+
+@pytest.mark.parametrize("path", [
+    "/api/messages/../../../etc/passwd", "/api/queues/..%2f..%2fetc", "/api/queues/%00", "/api/messages/abc",
+    "/api/queues/" + "9" * 40, "/api//queues", "/API/QUEUES", "/api/queues/1/messages/../../status",
+    "/api/messages/0000000000000000000000/../eml", "/api/queues/Unreachable/retry/x",
+])
+def test_path_tricks_find_nothing(tcp_server, path):
+    server, base = tcp_server
+    status, body = call(base + path)
+    assert status in (404, 405), (path, status, body)
+    assert "error" in json.loads(body)
+
+
+def test_bad_requests_get_json_errors(tcp_server):
+    server, base = tcp_server
+    status, body = call(base + "/api/reload", "POST", b"x" * 200_000)
+    assert status == 413 and b"larger than" in body
+    status, body = call(base + "/api/queues/Unreachable/retry", "POST", b"{not json")
+    assert status == 400 and json.loads(body)["error"] == "the body must be a JSON object"
+    status, body = call(base + "/api/queues/Unreachable/retry", "POST", b'{"resubmit": "yes"}')
+    assert status == 400 and b"true or false" in body
+    status, body = call(base + "/api/queues", "DELETE")
+    assert status == 405
+    status, body = call(base + "/api/queues/Unreachable/retry")
+    assert status == 405
+    status, body = call(base + "/api/messages/0123456789ABCDEF0123", "GET")
+    assert status == 404
+    status, body = call(base + "/api/queues/42/suspend", "POST", b"{}")
+    assert status == 404 and b"no queue" in body
+    # the server is still there, and said nothing of a traceback
+    assert call(base + "/api/status")[0] == 200
+    assert "Traceback" not in read_log(server.log_path)
+
+
+def test_remote_listen_needs_allow_remote_and_a_token(tmp_path):
+    path = tmp_path / "exedge.toml"
+    path.write_text(config(free_port(), '\n[management]\nlisten = "0.0.0.0:8025"\n').format(port=free_port()))
+    checked = subprocess.run([EXEDGE, "check-config", str(path)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 1
+    assert "management.listen" in checked.stdout and "token_file" in checked.stdout
+    assert "allow_remote" in checked.stdout
+
+
+def test_status_says_what_runs(start_server):
+    server = start_server(config(free_port()))
+    result = exedge(server, "status")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["server"] == "edge01.example.com" and status["pid"] == server.proc.pid
+    [connector] = status["receive_connectors"]
+    assert connector["name"] == "From Internal Org" and connector["listening"] is True
+    assert status["spool"]["messages"] == 0
+
+
+def test_commands_say_when_no_server_runs(tmp_path):
+    path = tmp_path / "exedge.toml"
+    path.write_text(config(free_port()).format(port=free_port()))
+    result = subprocess.run([EXEDGE, "queue", "list", "--config", str(path)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "no exedge server answers on unix:var/run/exedge.sock" in result.stderr
+    assert "Traceback" not in result.stderr
