@@ -232,7 +232,8 @@ class ExedgeServer(MultiService):
                                         credentials=secrets.smart_hosts.get(c.name),
                                         client_certificate=client_certificates.get(c.name))
         # stages checked before anything listens
-        pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor), dequeue=self.triggers)
+        pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor), dequeue=self.triggers,
+                                  metrics=self.metrics)
         portal = None
         checker = None
         if config.directory.servers:

@@ -113,7 +113,7 @@ def _build(factory, options, context):
     return factory.build(options, context) if len(params) >= 2 else factory.build(options)
 
 
-def build_pipeline(config, clock, resolver=None, dequeue=None) -> Pipeline:
+def build_pipeline(config, clock, resolver=None, dequeue=None, metrics=None) -> Pipeline:
     """The configured pipeline; ConfigError naming the entry and key for every problem."""
     factories, broken, origins = discover(config.server.plugin_directory)
     problems = [config.problem(("server", "plugin_directory"), f"broken plugin {path}: {error}")
@@ -154,7 +154,7 @@ def build_pipeline(config, clock, resolver=None, dequeue=None) -> Pipeline:
         entries.append(Entry(stage, item.priority, frozenset(item.receive_connectors) or None, item.timeout))
     if problems:
         raise ConfigError(problems)
-    return Pipeline(entries, clock)
+    return Pipeline(entries, clock, metrics=metrics)
 
 
 def describe(config) -> list[str]:

@@ -38,9 +38,10 @@ class Entry:
 
 @implementer(IRoutePolicy)
 class Pipeline:
-    def __init__(self, entries, clock):
+    def __init__(self, entries, clock, metrics=None):
         self.entries = sorted(entries, key=lambda e: e.priority)
         self.clock = clock
+        self.metrics = metrics          # exedge.metrics.Metrics: each stage's verdicts and time
         self._by_connector: dict[str, list[Entry]] = {}
         self._by_hook: dict[tuple[str, str], list] = {}
 
@@ -100,17 +101,29 @@ class Pipeline:
         a Deferred; a stage that raises or exceeds its timeout gives
         STAGE_FAILED. The one place hooks and verbs are called.
         """
+        if self.metrics is not None:
+            judge = self._measured(judge, entry.stage.name, hook, self.clock.seconds())
         try:
             result = method(*args)
         except Exception:
             log.failure("stage {stage} failed in {hook}", stage=entry.stage.name, hook=hook)
-            return STAGE_FAILED
+            return judge(STAGE_FAILED, entry.stage, hook)
         if inspect.isawaitable(result):
             result = defer.ensureDeferred(result)
         if isinstance(result, defer.Deferred):
             d = result.addTimeout(entry.timeout, self.clock)
-            return d.addCallbacks(judge, self._failed, callbackArgs=(entry.stage, hook), errbackArgs=(entry, hook))
+            d.addErrback(self._failed, entry, hook)
+            return d.addCallback(judge, entry.stage, hook)
         return judge(result, entry.stage, hook)
+
+    def _measured(self, judge, stage: str, hook: str, started: float):
+        """C{judge}, counting the answer's kind and the time the stage took."""
+        def measured(result, *args):
+            self.metrics.stage_latency.labels(stage).observe(max(0.0, self.clock.seconds() - started))
+            kind = result.kind if isinstance(result, Verdict) else ("continue" if result is None else "invalid")
+            self.metrics.verdicts.labels(stage, hook, kind).inc()
+            return judge(result, *args)
+        return measured
 
     @classmethod
     def _checked(cls, result, stage, hook):

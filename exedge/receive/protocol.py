@@ -206,9 +206,18 @@ class SMTPServer(basic.LineReceiver):
             return
         self._greet()
 
+    def _count_auth(self, outcome: str) -> None:
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.auth.labels(self.connector.name, outcome).inc()
+
+    def _count_tls(self, outcome: str) -> None:
+        if self.ctx.metrics is not None and self.connector is not None:
+            self.ctx.metrics.tls.labels(self.connector.name, "receive", outcome).inc()
+
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: the TLS handshake is done (of STARTTLS, or of an implicit-TLS session)."""
         self._handshaken = True
+        self._count_tls("ok")
         if self._closing or self.connector is None:
             return
         if self.connector.tls_mode == "Implicit" and not self._greeted:
@@ -338,6 +347,8 @@ class SMTPServer(basic.LineReceiver):
         if self._turned is not None:
             self._turned.connectionLost(reason)
         self._closing = True
+        if self.session.tls and not self._handshaken:
+            self._count_tls("failed")
         self.flow.lost()
         for call in (self._idle_call, self._life_call):
             if call is not None and call.active():
@@ -594,7 +605,8 @@ class SMTPServer(basic.LineReceiver):
             c = self.connector
             self.sasl = AuthDialogue(self.ctx.portal, self.ctx.clock, max_failures=c.max_logon_failures,
                                      tarpit=c.auth_tarpit_interval, note=self.plog.info,
-                                     session_id=self.session_id, authenticated=self._authenticated, host=self.fqdn)
+                                     session_id=self.session_id, authenticated=self._authenticated, host=self.fqdn,
+                                     outcome=self._count_auth)
         return self.sasl.begin(mechanism.upper(), initial.strip(" "))
 
     def _authenticated(self, identity):

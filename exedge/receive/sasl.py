@@ -54,8 +54,9 @@ class AuthDialogue:
     """
 
     def __init__(self, portal, clock, *, max_failures: int, tarpit: float, note, session_id: str,
-                 authenticated, host: str = "localhost"):
+                 authenticated, host: str = "localhost", outcome=None):
         self.portal = portal
+        self.outcome = outcome or (lambda kind: None)     # "success", "failure", "unavailable": for the metrics
         self.host = host
         self.clock = clock
         self.max_failures = max_failures
@@ -157,6 +158,7 @@ class AuthDialogue:
     def _succeeded(self, result):
         _, identity, _ = result
         self.failures = 0
+        self.outcome("success")
         return self.authenticated(identity)
 
     def _error(self, failure, user: str):
@@ -167,11 +169,13 @@ class AuthDialogue:
         if not failure.check(DirectoryUnavailable):
             log.failure("session {session}: checking credentials", failure, session=self.session_id)
         self.note(f"authentication for {user} could not be checked: {failure.getErrorMessage()}")
+        self.outcome("unavailable")
         return Reply(454, "4.7.0", "Temporary authentication failure")
 
     def _failed(self):
         """535 after auth_tarpit_interval; past max_logon_failures, 421 and close."""
         self.failures += 1
+        self.outcome("failure")
         if self.max_failures and self.failures >= self.max_failures:
             reply = Reply(421, "4.7.0", "Too many failed authentication attempts, closing transmission channel",
                           close=True)
