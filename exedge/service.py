@@ -37,6 +37,9 @@ from exedge.queue.intake import Intake
 from exedge.receive import ConnectorTable, ServerContext, listener_services
 from exedge.routing import Router
 from exedge.dsn import Bouncer
+from exedge.interfaces import NoTracking
+from exedge.logs import CsvLog
+from exedge.logs import protocol as protocol_log, tracking as message_tracking
 from exedge.send import DropDirectoryAgent, RelayAgent
 from exedge.queue.committer import ProcessCommitter
 from exedge.send.mx import MXResolver
@@ -137,16 +140,48 @@ def mx_resolver(config: Config, reactor) -> MXResolver:
     return MXResolver(resolver, own_names=names, own_addresses=bound, allowed_addresses=allowed - bound)
 
 
+def log_files(config: Config, reactor):
+    """
+    The log files of [logs]: (receive protocol log, send protocol log,
+    message tracking) as L{CsvLog}s, each None when nothing would write
+    it (no Verbose connector on that side; tracking disabled).
+    """
+    logs = config.logs
+
+    def csv_log(kind: str, path: str, prefix: str, log_type: str, fields):
+        return CsvLog(path, prefix, log_type, fields, clock=reactor, **logs.limits(kind))
+
+    receive = send = tracking = None
+    if any(c.protocol_logging_level == "Verbose" for c in config.receive_connectors):
+        receive = csv_log("receive_protocol_log", logs.receive_protocol_log_path, "RECV",
+                          protocol_log.RECEIVE_LOG_TYPE, protocol_log.FIELDS)
+    if any(c.protocol_logging_level == "Verbose" for c in config.send_connectors):
+        send = csv_log("send_protocol_log", logs.send_protocol_log_path, "SEND",
+                       protocol_log.SEND_LOG_TYPE, protocol_log.FIELDS)
+    if logs.message_tracking_log_enabled:
+        tracking = csv_log("message_tracking_log", logs.message_tracking_log_path, message_tracking.PREFIX,
+                           message_tracking.LOG_TYPE, message_tracking.FIELDS)
+    return receive, send, tracking
+
+
 def build_service(config: Config, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     top = MultiService()
+    # the log files first: they start before anything writes to them and stop (flushed) after
+    receive_log, send_log, tracking_log = log_files(config, reactor)
+    for log_file in (receive_log, send_log, tracking_log):
+        if log_file is not None:
+            log_file.setServiceParent(top)
+    tracking = NoTracking() if tracking_log is None else message_tracking.MessageTrackingLog(
+        tracking_log, subjects=config.logs.message_tracking_log_subject_logging_enabled)
     router = Router(config.accepted_domains, config.send_connectors)
     intake = Intake()
     spool_service = SpoolService(config.server.spool_directory, config.server.spool_threads,
                                  config.server.delivery_threads, reactor, intake.submit)
     spool = spool_service.spool
-    cleanup = Cleanup(spool, intake, reactor, quarantine_mailbox=config.server.quarantine_mailbox)
+    cleanup = Cleanup(spool, intake, reactor, quarantine_mailbox=config.server.quarantine_mailbox,
+                      tracking=tracking)
     agents = {}
     mx = None
     secrets = load_secrets(config)      # every password file read now: a bad one stops start-up
@@ -161,13 +196,15 @@ def build_service(config: Config, reactor=None) -> MultiService:
         agents[c.name] = RelayAgent(c, helo=c.fqdn or config.server.fqdn, run=spool.run_delivery,
                                     reactor=reactor, mx=None if c.smart_hosts else mx, resolver=mx,
                                     credentials=secrets.smart_hosts.get(c.name),
-                                    client_certificate=client_certificates.get(c.name))
+                                    client_certificate=client_certificates.get(c.name), protocol_log=send_log)
     triggers = Triggers()
     # stages checked before anything listens
     pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor), dequeue=triggers)
     manager = QueueManager(spool, router, agents, clock=reactor, policy=config.queue,
-                           bouncer=Bouncer(cleanup, config.server.fqdn, spool.run_delivery, reactor),
-                           route_policy=pipeline if pipeline.routes else None, intake=intake, triggers=triggers)
+                           bouncer=Bouncer(cleanup, config.server.fqdn, spool.run_delivery, reactor,
+                                           tracking=tracking),
+                           route_policy=pipeline if pipeline.routes else None, intake=intake, triggers=triggers,
+                           tracking=tracking)
     spool_service.setServiceParent(top)
     manager.setServiceParent(top)
     portal = None
@@ -191,6 +228,7 @@ def build_service(config: Config, reactor=None) -> MultiService:
         portal=portal,
         client_ca=tls.client_ca_stores(config),
         pipeline=pipeline,
+        protocol_log=receive_log,
     )
     for service in listener_services(reactor, context):
         service.setServiceParent(top)

@@ -8,6 +8,7 @@ from .models import (
     AcceptedDomain,
     AddressSpace,
     Config,
+    LogsConfig,
     QueueConfig,
     ReceiveConnector,
     SendConnector,
@@ -15,6 +16,6 @@ from .models import (
 )
 
 __all__ = [
-    "AcceptedDomain", "AddressSpace", "Config", "ConfigError", "Problem", "QueueConfig",
+    "AcceptedDomain", "AddressSpace", "Config", "ConfigError", "LogsConfig", "Problem", "QueueConfig",
     "ReceiveConnector", "SendConnector", "ServerConfig", "defaults", "load", "loads",
 ]

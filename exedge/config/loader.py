@@ -319,6 +319,7 @@ def loads(text: str, source: str = "<config>") -> m.Config:
         server=cfg["server"],
         queue=cfg["queue"],
         directory=cfg["directory"],
+        logs=cfg["logs"],
         pipeline=tuple(cfg["pipeline"]),
         etrn_clients=tuple(cfg["etrn_clients"]),
         accepted_domains=tuple(cfg["accepted_domains"]),

@@ -1,0 +1,119 @@
+"""
+Protocol logs as files: a real server (twistd), real clients (smtplib, a
+raw socket), a real next hop (exedge.testing's sink in a process); the
+files read back with the csv module after the server stopped (stop
+flushes them).
+"""
+
+import csv
+import glob
+import os
+import smtplib
+import socket
+
+from harness import FROM_INTERNET, LOCAL_DROP, server_config
+from test_smarthost_integration import sinks  # noqa: F401  (the fixture)
+
+FIELDS = "date-time,connector-id,session-id,sequence-number,local-endpoint,remote-endpoint,event,data,context"
+
+
+def read_log(directory, prefix):
+    """(header lines, rows as dicts) of every file of the log, oldest first."""
+    header, rows = [], []
+    for path in sorted(glob.glob(os.path.join(directory, f"{prefix}*.LOG"))):
+        assert os.path.basename(path).startswith(prefix) and path.endswith("-1.LOG")
+        with open(path, encoding="utf-8", newline="") as f:
+            lines = f.read().split("\r\n")
+        header += [line for line in lines if line.startswith("#")]
+        data = [line for line in lines if line and not line.startswith("#")]
+        for row in csv.reader(data):
+            assert len(row) == 9, row
+            rows.append(dict(zip(FIELDS.split(","), row)))
+    return header, rows
+
+
+def sessions(rows):
+    out = {}
+    for row in rows:
+        out.setdefault(row["session-id"], []).append(row)
+    return out
+
+
+def test_receive_protocol_log_files_of_a_verbose_connector(start_server):
+    server = start_server(server_config(
+        receive_connectors=(dict(FROM_INTERNET, tarpit_interval=0, protocol_logging_level="Verbose"),)))
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.ehlo("client.example.net")
+        c.sendmail("someone@example.net", ["alice@example.com"], b"Subject: hi\r\n\r\nhello\r\n")
+    # hostile input: controls, commas, quotes and a line far past the limit
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b'NOOP a,"b"\x1b[2J\x07,c\r\n')
+        f.readline()
+        s.sendall(b"NOOP " + b"x" * 5000 + b"\r\n")
+        f.readline()
+        s.sendall(b"QUIT\r\n")
+        f.readline()
+    server.stop()
+    header, rows = read_log(server.path("var", "log", "ProtocolLog", "SmtpReceive"), "RECV")
+    assert header[:3] == ["#Software: exedge", "#Version: 0.1.0", "#Log-type: SMTP Receive Protocol Log"]
+    assert header[3].startswith("#Date: 20") and header[3].endswith("Z")
+    assert header[4] == f"#Fields: {FIELDS}"
+    by_session = list(sessions(rows).values())
+    assert len(by_session) == 3            # the harness's probe at start-up, then ours
+    _, first, hostile = by_session
+    for session in by_session:
+        assert [int(r["sequence-number"]) for r in session] == list(range(len(session)))
+        assert session[0]["event"] == "+" and session[-1]["event"] == "-"
+        assert {r["connector-id"] for r in session} == {"From Internet"}
+        assert session[0]["local-endpoint"] == f"127.0.0.1:{server.port}"
+        assert session[0]["remote-endpoint"].startswith("127.0.0.1:")
+    events = [(r["event"], r["data"]) for r in first]
+    assert ("<", "ehlo client.example.net") in events                          # smtplib's spelling
+    assert any(e == ">" and d.startswith("250-edge01.example.com") for e, d in events)
+    assert any(e == "<" and d.startswith("mail FROM:<someone@example.net>") for e, d in events)
+    assert any(e == ">" and d.startswith("250 2.6.0 <") for e, d in events)      # queued, with its id
+    received = [r["data"] for r in hostile if r["event"] == "<"]
+    assert received[0] == 'NOOP a,"b"\\x1b[2J\\x07,c'                            # intact, controls escaped
+    assert (">", "500 5.5.2 Line too long") in [(r["event"], r["data"]) for r in hostile]
+    assert all(len(r["data"]) <= 600 for r in hostile)            # no 5000-octet row
+
+
+def test_no_files_for_a_connector_that_is_not_verbose(start_server):
+    server = start_server(server_config(receive_connectors=(dict(FROM_INTERNET, tarpit_interval=0),)))
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.sendmail("someone@example.net", ["alice@example.com"], b"Subject: hi\r\n\r\nhello\r\n")
+    server.stop()
+    assert not os.path.exists(server.path("var", "log", "ProtocolLog"))
+    assert "rights:" in server.log          # the twistd lines stay as they were
+
+
+def test_send_protocol_log_files_of_a_verbose_send_connector(start_server, sinks):  # noqa: F811
+    sink = sinks("partner")
+    server = start_server(server_config(
+        accepted_domains=("example.com", {"domain_name": "partner.test", "domain_type": "InternalRelay"}),
+        receive_connectors=(dict(FROM_INTERNET, tarpit_interval=0),),
+        send_connectors=(LOCAL_DROP, {"name": "To Partner", "address_spaces": ["partner.test"],
+                                      "dns_routing_enabled": False, "protocol_logging_level": "Verbose",
+                                      "smart_hosts": [f"127.0.0.1:{sink.port}"]})))
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.sendmail("alice@example.com", ["bob@partner.test"], b"Subject: out\r\n\r\nhello partner\r\n")
+    server.wait_for(sink.files, what="the sink to receive the message")
+    server.stop()
+    header, rows = read_log(server.path("var", "log", "ProtocolLog", "SmtpSend"), "SEND")
+    assert header[2] == "#Log-type: SMTP Send Protocol Log"
+    (session,) = sessions(rows).values()
+    assert [int(r["sequence-number"]) for r in session] == list(range(len(session)))
+    assert session[0]["event"] == "+" and session[-1]["event"] == "-"
+    assert session[0]["remote-endpoint"] == f"127.0.0.1:{sink.port}"
+    assert {r["connector-id"] for r in session} == {"To Partner"}
+    events = [(r["event"], r["data"]) for r in session]
+    assert events[1][0] == "<" and events[1][1].startswith("220")                # the greeting
+    assert (">", "EHLO edge01.example.com") in events
+    assert any(e == "<" and d.startswith("250") for e, d in events)
+    assert (">", "MAIL FROM:<alice@example.com> BODY=8BITMIME") in events or \
+        any(e == ">" and d.startswith("MAIL FROM:<alice@example.com>") for e, d in events)
+    assert any(e == ">" and d.startswith("RCPT TO:<bob@partner.test>") for e, d in events)
+    # the receive side of this server is not Verbose: no receive files
+    assert not os.path.exists(server.path("var", "log", "ProtocolLog", "SmtpReceive"))
