@@ -117,3 +117,42 @@ def test_send_protocol_log_files_of_a_verbose_send_connector(start_server, sinks
     assert any(e == ">" and d.startswith("RCPT TO:<bob@partner.test>") for e, d in events)
     # the receive side of this server is not Verbose: no receive files
     assert not os.path.exists(server.path("var", "log", "ProtocolLog", "SmtpReceive"))
+
+
+class Rows:
+    """A protocol log file's stand-in that keeps its rows (the unit below has no server)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def write(self, values):
+        self.rows.append(tuple(values))
+
+
+def test_the_send_protocol_log_never_shows_credentials():
+    from twisted.internet import task
+    from twisted.internet.testing import StringTransport
+
+    from exedge.logs import ProtocolLog
+    from exedge.send.client import OutboundMessage, OutboundRecipient, SMTPClient
+
+    for offer, replies in ((b"250 AUTH PLAIN\r\n", [b"235 2.7.0 ok\r\n"]),
+                           (b"250 AUTH LOGIN\r\n", [b"334 VXNlcm5hbWU6\r\n", b"334 UGFzc3dvcmQ6\r\n",
+                                                    b"235 2.7.0 ok\r\n"])):
+        rows = Rows()
+        transport = StringTransport()
+        client = SMTPClient([OutboundMessage("a@s.test", (OutboundRecipient("b@x.test"),), b"\r\n")],
+                            helo="e.test", clock=task.Clock(), credentials=("edge", "secret"),
+                            auth_requires_tls=False,
+                            protocol_log=lambda local, remote: ProtocolLog("To X", "S1", True, local, remote, rows))
+        client.makeConnection(transport)
+        client.dataReceived(b"220 peer ready\r\n250-peer\r\n" + offer)
+        for reply in replies:
+            client.dataReceived(reply)
+        sent = transport.value()
+        assert b"MAIL FROM:<a@s.test>" in sent                 # the session got past AUTH
+        data = [r[6] for r in rows.rows]
+        assert [r[2] for r in rows.rows] == list(range(len(rows.rows)))
+        for secret in ("secret", "c2VjcmV0", "AGVkZ2UAc2VjcmV0", "ZWRnZQ=="):
+            assert not any(secret in d for d in data), data
+        assert any(d.startswith("AUTH ") for d in data)

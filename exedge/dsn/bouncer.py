@@ -87,7 +87,7 @@ class Bouncer:
             self.tracking.track(TrackingEvent(
                 event_id="DSN", source="DSN", internal_message_id=message.queue_id, message_id=env.message_id,
                 sender=env.sender, return_path=env.sender, recipients=tuple(r.address for r in reports),
-                recipient_status=tuple(f"{r.status} {r.diagnostic}".strip() for r in reports),
+                recipient_status=tuple(r.diagnostic for r in reports),
                 total_bytes=env.size, recipient_count=len(env.recipients), subject=env.subject,
                 reference=stored.queue_id, related_recipient_address=env.sender,
                 message_info=",".join(sorted({r.action for r in reports})), directionality="Originating"))
