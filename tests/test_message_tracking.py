@@ -87,7 +87,7 @@ def test_a_message_life_in_the_tracking_log_and_its_search(start_server, sinks):
     assert ndr == {"RECEIVE", "DELIVER"}            # the report's own life: made here, dropped for carol
     # the twistd log ties the session to the queue id at the default level
     assert f"{qid}: received in session " in server.log
-    assert f"from <carol@example.com>, 3 recipient(s)" in server.log and f"message-id {MESSAGE_ID}" in server.log
+    assert "from <carol@example.com>, 3 recipient(s)" in server.log and f"message-id {MESSAGE_ID}" in server.log
 
     # Get-MessageTrackingLog, as a process, in the admins' words
     by_sender = get_tracking(server, "-Sender", "carol@example.com")

@@ -693,8 +693,8 @@ class SMTPServer(basic.LineReceiver):
         return then(self.ctx.cleanup.commit(txn, message, draft, header=header), self._receipt)
 
     def _receipt(self, receipt) -> Reply:
-        # no log line of its own: the Verbose protocol log has the 250 with
-        # the queue id, and per-message lines cost a formatted, flushed write
+        # no log line of its own: cleanup wrote the one line per message
+        # (queue id, session id, sender, size, Message-ID) when it queued it
         if receipt.queued and self._stages_on:
             self.ctx.pipeline.run("on_queued", self.session, receipt.queue_id)   # verdict ignored
         return Reply(receipt.code, receipt.status, receipt.text, tarpit=receipt.tarpit)
