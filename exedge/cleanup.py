@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import email.utils
 import functools
+import re
 
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from exedge.interfaces import NoTracking, TrackingEvent
+from exedge.logs.csvlog import escape
 from exedge.queue.envelope import Envelope, Recipient
 
 log = Logger()
@@ -51,6 +54,7 @@ class Trace:
     peer_port: int
     by: str                                   # our name on this connector
     connector: str                            # the receive connector's name
+    session: str = ""                         # the session's id, as its protocol log names it
     protocol: str = "ESMTP"                   # RFC 3848: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA
     tls: str | None = None                    # the TLS session, described (exedge.tls.describe)
 
@@ -151,6 +155,19 @@ def _redirected(recipients, redirects) -> list:
     return out
 
 
+def header_field(header: bytes, name: str, limit: int = 256) -> str:
+    """
+    The first C{name} field of a header section, unfolded, as a log may
+    show it (control characters escaped, at most C{limit} characters):
+    a cheap look, not a parse, because it runs for every message.
+    """
+    m = re.search(rb"(?im)^" + re.escape(name.encode("ascii")) + rb"[ \t]*:(.*(?:\r?\n[ \t].*)*)", header)
+    if m is None:
+        return ""
+    value = re.sub(rb"\r?\n(?=[ \t])", b"", m.group(1)).strip()
+    return escape(value[:limit * 4].decode("utf-8", "replace"))[:limit]
+
+
 QUEUE_FAILED = Receipt(451, "4.3.0", "Could not write the message to the queue; try again later")
 
 
@@ -163,11 +180,12 @@ class Cleanup:
     they are refused).
     """
 
-    def __init__(self, store, sink, clock, *, quarantine_mailbox: str | None = None):
+    def __init__(self, store, sink, clock, *, quarantine_mailbox: str | None = None, tracking=None):
         self.store = store
         self.sink = sink
         self.clock = clock
         self.quarantine_mailbox = quarantine_mailbox
+        self.tracking = tracking if tracking is not None else NoTracking()   # IMessageTracking
 
     # -- received messages ---------------------------------------------------
 
@@ -180,20 +198,34 @@ class Cleanup:
         incoming = self.store.begin()
         return Draft(incoming, trace, received_field(trace, incoming.queue_id, self.clock.seconds()), note)
 
-    def commit(self, txn: Transaction, message, draft: Draft):
+    def commit(self, txn: Transaction, message, draft: Draft, header: bytes = b""):
         """
         The message is complete and the stages agree to it: apply their
         actions (C{message}, an L{exedge.pipeline.Message}, or None without
         a pipeline), make it durable, queue it. The L{Receipt}, at once or
         as a Deferred; a failure to write it is a 451, never an exception.
+        C{header}: the client's header section (its Message-ID and Subject
+        go into the envelope, for the logs).
         """
         recipients = list(txn.recipients)
         notes: dict = {}
+        trace = draft.trace
+        message_id, subject = header_field(header, "Message-ID"), header_field(header, "Subject")
+        sender = str(txn.sender) if txn.sender else ""
+
+        def track(event_id: str, rcpts, info: str, **more) -> None:
+            self.tracking.track(TrackingEvent(
+                event_id=event_id, source="AGENT", internal_message_id=draft.queue_id, message_id=message_id,
+                sender=sender, recipients=tuple(rcpts), subject=subject, message_info=info,
+                client_ip=trace.peer_host, client_hostname=trace.helo, server_hostname=trace.by,
+                connector_id=trace.connector, source_context=trace.session, **more))
+
         if message is not None:
             if message.deleted is not None:
                 # the stage's "delete": the client is told 250, nobody gets it (Exchange's SilentDelete)
                 draft.abort()
                 draft.note(f"message deleted by the pipeline: {message.deleted}")
+                track("DROP", (r.address for r in recipients), message.deleted)
                 return Receipt(250, "2.6.0", f"<{draft.queue_id}> Queued mail for delivery")
             if message.quarantined is not None:
                 if self.quarantine_mailbox is None:
@@ -208,8 +240,9 @@ class Cleanup:
                 recipients = _redirected(recipients, message.redirects)
                 draft.note("recipients redirected by the pipeline: " +
                            ", ".join(f"{k} -> {', '.join(v)}" for k, v in message.redirects.items()))
+                for original, targets in message.redirects.items():
+                    track("REDIRECT", targets, "redirected by a pipeline stage", related_recipient_address=original)
             notes = message.notes
-        trace = draft.trace
 
         def envelope(size: int) -> Envelope:
             return Envelope(
@@ -218,6 +251,7 @@ class Cleanup:
                 ret=txn.ret, envid=txn.envid, auth=txn.auth, body=txn.body,
                 size=size, receive_connector=trace.connector, peer=f"{trace.peer_host}:{trace.peer_port}",
                 helo=trace.helo, received_at=self.clock.seconds(), notes=notes,
+                message_id=message_id, subject=subject, session=trace.session,
             )
 
         if message is not None and message.edited:
@@ -225,7 +259,28 @@ class Cleanup:
             d.addCallback(lambda length: self._commit(draft.incoming, envelope(length)))
         else:
             d = self._commit(draft.incoming, envelope(draft.size))
+        d.addCallback(self._received, trace)
         return d.addCallbacks(self._receipt, self._failed, errbackArgs=(draft.incoming,))
+
+    def _received(self, stored, trace: Trace):
+        """
+        The message is on disk and queued: one line at the default level
+        that ties the session to the queue id (formatted once, as the
+        protocol log's), and its RECEIVE event.
+        """
+        env = stored.envelope
+        log.info("{line}", line=f"{stored.queue_id}: received in session {trace.session or '-'} on "
+                 f"{trace.connector} from <{env.sender}>, {len(env.recipients)} recipient(s), {env.size} bytes, "
+                 f"message-id {env.message_id or '(none)'}",
+                 queue_id=stored.queue_id, session=trace.session, sender=env.sender,
+                 recipients=len(env.recipients), size=env.size, message_id=env.message_id)
+        self.tracking.track(TrackingEvent(
+            event_id="RECEIVE", source="SMTP", internal_message_id=stored.queue_id, message_id=env.message_id,
+            sender=env.sender, return_path=env.sender, recipients=tuple(r.address for r in env.recipients),
+            total_bytes=env.size, recipient_count=len(env.recipients), subject=env.subject,
+            client_ip=trace.peer_host, client_hostname=trace.helo, server_hostname=trace.by,
+            connector_id=trace.connector, source_context=trace.session, directionality="Incoming"))
+        return stored
 
     @staticmethod
     def _receipt(stored) -> Receipt:
@@ -233,18 +288,30 @@ class Cleanup:
 
     # -- messages exedge makes ---------------------------------------------------
 
-    def inject(self, data: bytes, sender: str, recipients, origin: str) -> defer.Deferred:
+    def inject(self, data: bytes, sender: str, recipients, origin: str, source: str = "DSN") -> defer.Deferred:
         """
         Queue a message made here (C{origin} names what made it, as the
-        envelope's receive connector: "(non-delivery report)"). Fires with
+        envelope's receive connector: "(non-delivery report)"; C{source},
+        as the tracking log's RECEIVE event names it). Fires with
         the L{exedge.interfaces.IStoredMessage} once it is durable and
         queued; fails if it could not be written.
         """
         incoming = self.store.begin()
         incoming.write(data)
+        head = data.split(b"\r\n\r\n", 1)[0]
         envelope = Envelope(sender=sender, recipients=tuple(recipients), size=len(data),
-                            receive_connector=origin, received_at=self.clock.seconds())
-        return self._commit(incoming, envelope)
+                            receive_connector=origin, received_at=self.clock.seconds(),
+                            message_id=header_field(head, "Message-ID"), subject=header_field(head, "Subject"))
+
+        def queued(stored):
+            self.tracking.track(TrackingEvent(
+                event_id="RECEIVE", source=source, internal_message_id=stored.queue_id,
+                message_id=envelope.message_id, sender=sender, return_path=sender,
+                recipients=tuple(r.address for r in envelope.recipients), total_bytes=envelope.size,
+                recipient_count=len(envelope.recipients), subject=envelope.subject, connector_id=origin,
+                directionality="Originating"))
+            return stored
+        return self._commit(incoming, envelope).addCallback(queued)
 
     # -- the one way in ------------------------------------------------------------
 

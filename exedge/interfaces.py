@@ -17,7 +17,7 @@ the router, the queue and the pipeline's routing stages speak L{Route}.
 from __future__ import annotations
 
 import attrs
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
 
 
 # -- the spool ---------------------------------------------------------------
@@ -309,3 +309,52 @@ class IQueueAdmin(Interface):
 
     def export_message(identity):
         """A Deferred firing with the message's bytes, as stored."""
+
+
+# -- message tracking ------------------------------------------------------------
+
+@attrs.frozen(kw_only=True)
+class TrackingEvent:
+    """
+    One event of a message's life, as Exchange's message tracking log
+    records it (exedge.logs.tracking writes it; the field names are
+    Exchange's). C{recipients} and C{recipient_status} are parallel (one
+    status per recipient, or one for all); the log joins them with ";".
+    """
+
+    event_id: str                      # RECEIVE, DSN, SEND, DELIVER, FAIL, DEFER, REDIRECT, DROP, RESUBMIT, ...
+    source: str                        # SMTP, DSN, AGENT, QUEUE, ADMIN, ...
+    internal_message_id: str           # the queue id
+    message_id: str = ""               # the Message-ID header field's value
+    sender: str = ""                   # the envelope sender ("" for <>)
+    recipients: tuple = ()
+    recipient_status: tuple = ()       # the reply or reason per recipient, or one for all
+    total_bytes: int | None = None
+    recipient_count: int | None = None
+    related_recipient_address: str = ""
+    reference: str = ""                # a related message (the report's queue id for DSN)
+    subject: str = ""
+    return_path: str = ""
+    message_info: str = ""
+    client_ip: str = ""
+    client_hostname: str = ""
+    server_ip: str = ""
+    server_hostname: str = ""
+    source_context: str = ""
+    connector_id: str = ""
+    directionality: str = ""
+
+
+class IMessageTracking(Interface):
+    """Who records the life of messages (the message tracking log): cleanup, the queue and the bouncer tell it."""
+
+    def track(event):
+        """Record a L{TrackingEvent}; never raises, never blocks."""
+
+
+@implementer(IMessageTracking)
+class NoTracking:
+    """The tracking log turned off ([logs] message_tracking_log_enabled = false), and the default of every room."""
+
+    def track(self, event) -> None:
+        pass

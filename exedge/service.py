@@ -46,6 +46,9 @@ from exedge.receive import ConnectorTable, SMTPFactory, ServerContext
 from exedge.receive.listener import listener_service
 from exedge.routing import Router
 from exedge.dsn import Bouncer
+from exedge.interfaces import NoTracking
+from exedge.logs import CsvLog
+from exedge.logs import protocol as protocol_log, tracking as message_tracking
 from exedge.send import DropDirectoryAgent, RelayAgent
 from exedge.queue.committer import ProcessCommitter
 from exedge.send.mx import MXResolver
@@ -146,6 +149,29 @@ def mx_resolver(config: Config, reactor) -> MXResolver:
     return MXResolver(resolver, own_names=names, own_addresses=bound, allowed_addresses=allowed - bound)
 
 
+def log_files(config: Config, reactor):
+    """
+    The log files of [logs]: (receive protocol log, send protocol log,
+    message tracking) as L{CsvLog}s; tracking None when disabled. The
+    protocol logs are made whether or not a connector is Verbose now (a
+    file appears only once a row is written): a reload may make one so.
+    """
+    logs = config.logs
+
+    def csv_log(kind: str, path: str, prefix: str, log_type: str, fields):
+        return CsvLog(path, prefix, log_type, fields, clock=reactor, **logs.limits(kind))
+
+    receive = csv_log("receive_protocol_log", logs.receive_protocol_log_path, "RECV",
+                      protocol_log.RECEIVE_LOG_TYPE, protocol_log.FIELDS)
+    send = csv_log("send_protocol_log", logs.send_protocol_log_path, "SEND",
+                   protocol_log.SEND_LOG_TYPE, protocol_log.FIELDS)
+    tracking = None
+    if logs.message_tracking_log_enabled:
+        tracking = csv_log("message_tracking_log", logs.message_tracking_log_path, message_tracking.PREFIX,
+                           message_tracking.LOG_TYPE, message_tracking.FIELDS)
+    return receive, send, tracking
+
+
 @attrs.frozen
 class _Parts:
     """What a configuration builds that a reload replaces as one: all of it checked before any is used."""
@@ -180,19 +206,28 @@ class ExedgeServer(MultiService):
         self.started_at = reactor.seconds()
         self.loaded_at = self.started_at
         self.metrics = Metrics(clock=reactor)
+        # the log files first: they start before anything writes to them and stop (flushed) after
+        self.receive_log, self.send_log, tracking_log = log_files(config, reactor)
+        for log_file in (self.receive_log, self.send_log, tracking_log):
+            if log_file is not None:
+                log_file.setServiceParent(self)
+        tracking = NoTracking() if tracking_log is None else message_tracking.MessageTrackingLog(
+            tracking_log, subjects=config.logs.message_tracking_log_subject_logging_enabled)
         self.intake = Intake()
         self.spool_service = SpoolService(config.server.spool_directory, config.server.spool_threads,
                                           config.server.delivery_threads, reactor, self.intake.submit)
         spool = self.spool_service.spool
-        self.cleanup = Cleanup(spool, self.intake, reactor, quarantine_mailbox=config.server.quarantine_mailbox)
+        self.cleanup = Cleanup(spool, self.intake, reactor, quarantine_mailbox=config.server.quarantine_mailbox,
+                               tracking=tracking)
         self.triggers = Triggers()
         # every thread that checks passwords, whichever directory a reload names
         self.auth_pool = ThreadPoolService("exedge-auth", config.directory.auth_threads, reactor)
         parts = self._build(config)
         self.manager = QueueManager(spool, parts.router, parts.agents, clock=reactor, policy=config.queue,
-                                    bouncer=Bouncer(self.cleanup, config.server.fqdn, spool.run_delivery, reactor),
+                                    bouncer=Bouncer(self.cleanup, config.server.fqdn, spool.run_delivery, reactor,
+                                                    tracking=tracking),
                                     route_policy=parts.pipeline if parts.pipeline.routes else None,
-                                    intake=self.intake, triggers=self.triggers)
+                                    intake=self.intake, triggers=self.triggers, tracking=tracking)
         self.metrics.watch_queues(self.manager)
         self.spool_service.setServiceParent(self)
         self.manager.setServiceParent(self)
@@ -230,7 +265,8 @@ class ExedgeServer(MultiService):
             agents[c.name] = RelayAgent(c, helo=c.fqdn or config.server.fqdn, run=spool.run_delivery,
                                         reactor=reactor, mx=None if c.smart_hosts else mx, resolver=mx,
                                         credentials=secrets.smart_hosts.get(c.name),
-                                        client_certificate=client_certificates.get(c.name))
+                                        client_certificate=client_certificates.get(c.name),
+                                        protocol_log=self.send_log)
         # stages checked before anything listens
         pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor), dequeue=self.triggers,
                                   metrics=self.metrics)
@@ -253,6 +289,7 @@ class ExedgeServer(MultiService):
             client_ca=tls.client_ca_stores(config),
             pipeline=pipeline,
             metrics=self.metrics,
+            protocol_log=self.receive_log,
         )
         etrn = tuple(EtrnClientService(e, helo=config.server.fqdn, reactor=reactor,
                                        credentials=secrets.etrn_clients.get(e.name)) for e in config.etrn_clients)
@@ -367,7 +404,7 @@ def _iso(seconds: float) -> str:
 # what a reload cannot change in a running process: the spool, its threads, the endpoint itself
 _RESTART_KEYS = (("server", "spool_directory"), ("server", "spool_threads"), ("server", "delivery_threads"),
                  ("server", "fqdn"), ("server", "quarantine_mailbox"), ("directory", "auth_threads"),
-                 ("management", None))
+                 ("management", None), ("logs", None))
 
 
 def _needs_restart(old: Config, new: Config) -> list[str]:

@@ -8,6 +8,7 @@ from .models import (
     AcceptedDomain,
     AddressSpace,
     Config,
+    LogsConfig,
     ManagementConfig,
     QueueConfig,
     ReceiveConnector,
@@ -16,6 +17,6 @@ from .models import (
 )
 
 __all__ = [
-    "AcceptedDomain", "AddressSpace", "Config", "ConfigError", "ManagementConfig", "Problem", "QueueConfig",
+    "AcceptedDomain", "AddressSpace", "Config", "ConfigError", "LogsConfig", "ManagementConfig", "Problem", "QueueConfig",
     "ReceiveConnector", "SendConnector", "ServerConfig", "defaults", "load", "loads",
 ]

@@ -331,6 +331,7 @@ def loads(text: str, source: str = "<config>") -> m.Config:
         queue=cfg["queue"],
         directory=cfg["directory"],
         management=cfg["management"],
+        logs=cfg["logs"],
         pipeline=tuple(cfg["pipeline"]),
         etrn_clients=tuple(cfg["etrn_clients"]),
         accepted_domains=tuple(cfg["accepted_domains"]),

@@ -162,7 +162,7 @@ class ReceiveConnector:
     pipelining_enabled: bool = setting(boolean, True, "advertise PIPELINING")
     eight_bit_mime_enabled: bool = setting(boolean, True, "advertise 8BITMIME")
     delivery_status_notification_enabled: bool = setting(boolean, True, "advertise DSN")
-    protocol_logging_level: str = setting(choice("None", "Verbose"), "None", "Verbose: log every command and reply")
+    protocol_logging_level: str = setting(choice("None", "Verbose"), "None", "Verbose: log every command and reply (and write them to [logs] receive_protocol_log_path)")
     certificate_file: str | None = setting(text, None, "PEM certificate (chain) for STARTTLS; must name fqdn (default: [server].certificate_file)")
     private_key_file: str | None = setting(text, None, "PEM private key of certificate_file (default: the same file)")
     tls_mode: str = setting(choice("StartTls", "Implicit"), "StartTls", "StartTls: offer STARTTLS (with Tls in auth_mechanisms); Implicit: TLS from the first byte (port 465 style)")
@@ -294,6 +294,7 @@ class SendConnector:
     accept_messages_only_from: tuple = setting(list_of(v.sender_pattern), (), "only these senders' mail may go through this connector (Exchange 2000's Delivery Restrictions): \"user@domain\", \"*@domain\", \"*.domain\", \"<>\" for reports; others go to the next connector by cost, else an NDR 5.7.1")
     reject_messages_from: tuple = setting(list_of(v.sender_pattern), (), "these senders' mail may not go through this connector (same forms)")
     remote_trigger_accounts: tuple = setting(list_of(v.name), (), "accounts (their AUTH names) that may collect this connector's domains with ATRN or TURN")
+    protocol_logging_level: str = setting(choice("None", "Verbose"), "None", "Verbose: write every command and reply to the send protocol log ([logs] send_protocol_log_path)")
     comment: str = setting(text, "", "free text")
 
     def refuses_sender(self, sender: str) -> str | None:
@@ -353,6 +354,48 @@ class QueueConfig:
                                                 "after this long undelivered, a message is returned to its sender (NDR 4.4.7)")
 
 
+_LOG_KINDS = ("receive_protocol_log", "send_protocol_log", "message_tracking_log")
+
+
+@attrs.frozen(kw_only=True)
+class LogsConfig:
+    """
+    The log files people parse (exedge/logs/): the protocol logs of Verbose
+    connectors and the message tracking log. max_age, max_directory_size
+    and max_file_size (Exchange's names) apply to every log; each log may
+    override them with its own prefixed key, as Exchange's
+    Set-TransportService names them (ReceiveProtocolLogMaxAge ->
+    receive_protocol_log_max_age).
+    """
+
+    receive_protocol_log_path: str = setting(text, "var/log/ProtocolLog/SmtpReceive", "protocol log files of receive connectors with protocol_logging_level = \"Verbose\" (relative to the working directory)")
+    send_protocol_log_path: str = setting(text, "var/log/ProtocolLog/SmtpSend", "protocol log files of send connectors with protocol_logging_level = \"Verbose\"")
+    message_tracking_log_enabled: bool = setting(boolean, True, "write the message tracking log (exedge Get-MessageTrackingLog searches it)")
+    message_tracking_log_path: str = setting(text, "var/log/MessageTracking", "message tracking log files")
+    message_tracking_log_subject_logging_enabled: bool = setting(boolean, True, "write the Subject field in the message tracking log")
+    max_age: float = setting(v.parse_timespan, 30 * 86400.0, "log files older than this are deleted (every log, unless its own key says otherwise)")
+    max_directory_size: int | None = setting(lambda x: v.parse_size(x, allow_unlimited=True), 250 * 1024**2, "the oldest log files are deleted while a log's directory is larger than this (\"unlimited\": never)")
+    max_file_size: int = setting(v.parse_size, 10 * 1024**2, "a new log file is begun at this size")
+    receive_protocol_log_max_age: float | None = setting(v.parse_timespan, None, "max_age of the receive protocol log")
+    receive_protocol_log_max_directory_size: int | None = setting(lambda x: v.parse_size(x, allow_unlimited=True), None, "max_directory_size of the receive protocol log")
+    receive_protocol_log_max_file_size: int | None = setting(v.parse_size, None, "max_file_size of the receive protocol log")
+    send_protocol_log_max_age: float | None = setting(v.parse_timespan, None, "max_age of the send protocol log")
+    send_protocol_log_max_directory_size: int | None = setting(lambda x: v.parse_size(x, allow_unlimited=True), None, "max_directory_size of the send protocol log")
+    send_protocol_log_max_file_size: int | None = setting(v.parse_size, None, "max_file_size of the send protocol log")
+    message_tracking_log_max_age: float | None = setting(v.parse_timespan, None, "max_age of the message tracking log")
+    message_tracking_log_max_directory_size: int | None = setting(lambda x: v.parse_size(x, allow_unlimited=True), None, "max_directory_size of the message tracking log")
+    message_tracking_log_max_file_size: int | None = setting(v.parse_size, None, "max_file_size of the message tracking log")
+
+    def limits(self, kind: str) -> dict:
+        """max_age, max_directory_size and max_file_size of one log ("receive_protocol_log", ...)."""
+        assert kind in _LOG_KINDS
+        out = {}
+        for key in ("max_age", "max_directory_size", "max_file_size"):
+            own = getattr(self, f"{kind}_{key}")
+            out[key] = own if own is not None else getattr(self, key)
+        return out
+
+
 @attrs.frozen(kw_only=True)
 class ManagementConfig:
     """
@@ -374,6 +417,7 @@ class Config:
     queue: QueueConfig = QueueConfig()
     directory: DirectoryConfig = DirectoryConfig()
     management: ManagementConfig = ManagementConfig()
+    logs: LogsConfig = LogsConfig()
     pipeline: tuple = ()
     etrn_clients: tuple = ()
     accepted_domains: tuple
@@ -394,6 +438,7 @@ SECTIONS = {
     "queue": (QueueConfig, False),
     "directory": (DirectoryConfig, False),
     "management": (ManagementConfig, False),
+    "logs": (LogsConfig, False),
     "accepted_domains": (AcceptedDomain, True),
     "receive_connectors": (ReceiveConnector, True),
     "send_connectors": (SendConnector, True),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from exedge.interfaces import NoTracking, TrackingEvent
 from exedge.queue.envelope import Recipient
 
 from .ndr import FailedRecipient, build_ndr, wants_delay_notice, wants_ndr
@@ -24,10 +25,13 @@ log = Logger()
 class Bouncer:
     """
     C{cleanup} queues the reports; C{run(f)} runs C{f} where reading a
-    message back from the spool may block (the spool's delivery threads).
+    message back from the spool may block (the spool's delivery threads);
+    C{tracking} (L{exedge.interfaces.IMessageTracking}) records a DSN
+    event on the original message for each report queued.
     """
 
-    def __init__(self, cleanup, reporting_mta: str, run, clock):
+    def __init__(self, cleanup, reporting_mta: str, run, clock, *, tracking=None):
+        self.tracking = tracking if tracking is not None else NoTracking()
         self.cleanup = cleanup
         self.reporting_mta = reporting_mta
         self.run = run
@@ -77,8 +81,18 @@ class Bouncer:
                              ret=env.ret, arrival=env.received_at, failed=reports,
                              original=message.read_data(), now=now, retry_until=retry_until)
 
+        def queued(stored):
+            log.info("{queue_id}: report {ndr} queued for {sender}",
+                     queue_id=message.queue_id, ndr=stored.queue_id, sender=env.sender)
+            self.tracking.track(TrackingEvent(
+                event_id="DSN", source="DSN", internal_message_id=message.queue_id, message_id=env.message_id,
+                sender=env.sender, return_path=env.sender, recipients=tuple(r.address for r in reports),
+                recipient_status=tuple(r.diagnostic for r in reports),
+                total_bytes=env.size, recipient_count=len(env.recipients), subject=env.subject,
+                reference=stored.queue_id, related_recipient_address=env.sender,
+                message_info=",".join(sorted({r.action for r in reports})), directionality="Originating"))
+
         d = self.run(build)
         d.addCallback(self.cleanup.inject, "", (Recipient(env.sender),), "(non-delivery report)")
-        d.addCallback(lambda stored: log.info("{queue_id}: report {ndr} queued for {sender}",
-                                              queue_id=message.queue_id, ndr=stored.queue_id, sender=env.sender))
+        d.addCallback(queued)
         return d

@@ -33,6 +33,9 @@ class Envelope:
     peer: str = ""                     # "ip:port"
     helo: str = ""
     received_at: float = 0.0
+    message_id: str = ""               # the Message-ID field, for the tracking log (escaped, capped)
+    subject: str = ""                  # the Subject field as written (escaped, capped), for the tracking log
+    session: str = ""                  # the receive session's id, tying protocol log and queue id
     notes: dict = attrs.field(factory=dict)   # str -> str that pipeline stages keep with the message (on_route reads them)
 
     def to_json(self) -> bytes:

@@ -31,8 +31,8 @@ from zope.interface import implementer
 
 from exedge.config import QueueConfig
 from exedge.interfaces import (
-    OVERSIZE, Deferral, IQueueAdmin, IQueueSink, MessageInfo, NextHop, NextHopUnreachable, Outcome,
-    QueueActionRefused, QueueInfo, RecipientInfo, Refusal, Route,
+    OVERSIZE, Deferral, IQueueAdmin, IQueueSink, MessageInfo, NextHop, NextHopUnreachable, NoTracking, Outcome,
+    QueueActionRefused, QueueInfo, RecipientInfo, Refusal, Route, TrackingEvent,
 )
 from exedge.routing import ROUTE_DEFERRED, TOO_LARGE, UNREACHABLE, reroute
 
@@ -112,11 +112,15 @@ class QueueManager(Service):
     C{intake} is where committed messages are announced
     (L{exedge.queue.intake.Intake}): this manager takes them from there;
     C{triggers} (L{exedge.dequeue.Triggers}) is where sites ask for their
-    held mail (ETRN): this manager answers there.
+    held mail (ETRN): this manager answers there. C{tracking}
+    (L{exedge.interfaces.IMessageTracking}) records SEND, DELIVER, FAIL
+    and DEFER events.
     """
 
     def __init__(self, spool, router, agents: dict, clock, policy: QueueConfig = QueueConfig(),
-                 concurrency: int = 4, *, bouncer=None, route_policy=None, intake=None, triggers=None):
+                 concurrency: int = 4, *, bouncer=None, route_policy=None, intake=None, triggers=None,
+                 tracking=None):
+        self.tracking = tracking if tracking is not None else NoTracking()
         self.spool = spool
         self.router = router
         self.agents = agents
@@ -185,6 +189,12 @@ class QueueManager(Service):
             self._settle(message, refused)
         for reason, indexes in deferred.items():
             self._route_later(message, indexes, reason)
+        unreachable = hops.get(UNREACHABLE)
+        if unreachable:
+            domains = sorted({envelope.recipients[i].address.rpartition("@")[2].lower() for i in unreachable})
+            log.warn("{queue_id}: held in the Unreachable queue: no send connector serves {domains} "
+                     "({rcpts})", queue_id=message.queue_id, domains=", ".join(domains),
+                     rcpts=", ".join(envelope.recipients[i].address for i in unreachable))
         for hop, indexes in hops.items():
             queue = self.queue_for(hop)
             queue.items.append((message, indexes))
@@ -837,7 +847,8 @@ class QueueManager(Service):
                 self._answered(queue.hop)          # a host answered: if the hop was down, it is up again
                 left = set(indexes) - {o.index for o in outcomes if o.status in ("delivered", "failed")}
                 # never raises: delivered recipients count whatever happens to the reports
-                retry = yield self._record(message, outcomes)
+                retry = yield self._record(message, outcomes, queue.hop)
+                self._track_deferred(message, [o for o in outcomes if o.index in left], queue.hop)
                 left |= set(retry)
                 if left:
                     self._later(queue, (message, sorted(left)))
@@ -847,6 +858,7 @@ class QueueManager(Service):
             queue.last_error = str(e) or e.__class__.__name__
             log.warn("queue {hop}: transient failure for {queue_id}: {error}",
                      hop=str(queue.hop), queue_id=message.queue_id, error=queue.last_error)
+            self._track_deferred(message, [Outcome(i, "deferred", queue.last_error) for i in indexes], queue.hop)
             if self._remote_triggered(queue.hop):
                 # the site cannot be reached now: held until it asks again
                 queue.status, queue.hold_reason, queue.triggered, queue.agent = QueueStatus.Held, TRIGGER, False, None
@@ -905,8 +917,29 @@ class QueueManager(Service):
 
         queue._retry_call = self.clock.callLater(delay, retry)
 
+    def _track(self, message, event_id: str, outcomes, hop: NextHop | None = None) -> None:
+        """One tracking event for these recipients of C{message} (L{exedge.interfaces.IMessageTracking})."""
+        if not outcomes:
+            return
+        env = message.envelope
+        connector = self._connectors.get(hop.connector) if hop is not None else None
+        if event_id == "SEND" and connector is not None and connector.drop_directory:
+            event_id = "DELIVER"
+        remotes = sorted({o.remote for o in outcomes if o.remote})
+        self.tracking.track(TrackingEvent(
+            event_id=event_id, source="SMTP" if event_id in ("SEND", "DEFER") else "QUEUE",
+            internal_message_id=message.queue_id, message_id=env.message_id, sender=env.sender,
+            return_path=env.sender, recipients=tuple(env.recipients[o.index].address for o in outcomes),
+            recipient_status=tuple(o.detail for o in outcomes), total_bytes=env.size,
+            recipient_count=len(env.recipients), subject=env.subject, server_hostname=", ".join(remotes),
+            connector_id=hop.connector if hop is not None else "", source_context=str(hop) if hop is not None else "",
+            directionality="Incoming"))
+
+    def _track_deferred(self, message, outcomes, hop: NextHop) -> None:
+        self._track(message, "DEFER", [o for o in outcomes if o.status not in ("delivered", "failed")], hop)
+
     @defer.inlineCallbacks
-    def _record(self, message, outcomes, bounce: bool = True):
+    def _record(self, message, outcomes, hop: NextHop | None = None, bounce: bool = True):
         """
         Take final outcomes into account. Delivered recipients count at once,
         whatever happens next; a failed recipient counts only once its NDR
@@ -943,6 +976,8 @@ class QueueManager(Service):
                 # a lost success notice must never turn a delivery into a retry
                 log.failure("success notice for {queue_id}", queue_id=message.queue_id)
         taken = delivered + failed
+        self._track(message, "SEND", delivered, hop)
+        self._track(message, "FAIL", failed, hop)
         done.update(o.index for o in taken)
         if len(done) >= len(message.envelope.recipients):
             # complete: no need to note outcomes first, nor to wait for the

@@ -32,9 +32,6 @@ TLS's close_notify it does not answer) is aborted after L{CLOSE_GRACE}.
 
 from __future__ import annotations
 
-import itertools
-import time
-
 import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
@@ -45,6 +42,7 @@ from zope.interface import implementer
 from exedge.auth.permissions import Principal, Right, session_permissions
 from exedge.cleanup import Trace, Transaction, with_protocol
 from exedge.logs import ProtocolLog
+from exedge.logs.protocol import new_session_id
 from exedge.pipeline import Message
 from exedge.pipeline.runner import then
 from exedge.pipeline.session import Session
@@ -79,19 +77,9 @@ class ServerContext:
     client_ca: dict = attrs.field(factory=dict)   # receive connector name -> X509Store for partner certificates
     pipeline: object = None   # exedge.pipeline.Pipeline; None or empty: no stages
     metrics: object = None    # exedge.metrics.Metrics; None: not counted (protocol tests)
+    protocol_log: object = None   # exedge.logs.CsvLog: Verbose connectors' protocol log files; None: none
 
 
-_session_counter = itertools.count()
-_SESSION_EPOCH = int(time.time()) & 0xFFFFFFFF
-
-
-def new_session_id() -> str:
-    """
-    16 hex digits, as Exchange's protocol log shows them: this process's
-    start second and a counter, unique across restarts and sessions without
-    a random draw (a system call) per connection.
-    """
-    return f"{_SESSION_EPOCH:08X}{next(_session_counter) & 0xFFFFFFFF:08X}"
 
 
 @implementer(IHandshakeListener, IHalfCloseableProtocol)
@@ -175,7 +163,7 @@ class SMTPServer(basic.LineReceiver):
         where = f"{local.host}:{local.port}"
         self.plog = ProtocolLog(connector.name if connector else "-", self.session_id,
                                 bool(connector and connector.protocol_logging_level == "Verbose"),
-                                where, f"{peer.host}:{peer.port}")
+                                where, f"{peer.host}:{peer.port}", file=self.ctx.protocol_log)
         if connector is None:
             self.plog.connect(f"no receive connector on {where} accepts {peer.host}")
             return self._refuse(Reply(554, "5.7.1", "No receive connector accepts your address; closing"))
@@ -688,7 +676,7 @@ class SMTPServer(basic.LineReceiver):
     def _start_data(self) -> Reply:
         identity = self._identity
         trace = Trace(helo=self.session.helo, peer_host=self.peer_host, peer_port=self.transport.getPeer().port,
-                      by=self.fqdn, connector=self.connector.name,
+                      by=self.fqdn, connector=self.connector.name, session=self.session_id,
                       protocol=with_protocol(self.esmtp, self.session.tls, identity is not None),
                       tls=self.security.describe() if self.session.tls else None)
         self.draft = self.ctx.cleanup.open(trace, note=self.plog.info)
@@ -707,23 +695,23 @@ class SMTPServer(basic.LineReceiver):
             self.plog.info(f"message refused: {code} {status} {text}")
             return Reply(code, status, text)
         if not self._stages_on:
-            return then(self.ctx.cleanup.commit(txn, None, draft), self._receipt)
+            return then(self.ctx.cleanup.commit(txn, None, draft, header=reader.header), self._receipt)
         message = Message(str(txn.sender) if txn.sender else "", [r.address for r in txn.recipients],
                           reader.header, reader.size, read=draft.client_bytes, queue_id=draft.queue_id)
         run = self.ctx.pipeline.run
         verdict = then(run("on_headers", self.session, message),
                        lambda v: v if v.final else run("on_message", self.session, message))
-        return then(verdict, self._message_verdict, txn, message, draft)
+        return then(verdict, self._message_verdict, txn, message, draft, reader.header)
 
-    def _message_verdict(self, verdict, txn, message, draft):
+    def _message_verdict(self, verdict, txn, message, draft, header=b""):
         if verdict.final:
             draft.abort()
             return verdict_reply(verdict, self.plog.info)
-        return then(self.ctx.cleanup.commit(txn, message, draft), self._receipt)
+        return then(self.ctx.cleanup.commit(txn, message, draft, header=header), self._receipt)
 
     def _receipt(self, receipt) -> Reply:
-        # no log line of its own: the Verbose protocol log has the 250 with
-        # the queue id, and per-message lines cost a formatted, flushed write
+        # no log line of its own: cleanup wrote the one line per message
+        # (queue id, session id, sender, size, Message-ID) when it queued it
         if receipt.queued and self._stages_on:
             self.ctx.pipeline.run("on_queued", self.session, receipt.queue_id)   # verdict ignored
         return Reply(receipt.code, receipt.status, receipt.text, tarpit=receipt.tarpit)

@@ -209,7 +209,7 @@ class SMTPClient(basic.LineReceiver):
     def __init__(self, messages, *, helo: str, clock, timeouts: Timeouts = Timeouts(),
                  max_messages: int | None = None, source=None, on_settled=None,
                  tls=None, tls_required: bool = False, credentials=None, auth_requires_tls: bool = True,
-                 peer: str = ""):
+                 peer: str = "", protocol_log=None):
         """
         C{source(room)}: asked for more messages whenever these are done and
         the per-connection limit leaves C{room} (None: no limit); returns a
@@ -227,8 +227,13 @@ class SMTPClient(basic.LineReceiver):
         that fails validation ends the handshake, so nothing (credentials
         least of all) is ever written to an unverified peer. C{peer}: the
         next hop as the log names it ("mx1.contoso.com", "10.0.0.5:2525").
+        C{protocol_log(local, remote)}: the session's
+        L{exedge.logs.ProtocolLog} (a Verbose send connector's), made once
+        connected; None: no protocol log.
         """
         self.peer = peer
+        self.protocol_log = protocol_log
+        self.plog = None
         self.tls = tls
         self.tls_required = tls_required
         self.credentials = credentials
@@ -265,10 +270,19 @@ class SMTPClient(basic.LineReceiver):
     # -- plumbing ------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        if self.protocol_log is not None:
+            local, remote = self.transport.getHost(), self.transport.getPeer()
+            self.plog = self.protocol_log(f"{getattr(local, 'host', '')}:{getattr(local, 'port', '')}",
+                                          f"{getattr(remote, 'host', '')}:{getattr(remote, 'port', '')}")
+            self.plog.connect(self.peer)
         self._expect("greeting", self._on_greeting, self.timeouts.greeting)
 
-    def _send(self, line: str) -> None:
-        write_through(self.transport, line.encode("ascii") + b"\r\n")
+    def _send(self, line: str, shown: str | None = None) -> None:
+        """Write one command; C{shown} is what the protocol log says instead (never a credential)."""
+        data = line.encode("ascii") + b"\r\n"
+        if self.plog is not None:
+            self.plog.sent((shown or line).encode("ascii", "replace"))
+        write_through(self.transport, data)
 
     def _expect(self, what: str, on_reply, timeout: float) -> None:
         self._waiting.append((what, on_reply, timeout))
@@ -301,6 +315,8 @@ class SMTPClient(basic.LineReceiver):
             return self._protocol_error("reply too long")
         if more:
             return
+        if self.plog is not None:
+            self.plog.received(line)
         reply, self._lines = Reply(code, tuple(self._lines)), []
         _, on_reply, _ = self._waiting.pop(0)
         if self._waiting:
@@ -318,6 +334,9 @@ class SMTPClient(basic.LineReceiver):
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:
+        if self.plog is not None:
+            self.plog.disconnect()
+            self.plog = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self._feeding is not None:
@@ -460,19 +479,19 @@ class SMTPClient(basic.LineReceiver):
         mechanisms = self.session.extensions.get("AUTH", "").upper().split()
         b64 = lambda text: base64.b64encode(text.encode("utf-8")).decode("ascii")   # noqa: E731
         if "PLAIN" in mechanisms:
-            self._send("AUTH PLAIN " + b64(f"\0{user}\0{password}"))
+            self._send("AUTH PLAIN " + b64(f"\0{user}\0{password}"), shown="AUTH PLAIN (credentials)")
             return self._expect("AUTH", self._on_auth, self.timeouts.other)
         if "LOGIN" in mechanisms:
             def password_step(reply):
                 if reply.code != 334:
                     return self._on_auth(reply)
-                self._send(b64(password))
+                self._send(b64(password), shown="(authentication data)")
                 self._expect("AUTH", self._on_auth, self.timeouts.other)
 
             def user_step(reply):
                 if reply.code != 334:
                     return self._on_auth(reply)
-                self._send(b64(user))
+                self._send(b64(user), shown="(authentication data)")
                 self._expect("AUTH", password_step, self.timeouts.other)
 
             self._send("AUTH LOGIN")
@@ -573,6 +592,8 @@ class SMTPClient(basic.LineReceiver):
                 _settle(result, state["accepted"], reply)
                 return self._reset_then_next()
             write_through(self.transport, dot_stuff(message.data))
+            if self.plog is not None:
+                self.plog.sent(b"(message data, %d octets)" % len(message.data))
             self._expect("end of data", on_end, self.timeouts.data_end)
 
         def on_end(reply):
@@ -585,6 +606,9 @@ class SMTPClient(basic.LineReceiver):
         if "PIPELINING" in ext:
             # MAIL, every RCPT and DATA in one write; replies come back in order
             lines = [c for _, c in commands] + ["DATA"]
+            if self.plog is not None:
+                for line in lines:
+                    self.plog.sent(line.encode("ascii", "replace"))
             write_through(self.transport, "".join(line + "\r\n" for line in lines).encode("ascii"))
             self._waiting.append(("MAIL", on_mail, self.timeouts.mail))
             for rcpt in message.recipients:

@@ -38,6 +38,8 @@ from zope.interface import implementer
 from exedge import tls
 from exedge.interfaces import IDeliveryAgent
 from exedge.interfaces import NextHopUnreachable, Outcome
+from exedge.logs import ProtocolLog
+from exedge.logs.protocol import new_session_id
 
 from .client import OutboundMessage, OutboundRecipient, SMTPClient, Status, Timeouts
 from .mx import RoutingFailure, TransientDNSFailure
@@ -84,14 +86,19 @@ class RelayAgent:
     idle_time = 2.0            # seconds an open session waits for more (Postfix: smtp_connection_cache_time_limit)
 
     def __init__(self, connector, *, helo: str, run, reactor, mx=None, resolver=None,
-                 connect_timeout: float = 30.0, credentials=None, client_certificate=None, clock=None):
+                 connect_timeout: float = 30.0, credentials=None, client_certificate=None, clock=None,
+                 protocol_log=None):
         """
         C{mx}: an L{exedge.send.mx.MXResolver} for DNS routing; None for
         smart hosts. C{resolver}: the same, to find the addresses of smart
         hosts given by name through [server].dns_servers (None: the
         system's resolver). C{reactor} opens connections; C{clock} (by
         default the reactor) times sessions and idle connections.
+        C{protocol_log}: the send protocol log files (an
+        L{exedge.logs.CsvLog}) its sessions are written to when the
+        connector's protocol_logging_level is Verbose.
         """
+        self.protocol_log = protocol_log if getattr(connector, "protocol_logging_level", "None") == "Verbose" else None
         self.clock = clock if clock is not None else reactor
         self.resolver = resolver
         self.credentials = credentials      # (user, password) for smart-host AUTH, or None
@@ -336,11 +343,18 @@ class RelayAgent:
                             source=self._source(destination, entries),
                             tls=tls_options, tls_required=tls_required, credentials=self.credentials,
                             auth_requires_tls=self.connector.smart_host_auth_mechanism != "BasicAuth",
-                            peer=remote)
+                            peer=remote, protocol_log=self._session_log())
         client.on_settled = lambda result: self._settled(entries, result, client.session.extensions, remote)
         factory = protocol.Factory.forProtocol(lambda: client)
         factory.noisy = False     # "Starting factory" per outbound connection says nothing the log needs
         return self._endpoint(address, port).connect(factory).addCallback(lambda _: client)
+
+    def _session_log(self):
+        """What makes a session's protocol log once it is connected (None: not Verbose)."""
+        if self.protocol_log is None:
+            return None
+        session, name, file = new_session_id(), self.connector.name, self.protocol_log
+        return lambda local, remote: ProtocolLog(name, session, True, local, remote, file=file)
 
     def _settled(self, entries: dict, message_result, extensions: dict, remote: str) -> None:
         message, indexes, d = entries.pop(message_result.message.key)
