@@ -180,8 +180,10 @@ class Cleanup:
     they are refused).
     """
 
-    def __init__(self, store, sink, clock, *, quarantine_mailbox: str | None = None, tracking=None):
+    def __init__(self, store, sink, clock, *, quarantine_mailbox: str | None = None, tracking=None,
+                 commit_seconds=None):
         self.store = store
+        self.commit_seconds = commit_seconds or (lambda seconds: None)   # from the final dot to durable (metrics)
         self.sink = sink
         self.clock = clock
         self.quarantine_mailbox = quarantine_mailbox
@@ -259,15 +261,16 @@ class Cleanup:
             d.addCallback(lambda length: self._commit(draft.incoming, envelope(length)))
         else:
             d = self._commit(draft.incoming, envelope(draft.size))
-        d.addCallback(self._received, trace)
+        d.addCallback(self._received, trace, self.clock.seconds())
         return d.addCallbacks(self._receipt, self._failed, errbackArgs=(draft.incoming,))
 
-    def _received(self, stored, trace: Trace):
+    def _received(self, stored, trace: Trace, started: float):
         """
         The message is on disk and queued: one line at the default level
         that ties the session to the queue id (formatted once, as the
         protocol log's), and its RECEIVE event.
         """
+        self.commit_seconds(max(0.0, self.clock.seconds() - started))
         env = stored.envelope
         log.info("{line}", line=f"{stored.queue_id}: received in session {trace.session or '-'} on "
                  f"{trace.connector} from <{env.sender}>, {len(env.recipients)} recipient(s), {env.size} bytes, "

@@ -16,6 +16,9 @@ import collections
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from zope.interface import implementer
+
+from exedge.interfaces import IMessageTracking
 
 
 class Metrics:
@@ -61,6 +64,16 @@ class Metrics:
     def sessions_now(self, connector: str | None = None) -> int:
         return self._open[connector] if connector is not None else sum(self._open.values())
 
+    # -- messages ----------------------------------------------------------------
+
+    def counting(self, tracking):
+        """
+        An L{IMessageTracking} that counts each event here and passes it
+        on to C{tracking}: the messages received, delivered, deferred and
+        failed are what the tracking log records, told once by the rooms.
+        """
+        return _Counting(self, tracking)
+
     # -- queues ------------------------------------------------------------------
 
     def watch_queues(self, admin) -> None:
@@ -101,3 +114,22 @@ class _QueueCollector:
         yield length
         yield oldest
         yield queues
+
+
+@implementer(IMessageTracking)
+class _Counting:
+    def __init__(self, metrics: Metrics, tracking):
+        self.metrics = metrics
+        self.tracking = tracking
+
+    def track(self, event) -> None:
+        m, kind, connector = self.metrics, event.event_id, event.connector_id
+        if kind == "RECEIVE" and event.source == "SMTP":
+            m.received.labels(connector).inc()
+        elif kind in ("SEND", "DELIVER"):
+            m.delivered.labels(connector).inc(len(event.recipients))
+        elif kind == "DEFER":
+            m.deferred.labels(connector).inc(len(event.recipients))
+        elif kind == "FAIL":
+            m.bounced.labels(connector).inc(len(event.recipients))
+        self.tracking.track(event)

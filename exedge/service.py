@@ -211,14 +211,14 @@ class ExedgeServer(MultiService):
         for log_file in (self.receive_log, self.send_log, tracking_log):
             if log_file is not None:
                 log_file.setServiceParent(self)
-        tracking = NoTracking() if tracking_log is None else message_tracking.MessageTrackingLog(
-            tracking_log, subjects=config.logs.message_tracking_log_subject_logging_enabled)
+        tracking = self.metrics.counting(NoTracking() if tracking_log is None else message_tracking.MessageTrackingLog(
+            tracking_log, subjects=config.logs.message_tracking_log_subject_logging_enabled))
         self.intake = Intake()
         self.spool_service = SpoolService(config.server.spool_directory, config.server.spool_threads,
                                           config.server.delivery_threads, reactor, self.intake.submit)
         spool = self.spool_service.spool
         self.cleanup = Cleanup(spool, self.intake, reactor, quarantine_mailbox=config.server.quarantine_mailbox,
-                               tracking=tracking)
+                               tracking=tracking, commit_seconds=self.metrics.commit.observe)
         self.triggers = Triggers()
         # every thread that checks passwords, whichever directory a reload names
         self.auth_pool = ThreadPoolService("exedge-auth", config.directory.auth_threads, reactor)

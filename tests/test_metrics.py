@@ -60,6 +60,10 @@ def test_metrics_count_what_happened(start_server):
     assert value(samples, "exedge_pipeline_verdicts_total", stage="sender_filter", hook="on_mail",
                  verdict="continue") == 1      # alice passed; the internal session bypasses anti-spam
     assert value(samples, "exedge_pipeline_stage_seconds_count", stage="sender_filter") == 2
+    assert value(samples, "exedge_messages_received_total", connector="From Internet") == 1
+    assert value(samples, "exedge_messages_received_total", connector="From Internal Org") == 1
+    assert value(samples, "exedge_recipients_delivered_total", connector="Local drop") == 1
+    assert value(samples, "exedge_spool_commit_seconds_count") == 2
     assert value(samples, "exedge_queue_messages", connector="Unreachable") == 1
     assert value(samples, "exedge_queue_oldest_message_age_seconds", connector="Unreachable") >= 0
     assert value(samples, "exedge_queues", connector="Unreachable", status="Held") == 1
