@@ -83,14 +83,14 @@ def test_defaults_lists_keys():
     result = run("check-config", "--defaults")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for section in ("[server]", "[accepted_domains]", "[receive_connectors]", "[send_connectors]"):
+    for section in ("[server]", "[[accepted_domains]]", "[[receive_connectors]]", "[[send_connectors]]"):
         assert section in out
     assert "max_hop_count = 30" in out
     assert "max_inbound_connection_per_source = 20" in out
-    assert "max_message_size = 37748736" in out
-    assert "max_header_size = 262144" in out
-    assert "connection_timeout = 300" in out
-    assert "spool_directory = 'var/spool'" in out
+    assert 'max_message_size = "36MB"' in out
+    assert 'max_header_size = "256KB"' in out
+    assert 'connection_timeout = "5m"' in out
+    assert 'spool_directory = "var/spool"' in out
 
 
 def test_defaults_does_not_need_a_file(tmp_path):
