@@ -202,6 +202,11 @@ def test_non_default_view_names_entries_safely_and_by_index_when_names_repeat(tm
         domain_name = "example.com"
         name = "Ex\\u001b[31mample"
 
+        [[send_connectors]]
+        name = "Drop\\u001b[31m"
+        address_spaces = ["example.com"]
+        drop_directory = "var/drop"
+
         [[pipeline]]
         stage = "sender_filter"
         block_blank_senders = true
@@ -214,6 +219,7 @@ def test_non_default_view_names_entries_safely_and_by_index_when_names_repeat(tm
     assert result.returncode == 0, result.stdout + result.stderr
     assert "\x1b" not in result.stdout            # a control character stays escaped
     assert 'accepted_domains["example.com"].name = "Ex\\u001b[31mample"' in result.stdout
+    assert 'send_connectors["Drop\\u001b[31m"].drop_directory = "var/drop"' in result.stdout
     assert "pipeline[0].block_blank_senders = true" in result.stdout
     assert "pipeline[1].priority = 5" in result.stdout
 
