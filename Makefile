@@ -24,7 +24,8 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test debian-test-deps
 
-# Debian packages the tests use: swaks (a second real SMTP client), ss
+# Debian packages the tests use: swaks (a second real SMTP client; its
+# STARTTLS needs libnet-ssleay-perl), ss
 # (iproute2: the listen backlog the kernel holds), a
 # Samba AD domain controller (the directory for AUTH; ../shared/research/
 # directory-servers.md) and rspamd (the plugins/rspamd_scan.py stage; the
@@ -36,6 +37,7 @@ SAMBA_PACKAGES := samba samba-dsdb-modules samba-vfs-modules samba-ad-provision
 debian-test-deps:
 	@missing=""; \
 	command -v swaks >/dev/null 2>&1 || missing="$$missing swaks"; \
+	perl -MNet::SSLeay -e1 >/dev/null 2>&1 || missing="$$missing libnet-ssleay-perl"; \
 	command -v samba >/dev/null 2>&1 || missing="$$missing $(SAMBA_PACKAGES)"; \
 	command -v rspamd >/dev/null 2>&1 || missing="$$missing rspamd"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \

@@ -2,7 +2,10 @@
 The `exedge` command. Sub-commands:
 
   exedge check-config FILE     validate FILE; each problem with file, line and key; exit 1 on error
-  exedge check-config --defaults   every key with its default and meaning
+  exedge check-config --defaults   every key with its default and meaning, as pasteable TOML
+  exedge check-config -n FILE  (or show-config -n FILE)
+                               the keys FILE sets to something other than their default (postconf -n)
+  exedge --version             exedge's version, with Twisted's and Python's
   exedge user add|remove|list (--config FILE | --file CREDENTIALS)
                                local AUTH users ([directory] credentials_file)
   exedge etrn NAME [--config FILE]
@@ -22,21 +25,71 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+import tomllib
+
+import attrs
 
 from exedge import tls
 from exedge.auth.secrets import load_secrets
-from exedge.config import ConfigError, defaults, load
+from exedge.config import ConfigError, load
+
+
+def _stages(plugin_directory: str) -> dict:
+    """Every stage factory the server would find: built-in, and drop-ins in C{plugin_directory}."""
+    from exedge.pipeline.registry import discover
+    return discover(plugin_directory)[0]
+
+
+def _version() -> str:
+    import platform
+
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        ours = version("exedge")
+    except PackageNotFoundError:
+        ours = "(not installed)"
+    import twisted
+    return f"exedge {ours} (Twisted {twisted.__version__}, Python {platform.python_version()})"
+
+
+def show_config(args) -> int:
+    """--defaults: every key as TOML; -n FILE: the keys FILE sets to something else."""
+    from exedge.config.models import ServerConfig
+    from exedge.config.render import defaults_document, non_defaults
+
+    if args.defaults:
+        directory = attrs.fields(ServerConfig).plugin_directory.default
+        if args.file:
+            try:
+                directory = load(args.file).server.plugin_directory
+            except ConfigError as e:
+                return _problems(e, args.file)
+        print(defaults_document(_stages(directory)), end="")
+        return 0
+    if not args.file:
+        print(f"exedge {args.command}: -n needs a FILE", file=sys.stderr)
+        return 2
+    try:
+        config = load(args.file)
+    except ConfigError as e:
+        return _problems(e, args.file)
+    with open(args.file, "rb") as f:        # load() read it: it is TOML in UTF-8
+        raw = tomllib.load(f)
+    for line in non_defaults(raw, _stages(config.server.plugin_directory)):
+        print(line)
+    return 0
+
+
+def _problems(error: ConfigError, path: str) -> int:
+    for problem in error.problems:
+        print(problem)
+    print(f"{len(error.problems)} problem(s) in {path}")
+    return 1
 
 
 def check_config(args) -> int:
-    if args.defaults:
-        section = None
-        for sec, key, default, doc in defaults():
-            if sec != section:
-                print(f"[{sec}]")
-                section = sec
-            print(f"  {key} = {default!r}\n      {doc}")
-        return 0
+    if args.defaults or args.non_defaults:
+        return show_config(args)
     if not args.file:
         print("exedge check-config: a FILE is required (or --defaults)", file=sys.stderr)
         return 2
@@ -76,16 +129,37 @@ def _credentials_path(args) -> str | None:
             print(problem, file=sys.stderr)
         return None
     if not config.directory.credentials_file:
-        print(f"exedge user: {args.config} has no [directory] credentials_file", file=sys.stderr)
+        if config.directory.servers:
+            print(f"exedge user: {args.config} checks passwords against LDAP ([directory] servers): "
+                  "manage its users in the directory", file=sys.stderr)
+        else:
+            print(f"exedge user: {args.config} has no [directory] credentials_file: add "
+                  f'credentials_file = "..." under [directory] in {args.config} (a path such as '
+                  f'"etc/exedge.users"; exedge user add creates the file)', file=sys.stderr)
         return None
     return config.directory.credentials_file
 
 
 def _password(args) -> str | None:
-    if args.password_stdin:
-        return sys.stdin.readline().rstrip("\r\n")
-    first = getpass.getpass(f"Password for {args.name}: ")
-    if getpass.getpass("Again: ") != first:
+    """
+    From a terminal: asked twice. Otherwise (a pipe, a script, or
+    --password-stdin) the first line of standard input; none at all is an
+    error, not a prompt that echoes or waits on a terminal nobody watches.
+    """
+    if args.password_stdin or not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        if not line:
+            print(f"exedge user {args.action}: no terminal to ask for the password and nothing on standard "
+                  "input: give it as one line on standard input", file=sys.stderr)
+            return None
+        return line.rstrip("\r\n")
+    try:
+        first = getpass.getpass(f"Password for {args.name}: ")
+        again = getpass.getpass("Again: ")
+    except (EOFError, KeyboardInterrupt):
+        print(f"\nexedge user {args.action}: no password given", file=sys.stderr)
+        return None
+    if again != first:
         print("exedge user: the passwords differ", file=sys.stderr)
         return None
     return first
@@ -115,7 +189,9 @@ def user(args) -> int:
         password = _password(args)
         if password is None:
             return 1
-        store.add(args.name, password, tuple(args.group))
+        # no --group: an existing user keeps its groups; --no-groups clears them
+        groups = () if args.no_groups else tuple(args.group) if args.group else None
+        store.add(args.name, password, groups)
     except (ValueError, OSError) as e:
         print(f"exedge user {args.action}: {e}", file=sys.stderr)
         return 1
@@ -222,20 +298,35 @@ def main(argv=None) -> int:
     if argv and argv[0].lower() == "get-messagetrackinglog":
         return get_message_tracking_log(argv[1:])
     parser = argparse.ArgumentParser(prog="exedge", description="exedge SMTP edge transport server")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("file", nargs="?")
-    p.add_argument("--defaults", action="store_true", help="print every key with its default")
+    p.add_argument("--defaults", action="store_true",
+                   help="print every key with its default and doc as TOML (keys printed as "
+                        "'# key =  (required)' must be uncommented and set); with FILE, its plugins' stages too")
+    p.add_argument("-n", dest="non_defaults", action="store_true",
+                   help="print the keys FILE sets to something other than their default, as postconf -n")
     p.set_defaults(func=check_config)
+    p = sub.add_parser("show-config", help="show a configuration: -n FILE for its non-default keys")
+    p.add_argument("file", nargs="?")
+    p.add_argument("-n", dest="non_defaults", action="store_true", help="the keys FILE sets to something else")
+    p.add_argument("--defaults", action="store_true", help="every key with its default, as TOML")
+    p.set_defaults(func=show_config)
     p = sub.add_parser("user", help="manage local AUTH users (passwords hashed with scrypt)")
     p.add_argument("action", choices=["add", "remove", "list"])
     p.add_argument("name", nargs="?", help="user name, e.g. smtpgateway@fabrikam.com")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--config", help="the exedge configuration (uses its [directory] credentials_file)")
     where.add_argument("--file", help="the credentials file itself")
-    p.add_argument("--group", action="append", default=[],
-                   help="permission group the user also holds: ExchangeServers, ExchangeLegacyServers, Partners")
-    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    groups = p.add_mutually_exclusive_group()
+    groups.add_argument("--group", action="append", default=[],
+                        help="permission group the user also holds: ExchangeServers, ExchangeLegacyServers, "
+                             "Partners (repeat for more). Given, the list replaces an existing user's groups; "
+                             "not given, an existing user keeps its groups")
+    groups.add_argument("--no-groups", action="store_true", help="clear an existing user's groups")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password from standard input (one line); the default when there is no terminal")
     p.set_defaults(func=user)
     p = sub.add_parser("etrn", help="ask a provider for our held mail once ([[etrn_clients]] NAME)")
     p.add_argument("name", help="the [[etrn_clients]] entry's name")

@@ -243,6 +243,8 @@ class RspamdFactory:
         "on_error": values.choice("Accept", "Defer"),
         "quarantine": values.boolean,
     }
+    defaults = {"url": "http://127.0.0.1:11333", "scan_timeout": "10s", "max_size": "1MB", "on_error": "Accept",
+                "quarantine": False}
 
     def build(self, options, context=None):
         return RspamdScan(**options, reactor=getattr(context, "clock", None))     # the reactor, in the server

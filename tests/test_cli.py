@@ -83,14 +83,14 @@ def test_defaults_lists_keys():
     result = run("check-config", "--defaults")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for section in ("[server]", "[accepted_domains]", "[receive_connectors]", "[send_connectors]"):
+    for section in ("[server]", "[[accepted_domains]]", "[[receive_connectors]]", "[[send_connectors]]"):
         assert section in out
     assert "max_hop_count = 30" in out
     assert "max_inbound_connection_per_source = 20" in out
-    assert "max_message_size = 37748736" in out
-    assert "max_header_size = 262144" in out
-    assert "connection_timeout = 300" in out
-    assert "spool_directory = 'var/spool'" in out
+    assert 'max_message_size = "36MB"' in out
+    assert 'max_header_size = "256KB"' in out
+    assert 'connection_timeout = "5m"' in out
+    assert 'spool_directory = "var/spool"' in out
 
 
 def test_defaults_does_not_need_a_file(tmp_path):
@@ -122,3 +122,77 @@ def test_password_files_that_cannot_be_read_are_named_with_their_line(tmp_path):
     assert result.returncode == 1
     assert f"{path}:5: directory.service_account: cannot read password_file {tmp_path}/missing.secret" \
         in result.stdout
+
+
+# -- exedge user ---------------------------------------------------------------
+
+def user(*args, stdin=None, cwd=ROOT):
+    """exedge user ... with no terminal: C{stdin} text on a pipe, or nothing at all (end of file)."""
+    return subprocess.run([EXEDGE, "user", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+                          input=stdin, stdin=subprocess.DEVNULL if stdin is None else None)
+
+
+def groups_of(path, name):
+    for line in open(path, encoding="utf-8"):
+        if line.startswith(name + ":"):
+            return line.rstrip("\n").split(":")[2]
+    raise AssertionError(f"no {name} in {path}")
+
+
+def test_user_add_again_keeps_groups_unless_told(tmp_path):
+    from exedge.auth.credentials import verify_password
+
+    users = str(tmp_path / "users")
+    name = "edge02@fabrikam.com"
+    added = user("add", name, "--file", users, "--group", "ExchangeServers", "--group", "Partners", stdin="pw-1\n")
+    assert added.returncode == 0, added.stderr
+    assert groups_of(users, name) == "ExchangeServers,Partners"
+    # a new password only: the server keeps its rights
+    again = user("add", name, "--file", users, stdin="pw-2\n")
+    assert again.returncode == 0, again.stderr
+    assert groups_of(users, name) == "ExchangeServers,Partners"
+    stored = next(line.split(":")[1] for line in open(users, encoding="utf-8") if line.startswith(name + ":"))
+    assert verify_password("pw-2", stored) and not verify_password("pw-1", stored)
+    # --group replaces the list; --no-groups clears it
+    assert user("add", name, "--file", users, "--group", "Partners", stdin="pw-3\n").returncode == 0
+    assert groups_of(users, name) == "Partners"
+    assert user("add", name, "--file", users, "--no-groups", stdin="pw-4\n").returncode == 0
+    assert groups_of(users, name) == ""
+    both = user("add", name, "--file", users, "--no-groups", "--group", "Partners", stdin="pw-5\n")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_user_add_help_says_what_group_does():
+    result = user("--help")
+    assert "replaces an existing user's groups" in " ".join(result.stdout.split())
+    assert "--no-groups" in result.stdout
+
+
+def test_user_add_without_terminal_or_stdin_fails_with_a_message(tmp_path):
+    users = tmp_path / "users"
+    result = user("add", "someone@fabrikam.com", "--file", str(users))      # stdin at end of file
+    assert result.returncode == 1
+    assert "no terminal to ask for the password and nothing on standard input" in result.stderr
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+    assert not users.exists()
+    empty = user("add", "someone@fabrikam.com", "--file", str(users), stdin="\n")
+    assert empty.returncode == 1 and "empty password" in empty.stderr and not users.exists()
+
+
+def test_user_add_reads_one_line_from_a_pipe(tmp_path):
+    users = tmp_path / "users"
+    result = user("add", "someone@fabrikam.com", "--file", str(users), stdin="s3cret\nnot read\n")
+    assert result.returncode == 0, result.stderr
+    assert "saved" in result.stdout
+    assert oct(users.stat().st_mode & 0o777) == "0o600"
+
+
+def test_user_without_credentials_file_says_which_key_to_add(tmp_path):
+    config = tmp_path / "exedge.toml"
+    config.write_text('[server]\nfqdn = "edge01.example.com"\n')
+    result = user("add", "someone@fabrikam.com", "--config", str(config), stdin="pw\n")
+    assert result.returncode == 2
+    assert f'add credentials_file = "..." under [directory] in {config}' in result.stderr
+    assert "Traceback" not in result.stderr
+    listed = user("list", "--config", str(config))
+    assert listed.returncode == 2 and "under [directory]" in listed.stderr

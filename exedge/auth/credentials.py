@@ -139,16 +139,24 @@ class CredentialsFile:
                 os.unlink(temp)
             raise
 
-    def add(self, name: str, password: str, groups=()) -> None:
+    def add(self, name: str, password: str, groups=None) -> None:
+        """
+        Add C{name}, or set its password. C{groups}: the permission groups
+        it holds besides ExchangeUsers; None keeps an existing user's (a
+        password change must not silently take a server's rights away).
+        """
         if not name or ":" in name or any(c.isspace() for c in name):
             raise ValueError(f"invalid user name {name!r}")
-        unknown = [g for g in groups if g not in GROUP_PRINCIPALS or g == "AnonymousUsers"]
+        unknown = [g for g in groups or () if g not in GROUP_PRINCIPALS or g == "AnonymousUsers"]
         if unknown:
             raise ValueError(f"unknown group(s) {', '.join(unknown)} (known: ExchangeServers, "
                              "ExchangeLegacyServers, Partners; every user is in ExchangeUsers)")
         if not password:
             raise ValueError("empty password")
         users = self.read()
+        if groups is None:
+            existing = users.get(name.lower())
+            groups = existing.groups if existing is not None else ()
         users[name.lower()] = UserEntry(name.lower(), hash_password(password), tuple(groups))
         self.write(users)
 

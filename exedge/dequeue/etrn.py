@@ -236,6 +236,8 @@ class EtrnFactory:
         "atrn": v.boolean,
         "turn": v.boolean,
     }
+    defaults = {"allowed_remote_ip_ranges": [], "require_authentication": False, "rate_limit": 10, "atrn": False,
+                "turn": False}
 
     def build(self, options, context=None):
         config = getattr(context, "config", None)

@@ -100,6 +100,7 @@ class SenderFilterFactory:
         "block_blank_senders": v.boolean,
         "action": v.choice("Reject", "StampStatus"),
     }
+    defaults = {"blocked_senders": [], "blocked_domains": [], "block_blank_senders": False, "action": "Reject"}
 
     def build(self, options):
         return SenderFilter(**options)
@@ -253,6 +254,8 @@ class ConnectionFilterFactory:
     options = {"ip_block_list": v.list_of(_list_entry), "ip_allow_list": v.list_of(_list_entry),
                "block_list_providers": v.list_of(_provider), "allow_list_providers": v.list_of(_provider),
                "dns_timeout": lambda x: float(v.parse_timespan(x))}
+    defaults = {"ip_block_list": [], "ip_allow_list": [], "block_list_providers": [], "allow_list_providers": [],
+                "dns_timeout": "5s"}
 
     def build(self, options, context=None):
         return ConnectionFilter(**options, resolver=getattr(context, "resolver", None),
@@ -398,6 +401,7 @@ class RecipientFilterFactory:
     options = {"blocked_recipients": v.list_of(v.address), "recipients_file": v.readable_file,
                "recipient_lookup": v.choice("None", "Directory"),
                "lookup_cache": lambda x: float(v.parse_timespan(x))}
+    defaults = {"blocked_recipients": [], "recipients_file": None, "recipient_lookup": "None", "lookup_cache": "5m"}
 
     def build(self, options, context=None):
         lookup = options.pop("recipient_lookup", "None")

@@ -81,6 +81,7 @@ class HeaderFirewallFactory:
     anti_spam = False
     hooks = ("on_message",)
     options: dict = {}
+    defaults: dict = {}
 
     def build(self, options):
         return HeaderFirewall()
@@ -201,6 +202,8 @@ class ContentRestrictionsFactory:
         "max_message_size": v.parse_size,
         "send_connectors": lambda value: _connector_table(value),
     }
+    defaults = {"allow_system_messages": True, "allowed_priorities": list(PRIORITIES), "max_message_size": None,
+                "send_connectors": None}
 
     def build(self, options, context=None):
         table = options.get("send_connectors") or {}
@@ -488,6 +491,9 @@ class AttachmentFilterFactory:
         "admin_message": str,
         "max_nesting_depth": _nesting_depth,
     }
+    defaults = {"file_names": list(DEFAULT_FILE_NAMES), "content_types": list(DEFAULT_CONTENT_TYPES), "action": "Strip",
+                "rejection_response": "Message rejected due to unacceptable attachments",
+                "admin_message": REMOVED_TEXT, "max_nesting_depth": MAX_NESTING_DEPTH}
 
     def build(self, options, context=None):
         return AttachmentFilter(**options, run=StageThreads("exedge-attachments", 2, getattr(context, "clock", None)))

@@ -313,6 +313,8 @@ class SenderIdFactory:
         "dns_timeout": _dns_timeout,
         "threads": _threads,
     }
+    defaults = {"fail_action": "StampStatus", "temp_error_action": "StampStatus", "bypassed_recipients": [],
+                "bypassed_sender_domains": [], "dns_timeout": "20s", "threads": 4}
 
     def build(self, options, context=None):
         config = getattr(context, "config", None)

@@ -129,6 +129,8 @@ class IStageFactory(Interface):
     name = Attribute("the stage name used in [[pipeline]]")
     anti_spam = Attribute("is it an anti-spam stage")
     options = Attribute("dict: option name -> parser (value -> parsed value, ValueError if bad)")
+    defaults = Attribute("optional: option name -> its default as written in TOML (None: not set), for "
+                         "exedge check-config --defaults and -n; each must parse with its option's parser")
     hooks = Attribute("optional: the hook names it implements, for check-config")
     needs_body = Attribute("optional, default False: does on_message read the body (for check-config)")
 
