@@ -362,3 +362,14 @@ def test_cmdlet_straight_from_the_shell(config):
     assert result.returncode == 1 and "unknown parameter -Nope" in result.stderr
     # the other sub-commands are still theirs
     assert exedge("check-config", str(config), cwd=cwd).returncode == 0
+
+
+def test_a_connector_name_never_becomes_a_path(config):
+    result = ps(config, "$c = Get-Credential",
+                "New-SendConnector -Name '../../../tmp/x/..' -AddressSpaces * -DNSRoutingEnabled $false "
+                "-SmartHosts mx.example.net -SmartHostAuthMechanism BasicAuth -AuthenticationCredential $c",
+                stdin=f"u\n{PASSWORD}\n")
+    assert result.returncode == 0, result.stderr
+    ref = named(loaded(config), "send_connectors", "../../../tmp/x/..")["authentication_credential"]
+    assert ref["password_file"] == os.path.join(str(config.parent), "secrets", "tmp-x.password")
+    assert os.listdir(config.parent / "secrets") == ["tmp-x.password"]
