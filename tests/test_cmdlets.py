@@ -272,6 +272,8 @@ def test_unknown_parameter_and_unknown_cmdlet(config):
     assert result.returncode == 1
     assert "unknown parameter -Bogus; valid parameters: -Name, -Usage, -AddressSpaces" in result.stderr
     assert "-DNSRoutingEnabled" in result.stderr and "-SmartHostAuthMechanism" in result.stderr
+    result = ps(config, "New-AcceptedDomain Contoso -DomainType Authoritative")
+    assert result.returncode == 1 and "missing mandatory parameter(s) -DomainName" in result.stderr
     result = ps(config, "Get-Nothing")
     assert result.returncode == 1
     assert "unknown cmdlet 'Get-Nothing'; known cmdlets: Get-AcceptedDomain, Get-Credential" in result.stderr

@@ -107,9 +107,9 @@ class Context:
 
     config_path: str = "etc/exedge.toml"
     session: Session = attrs.Factory(Session)
-    stdin: TextIO = sys.stdin
-    stdout: TextIO = sys.stdout
-    stderr: TextIO = sys.stderr
+    stdin: TextIO = attrs.Factory(lambda: sys.stdin)
+    stdout: TextIO = attrs.Factory(lambda: sys.stdout)
+    stderr: TextIO = attrs.Factory(lambda: sys.stderr)
     on_config_changed: Callable[[str], str] = _default_on_config_changed
     json: bool = False
     warnings: list = attrs.Factory(list)

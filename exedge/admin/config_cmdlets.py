@@ -315,7 +315,9 @@ def _params(noun: Noun, verb: str) -> list[Param]:
     if verb == "Set":
         params.append(Param("Name"))
     if verb in ("New", "Set"):
-        params.extend(Param(name) for name in _key_params(noun))
+        # a key the model requires is mandatory on New- (DomainName, AddressSpaces, Bindings)
+        params.extend(Param(name, mandatory=verb == "New" and f.metadata["required"])
+                      for name, f in _key_params(noun).items())
         if verb == "New":
             params.extend(Param(u, switch=True) for u in noun.usages)
         params.extend(Param(name) for name in IGNORED[noun.name] if name != "Force")
@@ -395,8 +397,6 @@ def _new(noun: Noun):
                 raise CmdletError(f"New-{noun.name}: -{usages[0]} and -Usage {args['Usage']} disagree")
             table["usage"] = usages[0]
         _apply(noun, "New", args, table, edit, ctx)
-        if noun.name == "AcceptedDomain" and "domain_name" not in table:
-            raise CmdletError("New-AcceptedDomain: missing mandatory parameter -DomainName")
         edit.append(noun.section, table)
         config = _finish(noun, "New", edit, ctx, args, f"added {noun.what} {str(table['name'])!r}")
         created = getattr(config, noun.section)[len(edit.tables(noun.section)) - 1]
