@@ -18,6 +18,11 @@ The `exedge` command. Sub-commands:
   exedge Get-MessageTrackingLog [-Sender A] [-Recipients A,B] [-MessageId ID] [-EventId ID]
                                [-Start T] [-End T] [-ResultSize N] [--json] [--config FILE]
                                search [logs] message_tracking_log_path
+  exedge ps ['LINE' ...] [--config FILE] [--json]
+                               run Exchange Management Shell lines (New-SendConnector ..., Get-ReceiveConnector
+                               | Format-List ...), or a script on stdin; see exedge/admin/
+  exedge <Cmdlet-Name> ... [--config FILE] [--json]
+                               one cmdlet with the shell's arguments (exedge Get-SendConnector)
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import tomllib
 
 import attrs
 
-from exedge import tls
 from exedge.auth.secrets import load_secrets
 from exedge.config import ConfigError, load
 
@@ -93,14 +97,10 @@ def check_config(args) -> int:
     if not args.file:
         print("exedge check-config: a FILE is required (or --defaults)", file=sys.stderr)
         return 2
+    from exedge.admin.validate import validate_file
+    from exedge.pipeline import describe
     try:
-        config = load(args.file)
-        tls.receive_contexts(config)      # the certificates it names, as start-up checks them
-        load_secrets(config)              # and the password files
-        tls.client_ca_stores(config)
-        tls.send_client_certificates(config)
-        from exedge.pipeline import build_pipeline, describe
-        build_pipeline(config, None)
+        config = validate_file(args.file)
     except ConfigError as e:
         for problem in e.problems:
             print(problem)
@@ -294,12 +294,18 @@ def get_message_tracking_log(argv) -> int:
 
 
 def main(argv=None) -> int:
+    from exedge.admin import shell
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0].lower() == "get-messagetrackinglog":
         return get_message_tracking_log(argv[1:])
+    code = shell.direct(argv)          # exedge <Cmdlet-Name> ...
+    if code is not None:
+        return code
     parser = argparse.ArgumentParser(prog="exedge", description="exedge SMTP edge transport server")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
+    shell.add_ps_parser(sub)
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("file", nargs="?")
     p.add_argument("--defaults", action="store_true",

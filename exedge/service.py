@@ -323,6 +323,9 @@ class ExedgeServer(MultiService):
             log.error("reload refused: {count} problem(s) in {path}; still running on the configuration "
                       "loaded before", count=len(e.problems), path=self.config_path)
             return {"reloaded": False, "problems": [str(p) for p in e.problems]}
+        except Exception as e:       # a stage's constructor, a plugin that fails to import: nothing changed yet
+            log.failure("reload refused: building the new configuration failed")
+            return {"reloaded": False, "problems": [f"building the new configuration failed: {e}"]}
         old = self.parts
         wanted = set(parts.context.connectors.listen_bindings())
         added = [b for b in parts.context.connectors.listen_bindings() if b not in self.listeners]

@@ -270,3 +270,68 @@ def test_commands_say_when_no_server_runs(tmp_path):
     assert result.returncode == 2
     assert "no exedge server answers on unix:var/run/exedge.sock" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- the Exchange-named cmdlets -----------------------------------------------------
+
+def test_the_queue_cmdlets_as_exchange_admins_type_them(start_server, tmp_path):
+    server = start_server(config(free_port()))
+    with client_of(server) as client:
+        queues = held_and_retrying(server, client)
+    partner = queues["To Partner"]["id"]
+
+    listing = exedge(server, "Get-Queue")
+    assert listing.returncode == 0, listing.stderr
+    header = listing.stdout.splitlines()[0].split()
+    assert header == ["Identity", "DeliveryType", "Status", "MessageCount", "NextRetryTime", "NextHopDomain",
+                      "LastError"]
+    assert "edge01\\Unreachable" in listing.stdout and "Retry" in listing.stdout
+
+    shown = exedge(server, "ps", "Get-Queue -Identity Unreachable | Format-List Identity,Status,LastError")
+    assert shown.returncode == 0, shown.stderr
+    assert "Identity  : edge01\\Unreachable" in shown.stdout and "Status    : Held" in shown.stdout
+
+    [held] = json.loads(exedge(server, "Get-Message", "-Queue", "Unreachable", "--json").stdout)
+    assert held["FromAddress"] == "alice@example.com" and held["Recipients"] == ["carol@other.test"]
+    [waiting] = json.loads(exedge(server, "Get-Message", "-Queue", f"edge01\\{partner}", "--json").stdout)
+
+    out = tmp_path / "held.eml"
+    exported = exedge(server, "Export-Message", "-Identity", held["Identity"], "-Path", str(out))
+    assert exported.returncode == 0, exported.stderr
+    assert b"Subject: nobody routes me" in out.read_bytes() and stat.S_IMODE(out.stat().st_mode) == 0o600
+    again = exedge(server, "Export-Message", "-Identity", held["Identity"], "-Path", str(out))
+    assert again.returncode == 1 and "File exists" in again.stderr
+
+    assert exedge(server, "ps", f"Suspend-Message {waiting['Identity']}").returncode == 0
+    [suspended] = json.loads(exedge(server, "Get-Message", waiting["Identity"], "--json").stdout)
+    assert suspended["Status"] == "Suspended"
+    assert exedge(server, "Resume-Message", "-Identity", waiting["Identity"]).returncode == 0
+
+    assert exedge(server, "ps", f"Suspend-Queue -Identity edge01\\{partner}").returncode == 0
+    assert json.loads(exedge(server, "Get-Queue", partner, "--json").stdout)[0]["Status"] == "Suspended"
+    refused = exedge(server, "Retry-Queue", "-Identity", partner)
+    assert refused.returncode == 1 and "resume it" in refused.stderr
+    assert exedge(server, "Resume-Queue", partner).returncode == 0
+
+    removed = exedge(server, "ps", f"Remove-Message -Identity {held['Identity']} -WithNDR $false")
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(exedge(server, "Get-Message", "-Queue", "Unreachable", "--json").stdout) == []
+    assert server.drop_files() == []
+
+    for line in ("Suspend-Queue -Identity ../../etc", "Get-Message -Identity 'x;rm -rf /'", "Retry-Queue"):
+        bad = exedge(server, "ps", line)
+        assert bad.returncode == 1 and "Traceback" not in bad.stderr, (line, bad.stderr)
+
+
+def test_a_configuration_cmdlet_reloads_the_running_server(start_server):
+    """New-SendConnector edits the file the server runs on and asks it to reload: held mail goes out."""
+    server = start_server(config(free_port()))
+    send(server, "carol@other.test", "waiting for a connector")
+    with client_of(server) as client:
+        server.wait_for(lambda: queues_by_hop(client).get("Unreachable"), what="the held message")
+    made = exedge(server, "ps", 'New-SendConnector -Name "To Other" -Custom -AddressSpaces other.test '
+                                '-DropDirectory var/drop2')
+    assert made.returncode == 0, made.stderr
+    assert "the running server reloaded its configuration" in made.stderr
+    server.wait_for(lambda: os.path.isdir(server.path("var", "drop2")) and os.listdir(server.path("var", "drop2")),
+                    what="the held message through the new connector")
