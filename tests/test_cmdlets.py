@@ -276,7 +276,7 @@ def test_unknown_parameter_and_unknown_cmdlet(config):
     assert result.returncode == 1 and "missing mandatory parameter(s) -DomainName" in result.stderr
     result = ps(config, "Get-Nothing")
     assert result.returncode == 1
-    assert "unknown cmdlet 'Get-Nothing'; known cmdlets: Get-AcceptedDomain, Get-Credential" in result.stderr
+    assert "unknown cmdlet 'Get-Nothing'; known cmdlets: Export-Message, Get-AcceptedDomain, Get-Credential" in result.stderr
     assert "Traceback" not in result.stderr
 
 
