@@ -239,66 +239,10 @@ def etrn(args) -> int:
     return outcome[0] if outcome else 1
 
 
-def get_message_tracking_log(argv) -> int:
-    """Exchange's cmdlet over the tracking log's files: a table, or --json (one array) for scripts."""
-    import json
-
-    from exedge.logs import tracking
-
-    config_path, as_json, rest = "etc/exedge.toml", False, []
-    items = list(argv)
-    while items:
-        item = items.pop(0)
-        if item == "--json":
-            as_json = True
-        elif item == "--config" or item.startswith("--config="):
-            if "=" in item:
-                config_path = item.split("=", 1)[1]
-            elif items:
-                config_path = items.pop(0)
-            else:
-                print("Get-MessageTrackingLog: --config needs a FILE", file=sys.stderr)
-                return 2
-        else:
-            rest.append(item)
-    try:
-        criteria = tracking.parse_arguments(rest)
-    except ValueError as e:
-        print(f"Get-MessageTrackingLog: {e}", file=sys.stderr)
-        return 2
-    try:
-        config = load(config_path)
-    except ConfigError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
-        return 2
-    limit = criteria.pop("result_size", 1000)
-    rows = []
-    try:
-        for row in tracking.search(config.logs.message_tracking_log_path, **criteria):
-            if limit is not None and len(rows) >= limit:
-                print(f"Get-MessageTrackingLog: more than {limit} results; showing the first "
-                      "(-ResultSize Unlimited for all)", file=sys.stderr)
-                break
-            rows.append(row)
-    except OSError as e:
-        print(f"Get-MessageTrackingLog: cannot read {config.logs.message_tracking_log_path}: {e.strerror}",
-              file=sys.stderr)
-        return 1
-    if as_json:
-        print(json.dumps(rows, indent=1))
-    elif rows:
-        for line in tracking.table(rows):
-            print(line)
-    return 0
-
-
 def main(argv=None) -> int:
     from exedge.admin import shell
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0].lower() == "get-messagetrackinglog":
-        return get_message_tracking_log(argv[1:])
     code = shell.direct(argv)          # exedge <Cmdlet-Name> ...
     if code is not None:
         return code

@@ -157,6 +157,10 @@ def test_redirect_and_remove_without_ndr(start_server):
         assert client.messages() == []
     server.wait_for(lambda: not os.listdir(server.path("var", "spool", "queue")), what="an empty spool")
     assert len(server.drop_files()) == 1          # no NDR
+    dropped = server.wait_for(lambda: json.loads(exedge(server, "Get-MessageTrackingLog", "-EventId", "DROP",
+                                                        "--json").stdout), what="the DROP in the tracking log")
+    assert [(r["InternalMessageId"], r["Recipients"]) for r in dropped] == [(held["identity"], ["carol@other.test"])]
+    assert "deleted by administrative action" in dropped[0]["RecipientStatus"][0]
 
 
 def test_flush_retries_what_waits(start_server, sinks):

@@ -90,22 +90,25 @@ def test_a_message_life_in_the_tracking_log_and_its_search(start_server, sinks):
 
     # Get-MessageTrackingLog, as a process, in the admins' words
     by_sender = get_tracking(server, "-Sender", "carol@example.com")
-    assert {r["event-id"] for r in by_sender} == {"RECEIVE", "DELIVER", "SEND", "FAIL", "DSN"}
+    assert {r["EventId"] for r in by_sender} == {"RECEIVE", "DELIVER", "SEND", "FAIL", "DSN"}
     by_id = get_tracking(server, "-MessageId", MESSAGE_ID.strip("<>"))
-    assert {r["internal-message-id"] for r in by_id} == {qid}
+    assert {r["InternalMessageId"] for r in by_id} == {qid}
     failed = get_tracking(server, "-EventId", "fail")
-    assert [r["recipient-address"] for r in failed] == ["nobody@partner.test"]
+    assert [r["Recipients"] for r in failed] == [["nobody@partner.test"]]
     by_rcpt = get_tracking(server, "-Recipients", "bob@partner.test", "-EventId", "SEND")
-    assert [r["internal-message-id"] for r in by_rcpt] == [qid]
+    assert [r["InternalMessageId"] for r in by_rcpt] == [qid]
     assert get_tracking(server, "-Sender", "carol@example.com", "-Start", "2000-01-01 00:00",
                         "-End", "2000-01-02") == []
     # the table, and a bad parameter named with the valid ones
     r = subprocess.run([EXEDGE, "get-messagetrackinglog", "-EventId", "FAIL", "--config", "exedge.toml"],
                        cwd=server.workdir, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "nobody@partner.test" in r.stdout and "event-id" in r.stdout.splitlines()[0]
+    assert r.returncode == 0 and "nobody@partner.test" in r.stdout and "EventId" in r.stdout.splitlines()[0]
+    r = subprocess.run([EXEDGE, "ps", "Get-MessageTrackingLog -EventId FAIL | Format-List InternalMessageId,Recipients",
+                        "--config", "exedge.toml"], cwd=server.workdir, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and f"InternalMessageId : {qid}" in r.stdout and "nobody@partner.test" in r.stdout
     r = subprocess.run([EXEDGE, "Get-MessageTrackingLog", "-Sendr", "x@y", "--config", "exedge.toml"],
                        cwd=server.workdir, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "-Sendr" in r.stderr and "-Sender" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "Sendr" in r.stderr and "Sender" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_unreachable_mail_is_explained_once_in_the_twistd_log(start_server):

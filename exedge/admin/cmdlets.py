@@ -44,6 +44,7 @@ from . import ps
 BUILTIN_MODULES = [
     "exedge.admin.config_cmdlets",
     "exedge.admin.queue_cmdlets",
+    "exedge.admin.tracking_cmdlets",
 ]
 
 

@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from exedge.interfaces import IMessageTracking
 
-from .csvlog import CsvLog, escape
+from .csvlog import CsvLog
 
 FIELDS = (
     "date-time", "client-ip", "client-hostname", "server-ip", "server-hostname", "source-context",
@@ -163,75 +163,3 @@ def search(directory: str, sender=None, recipients=(), message_id=None, event_id
                 if start is not None and when < start or end is not None and when >= end:
                     continue
             yield row
-
-
-# -- the cmdlet ------------------------------------------------------------------
-#
-# Kept small and self-contained on purpose: the general PowerShell-line
-# parser (exedge ps) is built elsewhere and will take this over.
-
-PARAMETERS = {"sender": "Sender", "recipients": "Recipients", "messageid": "MessageId", "eventid": "EventId",
-              "start": "Start", "end": "End", "resultsize": "ResultSize"}
-TABLE_FIELDS = ("date-time", "event-id", "source", "internal-message-id", "sender-address", "recipient-address",
-                "message-id")
-
-
-def _unquote(value: str) -> str:
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-        return value[1:-1]
-    return value
-
-
-def parse_arguments(argv) -> dict:
-    """
-    C{-Sender a@b -Recipients x@y,z@w -MessageId "<id>" -EventId FAIL
-    -Start "2026-12-07 09:00" -End ...} (parameter names
-    case-insensitive, as PowerShell's) into search()'s keywords; a
-    ValueError naming what is wrong otherwise.
-    """
-    out: dict = {}
-    items = list(argv)
-    i = 0
-    while i < len(items):
-        item = items[i]
-        if not item.startswith("-") or item.startswith("--"):
-            raise ValueError(f"unexpected argument {item!r}")
-        name, colon, inline = item[1:].partition(":")
-        key = name.lower()
-        if key not in PARAMETERS:
-            raise ValueError(f"unknown parameter -{name} (valid: "
-                             + ", ".join("-" + p for p in PARAMETERS.values()) + ")")
-        if colon:
-            value = inline
-        else:
-            if i + 1 >= len(items):
-                raise ValueError(f"-{PARAMETERS[key]} needs a value")
-            i += 1
-            value = items[i]
-        i += 1
-        value = _unquote(value)
-        if key == "recipients":
-            out["recipients"] = tuple(_unquote(r) for r in value.split(",") if r.strip())
-        elif key in ("start", "end"):
-            out[key] = parse_time(value)
-        elif key == "resultsize":
-            if value.lower() == "unlimited":
-                out["result_size"] = None
-            elif value.isdigit():
-                out["result_size"] = int(value)
-            else:
-                raise ValueError(f"-ResultSize: a number or Unlimited, not {value!r}")
-        else:
-            out[{"messageid": "message_id", "eventid": "event_id"}.get(key, key)] = value
-    return out
-
-
-def table(rows, fields=TABLE_FIELDS) -> list[str]:
-    """Rows as a plain-text table (the default output), widths capped so one long value cannot drown the rest."""
-    cells = [[escape(row.get(f, ""))[:60] for f in fields] for row in rows]
-    widths = [max([len(f)] + [len(c[n]) for c in cells]) for n, f in enumerate(fields)]
-    lines = ["  ".join(f.ljust(w) for f, w in zip(fields, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths)).rstrip() for cell in cells]
-    return lines

@@ -26,7 +26,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, resource, server
+from twisted.web import resource, server
 
 from exedge.interfaces import QueueActionRefused
 

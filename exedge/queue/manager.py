@@ -977,7 +977,7 @@ class QueueManager(Service):
                 log.failure("success notice for {queue_id}", queue_id=message.queue_id)
         taken = delivered + failed
         self._track(message, "SEND", delivered, hop)
-        self._track(message, "FAIL", failed, hop)
+        self._track(message, "FAIL" if bounce else "DROP", failed, hop)   # DROP: removed by an admin without NDR
         done.update(o.index for o in taken)
         if len(done) >= len(message.envelope.recipients):
             # complete: no need to note outcomes first, nor to wait for the
