@@ -18,6 +18,8 @@ import urllib.request
 import pytest
 
 from harness import read_log
+
+from exedge.manage.viewer import script_hash
 from test_management import TOKEN, client_of, held_and_retrying, queues_by_hop, tcp_server  # noqa: F401 (fixture)
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -34,6 +36,8 @@ def test_the_page_is_served_without_the_token_and_fenced_by_its_policy(tcp_serve
     assert b"<title>exedge queue viewer</title>" in page
     for external in (b"src=\"http", b"href=\"http", b"src=\"//", b"href=\"//", b"@import", b"url("):
         assert external not in page, external
+    assert b"@SCRIPT_HASH@" not in page
+    assert b"script-src '" + script_hash(page) + b"';" in page      # the page's own policy names its script
     script = page.split(b"<script>", 1)[1].split(b"</script>", 1)[0]
     for markup_sink in (b"innerHTML", b"outerHTML", b"insertAdjacentHTML", b"document.write", b"eval("):
         assert markup_sink not in script, markup_sink
@@ -238,3 +242,30 @@ def test_addresses_from_the_network_are_text_not_markup(tcp_server, browser):
         "return [document.querySelectorAll('img').length, document.querySelectorAll('b').length,"
         " document.getElementById('injected') !== null, document.querySelectorAll('script').length]")
     assert created == [0, 0, False, 1]
+
+
+# Markup put in the page by hand, as a mistake in the page would: the page's
+# own policy refuses its inline handler (the endpoint's header alone would
+# let it run), and says so with a securitypolicyviolation event.
+INJECT = """
+const done = arguments[arguments.length - 1];
+const seen = [];
+document.addEventListener('securitypolicyviolation', e => {
+  seen.push(e.effectiveDirective);
+  if (e.effectiveDirective.startsWith('script-src')) done([seen, window.injectedRan === true]);
+});
+const holder = document.createElement('div');
+holder.innerHTML = '<img src="data:," onload="window.injectedRan = true" onerror="window.injectedRan = true">';
+document.body.appendChild(holder);
+"""
+
+
+def test_the_pages_own_policy_stops_inline_handlers(tcp_server, browser):
+    server, base = tcp_server
+    driver = browser
+    sign_in(driver, base, TOKEN)
+    wait(driver, lambda d: d.execute_script("return !document.getElementById('viewer').hidden"), "the viewer")
+    driver.set_script_timeout(WAIT)
+    seen, ran = driver.execute_async_script(INJECT)
+    assert seen[-1] == "script-src-attr" and not ran, seen
+    assert not driver.execute_script("return window.injectedRan === true")
