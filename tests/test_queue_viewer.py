@@ -269,3 +269,35 @@ def test_the_pages_own_policy_stops_inline_handlers(tcp_server, browser):
     seen, ran = driver.execute_async_script(INJECT)
     assert seen[-1] == "script-src-attr" and not ran, seen
     assert not driver.execute_script("return window.injectedRan === true")
+
+
+def test_queue_actions_suspend_resume_resubmit_and_redirect(tcp_server, browser):
+    server, base = tcp_server
+    driver = browser
+    with client_of(server) as client:
+        partner = held_and_retrying(server, client)["To Partner"]["id"]
+    row = f'#queues tr[data-queue="{partner}"]'
+    sign_in(driver, base, TOKEN)
+    wait(driver, lambda d: cell(d, "queues", "queue", partner, "status") == "Retry", "the partner's queue")
+
+    click(driver, f'{row} button[data-action="suspend"]', "Suspend")
+    assert "Suspend queue" in answer_confirm(driver)
+    wait(driver, lambda d: cell(d, "queues", "queue", partner, "status") == "Suspended", "the suspended queue")
+    click(driver, f'{row} button[data-action="resume"]', "Resume")
+    answer_confirm(driver)
+    wait(driver, lambda d: cell(d, "queues", "queue", partner, "status") != "Suspended", "the resumed queue")
+
+    click(driver, '#queues tr[data-queue="Unreachable"] button[data-action="resubmit"]', "Retry (resubmit)")
+    assert "resubmit" in answer_confirm(driver)
+    wait(driver, lambda d: "Unreachable: resubmitted" in notice(d), "the resubmission")
+    assert cell(driver, "queues", "queue", "Unreachable", "message_count") == "1"    # still no route
+
+    from selenium.webdriver.support import expected_conditions as EC
+    click(driver, f'{row} button[data-action="redirect"]', "Redirect")
+    prompt = wait(driver, EC.alert_is_present(), "the connector prompt")
+    prompt.send_keys("Local drop")
+    prompt.accept()
+    [dropped] = server.wait_for(server.drop_files, what="the redirected message")
+    with open(dropped, "rb") as f:
+        assert b"X-Receiver: <bob@partner.test>" in f.read()
+    wait(driver, lambda d: cell(d, "queues", "queue", partner, "message_count") == "0", "the emptied queue")
