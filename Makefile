@@ -32,7 +32,9 @@ install-test: $(VENV)/.installed-test debian-test-deps
 # tests start their own daemon), fetchmail (a site collecting in its ETRN and
 # ODMR modes) and postfix (a private instance as the provider our ETRN client
 # asks; the system one is never started). policy-rc.d keeps Debian from
-# starting services.
+# starting services. chromium and chromium-driver: the queue viewer page in a
+# real headless browser, driven by Selenium (a browser fetched at install
+# time, as Playwright does, cannot be had here).
 SAMBA_PACKAGES := samba samba-dsdb-modules samba-vfs-modules samba-ad-provision
 debian-test-deps:
 	@missing=""; \
@@ -44,6 +46,7 @@ debian-test-deps:
 	command -v ss >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	command -v fetchmail >/dev/null 2>&1 || missing="$$missing fetchmail"; \
 	command -v postfix >/dev/null 2>&1 || missing="$$missing postfix"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive \

@@ -41,6 +41,7 @@ from exedge.queue import QueueManager, Spool
 from exedge.queue.intake import Intake
 from exedge.manage.api import ManagementAPI
 from exedge.manage.service import ManagementService
+from exedge.manage.viewer import viewer_page
 from exedge.metrics import Metrics
 from exedge.receive import ConnectorTable, SMTPFactory, ServerContext
 from exedge.receive.listener import listener_service
@@ -376,7 +377,7 @@ class ExedgeServer(MultiService):
 
     def _api(self, token):
         return ManagementAPI(self.manager, server_name=self.config.server.fqdn.split(".")[0], status=self.status,
-                             reload=self.reload, metrics=self.metrics.render, page=None, token=token)
+                             reload=self.reload, metrics=self.metrics.render, page=viewer_page(), token=token)
 
     def status(self) -> dict:
         now = self.reactor.seconds()
