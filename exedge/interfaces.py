@@ -271,6 +271,8 @@ class MessageInfo:
     last_error: str = ""
     receive_connector: str = ""
     peer: str = ""
+    subject: str = ""
+    message_id: str = ""
 
 
 class QueueActionRefused(Exception):

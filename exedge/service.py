@@ -267,7 +267,7 @@ class ExedgeServer(MultiService):
                                         reactor=reactor, mx=None if c.smart_hosts else mx, resolver=mx,
                                         credentials=secrets.smart_hosts.get(c.name),
                                         client_certificate=client_certificates.get(c.name),
-                                        protocol_log=self.send_log)
+                                        protocol_log=self.send_log, metrics=self.metrics)
         # stages checked before anything listens
         pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor), dequeue=self.triggers,
                                   metrics=self.metrics)

@@ -84,7 +84,7 @@ def test_the_queues_held_and_in_retry_as_admins_see_them(start_server):
         assert "no send connector" in unreachable["hold_reason"]
 
         [held] = client.messages("Unreachable")
-        assert held["from_address"] == "alice@example.com"
+        assert held["from_address"] == "alice@example.com" and held["subject"] == "nobody routes me"
         assert held["recipients"] == [{"address": "carol@other.test", "status": "Held", "queue": "Unreachable",
                                        "last_error": ""}]
         [waiting] = client.messages(partner["id"])

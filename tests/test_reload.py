@@ -4,6 +4,7 @@ is swapped in whole: new bindings listen, removed ones stop, held mail
 that now has a route goes out, and sessions under way finish unharmed.
 """
 
+import json
 import os
 import signal
 import smtplib
@@ -90,6 +91,12 @@ def test_a_bad_file_changes_nothing_and_a_good_one_is_swapped_in(start_server):
 
     reloaded = exedge(server, "reload")
     assert reloaded.returncode == 0 and "reloaded" in reloaded.stdout, reloaded
+    resubmitted = server.wait_for(lambda: json.loads(exedge(server, "Get-MessageTrackingLog", "-EventId", "RESUBMIT",
+                                                            "--json").stdout), what="the RESUBMIT event")
+    assert [r["Recipients"] for r in resubmitted] == [["carol@other.test"]]
+    [held] = json.loads(exedge(server, "Get-MessageTrackingLog", "-EventId", "DELIVER", "-Recipients",
+                               "carol@other.test", "--json").stdout)
+    assert held["ConnectorId"] == "To Other"
 
 
 def test_no_session_sees_an_error_while_the_configuration_changes(start_server):

@@ -10,6 +10,7 @@ import time
 
 from certs import CA
 from harness import FROM_INTERNAL_ORG, LOCAL_DROP, LOOPBACK, PORT, server_config
+from test_metrics import scrape, value
 
 
 def edge_config(smart_port, **send):
@@ -49,6 +50,11 @@ def test_opportunistic_tls_to_the_next_hop_shows_in_its_received_header(start_se
     send(edge)
     headers = received_headers(smart.wait_for(smart.drop_files, what="delivery at the smart host")[0])
     assert "by mbx01.example.com" in headers and "with ESMTPS id" in headers and "version=TLSv1.3" in headers
+    # and both sides counted the handshake (the edge when its session ends: it idles for reuse first)
+    edge.wait_for(lambda: value(scrape(edge), "exedge_tls_handshakes_total", connector="To smart host",
+                                direction="send", outcome="ok") == 1, what="the send side's handshake counted")
+    assert value(scrape(smart), "exedge_tls_handshakes_total", connector="From edge", direction="receive",
+                 outcome="ok") == 1
 
 
 def smart_host_with_auth(start_server, tmp_path, names):

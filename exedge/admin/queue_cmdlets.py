@@ -75,6 +75,7 @@ def _queue_record(q: dict) -> dict:
 
 def _message_record(m: dict) -> dict:
     return {"Identity": m["identity"], "FromAddress": m["from_address"], "Status": m["status"], "Size": m["size"],
+            "Subject": m["subject"], "InternetMessageId": m["message_id"],
             "Queue": m["queue"], "Recipients": [r["address"] for r in m["recipients"]],
             "RecipientStatus": [f"{r['address']}: {r['status']}" + (f" ({r['last_error']})" if r["last_error"] else "")
                                 for r in m["recipients"]],
@@ -96,7 +97,7 @@ def _get_queue(ctx: Context, args: dict):
 
 
 @cmdlet("Get-Message", Param("Identity", parse=_message, position=0), Param("Queue", parse=_queue),
-        view=("Identity", "FromAddress", "Status", "Size", "Queue", "Recipients", "LastError"),
+        view=("Identity", "FromAddress", "Status", "Size", "Subject", "Queue", "Recipients", "LastError"),
         help="the messages in the running server's queues (-Queue: of one queue)")
 def _get_message(ctx: Context, args: dict):
     messages = _ask(ctx, lambda c: c.messages(args.get("Queue")))

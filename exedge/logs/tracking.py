@@ -14,9 +14,12 @@ Who writes what (event ids are Exchange's):
   - FAIL     a recipient failed for good (an NDR follows, DSN)
   - DEFER    a transient failure: the recipients wait for a retry
   - REDIRECT a pipeline stage redirected recipients (related-recipient-address: the original)
-  - DROP     a pipeline stage deleted the message (nobody gets it, no NDR)
-  - RESUBMIT, POISONMESSAGE: not written yet (re-submission by an admin
-    and poison-message detection are not built); the ids are reserved.
+  - DROP     a pipeline stage deleted the message, or an admin removed it
+             without NDR (Remove-Message -WithNDR $false): nobody gets it
+  - RESUBMIT routed again: Retry-Queue -Resubmit, the Unreachable queue
+             retried, a reload that changed the recipients' send connector
+  - POISONMESSAGE: not written (poison-message detection is not built);
+    the id is reserved.
 
 One row per event, recipients (and their statuses) joined with ";" as
 Exchange writes multi-valued fields. The subject is written unless

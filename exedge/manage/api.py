@@ -73,6 +73,7 @@ def message_json(m, server_name: str) -> dict:
                        for r in m.recipients],
         "size": m.size, "date_received": _epoch(m.received_at), "queue": list(m.queues),
         "last_error": m.last_error, "receive_connector": m.receive_connector, "peer": m.peer,
+        "subject": m.subject, "message_id": m.message_id,
     }
 
 

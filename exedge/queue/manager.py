@@ -584,7 +584,8 @@ class QueueManager(Service):
             errors = [q.last_error for _, q, _ in places if q.last_error]
             out.append(MessageInfo(queue_id, overall, env.sender, rcpts, env.size, env.received_at,
                                    tuple(dict.fromkeys(q.identity for _, q, _ in places)),
-                                   errors[0] if errors else "", env.receive_connector, env.peer))
+                                   errors[0] if errors else "", env.receive_connector, env.peer, env.subject,
+                                   env.message_id))
         return sorted(out, key=lambda m: (m.received_at, m.identity))
 
     def _message(self, identity: str):
@@ -628,6 +629,8 @@ class QueueManager(Service):
             done = self._live.get(message.queue_id)
             left = [i for i in indexes if done is not None and i not in done]
             if left:
+                self._track(message, "RESUBMIT", [Outcome(i, "resubmitted", "routed again") for i in left],
+                            queue.hop)
                 self._route(message, left)
 
     def suspend_queue(self, identity: str) -> None:

@@ -87,7 +87,7 @@ class RelayAgent:
 
     def __init__(self, connector, *, helo: str, run, reactor, mx=None, resolver=None,
                  connect_timeout: float = 30.0, credentials=None, client_certificate=None, clock=None,
-                 protocol_log=None):
+                 protocol_log=None, metrics=None):
         """
         C{mx}: an L{exedge.send.mx.MXResolver} for DNS routing; None for
         smart hosts. C{resolver}: the same, to find the addresses of smart
@@ -96,8 +96,10 @@ class RelayAgent:
         default the reactor) times sessions and idle connections.
         C{protocol_log}: the send protocol log files (an
         L{exedge.logs.CsvLog}) its sessions are written to when the
-        connector's protocol_logging_level is Verbose.
+        connector's protocol_logging_level is Verbose. C{metrics}: an
+        L{exedge.metrics.Metrics} that counts the STARTTLS handshakes.
         """
+        self.metrics = metrics
         self.protocol_log = protocol_log if getattr(connector, "protocol_logging_level", "None") == "Verbose" else None
         self.clock = clock if clock is not None else reactor
         self.resolver = resolver
@@ -254,6 +256,10 @@ class RelayAgent:
             targets += [(host, address, p or port) for address in addresses]
         return targets
 
+    def _count_tls(self, result) -> None:
+        if self.metrics is not None and (result.tls or result.tls_failed):
+            self.metrics.tls.labels(self.connector.name, "send", "ok" if result.tls else "failed").inc()
+
     def _tls_for(self, host: str, domain: str) -> tuple:
         """The STARTTLS policy towards C{host} for mail to C{domain}, built once."""
         key = (host, domain)
@@ -308,6 +314,7 @@ class RelayAgent:
                 errors.append(f"{host}:{port}: {e.__class__.__name__}: {e}")
                 continue
             result = yield client.result
+            self._count_tls(result)
             if result.tls_failed and client.tls_optional:
                 # opportunistic TLS: a failed handshake must not stop the
                 # mail (Postfix at level "may", Exim's tls_tempfail_tryclear)
@@ -320,6 +327,7 @@ class RelayAgent:
                                   f"then in plain text: {e.__class__.__name__}: {e}")
                     continue
                 result = yield client.result
+                self._count_tls(result)
             if not result.started:
                 errors.append(f"{host}:{port}: {result.error}")
                 # no greeting at all, or a 4xx one: the host is down; anything later is an answer
