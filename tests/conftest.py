@@ -48,6 +48,13 @@ def sinks(tmp_path):
 
 
 
+@pytest.fixture
+def tcp_server(start_server, tmp_path):
+    """A server with mail to hold and retry whose management endpoint also listens on TCP with a token."""
+    from manage_scenario import tcp_server_in
+    return tcp_server_in(start_server, tmp_path)
+
+
 DIRECTORY_SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "directory")
 
 

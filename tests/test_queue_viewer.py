@@ -20,7 +20,7 @@ import pytest
 from harness import read_log
 
 from exedge.manage.viewer import script_hash
-from test_management import TOKEN, client_of, held_and_retrying, queues_by_hop, tcp_server  # noqa: F401 (fixture)
+from manage_scenario import TOKEN, client_of, held_and_retrying
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 WAIT = 15       # seconds: the longest any one step may take
