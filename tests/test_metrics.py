@@ -48,9 +48,11 @@ def test_metrics_count_what_happened(start_server):
         c.sendmail("alice@example.com", ["carol@nowhere.test"], b"Subject: held\r\n\r\nhi\r\n")
     server.wait_for(server.drop_files, what="the delivered message")
 
+    # the drop file is there before the queue records the delivery: wait for both counts
     samples = server.wait_for(lambda: (s := scrape(server)) and
-                              value(s, "exedge_sessions", connector="From Internet") == 0 and s,
-                              what="the sessions to end")
+                              value(s, "exedge_sessions", connector="From Internet") == 0 and
+                              value(s, "exedge_recipients_delivered_total", connector="Local drop") == 1 and s,
+                              what="the sessions to end and the delivery to be counted")
     assert value(samples, "exedge_connections_total", connector="From Internet") == before + 1
     assert value(samples, "exedge_connections_total", connector="From Internal Org") == 1
     assert value(samples, "exedge_tls_handshakes_total", connector="From Internet", direction="receive",
