@@ -18,6 +18,7 @@ the same envelope, the same commit, the same hand-off to the queue.
 from __future__ import annotations
 
 import email.utils
+import errno
 import functools
 import re
 
@@ -169,6 +170,9 @@ def header_field(header: bytes, name: str, limit: int = 256) -> str:
 
 
 QUEUE_FAILED = Receipt(451, "4.3.0", "Could not write the message to the queue; try again later")
+# the spool's file system is full (or its quota spent): Postfix's answer, and an expected condition
+NO_STORAGE = Receipt(452, "4.3.1", "Insufficient system storage")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Cleanup:
@@ -333,7 +337,19 @@ class Cleanup:
 
     @staticmethod
     def _failed(failure, incoming) -> Receipt:
-        """An edit or the commit failed: nothing was acknowledged, the client may try again."""
+        """
+        An edit or the commit failed: nothing was acknowledged, the client
+        may try again, and what was written is removed (the incoming
+        message's own clean-up). A full file system is expected (back
+        pressure says no earlier, but a burst can beat its sample): one
+        line and 452 4.3.1; anything else is a bug or a broken disk, with
+        its traceback.
+        """
         incoming.abort()
+        error = failure.value
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            log.warn("{queue_id}: not queued, the spool's file system is full ({error}); 452 4.3.1",
+                     queue_id=incoming.queue_id, error=error.strerror or errno.errorcode.get(error.errno, ""))
+            return NO_STORAGE
         log.failure("queue write failed for {queue_id}", failure, queue_id=incoming.queue_id)
         return QUEUE_FAILED
