@@ -35,6 +35,27 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def make_dirs(path: str, mode: int = 0o777) -> None:
+    """
+    C{os.makedirs}, durably: each directory made here is fsync'ed in its
+    parent, so that a crash after a file is published in it (and the new
+    directory fsync'ed) cannot lose the directory entry that leads to it.
+    Nothing to do, and no fsync, when C{path} exists already.
+    """
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if parent != path:
+        make_dirs(parent, mode)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return                    # made meanwhile by someone else, who syncs it
+    fsync_dir(parent)
+
+
 class DirectorySync:
     def __init__(self, path: str):
         self.path = path

@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from exedge.queue.commit_worker import COMMITTED, write_group
-from exedge.durable import DirectorySync, fsync_in_turn
+from exedge.durable import DirectorySync, fsync_in_turn, make_dirs
 from exedge.interfaces import IMessageStore, IStoredMessage
 
 from .batch import Batcher
@@ -198,8 +198,9 @@ class Spool:
                                 defer_to=self.receiving if clock else None, clock=clock)
 
     def prepare(self) -> None:
+        """The spool's directories, each new one fsync'ed in its parent (a crash must not lose queue/)."""
         for d in (self.incoming_dir, self.queue_dir, self.state_dir, self.corrupt_dir):
-            os.makedirs(d, exist_ok=True)
+            make_dirs(d)
 
     def begin(self) -> IncomingMessage:
         return IncomingMessage(self, new_queue_id())

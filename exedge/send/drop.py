@@ -5,19 +5,56 @@ Each message becomes one C{<queue id>.eml} file whose first lines carry the
 envelope as C{X-Sender:} and C{X-Receiver:} headers (Exchange's drop
 directory format), written to a temporary name, fsync'ed and renamed. The
 name is the queue id, so a redelivery after a crash replaces the same file
-instead of adding a second copy.
+instead of adding a second copy. The temporary name is C{.<queue id>.tmp}:
+a crash between its write and its rename leaves one, which start-up
+removes (L{remove_abandoned}) before anything is delivered; the message
+itself was never recorded as delivered, so it is dropped again, once.
+A drop directory that does not exist is made and fsync'ed in its parent.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from exedge.interfaces import IDeliveryAgent
 from exedge.queue.batch import Batcher
-from exedge.durable import DirectorySync, publish, write_all
+from exedge.durable import DirectorySync, make_dirs, publish, write_all
 from exedge.interfaces import Outcome
+
+log = Logger()
+
+_TEMP_NAME = re.compile(r"\.[0-9A-Za-z]{1,64}\.tmp")   # what _write_batch writes before its rename
+
+
+def _temp_path(directory: str, queue_id: str) -> str:
+    return os.path.join(directory, "." + queue_id + ".tmp")
+
+
+def remove_abandoned(directory: str) -> int:
+    """
+    Remove the temporary files a crash left in a drop directory (blocking:
+    at start-up, before any delivery). Only our own names: whatever else
+    is there belongs to whoever reads the directory. Returns how many.
+    """
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for name in names:
+        if _TEMP_NAME.fullmatch(name):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                continue
+            removed += 1
+            log.info("drop directory {directory}: removed {name}, left by a delivery that did not finish",
+                     directory=directory, name=name)
+    return removed
 
 
 def _envelope_headers(message, recipients) -> bytes:
@@ -44,11 +81,11 @@ class DropDirectoryAgent:
 
     def _write_batch(self, items: list) -> list:
         """Write every file, fsync each, rename each, one directory fsync (spool thread)."""
-        os.makedirs(self.directory, exist_ok=True)
+        make_dirs(self.directory)
         results: list = [None] * len(items)
         written = []
         for n, (message, recipients) in enumerate(items):
-            temp = os.path.join(self.directory, "." + message.queue_id + ".tmp")
+            temp = _temp_path(self.directory, message.queue_id)
             try:
                 data = _envelope_headers(message, recipients) + message.read_data()
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
