@@ -48,6 +48,18 @@ class Metrics:
                            ["connector", "direction", "outcome"], registry=r)
         self.auth = Counter("exedge_auth_attempts", "AUTH attempts, per receive connector and outcome",
                             ["connector", "outcome"], registry=r)
+        self.pressure_level = Gauge("exedge_back_pressure_level",
+                                    "back pressure level per resource: 0 Normal, 1 Medium, 2 High",
+                                    ["resource"], registry=r)
+        self.pressure_value = Gauge("exedge_back_pressure_value",
+                                    "last sample per resource: free_space and memory in bytes, inodes free, "
+                                    "queue_length in messages", ["resource"], registry=r)
+        self.pressure_transitions = Counter("exedge_back_pressure_transitions",
+                                            "changes of a resource's back pressure level, per resource and new level",
+                                            ["resource", "level"], registry=r)
+        self.pressure_refused = Counter("exedge_back_pressure_refused",
+                                        "MAIL FROM refused with 452 4.3.1 for back pressure, per receive connector",
+                                        ["connector"], registry=r)
         self._open: collections.Counter = collections.Counter()
 
     # -- sessions ----------------------------------------------------------------
@@ -63,6 +75,15 @@ class Metrics:
 
     def sessions_now(self, connector: str | None = None) -> int:
         return self._open[connector] if connector is not None else sum(self._open.values())
+
+    # -- back pressure (exedge.pressure) ------------------------------------------
+
+    def back_pressure_sampled(self, resource: str, level: int, value: float) -> None:
+        self.pressure_level.labels(resource).set(level)
+        self.pressure_value.labels(resource).set(value)
+
+    def back_pressure_changed(self, resource: str, level: str) -> None:
+        self.pressure_transitions.labels(resource, level).inc()
 
     # -- messages ----------------------------------------------------------------
 

@@ -43,6 +43,8 @@ from exedge.manage.api import ManagementAPI
 from exedge.manage.service import ManagementService
 from exedge.manage.viewer import viewer_page
 from exedge.metrics import Metrics
+from exedge.pressure import ResourceMonitor
+from exedge.send.drop import remove_abandoned
 from exedge.receive import ConnectorTable, SMTPFactory, ServerContext
 from exedge.receive.listener import listener_service
 from exedge.routing import Router
@@ -221,6 +223,11 @@ class ExedgeServer(MultiService):
         self.cleanup = Cleanup(spool, self.intake, reactor, quarantine_mailbox=config.server.quarantine_mailbox,
                                tracking=tracking, commit_seconds=self.metrics.commit.observe)
         self.triggers = Triggers()
+        # back pressure: sampled from start-up, read by every session at MAIL FROM (through ServerContext)
+        self.back_pressure = ResourceMonitor(config.back_pressure, reactor,
+                                             spool_directory=config.server.spool_directory,
+                                             queue_length=lambda: self.manager.summary()["messages"],
+                                             metrics=self.metrics)
         # every thread that checks passwords, whichever directory a reload names
         self.auth_pool = ThreadPoolService("exedge-auth", config.directory.auth_threads, reactor)
         parts = self._build(config)
@@ -232,6 +239,7 @@ class ExedgeServer(MultiService):
         self.metrics.watch_queues(self.manager)
         self.spool_service.setServiceParent(self)
         self.manager.setServiceParent(self)
+        self.back_pressure.setServiceParent(self)      # its first sample before the listeners open
         self.auth_pool.setServiceParent(self)
         self.factory = SMTPFactory(parts.context)
         self.listeners: dict = {}            # Binding -> its listening service
@@ -244,6 +252,13 @@ class ExedgeServer(MultiService):
         if config.management.socket or config.management.listen is not None:
             self.management = ManagementService(config, reactor, self._api)
             self.management.setServiceParent(self)
+
+    def startService(self) -> None:
+        # before anything delivers: what a crash left between a drop file's write and its rename
+        for c in self.config.send_connectors:
+            if c.drop_directory:
+                remove_abandoned(c.drop_directory)
+        super().startService()
 
     # -- building ------------------------------------------------------------
 
@@ -291,6 +306,7 @@ class ExedgeServer(MultiService):
             pipeline=pipeline,
             metrics=self.metrics,
             protocol_log=self.receive_log,
+            back_pressure=self.back_pressure,
         )
         etrn = tuple(EtrnClientService(e, helo=config.server.fqdn, reactor=reactor,
                                        credentials=secrets.etrn_clients.get(e.name)) for e in config.etrn_clients)
@@ -398,6 +414,7 @@ class ExedgeServer(MultiService):
             "sessions": self.metrics.sessions_now(),
             "send_connectors": [{"name": c.name, "enabled": c.enabled} for c in config.send_connectors],
             "spool": {"directory": config.server.spool_directory, **self.manager.summary()},
+            "back_pressure": self.back_pressure.status(),
         }
 
 
@@ -408,7 +425,7 @@ def _iso(seconds: float) -> str:
 # what a reload cannot change in a running process: the spool, its threads, the endpoint itself
 _RESTART_KEYS = (("server", "spool_directory"), ("server", "spool_threads"), ("server", "delivery_threads"),
                  ("server", "fqdn"), ("server", "quarantine_mailbox"), ("directory", "auth_threads"),
-                 ("management", None), ("logs", None))
+                 ("management", None), ("logs", None), ("back_pressure", None))
 
 
 def _needs_restart(old: Config, new: Config) -> list[str]:

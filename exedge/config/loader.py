@@ -187,6 +187,8 @@ def _validate(cfg: dict, out: _Collector) -> None:
             out.problem(path + ("smart_host_auth_mechanism",),
                         f"{client.smart_host_auth_mechanism} needs authentication_credential")
 
+    _back_pressure(cfg["back_pressure"], out)
+
     seen_domains: dict[str, int] = {}
     for i, dom in enumerate(cfg["accepted_domains"]):
         if dom is None:
@@ -269,6 +271,23 @@ def _validate(cfg: dict, out: _Collector) -> None:
                         warning=True)
 
 
+def _back_pressure(bp, out: _Collector) -> None:
+    """Medium is the milder level: it must set in no later than High."""
+    if bp is None:
+        return
+    path = ("back_pressure",)
+    medium, high = bp.min_free_space_medium, bp.min_free_space_high
+    if medium.bytes is not None and high.bytes is not None and medium.bytes < high.bytes or \
+            medium.percent is not None and high.percent is not None and medium.percent < high.percent:
+        out.problem(path + ("min_free_space_medium",),
+                    f"{medium} is less than min_free_space_high ({high}): Medium must come before High")
+    for key in ("max_memory", "max_queue_length"):
+        medium, high = getattr(bp, f"{key}_medium"), getattr(bp, f"{key}_high")
+        if medium > high:
+            out.problem(path + (f"{key}_medium",),
+                        f"{key}_medium ({medium}) is more than {key}_high ({high}): Medium must come before High")
+
+
 def _pipeline(items: Any, out: _Collector) -> list:
     """[[pipeline]] tables: the common keys checked here, the rest kept as the stage's options."""
     if not isinstance(items, list):
@@ -332,6 +351,7 @@ def loads(text: str, source: str = "<config>") -> m.Config:
         directory=cfg["directory"],
         management=cfg["management"],
         logs=cfg["logs"],
+        back_pressure=cfg["back_pressure"],
         pipeline=tuple(cfg["pipeline"]),
         etrn_clients=tuple(cfg["etrn_clients"]),
         accepted_domains=tuple(cfg["accepted_domains"]),

@@ -411,6 +411,77 @@ class ManagementConfig:
     max_request_size: int = setting(v.parse_size, 65536, "largest request body the endpoint reads; larger ones get 413")
 
 
+@attrs.frozen
+class FreeSpace:
+    """
+    A free-space threshold on the spool's file system: a size, a
+    percentage of the file system, or both ("500MB or 5%": the smaller
+    of the two, so a large disk is not held to its percentage and a small
+    one not to a size that is most of it).
+    """
+
+    bytes: int | None
+    percent: float | None
+    text: str = attrs.field(eq=False)
+
+    def of(self, total: int) -> float:
+        """The threshold in bytes on a file system of C{total} bytes."""
+        parts = []
+        if self.bytes is not None:
+            parts.append(float(self.bytes))
+        if self.percent is not None:
+            parts.append(total * self.percent / 100.0)
+        return min(parts)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def free_space(value: Any) -> FreeSpace:
+    """"2GB" (or a number of bytes), "10%", or "500MB or 5%"."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected a size such as \"2GB\" or a percentage such as \"10%\", got {value!r}")
+    if isinstance(value, int):
+        return FreeSpace(v.parse_size(value), None, str(value))
+    size = percent = None
+    parts = [p.strip() for p in value.split(" or ")] if len(value) <= 64 else [value]
+    for part in parts:
+        if part.endswith("%"):
+            number = part[:-1].strip()
+            if percent is not None or not number.replace(".", "", 1).isdigit() or not number.isascii():
+                raise ValueError(f"invalid free space {value!r} (expected e.g. \"2GB\", \"10%\" or \"500MB or 5%\")")
+            percent = float(number)
+            if percent > 100:
+                raise ValueError(f"{value!r}: a percentage of the file system is at most 100%")
+        elif size is None:
+            try:
+                size = v.parse_size(part)
+            except ValueError:
+                raise ValueError(f"invalid free space {value!r} (expected e.g. \"2GB\", \"10%\" or "
+                                 f"\"500MB or 5%\")") from None
+        else:
+            raise ValueError(f"invalid free space {value!r}: one size and one percentage at most")
+    return FreeSpace(size, percent, value.strip())
+
+
+@attrs.frozen(kw_only=True)
+class BackPressureConfig:
+    """
+    Exchange's back pressure (exedge/pressure.py): the resources watched
+    every few seconds, each Normal, Medium or High by these thresholds.
+    Medium refuses MAIL FROM from anonymous sessions, High from every
+    session (452 4.3.1); delivery goes on, so the queue drains.
+    """
+
+    enabled: bool = setting(boolean, True, "watch the resources and refuse new mail when they run low")
+    min_free_space_medium: FreeSpace = setting(free_space, free_space("1GB or 10%"), "Medium below this much free space on the spool's file system: a size, a percentage, or \"1GB or 10%\" (the smaller); a percentage applies to free inodes too")
+    min_free_space_high: FreeSpace = setting(free_space, free_space("500MB or 5%"), "High below this much free space (same forms); Postfix's queue_minfree")
+    max_memory_medium: int = setting(v.parse_size, 2 * 1024**3, "Medium above this resident memory of the server process")
+    max_memory_high: int = setting(v.parse_size, 3 * 1024**3, "High above this resident memory of the server process")
+    max_queue_length_medium: int = setting(integer(0), 10000, "Medium above this many messages waiting in the queues (Exchange's SubmissionQueue Medium)")
+    max_queue_length_high: int = setting(integer(0), 15000, "High above this many messages waiting in the queues")
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     server: ServerConfig
@@ -418,6 +489,7 @@ class Config:
     directory: DirectoryConfig = DirectoryConfig()
     management: ManagementConfig = ManagementConfig()
     logs: LogsConfig = LogsConfig()
+    back_pressure: BackPressureConfig = BackPressureConfig()
     pipeline: tuple = ()
     etrn_clients: tuple = ()
     accepted_domains: tuple
@@ -439,6 +511,7 @@ SECTIONS = {
     "directory": (DirectoryConfig, False),
     "management": (ManagementConfig, False),
     "logs": (LogsConfig, False),
+    "back_pressure": (BackPressureConfig, False),
     "accepted_domains": (AcceptedDomain, True),
     "receive_connectors": (ReceiveConnector, True),
     "send_connectors": (SendConnector, True),

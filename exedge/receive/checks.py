@@ -7,7 +7,8 @@ or None, so the state machine reads as the order in which they apply.
 
 from __future__ import annotations
 
-from exedge.auth.permissions import Right
+from exedge.auth.permissions import Principal, Right
+from exedge.pressure import HIGH, MEDIUM
 
 from .address import Mailbox
 from .reply import Reply
@@ -69,3 +70,22 @@ def postmaster_domain(router, fqdn: str) -> str:
         if domain.domain_type == "Authoritative" and not domain.is_wildcard:
             return domain.domain_name
     return fqdn.lower()
+
+
+def back_pressure_refusal(monitor, permissions, authenticated: bool) -> Reply | None:
+    """
+    Exchange's back pressure at MAIL FROM (C{monitor}: the server's
+    L{exedge.pressure.ResourceMonitor}, or None). High refuses every new
+    transaction; Medium refuses anonymous ones (Internet mail: no AUTH,
+    and no principal but ANONYMOUS LOGON, so not an externally secured or
+    partner server), which keeps internal and authenticated flow going
+    longest. 452 as Postfix answers for queue_minfree: the client keeps
+    the message and tries again later.
+    """
+    if monitor is None:
+        return None
+    level = monitor.level
+    if level >= HIGH or level == MEDIUM and not authenticated and \
+            all(p is Principal.Anonymous for p in permissions.principals):
+        return Reply(452, "4.3.1", "Insufficient system resources")
+    return None

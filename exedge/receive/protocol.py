@@ -78,6 +78,7 @@ class ServerContext:
     pipeline: object = None   # exedge.pipeline.Pipeline; None or empty: no stages
     metrics: object = None    # exedge.metrics.Metrics; None: not counted (protocol tests)
     protocol_log: object = None   # exedge.logs.CsvLog: Verbose connectors' protocol log files; None: none
+    back_pressure: object = None  # exedge.pressure.ResourceMonitor: its level refuses MAIL FROM; None: never
 
 
 
@@ -621,6 +622,13 @@ class SMTPServer(basic.LineReceiver):
             return syntax_error("Syntax: MAIL FROM:<address> [parameters]")
         if Right.Submit not in self.session.permissions:
             return Reply(530, "5.7.1", "Client was not authenticated", tarpit=True)
+        refusal = checks.back_pressure_refusal(self.ctx.back_pressure, self.session.permissions,
+                                               self._identity is not None)
+        if refusal is not None:
+            self.plog.info("back pressure: new mail refused")
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.pressure_refused.labels(self.connector.name).inc()
+            return refusal
         try:
             sender, params = parse_mail(arg[5:], self.esmtp)
         except CommandRefused as e:
