@@ -47,6 +47,8 @@ NORMAL, MEDIUM, HIGH = 0, 1, 2
 LEVELS = ("Normal", "Medium", "High")
 SAMPLE_INTERVAL = 2.0      # seconds, as Exchange's ResourceMonitoringInterval
 HYSTERESIS = 0.10          # a level is left when the value is this share of its threshold beyond it
+# free inodes, in percent, when a free-space key is a size alone (inodes have no size)
+INODES_MEDIUM_PERCENT, INODES_HIGH_PERCENT = 10.0, 5.0
 
 
 def statvfs_probe(path: str) -> tuple[int, int, int, int]:
@@ -205,8 +207,9 @@ class ResourceMonitor(Service):
             free, total, free_inodes, total_inodes = disk
             self._update("free_space", free, c.min_free_space_medium.of(total), c.min_free_space_high.of(total))
             if total_inodes > 0:       # some file systems (btrfs) have no inode count: nothing to watch
-                self._update("inodes", free_inodes, total_inodes * _inode_percent(c.min_free_space_medium, 10) / 100,
-                             total_inodes * _inode_percent(c.min_free_space_high, 5) / 100)
+                self._update("inodes", free_inodes,
+                             total_inodes * _inode_percent(c.min_free_space_medium, INODES_MEDIUM_PERCENT) / 100,
+                             total_inodes * _inode_percent(c.min_free_space_high, INODES_HIGH_PERCENT) / 100)
         rss = self._probe("rss")
         if rss is not None:
             self._update("memory", rss, c.max_memory_medium, c.max_memory_high)

@@ -91,14 +91,19 @@ def test_no_250_until_spool_write_completes_and_pipelined_commands_wait(tmp_path
     assert len(s.sink.messages) == 1
 
 
-def test_failed_spool_write_answers_451_and_keeps_session(tmp_path):
+@pytest.mark.parametrize("error, reply", [
+    (OSError(5, "Input/output error"), "451 4.3.0"),
+    (OSError(28, "No space left on device"), "452 4.3.1"),     # Postfix's Insufficient system storage
+    (OSError(122, "Disk quota exceeded"), "452 4.3.1"),
+])
+def test_failed_spool_write_answers_451_or_452_when_full_and_keeps_session(tmp_path, error, reply):
     def failing(f):
-        return defer.fail(OSError(28, "No space left on device"))
+        return defer.fail(error)
 
     s = Session(tmp_path, run=failing)
     s.send(b"EHLO c.test\r\n")
     assert s.codes(b"MAIL FROM:<a@s.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nhi\r\n.\r\nNOOP\r\n") == [
-        "250 2.1.0", "250 2.1.5", "354", "451 4.3.0", "250 2.0.0"]
+        "250 2.1.0", "250 2.1.5", "354", reply, "250 2.0.0"]
     assert not s.sink.messages
 
 

@@ -57,9 +57,10 @@ def filled(text: str, **changes) -> str:
 def test_defaults_are_toml_with_every_section_and_a_doc_comment():
     text = defaults_text()
     raw = tomllib.loads(text)           # valid as printed, required keys commented out
-    assert set(raw) == {"server", "queue", "directory", "management", "logs", "accepted_domains",
+    assert set(raw) == {"server", "queue", "directory", "management", "logs", "back_pressure", "accepted_domains",
                         "receive_connectors", "send_connectors", "etrn_clients", "pipeline"}
-    for header in ("[server]", "[queue]", "[directory]", "[management]", "[logs]", "[[accepted_domains]]",
+    for header in ("[server]", "[queue]", "[directory]", "[management]", "[logs]", "[back_pressure]",
+                   "[[accepted_domains]]",
                    "[[receive_connectors]]",
                    "[[send_connectors]]", "[[etrn_clients]]", "[[pipeline]]"):
         assert header + "\n" in text
@@ -71,6 +72,7 @@ def test_defaults_are_toml_with_every_section_and_a_doc_comment():
     assert "# fqdn =  (computed at start-up)" in text
     assert "# remote_ip_ranges =  (required with usage Custom)" in text
     assert 'Internal: "unlimited"' in text              # a send connector's size by usage
+    assert 'min_free_space_high = "500MB or 5%"' in text   # a threshold as it was written
 
 
 def test_defaults_filled_in_load_and_mean_the_defaults():
