@@ -126,6 +126,16 @@ def _document(*, server=None, accepted_domains=(), receive_connectors=(), send_c
     return "\n" + "".join(parts)
 
 
+# Back pressure's free-space defaults (Medium below 1 GB) would turn a test
+# machine with little free disk into one that refuses anonymous mail:
+# every test server gets low thresholds unless its test sets [back_pressure].
+QUIET_BACK_PRESSURE = '\n[back_pressure]\nmin_free_space_medium = "64MB"\nmin_free_space_high = "32MB"\n'
+
+
+def _quiet_back_pressure(text: str) -> str:
+    return text if "[back_pressure]" in text else text + QUIET_BACK_PRESSURE
+
+
 def server_config(*, server: Mapping | None = None, accepted_domains=("example.com",), receive_connectors=(),
                   send_connectors=(LOCAL_DROP,), directory: Mapping | None = None, pipeline=(),
                   extra: str = "") -> str:
@@ -139,8 +149,9 @@ def server_config(*, server: Mapping | None = None, accepted_domains=("example.c
     (as in L{LOOPBACK}): every other brace, an inline table's or one in
     C{extra}, comes out doubled.
     """
-    text = _document(server=server, accepted_domains=accepted_domains, receive_connectors=receive_connectors,
-                     send_connectors=send_connectors, directory=directory, pipeline=pipeline) + extra
+    text = _quiet_back_pressure(_document(server=server, accepted_domains=accepted_domains,
+                                          receive_connectors=receive_connectors, send_connectors=send_connectors,
+                                          directory=directory, pipeline=pipeline) + extra)
     return text.replace("{", "{{").replace("}", "}}").replace("{{port}}", PORT)
 
 
@@ -166,7 +177,7 @@ def config_text(port: int, *, internet: str = "", internal: str = "", extra: str
              **tomllib.loads(internal)},
         ],
         send_connectors=[{**LOCAL_DROP, "usage": "Custom"}],
-    ) + extra + "\n"
+    ) + _quiet_back_pressure(extra) + "\n"
 
 
 class Server:
