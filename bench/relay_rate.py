@@ -1,19 +1,34 @@
 """
-End-to-end relay rate: smtp-source -> server -> smart host (smtp-sink).
+The issue-14 table in one command: exedge against a private Postfix,
+relay end to end and accept only, 1 KiB and 100 KiB, 1/10/50 connections.
 
-For each message size (1 KiB, 100 KiB) and connection count (10, 50), the
-same load goes through exedge and, in the same run, through a private
-Postfix instance (the reference) configured the same way: accept from
-loopback, fsync before 250 (both do), relay everything to one smart host.
-The smart host is Postfix's smtp-sink dumping each message to a file; the
-rate is messages over the time from the first connection of the load until
-the sink holds all of them.
+`smtp-source` sends the load, one new connection per message and one
+recipient (its default, as in the issue), and both servers fsync each
+message before its 250.
+
+  - relay: the server relays everything to one smart host, Postfix's
+    `smtp-sink` dumping each message to a file; the rate is messages over
+    the time from the first connection until the sink holds all of them.
+  - accept: nothing leaves the server. exedge has no send connector for the
+    domain, so every message is held in Unreachable; Postfix puts every
+    message on its hold queue (`check_recipient_access` answering HOLD).
+    The rate is messages over the time until smtp-source has its last 250;
+    the messages on disk are counted afterwards.
+
+For every run it also reads the server's CPU (user + system of its whole
+process tree from /proc: twistd and its commit worker; Postfix's master
+and every daemon it started, with the reaped ones) over the timed interval,
+divided by the messages (CPU per message) and by the wall time (cores
+used). Rounds alternate which server goes first; medians and ranges.
 
 Needs the Debian package postfix (smtp-source, smtp-sink, postfix) and root
 to start a Postfix instance; says so and exits 2 otherwise. Binds 127.0.0.1
-only; every process is stopped by PID at the end.
+only; every process is stopped by PID at the end, also on Ctrl-C or SIGTERM.
 
-    .venv/bin/python bench/relay_rate.py [--messages N] [--rounds R] [--quick] [--only 1KiB/10]
+    .venv/bin/python bench/relay_rate.py                 # the whole table, ~15 min
+    .venv/bin/python bench/relay_rate.py --quick         # 1 round, 300 messages, ~2 min
+    .venv/bin/python bench/relay_rate.py --mode relay --only 1KiB/10 --rounds 5
+    .venv/bin/python bench/relay_rate.py --against HEAD~1   # exedge before/after instead of Postfix
 """
 
 from __future__ import annotations
@@ -22,7 +37,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -35,64 +49,93 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import against  # noqa: E402  (bench/against.py: another commit of exedge, for --against)
 import harness  # noqa: E402
 import postfix  # noqa: E402  (tests/postfix.py: a private Postfix instance)
+import proc  # noqa: E402  (bench/proc.py: CPU and memory of a process tree, stopping by PID)
 
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
+median = proc.median
 
 HOST = "127.0.0.1"
+MODES = ("relay", "accept")
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
+def wait_port(port: int, timeout: float = 20.0, host: str = HOST) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            socket.create_connection((HOST, port), timeout=0.5).close()
+            socket.create_connection((host, port), timeout=0.5).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
+    raise RuntimeError(f"nothing listens on {host}:{port}")
+
+
+def count_files(directory: str) -> int:
+    return sum(len(files) for _, _, files in os.walk(directory))
 
 
 class Sink:
     """smtp-sink dumping each message to its own file (no fsync: it is the far end)."""
 
-    def __init__(self, workdir: str):
-        self.port = harness.free_port()
+    def __init__(self, workdir: str, host: str = HOST):
+        self.host = host
+        self.port = harness.free_port(host)
         self.dir = os.path.join(workdir, "sink")
         os.makedirs(self.dir)
         shutil.chown(self.dir, "postfix", "postfix")   # smtp-sink drops root privileges to -u
         self.proc = subprocess.Popen(
-            ["smtp-sink", "-u", "postfix", "-d", os.path.join(self.dir, "m"), f"{HOST}:{self.port}", "1024"],
+            ["smtp-sink", "-u", "postfix", "-d", os.path.join(self.dir, "m"), f"{host}:{self.port}", "1024"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir)
-        wait_port(self.port)
+        try:
+            wait_port(self.port, host=host)
+        except BaseException:
+            self.stop()
+            raise
 
     def count(self) -> int:
-        return sum(len(files) for _, _, files in os.walk(self.dir))
+        return count_files(self.dir)
+
+    def recipients(self) -> int:
+        """RCPT commands the sink accepted (X-Rcpt-Args records of its dump files): after a run, not during."""
+        n = 0
+        for top, _, files in os.walk(self.dir):
+            for name in files:
+                with open(os.path.join(top, name), "rb") as f:
+                    head = f.read(65536).split(b"\n\n", 1)[0]
+                n += head.count(b"X-Rcpt-Args:")
+        return n
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=15)
+        proc.stop_pid(self.proc)
 
 
 class Exedge:
     name = "exedge"
     code: str | None = None   # another checkout of exedge to run (--against), None: this one
 
-    def __init__(self, workdir: str, sink_port: int):
+    def __init__(self, workdir: str, sink_port: int | None, mode: str = "relay"):
         self.port = harness.free_port()
+        # accept only: no send connector serves relay.test, so every message is held in Unreachable
+        sends = () if mode == "accept" else (
+            {"name": "To smart host", "address_spaces": ["relay.test"], "dns_routing_enabled": False,
+             "smart_hosts": [f"{HOST}:{sink_port}"]},)
         config = harness.server_config(
             accepted_domains=({"domain_name": "relay.test", "domain_type": "InternalRelay"},),
             receive_connectors=(dict(harness.FROM_INTERNET, tarpit_interval=0, max_inbound_connection_per_source=1000,
                                      connection_timeout="1h", connection_inactivity_timeout="10m"),),
-            send_connectors=({"name": "To smart host", "address_spaces": ["relay.test"], "dns_routing_enabled": False,
-                              "smart_hosts": [f"{HOST}:{sink_port}"]},),
+            send_connectors=sends,
         ).format(port=self.port)
+        self.spool = os.path.join(workdir, "var", "spool", "queue")
         self.server = harness.Server(workdir, config, self.port, code=self.code)
 
     def start(self) -> None:
         self.server.start()
+
+    @property
+    def pid(self) -> int:
+        return self.server.proc.pid
+
+    def stored(self) -> int:
+        """Messages in the spool now (accept mode: every acknowledged one stays)."""
+        return count_files(self.spool) if os.path.isdir(self.spool) else 0
 
     def stop(self) -> None:
         self.server.stop()
@@ -103,72 +146,112 @@ class Postfix:
 
     name = "postfix"
 
-    def __init__(self, workdir: str, sink_port: int):
+    def __init__(self, workdir: str, sink_port: int | None, mode: str = "relay"):
         self.port = harness.free_port()
-        self.instance = postfix.PrivatePostfix(self.port, {
+        main = {
             "myhostname": "bench.reference.test",
             "relay_domains": "relay.test",
-            "relayhost": f"[{HOST}]:{sink_port}",
             "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
             "smtpd_client_connection_count_limit": "1000",
             "smtpd_client_connection_rate_limit": "0",
             "default_process_limit": "100",
-        })
+        }
+        if mode == "accept":
+            # every message to its hold queue: accepted, fsync'ed, never scheduled by qmgr
+            main["smtpd_recipient_restrictions"] = "check_recipient_access inline:{ relay.test=HOLD }"
+            main["relayhost"] = f"[{HOST}]:9"     # never used: nothing leaves hold
+        else:
+            main["relayhost"] = f"[{HOST}]:{sink_port}"
+        self.instance = postfix.PrivatePostfix(self.port, main)
 
     def start(self) -> None:
         self.instance.start()
+
+    @property
+    def pid(self) -> int:
+        with open(os.path.join(self.instance.queue, "pid", "master.pid")) as f:
+            return int(f.read().strip())
+
+    def stored(self) -> int:
+        hold = os.path.join(self.instance.queue, "hold")
+        return count_files(hold) if os.path.isdir(hold) else 0
 
     def stop(self) -> None:
         self.instance.stop()
 
 
-def run_one(kind, size: int, conns: int, count: int, cap: float) -> dict:
-    workdir = tempfile.mkdtemp(prefix=f"relay-{kind.name}-")
+def run_one(kind, mode: str, size: int, conns: int, count: int, cap: float) -> dict:
+    workdir = tempfile.mkdtemp(prefix=f"relay-{kind.name.replace('@', '-')}-")
     os.chmod(workdir, 0o755)   # Postfix's daemons run as the postfix user
-    sink = Sink(workdir)
-    server = kind(workdir, sink.port)
+    sink = Sink(workdir) if mode == "relay" else None
+    server = None
     try:
+        server = kind(workdir, sink.port if sink else None, mode)
         server.start()
+        before = server.stored()
+        meter = proc.Meter(server.pid).start()
         t0 = time.monotonic()
-        src = subprocess.run(["smtp-source", "-s", str(conns), "-m", str(count), "-l", str(size),
-                              "-f", "bench@source.test", "-t", "rcpt@relay.test", f"{HOST}:{server.port}"],
-                             capture_output=True, text=True, timeout=cap)
+        try:
+            src = subprocess.run(["smtp-source", "-s", str(conns), "-m", str(count), "-l", str(size),
+                                  "-f", "bench@source.test", "-t", "rcpt@relay.test", f"{HOST}:{server.port}"],
+                                 capture_output=True, text=True, timeout=cap)
+            rc = src.returncode
+        except subprocess.TimeoutExpired:
+            rc = None
         accepted = time.monotonic() - t0
-        deadline = time.monotonic() + cap
-        while sink.count() < count and time.monotonic() < deadline:
-            time.sleep(0.02)
-        relayed = time.monotonic() - t0
-        got = sink.count()
-        return {"server": kind.name, "size": size, "conns": conns, "messages": count, "at_sink": got,
-                "accept_seconds": accepted, "relay_seconds": relayed,
-                "relay_rate": got / relayed if relayed else 0.0, "smtp_source_rc": src.returncode,
-                "complete": got >= count and src.returncode == 0}
+        if sink is not None:
+            deadline = time.monotonic() + cap
+            while sink.count() < count and time.monotonic() < deadline:
+                time.sleep(0.02)
+            got = sink.count()
+        meter.stop()
+        elapsed = meter.wall
+        if sink is None:
+            got = server.stored() - before
+        return {"server": kind.name, "mode": mode, "size": size, "conns": conns, "messages": count, "done": got,
+                "accept_seconds": accepted, "seconds": elapsed, "rate": got / elapsed if elapsed else 0.0,
+                "cpu_seconds": meter.cpu, "cpu_us_per_msg": 1e6 * meter.cpu / got if got else 0.0,
+                "cores": meter.cores, "smtp_source_rc": rc, "complete": got >= count and rc == 0}
     finally:
-        server.stop()
-        sink.stop()
+        if server is not None:
+            server.stop()
+        if sink is not None:
+            sink.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=None, help="1 KiB messages per run (default 2000)")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--messages", type=int, default=None, help="1 KiB messages per run (default 2000; "
+                        "100 KiB runs send a quarter)")
+    parser.add_argument("--quick", action="store_true", help="300 messages, 1 round")
+    parser.add_argument("--rounds", type=int, default=None, help="default 3")
+    parser.add_argument("--mode", action="append", choices=MODES, default=[],
+                        help="relay (end to end) or accept (held, nothing sent); repeatable, default both")
     parser.add_argument("--only", action="append", default=[], metavar="SIZE/CONNS",
                         help="run only this case, e.g. 1KiB/10 or 100KiB/50 (repeatable)")
     parser.add_argument("--conns", action="append", type=int, default=[],
-                        help="connection counts (repeatable; default 10 and 50)")
+                        help="connection counts (repeatable; default 1, 10 and 50)")
+    parser.add_argument("--max-seconds", type=float, default=2400,
+                        help="cap on the whole run (default 2400); runs not started by then are skipped")
+    parser.add_argument("--run-seconds", type=float, default=120, help="cap on one run's load and its drain")
+    parser.add_argument("--json", default=os.path.join(HERE, "results", "relay-latest.json"))
     parser.add_argument("--against", metavar="REV",
                         help="compare with exedge at this git commit (e.g. HEAD~1) instead of Postfix, "
                              "alternating in one run")
     args = parser.parse_args(argv)
-    if args.against:
-        with against.checkout(args.against) as (tree, rev):
-            class Before(Exedge):
-                name = f"exedge@{rev}"
-                code = tree
-            return compare(args, Before, Exedge)
-    return compare(args, Postfix, Exedge)
+    with proc.interruptible():
+        if args.against:
+            with against.checkout(args.against) as (tree, rev):
+                class Before(Exedge):
+                    name = f"exedge@{rev}"
+                    code = tree
+                return compare(args, Before, Exedge)
+        return compare(args, Postfix, Exedge)
+
+
+def _range(values: list[float], fmt: str = "{:.0f}") -> str:
+    return f"{fmt.format(min(values))}-{fmt.format(max(values))}" if values else "-"
 
 
 def compare(args, Base, Exedge) -> int:
@@ -179,33 +262,49 @@ def compare(args, Base, Exedge) -> int:
         return 2
     n_small = args.messages or (300 if args.quick else 2000)
     rounds = args.rounds or (1 if args.quick else 3)
+    cap = proc.TimeCap(args.max_seconds)
     rows, results = [], []
-    for size, n in ((1024, n_small), (100 * 1024, max(n_small // 4, 1))):
-        for conns in (args.conns or (10, 50)):
-            if args.only and f"{size // 1024}KiB/{conns}" not in args.only:
-                continue
-            rates = {Exedge.name: [], Base.name: []}
-            for r in range(rounds):
-                order = (Exedge, Base) if r % 2 == 0 else (Base, Exedge)
-                for kind in order:
-                    res = run_one(kind, size, conns, n, cap=120)
-                    results.append(res)
-                    flag = "" if res["complete"] else "  INCOMPLETE"
-                    print(f"  {size // 1024:>4} KiB x{conns:<3} {kind.name:8} {res['at_sink']:>5}/{n} at the sink "
-                          f"in {res['relay_seconds']:6.2f} s = {res['relay_rate']:8.1f}/s{flag}", flush=True)
-                    rates[kind.name].append(res["relay_rate"])
-            ex, base = median(rates[Exedge.name]), median(rates[Base.name])
-            spread = (f"{min(rates[Base.name]):.0f}-{max(rates[Base.name]):.0f}",
-                      f"{min(rates[Exedge.name]):.0f}-{max(rates[Exedge.name]):.0f}")
-            rows.append((size, conns, base, ex, ex / base if base else 0.0, spread))
-    print(f"\nexedge = {against.here()}; base = {Base.name}; medians of {rounds} round(s), ranges after")
-    print(f"{'size':>8} {'conns':>5} {'base/s':>10} {'exedge/s':>10} {'exedge/base':>12}  ranges (base; exedge)")
-    for size, conns, base, ex, ratio, (rb, re_) in rows:
-        print(f"{size // 1024:>5}KiB {conns:>5} {base:>10.1f} {ex:>10.1f} {ratio:>11.2f}x  {rb}; {re_}")
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "relay-latest.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    return 0 if all(r["complete"] for r in results) else 1
+    for mode in (args.mode or MODES):
+        for size, n in ((1024, n_small), (100 * 1024, max(n_small // 4, 1))):
+            for conns in (args.conns or (1, 10, 50)):
+                if args.only and f"{size // 1024}KiB/{conns}" not in args.only:
+                    continue
+                runs = {Exedge.name: [], Base.name: []}
+                for r in range(rounds):
+                    order = (Exedge, Base) if r % 2 == 0 else (Base, Exedge)
+                    for kind in order:
+                        if cap.over():
+                            break
+                        res = run_one(kind, mode, size, conns, n, cap=min(args.run_seconds, max(cap.left(), 5)))
+                        results.append(res)
+                        flag = "" if res["complete"] else "  INCOMPLETE"
+                        print(f"  {mode:6} {size // 1024:>4} KiB x{conns:<3} {kind.name:8} {res['done']:>5}/{n} "
+                              f"in {res['seconds']:6.2f} s = {res['rate']:8.1f}/s, "
+                              f"{res['cpu_us_per_msg']:7.0f} us CPU/msg, {res['cores']:.2f} cores{flag}", flush=True)
+                        runs[kind.name].append(res)
+                if not runs[Exedge.name] or not runs[Base.name]:
+                    continue
+                col = {k: {f: [r[f] for r in v] for f in ("rate", "cpu_us_per_msg", "cores")} for k, v in runs.items()}
+                ex, base = col[Exedge.name], col[Base.name]
+                rows.append((mode, size, conns, median(base["rate"]), median(ex["rate"]),
+                             median(ex["rate"]) / median(base["rate"]) if median(base["rate"]) else 0.0,
+                             median(base["cpu_us_per_msg"]), median(ex["cpu_us_per_msg"]),
+                             median(base["cores"]), median(ex["cores"]),
+                             f"{_range(base['rate'])}; {_range(ex['rate'])}"))
+    print(f"\nexedge = {against.here()}; base = {Base.name}; smtp-source, a new connection per message; "
+          f"medians of {rounds} round(s), rate ranges after")
+    print(f"{'mode':>6} {'size':>7} {'conns':>5} {'base/s':>8} {'exedge/s':>8} {'ratio':>6} "
+          f"{'base us/msg':>11} {'exe us/msg':>10} {'base cores':>10} {'exe cores':>9}  ranges (base; exedge)")
+    for mode, size, conns, base, ex, ratio, bcpu, ecpu, bcores, ecores, ranges in rows:
+        print(f"{mode:>6} {size // 1024:>4}KiB {conns:>5} {base:>8.1f} {ex:>8.1f} {ratio:>5.2f}x "
+              f"{bcpu:>11.0f} {ecpu:>10.0f} {bcores:>10.2f} {ecores:>9.2f}  {ranges}")
+    if cap.cut:
+        print(f"relay_rate: --max-seconds {args.max_seconds:.0f} reached: the remaining runs were skipped")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"exedge": against.here(), "base": Base.name, "rounds": rounds, "cut_by_time": cap.cut,
+                   "runs": results}, f, indent=1)
+    return 0 if all(r["complete"] for r in results) and not cap.cut else 1
 
 
 if __name__ == "__main__":
