@@ -255,7 +255,8 @@ class ExedgeServer(MultiService):
             self.workers = ReceiveWorkers(reactor, config.server.receive_workers, config_path,
                                           context=lambda: self.factory.context, intake=self.intake,
                                           queue_dir=spool.queue_dir, tracking=tracking,
-                                          protocol_log=self.receive_log, metrics=self.metrics)
+                                          protocol_log=self.receive_log, metrics=self.metrics,
+                                          recent=spool.recent)
             self.workers.setServiceParent(self)
         self.listeners: dict = {}            # Binding -> its listening service
         for binding in parts.context.connectors.listen_bindings():

@@ -254,7 +254,9 @@ class ReceiveWorker:
     def announce(self, stored) -> defer.Deferred:
         """The main process queues it; fires once it says so (the 250 waits for this)."""
         d = self._acks[stored.queue_id] = defer.Deferred()
-        self.channel.send(QUEUED, encode_queued(stored.queue_id, stored.data_length, stored.envelope))
+        self.channel.send(QUEUED, encode_queued(stored.queue_id, stored.data_length, stored.envelope,
+                                                stored.in_memory()))
+        self.spool.recent.release(stored.queue_id)     # delivered by the main process: not kept here
         return d
 
     def told(self, kind: int, payload: bytes) -> None:

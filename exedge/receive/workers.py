@@ -122,19 +122,30 @@ def take_control_frames(buffer: bytearray) -> list[tuple[int, bytes]]:
     return [(kind, payload) for (kind, _), (payload,) in take_frames(buffer, FRAME, 1)]
 
 
-def encode_queued(queue_id: str, length: int, envelope: Envelope) -> bytes:
-    return b"%s %d\n%s" % (queue_id.encode("ascii"), length, envelope.to_json())
+# a message's data up to this size travels with its announcement, so that its first delivery
+# need not read back from disk what was just written (the spool's RecentData, as in one process)
+DATA_WITH_ANNOUNCEMENT = 64 * 1024
 
 
-def decode_queued(payload: bytes) -> tuple[str, int, Envelope]:
-    head, raw = payload.split(b"\n", 1)
-    queue_id, length = head.decode("ascii").split(" ")
+def encode_queued(queue_id: str, length: int, envelope: Envelope, data: bytes | None = None) -> bytes:
+    """queue id, length, envelope length, then the envelope JSON and the data (or nothing)."""
+    meta = envelope.to_json()
+    data = data if data is not None and len(data) == length and length <= DATA_WITH_ANNOUNCEMENT else b""
+    return b"%s %d %d\n%s%s" % (queue_id.encode("ascii"), length, len(meta), meta, data)
+
+
+def decode_queued(payload: bytes) -> tuple[str, int, Envelope, bytes | None]:
+    head, rest = payload.split(b"\n", 1)
+    queue_id, length, meta_length = head.decode("ascii").split(" ")
     if not QUEUE_ID.fullmatch(queue_id):
         raise ValueError(f"not a queue id: {queue_id!r}")
-    length = int(length)
-    if length < 0:
-        raise ValueError("negative length")
-    return queue_id, length, Envelope.from_json(raw)
+    length, meta_length = int(length), int(meta_length)
+    if length < 0 or not 0 <= meta_length <= len(rest):
+        raise ValueError("lengths out of range")
+    data = rest[meta_length:]
+    if data and len(data) != length:
+        raise ValueError("data of the wrong length")
+    return queue_id, length, Envelope.from_json(rest[:meta_length]), data or None
 
 
 _EVENT_FIELDS = {f.name for f in attrs.fields(TrackingEvent)}
@@ -360,7 +371,7 @@ class ReceiveWorkers(Service):
     """
 
     def __init__(self, reactor, count: int, config_path: str, *, context, intake, queue_dir: str,
-                 tracking, protocol_log, metrics, python: str = sys.executable,
+                 tracking, protocol_log, metrics, recent=None, python: str = sys.executable,
                  module: str = "exedge.receive.worker", restart_interval: float = RESTART_INTERVAL):
         self.reactor = reactor
         self.count = count
@@ -368,6 +379,7 @@ class ReceiveWorkers(Service):
         self.context = context
         self.intake = intake
         self.queue_dir = queue_dir
+        self.recent = recent        # the spool's RecentData: small messages' data, for their first delivery
         self.incoming_dir = os.path.join(os.path.dirname(queue_dir), "incoming")
         self.tracking = tracking
         self.protocol_log = protocol_log
@@ -573,14 +585,16 @@ class ReceiveWorkers(Service):
             from exedge.queue.spool import StoredMessage
             self._stored = StoredMessage
         try:
-            queue_id, length, envelope = decode_queued(payload)
+            queue_id, length, envelope, data = decode_queued(payload)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             log.error("receive worker {n}: unreadable announcement ({error}); the message waits in the spool "
                       "for a restart", n=worker.number, error=e)
             return
         worker.committing.discard(queue_id)
         try:
-            self.intake.submit(self._stored(queue_id, envelope, os.path.join(self.queue_dir, queue_id), length))
+            held = self.recent.hold(queue_id, data) if data is not None and self.recent is not None else None
+            self.intake.submit(self._stored(queue_id, envelope, os.path.join(self.queue_dir, queue_id), length,
+                                            held=held))
         except Exception:
             # on disk, so acknowledged: start-up recovery queues it
             log.failure("queueing {queue_id} failed; it waits in the spool for a restart", queue_id=queue_id)
