@@ -396,11 +396,12 @@ class Exedge:
     name = "exedge"
 
     code: str | None = None   # another checkout of exedge to run (--against), None: this one
+    server_lines: str = ""    # [server] lines for this side (--server, --reference-server)
 
     def __init__(self, workdir: str):
         self.workdir = workdir
         self.port = harness.free_port(HOST)
-        config = harness.config_text(self.port, tarpit="0", internet=EXEDGE_INTERNET)
+        config = harness.config_text(self.port, tarpit="0", internet=EXEDGE_INTERNET, server=self.server_lines)
         self.server = harness.Server(workdir, config, self.port, code=self.code)
 
     def start(self) -> None:
@@ -528,8 +529,13 @@ def main(argv=None) -> int:
     parser.add_argument("--against", metavar="REV",
                         help="compare with exedge at this git commit (e.g. HEAD~1) instead of the stock-Twisted "
                              "reference: the 'reference' columns are then that commit, alternating in one run")
+    parser.add_argument("--server", default="", metavar="TOML",
+                        help="[server] lines for exedge, e.g. 'receive_workers = 2'")
+    parser.add_argument("--reference-server", default="", metavar="TOML",
+                        help="with --against: [server] lines for the reference side (e.g. 'receive_workers = 0')")
     args = parser.parse_args(argv)
     global Reference
+    Exedge.server_lines = args.server
     stack = contextlib.ExitStack()
     if args.against:
         tree, rev = stack.enter_context(against.checkout(args.against))
@@ -537,6 +543,7 @@ def main(argv=None) -> int:
         class Reference(Exedge):     # noqa: F811 -- the baseline of this run is exedge at another commit
             name = "reference"
             code = tree
+            server_lines = args.reference_server
 
     n_small = args.messages or (300 if args.quick else 1500)
     n_large = args.large_messages or max(n_small // 3, 1)

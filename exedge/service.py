@@ -47,6 +47,7 @@ from exedge.pressure import ResourceMonitor
 from exedge.send.drop import remove_abandoned
 from exedge.receive import ConnectorTable, SMTPFactory, ServerContext
 from exedge.receive.listener import listener_service
+from exedge.receive.workers import HandOffPort, ReceiveWorkers
 from exedge.routing import Router
 from exedge.dsn import Bouncer
 from exedge.interfaces import NoTracking
@@ -152,6 +153,18 @@ def mx_resolver(config: Config, reactor) -> MXResolver:
     return MXResolver(resolver, own_names=names, own_addresses=bound, allowed_addresses=allowed - bound)
 
 
+def receive_portal(config: Config, secrets, auth_run):
+    """The twisted.cred portal AUTH checks against ([directory]), or None: no AUTH anywhere (receive workers too)."""
+    checker = None
+    if config.directory.servers:
+        checker = DirectoryChecker(config.directory, auth_run, secrets.directory_service)
+    elif config.directory.credentials_file:
+        checker = FileChecker(config.directory.credentials_file, auth_run)
+    if checker is not None or secrets.cram_md5:
+        return portal_for(checker, CramMD5Checker(secrets.cram_md5) if secrets.cram_md5 else None)
+    return None
+
+
 def log_files(config: Config, reactor):
     """
     The log files of [logs]: (receive protocol log, send protocol log,
@@ -214,7 +227,7 @@ class ExedgeServer(MultiService):
         for log_file in (self.receive_log, self.send_log, tracking_log):
             if log_file is not None:
                 log_file.setServiceParent(self)
-        tracking = self.metrics.counting(NoTracking() if tracking_log is None else message_tracking.MessageTrackingLog(
+        self.tracking = tracking = self.metrics.counting(NoTracking() if tracking_log is None else message_tracking.MessageTrackingLog(
             tracking_log, subjects=config.logs.message_tracking_log_subject_logging_enabled))
         self.intake = Intake()
         self.spool_service = SpoolService(config.server.spool_directory, config.server.spool_threads,
@@ -242,6 +255,17 @@ class ExedgeServer(MultiService):
         self.back_pressure.setServiceParent(self)      # its first sample before the listeners open
         self.auth_pool.setServiceParent(self)
         self.factory = SMTPFactory(parts.context)
+        self.workers = None
+        if config.server.receive_workers and config_path is None:
+            log.warn("[server] receive_workers needs the server started from a file; receiving in one process")
+        elif config.server.receive_workers:
+            # stopped before the queue manager (their last commits are still announced), after the listeners
+            self.workers = ReceiveWorkers(reactor, config.server.receive_workers, config_path,
+                                          context=lambda: self.factory.context, intake=self.intake,
+                                          queue_dir=spool.queue_dir, tracking=tracking,
+                                          protocol_log=self.receive_log, metrics=self.metrics,
+                                          recent=spool.recent)
+            self.workers.setServiceParent(self)
         self.listeners: dict = {}            # Binding -> its listening service
         for binding in parts.context.connectors.listen_bindings():
             self._listener(binding, parts.context).setServiceParent(self)
@@ -286,14 +310,7 @@ class ExedgeServer(MultiService):
         # stages checked before anything listens
         pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor), dequeue=self.triggers,
                                   metrics=self.metrics)
-        portal = None
-        checker = None
-        if config.directory.servers:
-            checker = DirectoryChecker(config.directory, self.auth_pool.run, secrets.directory_service)
-        elif config.directory.credentials_file:
-            checker = FileChecker(config.directory.credentials_file, self.auth_pool.run)
-        if checker is not None or secrets.cram_md5:
-            portal = portal_for(checker, CramMD5Checker(secrets.cram_md5) if secrets.cram_md5 else None)
+        portal = receive_portal(config, secrets, self.auth_pool.run)
         context = ServerContext(
             server=config.server,
             connectors=ConnectorTable(config.receive_connectors),
@@ -313,7 +330,11 @@ class ExedgeServer(MultiService):
         return _Parts(config, router, agents, pipeline, context, etrn)
 
     def _listener(self, binding, context: ServerContext):
-        service = listener_service(self.reactor, binding, context.connectors.listen_backlog(binding), self.factory)
+        backlog = context.connectors.listen_backlog(binding)
+        if self.workers is not None:
+            service = HandOffPort(self.reactor, binding, backlog, self.workers)
+        else:
+            service = listener_service(self.reactor, binding, backlog, self.factory)
         self.listeners[binding] = service
         return service
 
@@ -370,11 +391,14 @@ class ExedgeServer(MultiService):
             service.setServiceParent(self)
         self.parts = parts
         self.loaded_at = self.reactor.seconds()
+        workers_told = self.workers.reload() if self.workers is not None else 0
         later = _needs_restart(old.config, config)
         for key in later:
             log.warn("reload: {key} changed; it takes effect at the next restart", key=key)
         report = {"reloaded": True, "listening_added": [str(b) for b in added],
                   "listening_removed": [str(b) for b in removed], "restart_needed_for": later, **rerouted}
+        if self.workers is not None:
+            report["receive_workers_told"] = workers_told
         log.info("reload: {path} loaded ({receive} receive, {send} send connector(s)); listening added: {added}; "
                  "removed: {removed}; {moved} queued item(s) routed again",
                  path=self.config_path, receive=len(config.receive_connectors), send=len(config.send_connectors),
@@ -412,6 +436,7 @@ class ExedgeServer(MultiService):
                  "sessions": self.metrics.sessions_now(c.name)}
                 for c in config.receive_connectors],
             "sessions": self.metrics.sessions_now(),
+            **({"receive_workers": self.workers.status()} if self.workers is not None else {}),
             "send_connectors": [{"name": c.name, "enabled": c.enabled} for c in config.send_connectors],
             "spool": {"directory": config.server.spool_directory, **self.manager.summary()},
             "back_pressure": self.back_pressure.status(),
@@ -424,6 +449,7 @@ def _iso(seconds: float) -> str:
 
 # what a reload cannot change in a running process: the spool, its threads, the endpoint itself
 _RESTART_KEYS = (("server", "spool_directory"), ("server", "spool_threads"), ("server", "delivery_threads"),
+                 ("server", "receive_workers"),
                  ("server", "fqdn"), ("server", "quarantine_mailbox"), ("directory", "auth_threads"),
                  ("management", None), ("logs", None), ("back_pressure", None))
 

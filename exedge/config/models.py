@@ -66,6 +66,7 @@ class ServerConfig:
     spool_directory: str = setting(text, "var/spool", "where accepted messages wait, fsync'ed, until delivered (relative to the working directory)")
     dns_servers: tuple = setting(list_of(host_port(53)), (), "DNS servers for routing as \"ip\" or \"ip:port\"; empty = the system resolver")
     spool_threads: int = setting(integer(1, 64), 4, "threads that stream large messages to disk while they arrive and read them back (commits are done by the commit worker process)")
+    receive_workers: int = setting(integer(0, 64), 0, "processes that run the SMTP sessions, the pipeline's SMTP hooks and cleanup, each with its own commit worker; the main process accepts, counts connection limits and hands each connection to one (exedge/receive/workers.py); 0 = everything in one process")
     delivery_threads: int = setting(integer(1, 64), 1, "threads for delivery-side disk work (drop directories, outcomes, removal)")
     plugin_directory: str = setting(text, "plugins", "where drop-in pipeline stages are found (a package directory with __init__.py)")
     certificate_file: str | None = setting(text, None, "PEM certificate (chain) for receive connectors that set none; without one, Tls connectors use a self-signed certificate made at start-up")

@@ -47,6 +47,16 @@ def new_session_id() -> str:
     return f"{_SESSION_EPOCH:08X}{next(_session_counter) & 0xFFFFFFFF:08X}"
 
 
+def reserve_session_ids(part: int) -> None:
+    """
+    Receive workers (exedge/receive/workers.py) are processes started in
+    the same second: each takes its ids from its own part of the counter
+    (part 0, the default, is the main process's), 128 parts of 2**25.
+    """
+    global _session_counter
+    _session_counter = itertools.count((part & 0x7F) << 25)
+
+
 RECEIVE_LOG_TYPE = "SMTP Receive Protocol Log"
 SEND_LOG_TYPE = "SMTP Send Protocol Log"
 
