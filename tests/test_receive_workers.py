@@ -17,7 +17,6 @@ import socket
 import threading
 import time
 
-
 WORKERS = "receive_workers = 2"
 TOKEN = re.compile(rb"X-Test-Token: (\S+)\r\n")
 
