@@ -670,7 +670,8 @@ class Driver:
 
     def half_close(self) -> None:
         """The client closes its sending side (Exim after QUIT): every command is answered, then the end."""
-        if self.open and not self._tls_pending():
+        # plain TCP only: Twisted's TLS layer takes the end of input for the end of the connection
+        if self.open and not self._tls_pending() and not self.oracle.tls:
             self.oracle.input_ended = True
             self.proto.readConnectionLost()
             self.settle()
