@@ -43,6 +43,8 @@ from twisted.python.failure import Failure
 
 from exedge.auth.credentials import CramMD5Checker, CredentialsFile, FileChecker, UserEntry, portal_for
 from exedge.config import loads
+from exedge.receive import checks
+from exedge.receive.data import DataReader
 from exedge.testing import StringSession
 from harness import config_text
 
@@ -333,7 +335,13 @@ class Oracle:
     what came back (L{wrote}), paired and checked by L{check}.
     """
 
-    def __init__(self):
+    def __init__(self, limits=None):
+        """
+        C{limits()}: the session's (max_size, max_header_size, max_hop_count)
+        for its messages; given, the reply to each message must be the one a
+        reader fed the whole message at once gives (however it was split).
+        """
+        self.limits = limits
         self.inbox = bytearray()      # delivered, not yet framed
         self.out = bytearray()        # written by the server, not yet a whole reply
         self.replies: list = []       # (code, [lines]) not yet paired
@@ -551,6 +559,16 @@ class Oracle:
             if code != 554:
                 raise self._fail(f"a message with a bare CR or LF got {lines[0]!r}, not 554 (smuggling)")
             return
+        if self.limits is not None:
+            max_size, max_header_size, max_hop_count = self.limits()
+            whole = DataReader(lambda block: None, max_size=max_size, max_header_size=max_header_size,
+                               max_hop_count=max_hop_count)
+            if whole.feed(content + b".\r\n") != (True, b""):
+                raise self._fail("the reference reader did not find the end of the message")
+            if whole.error is not None and lines[0][:9] != b"%d %s" % (whole.error[0], whole.error[1].encode()):
+                raise self._fail(f"a message got {lines[0]!r}; read in one piece it gets {whole.error}")
+            if whole.error is None and code not in (250, 451, 452):
+                raise self._fail(f"a good message got {lines[0]!r}")
         if code == 250:
             if any(len(line) > 998 for line in unstuff(content).split(b"\r\n")):
                 raise self._fail("a message with a line over 998 octets was queued")
@@ -599,11 +617,15 @@ class Driver:
     def __init__(self, server: StringSession, failures: FailureLog):
         self.server = server
         self.failures = failures
-        self.oracle = Oracle()
+        self.oracle = Oracle(self._limits)
         self.lost = False
         self.handshaking = False
         self.seen_messages = len(server.sink.messages)
         self.check()
+
+    def _limits(self):
+        c = self.proto.connector
+        return checks.size_limit(c, self.proto.session.permissions), c.max_header_size, c.max_hop_count
 
     @property
     def proto(self):
