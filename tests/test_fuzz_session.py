@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 import shutil
 import tempfile
 
@@ -50,10 +51,14 @@ class SessionMachine(RuleBasedStateMachine):
         self.failures = fm.FailureLog().__enter__()
         self.driver = None
 
-    @initialize(variant=st.sampled_from(sorted(fm.VARIANTS)))
-    def connect(self, variant):
-        self.server = fm.build_server(self.directory, variant)
+    @initialize(variant=st.sampled_from(fm.ALL_VARIANTS), whims=st.integers(0, 2**32))
+    def connect(self, variant, whims):
+        self.server = fm.build_server(self.directory, variant, seed=whims)
         self.driver = fm.Driver(self.server, self.failures)
+
+    def _whims(self, seed: int) -> None:
+        if self.server.whims is not None:             # the "stages" variant: its stage's choices, seeded
+            self.server.whims.rnd = random.Random(seed)
 
     def _step(self, step, data) -> None:
         step(fm.HypothesisDraw(data), self.driver)
@@ -148,10 +153,11 @@ class SessionMachine(RuleBasedStateMachine):
         self.driver.lose()
 
     @precondition(lambda self: self.driver is not None and not self.open)
-    @rule()
-    def next_session(self):
+    @rule(whims=st.integers(0, 2**32))
+    def next_session(self, whims):
         """The session has ended: its end is checked, and the client connects again to the same server."""
         self.driver.finish()
+        self._whims(whims)
         self.driver = fm.Driver(self.server, self.failures)
 
     @invariant()
@@ -227,3 +233,40 @@ def test_a_logged_failure_is_a_violation():
             Logger().failure("boom")
         with pytest.raises(fm.Violation, match="ZeroDivisionError"):
             failures.check()
+
+
+# -- what the fuzzer found ---------------------------------------------------------
+
+
+def test_an_ehlo_a_stage_refuses_leaves_the_session_as_it_was(tmp_path):
+    """
+    Found by the fuzzer's "stages" variant: a stage that refused EHLO made
+    the session drop its open transaction and forget the earlier greeting
+    (RCPT then got 503 Need MAIL, MAIL 503 Send hello first). RFC 5321
+    §4.1.4: after a refused EHLO the server stays in the state it was in.
+    """
+    from twisted.internet import task
+
+    from exedge.config import loads
+    from exedge.pipeline import Entry, Pipeline, Stage, reject
+    from exedge.testing import StringSession
+    from harness import config_text
+
+    class RefusesSecondHelo(Stage):
+        name = "helo-once"
+
+        def __init__(self):
+            self.seen = 0
+
+        def on_helo(self, session, helo):
+            self.seen += 1
+            return reject("one greeting is enough") if self.seen > 1 else None
+
+    clock = task.Clock()
+    pipeline = Pipeline([Entry(RefusesSecondHelo(), 0, None, 30.0)], clock)
+    s = StringSession(loads(config_text(2525)), str(tmp_path / "spool"), clock=clock, pipeline=pipeline)
+    assert s.codes(b"EHLO a.test\r\nMAIL FROM:<a@sender.test>\r\n") == ["250", "250 2.1.0"]
+    assert s.codes(b"HELO b.test\r\n") == ["550 5.7.1"]
+    assert s.codes(b"RCPT TO:<bob@example.com>\r\n") == ["250 2.1.5"]      # the transaction is still there
+    assert s.proto.session.helo == "a.test" and s.proto.esmtp
+    assert s.codes(b"RSET\r\nMAIL FROM:<a@sender.test> SIZE=10\r\n") == ["250 2.0.0", "250 2.1.0"]   # EHLO's, kept
