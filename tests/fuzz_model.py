@@ -35,14 +35,18 @@ import base64
 import hashlib
 import hmac
 import os
+import random
 import re
 import secrets
+
+from twisted.internet import defer, task
 
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from exedge.auth.credentials import CramMD5Checker, CredentialsFile, FileChecker, UserEntry, portal_for
 from exedge.config import loads
+from exedge.pipeline import Entry, Pipeline, Stage, defer_, disconnect, reject
 from exedge.receive import checks
 from exedge.receive.data import DataReader
 from exedge.testing import StringSession
@@ -283,7 +287,56 @@ VARIANTS = {
     # the externally secured connector (may relay), no TLS, no AUTH
     "internal": dict(internal='max_protocol_errors = 0\nmax_inbound_connection_per_source = 1\n', peer="127.0.0.2"),
 }
-TARPIT_HORIZON = 3.0         # longer than any tarpit above: the driver's clock goes through them
+# "stages": the "open" server with a pipeline stage of whims (L{Whims})
+STAGED = "stages"
+ALL_VARIANTS = sorted(VARIANTS) + [STAGED]
+TARPIT_HORIZON = 3.0         # longer than any tarpit above (and Whims' delays): the clock goes through them
+
+
+class WhimError(RuntimeError):
+    """What L{Whims} raises: the runner logs it, as it should; not a finding."""
+
+
+class _Calm:
+    """A Whims C{rnd} that always goes on (the end-of-session probe must be greeted)."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+class Whims(Stage):
+    """
+    A pipeline stage that answers every hook at random (from C{rnd}, which
+    the runner seeds per session): go on, refuse, defer, disconnect, raise,
+    answer later on the clock, or never (the pipeline's timeout answers).
+    The session's asynchronous paths, fuzzed.
+    """
+
+    name = "whims"
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.rnd = random.Random(0)
+
+    def _whim(self, *args):
+        roll = self.rnd.random()
+        if roll < 0.7:
+            return None
+        if roll < 0.76:
+            return reject("whim")
+        if roll < 0.82:
+            return defer_("whim")
+        if roll < 0.84:
+            return disconnect("whim")
+        if roll < 0.88:
+            raise WhimError("a stage's bug, on a whim")
+        if roll < 0.98:
+            verdict = self.rnd.choice([None, reject("later"), defer_("later")])
+            return task.deferLater(self.clock, self.rnd.uniform(0.1, 1.5), lambda: verdict)
+        return defer.Deferred()              # never: the pipeline's timeout answers
+
+    on_connect = on_helo = on_starttls = on_auth = on_mail = on_rcpt = on_data = _whim
+    on_headers = on_message = on_queued = on_disconnect = _whim
 
 
 def cheap_hash(password: str) -> str:
@@ -298,19 +351,30 @@ def cheap_hash(password: str) -> str:
     return f"scrypt$16$1$1${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def build_server(directory: str, variant: str) -> StringSession:
-    """A server of the given variant (its first session open) with its spool and credentials in C{directory}."""
-    knobs = dict(VARIANTS[variant])
+def build_server(directory: str, variant: str, seed: int = 0) -> StringSession:
+    """
+    A server of the given variant (its first session open) with its spool
+    and credentials in C{directory}; C{seed}: the whims of its stage, if it
+    has one.
+    """
+    knobs = dict(VARIANTS["open" if variant == STAGED else variant])
     peer = knobs.pop("peer", "127.0.0.1")
     users = os.path.join(directory, "users.txt")
     CredentialsFile(users).write({USER: UserEntry(USER, cheap_hash(PASSWORD), ())})
-    from twisted.internet import defer
     portal = portal_for(FileChecker(users, lambda f: defer.maybeDeferred(f)),
                         CramMD5Checker({CRAM_USER: CRAM_SECRET}))
     config = loads(config_text(PORT, **knobs))
     names = [c.name for c in config.receive_connectors]
-    return StringSession(config, os.path.join(directory, "spool"), peer=peer, portal=portal,
-                         tls={name: object() for name in names})
+    clock = task.Clock()
+    pipeline = None
+    if variant == STAGED:
+        whims = Whims(clock)
+        whims.rnd = random.Random(seed)
+        pipeline = Pipeline([Entry(whims, 0, None, 2.0)], clock)
+    server = StringSession(config, os.path.join(directory, "spool"), peer=peer, portal=portal,
+                           tls={name: object() for name in names}, clock=clock, pipeline=pipeline)
+    server.whims = pipeline.entries[0].stage if pipeline is not None else None
+    return server
 
 
 # -- the oracle -------------------------------------------------------------------
@@ -335,13 +399,14 @@ class Oracle:
     what came back (L{wrote}), paired and checked by L{check}.
     """
 
-    def __init__(self, limits=None):
+    def __init__(self, limits=None, stages: bool = False):
         """
         C{limits()}: the session's (max_size, max_header_size, max_hop_count)
         for its messages; given, the reply to each message must be the one a
         reader fed the whole message at once gives (however it was split).
         """
         self.limits = limits
+        self.stages = stages          # a pipeline stage may refuse anything (550, 451) or disconnect (421)
         self.inbox = bytearray()      # delivered, not yet framed
         self.out = bytearray()        # written by the server, not yet a whole reply
         self.replies: list = []       # (code, [lines]) not yet paired
@@ -473,7 +538,7 @@ class Oracle:
             raise self._fail("the server closed the connection without a 221 or 421")
 
     def _closing(self, code: int, lines, disconnecting: bool, what: str) -> None:
-        if code not in (221, 421, 554):
+        if code not in (221, 421, 554) and not (what == "greeting" and self.stages and code >= 400):
             raise self._fail(f"{what}: {lines!r} is not a closing reply")
         if self.replies:
             raise self._fail(f"replies after the closing {lines!r}: {self.replies!r}")
@@ -521,6 +586,8 @@ class Oracle:
         if verb in (b"EHLO", b"HELO") and code == 250:
             self.helo, self.txn, self.rcpts = True, False, 0
         elif verb == b"MAIL":
+            if self.helo and not self.txn and b"Send hello first" in lines[0]:
+                raise self._fail("MAIL got 'Send hello first' after an accepted HELO/EHLO (the session forgot it)")
             if (self.txn or not self.helo) and code != 503:
                 raise self._fail(f"MAIL got {lines[0]!r} while {'a transaction is open' if self.txn else 'not greeted'}")
             if code == 250:
@@ -528,6 +595,8 @@ class Oracle:
         elif verb == b"RCPT":
             if not self.txn and code != 503:
                 raise self._fail(f"RCPT without MAIL got {lines[0]!r}, not 503 (state from an earlier transaction?)")
+            if self.txn and b"Need MAIL" in lines[0]:
+                raise self._fail(f"RCPT got {lines[0]!r} inside a transaction (the session lost it)")
             self.rcpts += code == 250
         elif verb == b"DATA":
             if code == 354:
@@ -567,7 +636,7 @@ class Oracle:
                 raise self._fail("the reference reader did not find the end of the message")
             if whole.error is not None and lines[0][:9] != b"%d %s" % (whole.error[0], whole.error[1].encode()):
                 raise self._fail(f"a message got {lines[0]!r}; read in one piece it gets {whole.error}")
-            if whole.error is None and code not in (250, 451, 452):
+            if whole.error is None and code not in ((250, 451, 452, 550) if self.stages else (250, 451, 452)):
                 raise self._fail(f"a good message got {lines[0]!r}")
         if code == 250:
             if any(len(line) > 998 for line in unstuff(content).split(b"\r\n")):
@@ -585,7 +654,10 @@ class FailureLog:
         self.events: list = []
 
     def __call__(self, event) -> None:
-        if event.get("log_failure") is not None or event.get("isError") or \
+        failure = event.get("log_failure")
+        if event.get("stage") == Whims.name and (failure is None or failure.check(WhimError)):
+            return                            # the stage's own whims, logged as they should be
+        if failure is not None or event.get("isError") or \
                 getattr(event.get("log_level"), "name", "") in ("error", "critical"):
             self.events.append(event)
 
@@ -617,10 +689,11 @@ class Driver:
     def __init__(self, server: StringSession, failures: FailureLog):
         self.server = server
         self.failures = failures
-        self.oracle = Oracle(self._limits)
+        self.oracle = Oracle(self._limits, stages=server.whims is not None)
         self.lost = False
         self.handshaking = False
         self.seen_messages = len(server.sink.messages)
+        self.settle()                  # a stage may take its time over on_connect
         self.check()
 
     def _limits(self):
@@ -752,6 +825,8 @@ class Driver:
         if left:
             raise Violation(f"files left in the spool's incoming/: {left}")
         self.failures.check()
+        if self.server.whims is not None:
+            self.server.whims.rnd = _Calm()
         self.server.reconnect()
         greeting = self.server.transport.value()
         if not greeting.startswith(b"220 "):
@@ -864,6 +939,8 @@ STEPS = [(step_hello, 6), (step_mail, 6), (step_rcpt, 6), (step_simple, 3), (ste
 def random_session(rnd, server: StringSession, failures: FailureLog, max_steps: int = 12) -> int:
     """One session of seeded random steps on C{server}'s current session; the steps it ran."""
     d = RandomDraw(rnd)
+    if server.whims is not None:
+        server.whims.rnd = random.Random(rnd.random())
     drv = Driver(server, failures)
     steps, weights = zip(*STEPS)
     if rnd.random() < 0.8:
