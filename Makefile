@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # from twistd (see ../shared/research/twisted-mail.md §5)
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q
 
-.PHONY: run test install install-test debian-test-deps bench clean
+.PHONY: run test install install-test debian-test-deps bench fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,16 @@ test: install-test
 
 bench: install
 	$(BIN)/python bench/accept_rate.py $(BENCH_ARGS)
+
+# The session fuzzer's long campaign: seeded random sessions on every CPU
+# for FUZZ_SECONDS (tests/fuzz_campaign.py), then the Hypothesis state
+# machine of tests/test_fuzz_session.py with FUZZ_EXAMPLES examples. The last
+# result is in bench/README.md ("Fuzzing").
+FUZZ_SECONDS ?= 3600
+FUZZ_EXAMPLES ?= 5000
+fuzz: $(VENV)/.installed-test
+	$(BIN)/python tests/fuzz_campaign.py --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
+	EXEDGE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:randomly tests/test_fuzz_session.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -67,6 +67,19 @@ class Announced:
 _FINAL_LINE = re.compile(r"^[245]\.\d+\.\d+$")
 
 
+class TLSStringTransport(StringTransport):
+    """
+    A C{StringTransport} that can be asked to start TLS: it only records
+    the options (C{tls_options}), and whoever drives the session decides
+    when the handshake is done (the protocol's C{handshakeCompleted}).
+    """
+
+    tls_options = None
+
+    def startTLS(self, options) -> None:
+        self.tls_options = options
+
+
 class StringSession:
     """
     One exedge SMTP session on a C{StringTransport}. C{config} is a loaded
@@ -77,13 +90,21 @@ class StringSession:
     a queue manager); disk work runs at once, or through C{run} (a
     L{ManualRun}). C{pipeline}: an L{exedge.pipeline.Pipeline}
     of the stages under test, built on C{clock}.
+
+    C{portal}: a twisted.cred portal for AUTH (None: AUTH is not offered).
+    C{tls}: receive connector name -> TLS options, as the server's context
+    has them; STARTTLS is then offered where the connector allows it, the
+    transport is a L{TLSStringTransport}, and the test says how the
+    handshake ends (L{handshake}, or C{proto.connectionLost} for a failed
+    one). The bytes go on in clear text: what is tested is the session's
+    state machine around TLS, not the TLS layer (Twisted's).
     """
 
     def __init__(self, config, spool_directory: str, *, peer: str = "127.0.0.1", local=None, run=None,
-                 pipeline=None, clock=None, spool=None):
+                 pipeline=None, clock=None, spool=None, portal=None, tls=None):
         from exedge.cleanup import Cleanup
         from exedge.queue import Spool
-        from exedge.receive import ConnectorTable, ServerContext, SMTPServer
+        from exedge.receive import ConnectorTable, ServerContext
         from exedge.routing import Router
         self.config = config
         self.clock = clock if clock is not None else task.Clock()
@@ -99,14 +120,32 @@ class StringSession:
             cleanup=Cleanup(self.spool, self.sink, self.clock, quarantine_mailbox=config.server.quarantine_mailbox),
             clock=self.clock,
             pipeline=pipeline,
+            portal=portal,
+            tls=dict(tls or {}),
         )
         if local is None:
             binding = config.receive_connectors[0].bindings[0]
             local = (binding.host, binding.port)
-        self.transport = StringTransport(hostAddress=IPv4Address("TCP", *local),
-                                         peerAddress=IPv4Address("TCP", peer, 40000))
+        self.local, self.peer = local, peer
+        self.reconnect()
+
+    def reconnect(self) -> None:
+        """
+        A new session on the same server (its context, clock, spool and
+        connection counts): C{transport} and C{proto} are the new ones; the
+        old session is left as it was (a fuzzer runs many sessions on one
+        server this way, as a real one would).
+        """
+        from exedge.receive import SMTPServer
+        self.transport = TLSStringTransport(hostAddress=IPv4Address("TCP", *self.local),
+                                            peerAddress=IPv4Address("TCP", self.peer, 40000))
         self.proto = SMTPServer(self.context)
         self.proto.makeConnection(self.transport)
+
+    def handshake(self) -> None:
+        """The TLS handshake that STARTTLS began has completed (see L{TLSStringTransport})."""
+        assert self.transport.tls_options is not None, "no STARTTLS began a handshake"
+        self.proto.handshakeCompleted()
 
     def send(self, data: bytes) -> bytes:
         """Feed C{data} as the client; what the session wrote in answer."""

@@ -504,6 +504,7 @@ class SMTPServer(basic.LineReceiver):
     def _hello(self, arg: str, esmtp: bool) -> Reply:
         if not arg or not is_helo_argument(arg):
             return syntax_error(f"Syntax: {'EHLO' if esmtp else 'HELO'} domain or address literal")
+        before = (self._txn, self.session.helo, self.esmtp)
         self.txn = None
         self.session.helo, self.esmtp = arg, esmtp
         if self.session.tls and self._identity is None:
@@ -515,7 +516,11 @@ class SMTPServer(basic.LineReceiver):
                 self.plog.info(f"domain secure partner {', '.join(partners)}; rights: {self.session.permissions.explain()}")
         greeting = f"{self.fqdn} Hello [{self.peer_host}]"
         reply = Reply(250, None, greeting, more=tuple(self._extensions()) if esmtp else ())
-        return self._staged("on_helo", reply, (arg,), undo=lambda: setattr(self.session, "helo", None))
+        # RFC 5321 §4.1.4: a refused EHLO leaves the session as it was (its transaction and greeting)
+        return self._staged("on_helo", reply, (arg,), undo=lambda: self._unhello(*before))
+
+    def _unhello(self, txn, helo, esmtp) -> None:
+        self.txn, self.session.helo, self.esmtp = txn, helo, esmtp
 
     def _extensions(self) -> list[str]:
         c = self.connector
