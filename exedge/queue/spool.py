@@ -328,6 +328,11 @@ class Spool:
         by this process (their commit announces them), and files gone
         before they were read (delivered and removed meanwhile). Unreadable
         files are moved aside to corrupt/, never deleted.
+
+        The set of new ids is read here while the reactor adds to it and
+        prunes it: each test and change is one atomic operation under the
+        GIL, and the order is what makes it exact: an id is added before
+        its file can exist, and dropped only after its file is gone.
         """
         new = self._new
         loaded = []
