@@ -1,9 +1,9 @@
 """
 The whole server as one C{MultiService} built from the configuration.
 
-Children start in order: the spool (thread pool, then recovery of what a
-previous run left), the queue manager (recovered messages go back into
-their queues), then the listeners.
+Children start in order: the spool (thread pools, partial files removed;
+then what a previous run left is read back in the background and goes
+back into its queues step by step), the queue manager, then the listeners.
 
 Every object gets what it works with in its constructor, in the order of
 the flow (docs/architecture.md): the spool; the queue's intake, where
@@ -39,6 +39,7 @@ from exedge.pipeline import build_pipeline
 from exedge.cleanup import Cleanup
 from exedge.queue import QueueManager, Spool
 from exedge.queue.intake import Intake
+from exedge.queue.recovery import RECOVERY_STEP, Recovery
 from exedge.manage.api import ManagementAPI
 from exedge.manage.service import ManagementService
 from exedge.manage.viewer import viewer_page
@@ -63,31 +64,38 @@ log = Logger()
 class SpoolService(Service):
     """
     Owns the bounded thread pools that do all disk work (one for receiving,
-    one for delivery), and recovery.
+    one for delivery), and recovery: at start only what must precede the
+    first session (L{Recovery.start}: directories, partial files), then
+    queue/ is read back in steps on the delivery pool (it gives way to
+    receiving, and goes at the pace deliveries leave it) while the
+    listeners already accept mail. C{recovery_step}: files per step.
     """
 
-    def __init__(self, directory: str, threads: int, delivery_threads: int, reactor, on_recovered):
+    def __init__(self, directory: str, threads: int, delivery_threads: int, reactor, on_recovered, *,
+                 recovery_step: int = RECOVERY_STEP):
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="exedge-spool")
         self.delivery_pool = ThreadPool(minthreads=1, maxthreads=delivery_threads, name="exedge-delivery")
         self.spool = Spool(directory, lambda f: deferToThreadPool(reactor, self.pool, f),
                            lambda f: deferToThreadPool(reactor, self.delivery_pool, f), clock=reactor,
                            committer=lambda spool: ProcessCommitter(spool, reactor))
-        self.on_recovered = on_recovered
+        self.recovery = Recovery(self.spool, on_recovered, self.spool.run_delivery, reactor, step=recovery_step)
 
     def startService(self) -> None:
         super().startService()
         self.pool.start()
         self.delivery_pool.start()
-        # blocking on purpose: start-up, before any session is served
-        messages = self.spool.recover()
+        # partial files go before the commit worker writes new ones; the rest in the background
+        self.recovery.start()
         self.spool.receiving.start()
-        log.info("spool {dir}: {count} message(s) recovered", dir=self.spool.directory, count=len(messages))
-        for message in messages:
-            self.on_recovered(message)
+
+    def recovery_status(self) -> dict:
+        """For the management status: {"recovering": bool, "recovered": messages read back so far}."""
+        return self.recovery.status()
 
     def stopService(self):
         super().stopService()
+        self.recovery.stop()
         # the commit worker first: what it answers may still need the pools
         d = self.spool.receiving.stop()
 
@@ -264,7 +272,8 @@ class ExedgeServer(MultiService):
                                           context=lambda: self.factory.context, intake=self.intake,
                                           queue_dir=spool.queue_dir, tracking=tracking,
                                           protocol_log=self.receive_log, metrics=self.metrics,
-                                          recent=spool.recent)
+                                          recent=spool.recent, note_begun=spool.note_begun,
+                                          announced_by_recovery=spool.announced_by_recovery)
             self.workers.setServiceParent(self)
         self.listeners: dict = {}            # Binding -> its listening service
         for binding in parts.context.connectors.listen_bindings():
@@ -438,7 +447,8 @@ class ExedgeServer(MultiService):
             "sessions": self.metrics.sessions_now(),
             **({"receive_workers": self.workers.status()} if self.workers is not None else {}),
             "send_connectors": [{"name": c.name, "enabled": c.enabled} for c in config.send_connectors],
-            "spool": {"directory": config.server.spool_directory, **self.manager.summary()},
+            "spool": {"directory": config.server.spool_directory, **self.manager.summary(),
+                      **self.spool_service.recovery_status()},
             "back_pressure": self.back_pressure.status(),
         }
 

@@ -33,7 +33,7 @@ import json
 import os
 import secrets
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import attrs
 from twisted.internet import defer
@@ -192,6 +192,12 @@ class Spool:
         self._queue_sync = DirectorySync(self.queue_dir)
         self.recent = RecentData()
         self._stateful: set[str] = set()    # queue ids that have a state/ file
+        # ids begun while recovery reads queue/ (None when it does not): see L{start_recovery}
+        self._new: set[str] | None = None
+        # the arrival stamp of the first id recovery must not meet (see L{claim_recovered}), and the
+        # ids at or past it that recovery announced before their committer named them
+        self._mark: str | None = None
+        self._raced: set[str] = set()
         self.receiving = committer(self) if committer else Batcher(self.run, self._commit_batch)
         # delivery-side work gives way to receiving (bounded: see Batcher)
         self._remover = Batcher(self.run_delivery, self._remove_batch, 256,
@@ -203,7 +209,18 @@ class Spool:
             make_dirs(d)
 
     def begin(self) -> IncomingMessage:
-        return IncomingMessage(self, new_queue_id())
+        queue_id = new_queue_id()
+        self.note_begun(queue_id)
+        return IncomingMessage(self, queue_id)
+
+    def note_begun(self, queue_id: str) -> None:
+        """
+        A message is being committed into queue/ by someone who will
+        announce it (this process's cleanup, or a receive worker process):
+        recovery, if it is running, must not announce it too.
+        """
+        if self._new is not None:
+            self._new.add(queue_id)
 
     def _commit_batch(self, items: list) -> list:
         """
@@ -251,7 +268,16 @@ class Spool:
         self.recent.release(message.queue_id)
         stateful = message.queue_id in self._stateful
         self._stateful.discard(message.queue_id)
-        return self._remover.submit((message, stateful))
+        d = self._remover.submit((message, stateful))
+        if self._new is not None:
+            # once its file is gone recovery cannot meet it: forget it then, not before
+            d.addCallback(self._forget_new, message.queue_id)
+        return d
+
+    def _forget_new(self, result, queue_id: str):
+        if self._new is not None:
+            self._new.discard(queue_id)
+        return result
 
     def _remove_batch(self, items: list) -> list:
         for message, stateful in items:
@@ -265,36 +291,147 @@ class Spool:
         return [None] * len(items)
 
     # -- start-up ----------------------------------------------------------
+    #
+    # Recovery comes in two parts (driven by L{exedge.queue.recovery.Recovery}):
+    # before anything listens, L{start_recovery} (directories, partial files:
+    # O(partials)); then, while new mail is accepted, queue/ is read back in
+    # steps on a spool thread (L{queue_names}, L{read_back}), and orphaned
+    # state files are swept (L{state_names}, L{sweep_state}).
+
+    def start_recovery(self) -> int:
+        """
+        What must be done before a session is served (blocking): make the
+        directories, delete unacknowledged partial files (never answered
+        250), and from now on note the id of every message begun, so that
+        reading queue/ back in the background never takes a message
+        committed meanwhile for one a previous run left. Returns how many
+        partial files were deleted.
+        """
+        self.prepare()
+        removed = 0
+        with os.scandir(self.incoming_dir) as entries:
+            for entry in entries:
+                os.unlink(entry.path)
+                removed += 1
+                log.info("spool: removed unacknowledged partial message {name}", name=entry.name)
+        self._new = set()
+        self._mark = f"{time.time_ns() // 1000:014X}"
+        return removed
+
+    def claim_recovered(self, queue_id: str) -> bool:
+        """
+        At the moment recovery announces C{queue_id} (the reactor's
+        thread): False when its committer will announce it (noted since
+        it was read); else True, and an id begun after recovery started
+        (a receive worker's commit whose name has not reached this
+        process yet) is remembered, for L{announced_by_recovery}.
+        """
+        if self._new is not None and queue_id in self._new:
+            return False
+        if self._mark is not None and queue_id[:14] >= self._mark:
+            self._raced.add(queue_id)
+        return True
+
+    def announced_by_recovery(self, queue_id: str) -> bool:
+        """A committer is about to announce C{queue_id}: True (once) if recovery already did."""
+        if queue_id in self._raced:
+            self._raced.discard(queue_id)
+            return True
+        return False
+
+    def end_recovery(self) -> None:
+        """queue/ has been read back: stop noting new ids."""
+        self._new = None
+
+    def queue_names(self) -> Iterator[str]:
+        """
+        The names in queue/, read lazily (C{os.scandir}: a directory of a
+        million files is never listed whole). Iterate it on one thread at a
+        time. Each name that stays in the directory is given once; one
+        added or removed meanwhile may or may not be (POSIX readdir), which
+        is why L{read_back} skips new ids and tolerates vanished files.
+        """
+        with os.scandir(self.queue_dir) as entries:
+            for entry in entries:
+                yield entry.name
+
+    def read_back(self, names: Iterable[str]) -> list[tuple[StoredMessage, bool]]:
+        """
+        Load these queue files with their outcomes (blocking: a spool
+        thread), in arrival order: (message, whether it has a state/ file)
+        for each, to be handed to L{adopt} then the queue. Skipped: ids begun
+        by this process (their commit announces them), and files gone
+        before they were read (delivered and removed meanwhile). Unreadable
+        files are moved aside to corrupt/, never deleted.
+
+        The set of new ids is read here while the reactor adds to it and
+        prunes it: each test and change is one atomic operation under the
+        GIL, and the order is what makes it exact: an id is added before
+        its file can exist, and dropped only after its file is gone.
+        """
+        new = self._new
+        loaded = []
+        for name in sorted(names):
+            if new is not None and name in new:
+                continue
+            path = os.path.join(self.queue_dir, name)
+            try:
+                loaded.append(self._load(name, path))
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                try:
+                    os.rename(path, os.path.join(self.corrupt_dir, name))
+                except FileNotFoundError:
+                    continue
+                log.error("spool: moved unreadable {name} to corrupt/: {error}", name=name, error=e)
+        return loaded
+
+    def adopt(self, message: StoredMessage, stateful: bool) -> None:
+        """A message read back: remember that it has a state/ file, so its removal deletes that too."""
+        if stateful:
+            self._stateful.add(message.queue_id)
+
+    def state_names(self) -> Iterator[str]:
+        """The names in state/, read lazily (see L{queue_names})."""
+        with os.scandir(self.state_dir) as entries:
+            for entry in entries:
+                yield entry.name
+
+    def sweep_state(self, names: Iterable[str]) -> int:
+        """
+        Delete the state files of messages no longer in queue/ (blocking):
+        left by a crash between a message's removal and its state file's.
+        A state file is only ever written for a committed message, so one
+        without its queue file belongs to nobody. Returns how many went.
+        """
+        swept = 0
+        for name in names:
+            if os.path.lexists(os.path.join(self.queue_dir, name)):
+                continue
+            try:
+                os.unlink(os.path.join(self.state_dir, name))
+                swept += 1
+            except FileNotFoundError:
+                pass
+        return swept
 
     def recover(self) -> list[StoredMessage]:
         """
-        Rebuild the list of committed messages (blocking; called once at
-        start-up before any session is served). Unacknowledged partial files
-        are deleted; unreadable queue files are moved aside, never deleted.
+        Everything at once (blocking): partial files removed, every committed
+        message read back, orphaned state files swept. For tests and tools;
+        the server recovers in the background (L{exedge.queue.recovery}).
         """
-        self.prepare()
-        for name in os.listdir(self.incoming_dir):
-            os.unlink(os.path.join(self.incoming_dir, name))
-            log.info("spool: removed unacknowledged partial message {name}", name=name)
-        messages = []
-        for name in sorted(os.listdir(self.queue_dir)):
-            path = os.path.join(self.queue_dir, name)
-            try:
-                message = self._load(name, path)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                os.rename(path, os.path.join(self.corrupt_dir, name))
-                log.error("spool: moved unreadable {name} to corrupt/: {error}", name=name, error=e)
-                continue
-            messages.append(message)
-        live = {m.queue_id for m in messages}
-        for name in os.listdir(self.state_dir):
-            if name not in live:
-                os.unlink(os.path.join(self.state_dir, name))
-            else:
-                self._stateful.add(name)
-        return messages
+        self.start_recovery()
+        loaded = self.read_back(self.queue_names())
+        self.end_recovery()
+        for message, stateful in loaded:
+            self.adopt(message, stateful)
+        self.sweep_state(list(self.state_names()))
+        return [message for message, _ in loaded]
 
-    def _load(self, queue_id: str, path: str) -> StoredMessage:
+    def _load(self, queue_id: str, path: str) -> tuple[StoredMessage, bool]:
+        """The message and whether it has a state file; FileNotFoundError if it is gone."""
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             total = f.tell()
@@ -310,11 +447,14 @@ class Spool:
                 raise ValueError("envelope length out of range")
             f.seek(data_length)
             envelope = Envelope.from_json(f.read(meta_len))
-        done, delayed, retry_at = self._load_state(queue_id)
-        return StoredMessage(queue_id, envelope, path, data_length, done, delayed, retry_at)
+        stateful, done, delayed, retry_at = self._load_state(queue_id)
+        return StoredMessage(queue_id, envelope, path, data_length, done, delayed, retry_at), stateful
 
-    def _load_state(self, queue_id: str) -> tuple[frozenset, frozenset, float]:
-        """(recipients with a final outcome, recipients told of a delay, the next retry time)."""
+    def _load_state(self, queue_id: str) -> tuple[bool, frozenset, frozenset, float]:
+        """
+        (whether there is a state file, recipients with a final outcome,
+        recipients told of a delay, the next retry time).
+        """
         done: set[int] = set()
         delayed: set[int] = set()
         retry_at = 0.0
@@ -337,5 +477,5 @@ class Spool:
                         # worst case is a second delivery, never none
                         continue
         except FileNotFoundError:
-            pass
-        return frozenset(done), frozenset(delayed), retry_at
+            return False, frozenset(), frozenset(), 0.0
+        return True, frozenset(done), frozenset(delayed), retry_at

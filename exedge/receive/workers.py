@@ -371,7 +371,8 @@ class ReceiveWorkers(Service):
     """
 
     def __init__(self, reactor, count: int, config_path: str, *, context, intake, queue_dir: str,
-                 tracking, protocol_log, metrics, recent=None, python: str = sys.executable,
+                 tracking, protocol_log, metrics, recent=None, note_begun=None, announced_by_recovery=None,
+                 python: str = sys.executable,
                  module: str = "exedge.receive.worker", restart_interval: float = RESTART_INTERVAL):
         self.reactor = reactor
         self.count = count
@@ -380,6 +381,10 @@ class ReceiveWorkers(Service):
         self.intake = intake
         self.queue_dir = queue_dir
         self.recent = recent        # the spool's RecentData: small messages' data, for their first delivery
+        # the spool's Spool.note_begun: a worker's commit is announced by the worker, never by recovery too
+        self.note_begun = note_begun or (lambda queue_id: None)
+        # Spool.announced_by_recovery: recovery read a worker's file before its name arrived
+        self.announced_by_recovery = announced_by_recovery or (lambda queue_id: False)
         self.incoming_dir = os.path.join(os.path.dirname(queue_dir), "incoming")
         self.tracking = tracking
         self.protocol_log = protocol_log
@@ -549,6 +554,7 @@ class ReceiveWorkers(Service):
             if not QUEUE_ID.fullmatch(queue_id):
                 raise ValueError(f"not a queue id: {queue_id!r}")
             if kind == COMMITTING:
+                self.note_begun(queue_id)
                 worker.committing.add(queue_id)
             else:
                 worker.committing.discard(queue_id)
@@ -591,6 +597,9 @@ class ReceiveWorkers(Service):
                       "for a restart", n=worker.number, error=e)
             return
         worker.committing.discard(queue_id)
+        if self.announced_by_recovery(queue_id):
+            worker.send(ACK, queue_id.encode("ascii"))     # queued already, by start-up recovery
+            return
         try:
             held = self.recent.hold(queue_id, data) if data is not None and self.recent is not None else None
             self.intake.submit(self._stored(queue_id, envelope, os.path.join(self.queue_dir, queue_id), length,
