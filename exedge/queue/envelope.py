@@ -7,6 +7,7 @@ data, not code).
 from __future__ import annotations
 
 import json
+import sys
 
 import attrs
 
@@ -50,10 +51,17 @@ class Envelope:
     def from_json(cls, raw: bytes) -> "Envelope":
         data = json.loads(raw)
         data["recipients"] = tuple(
-            Recipient(r["address"], tuple(r.get("notify", ())), r.get("orcpt"))
+            Recipient(r["address"], tuple(r.get("notify", ())) or (), r.get("orcpt"))
             for r in data["recipients"]
         )
+        # what many queued messages share (their connector, peer, HELO,
+        # sender) held once: recovery reads a million envelopes back
+        for key in _SHARED:
+            value = data.get(key)
+            if isinstance(value, str):
+                data[key] = sys.intern(value)
         return cls(**data)
 
 
 _SCALARS = tuple(f.name for f in attrs.fields(Envelope) if f.name != "recipients")
+_SHARED = ("sender", "receive_connector", "helo", "body", "ret", "auth")

@@ -133,7 +133,9 @@ class QueueManager(Service):
         # every message in the spool, with its recipients that have a final
         # outcome: a message split over several hops is removed when the
         # last is done, and an item of a removed message is dropped
-        self._live: dict[str, set[int]] = {}
+        # (frozensets: most messages have none done, and the empty frozenset is shared;
+        # a message with outcomes gets a new one per outcome, not a set of its own for life)
+        self._live: dict[str, frozenset[int]] = {}
         self._delay_notified: dict[str, set[int]] = {}   # per live message, recipients told of a delay
         self._connectors = {c.name: c for c in getattr(router, "send_connectors", ())}
         self._schedule_calls: dict[tuple[str, str], object] = {}   # (connector, lane) -> its next change
@@ -155,9 +157,10 @@ class QueueManager(Service):
             self.spool.remove(message).addErrback(
                 lambda f: log.failure("removing {queue_id}", f, queue_id=message.queue_id))
             return
-        self._live.setdefault(message.queue_id, set(message.done))
+        self._live.setdefault(message.queue_id, frozenset(message.done))
         self._messages.setdefault(message.queue_id, message)
-        self._delay_notified.setdefault(message.queue_id, set(message.delay_notified))
+        if message.delay_notified:       # made on demand otherwise (_notify_delays)
+            self._delay_notified.setdefault(message.queue_id, set(message.delay_notified))
         wait = message.retry_at - self.clock.seconds()
         if wait > 0:
             # recovered in the middle of a retry interval: keep the schedule
@@ -981,7 +984,10 @@ class QueueManager(Service):
         taken = delivered + failed
         self._track(message, "SEND", delivered, hop)
         self._track(message, "FAIL" if bounce else "DROP", failed, hop)   # DROP: removed by an admin without NDR
-        done.update(o.index for o in taken)
+        done = self._live.get(message.queue_id)
+        if done is None:
+            return retry          # another hop completed the message while the reports were queued
+        done = self._live[message.queue_id] = done | {o.index for o in taken}
         if len(done) >= len(message.envelope.recipients):
             # complete: no need to note outcomes first, nor to wait for the
             # unlink; a crash before it means a second delivery, never none

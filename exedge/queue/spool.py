@@ -75,6 +75,10 @@ def new_queue_id() -> str:
 
 RECENT_DATA_BYTES = 32 * 1024 * 1024
 
+# one empty set for every message with no outcome yet: CPython makes a new
+# empty frozenset per call, 216 bytes for each of a million queued messages
+NONE_DONE = frozenset()
+
 
 class _Held:
     __slots__ = ("data",)
@@ -127,8 +131,8 @@ class StoredMessage:
     envelope: Envelope
     path: str
     data_length: int
-    done: frozenset = frozenset()   # recipient indexes with a final outcome
-    delay_notified: frozenset = frozenset()   # recipients whose sender had a delay notice
+    done: frozenset = NONE_DONE   # recipient indexes with a final outcome
+    delay_notified: frozenset = NONE_DONE   # recipients whose sender had a delay notice
     retry_at: float = 0.0           # not to be tried before this time (a restart keeps the schedule)
     held: _Held | None = attrs.field(default=None, eq=False, repr=False)   # see L{RecentData}
 
@@ -477,5 +481,5 @@ class Spool:
                         # worst case is a second delivery, never none
                         continue
         except FileNotFoundError:
-            return False, frozenset(), frozenset(), 0.0
-        return True, frozenset(done), frozenset(delayed), retry_at
+            return False, NONE_DONE, NONE_DONE, 0.0
+        return True, frozenset(done) or NONE_DONE, frozenset(delayed) or NONE_DONE, retry_at
