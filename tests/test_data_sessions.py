@@ -18,9 +18,10 @@ import tracemalloc
 
 import pytest
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from exedge.config import loads
+from exedge.pipeline import Entry, Pipeline, Stage
 from exedge.queue import Spool
 from exedge.queue.incoming import SPILL_THRESHOLD
 from exedge.testing import StringSession
@@ -205,6 +206,30 @@ def test_refused_data_keeps_the_transaction(session):
     assert len(session.sink.messages) == 1
 
 
+class LateOnData(Stage):
+    """A stage whose on_data answers when the test says (C{answer})."""
+
+    name = "late"
+
+    def __init__(self):
+        self.answer = defer.Deferred()
+
+    def on_data(self, session):
+        return self.answer
+
+
+def test_a_stage_answering_after_the_session_ended_takes_no_slot(tmp_path):
+    clock = task.Clock()
+    stage = LateOnData()
+    s = StringSession(loads(config_text(2525, internet=LIMITS)), str(tmp_path / "spool"), clock=clock,
+                      pipeline=Pipeline([Entry(stage, 0, None, 30.0)], clock))
+    assert start(s)[-1:] == ["250 2.1.5"]       # DATA waits for the stage
+    s.proto.connectionLost()
+    stage.answer.callback(None)                 # "go on", to a session that is gone
+    assert counted(s) == 0
+    assert s.proto.draft is None
+
+
 # -- memory held by a message in flight ------------------------------------------------------
 
 
@@ -244,7 +269,7 @@ def test_many_tiny_writes_cost_no_more_than_their_bytes(tmp_path):
     try:
         before = tracemalloc.get_traced_memory()[0]
         for _ in range((SPILL_THRESHOLD - 1024) // 2):
-            incoming.write(b"\r\n")
+            incoming.write(bytes((13, 10)))     # a new object each time, as the data reader makes them
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
