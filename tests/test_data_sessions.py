@@ -20,7 +20,7 @@ import pytest
 
 from twisted.internet import defer, task
 
-from exedge.config import loads
+from exedge.config import ConfigError, loads
 from exedge.pipeline import Entry, Pipeline, Stage
 from exedge.queue import Spool
 from exedge.queue.incoming import SPILL_THRESHOLD
@@ -277,3 +277,19 @@ def test_many_tiny_writes_cost_no_more_than_their_bytes(tmp_path):
     assert held < SPILL_THRESHOLD * 1.5, held
     incoming.abort()
 
+
+
+# -- the keys ----------------------------------------------------------------------------------
+
+
+def test_data_session_limits_parse_with_defaults_and_unlimited():
+    base = '[[receive_connectors]]\nname = "R"\nbindings = ["127.0.0.1:2525"]\nremote_ip_ranges = ["10.0.0.0/8"]\n'
+    rc = loads(base, source="t.toml").receive_connectors[0]
+    assert (rc.max_inbound_data_sessions, rc.max_inbound_data_sessions_per_source) == (200, 10)
+    rc = loads(base + 'max_inbound_data_sessions = "unlimited"\nmax_inbound_data_sessions_per_source = 3\n',
+               source="t.toml").receive_connectors[0]
+    assert (rc.max_inbound_data_sessions, rc.max_inbound_data_sessions_per_source) == (None, 3)
+    with pytest.raises(ConfigError) as info:
+        loads(base + "max_inbound_data_sessions_per_source = 0\n", source="t.toml")
+    assert str(info.value.problems[0]).startswith("t.toml:5: ")
+    assert "max_inbound_data_sessions_per_source" in str(info.value.problems[0])
