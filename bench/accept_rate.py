@@ -401,7 +401,10 @@ class Exedge:
     def __init__(self, workdir: str):
         self.workdir = workdir
         self.port = harness.free_port(HOST)
-        config = harness.config_text(self.port, tarpit="0", internet=EXEDGE_INTERNET, server=self.server_lines)
+        internet = EXEDGE_INTERNET
+        if against.knows(self.code, "max_inbound_data_sessions_per_source"):
+            internet += "max_inbound_data_sessions_per_source = 1000\n"     # 50 senders from one address
+        config = harness.config_text(self.port, tarpit="0", internet=internet, server=self.server_lines)
         self.server = harness.Server(workdir, config, self.port, code=self.code)
 
     def start(self) -> None:

@@ -42,3 +42,16 @@ def here() -> str:
     dirty = subprocess.run(["git", "-C", TOP, "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()
     return head + ("+" if dirty else "")
+
+
+def knows(code: str | None, key: str) -> bool:
+    """
+    Whether the exedge at C{code} (a checkout from L{checkout}; None: this
+    tree) has the configuration key C{key}: a benchmark's knob that an
+    older commit would refuse as an unknown key is written only for a tree
+    that has it (the two trees' configurations must both load).
+    """
+    import re
+
+    with open(os.path.join(code or TOP, "exedge", "config", "models.py")) as f:
+        return re.search(rf"^\s+{re.escape(key)}\s*:", f.read(), re.M) is not None

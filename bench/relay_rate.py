@@ -117,10 +117,13 @@ class Exedge:
         sends = () if mode == "accept" else (
             {"name": "To smart host", "address_spaces": ["relay.test"], "dns_routing_enabled": False,
              "smart_hosts": [f"{HOST}:{sink_port}"]},)
+        receive = dict(harness.FROM_INTERNET, tarpit_interval=0, max_inbound_connection_per_source=1000,
+                       connection_timeout="1h", connection_inactivity_timeout="10m")
+        if against.knows(self.code, "max_inbound_data_sessions_per_source"):
+            receive["max_inbound_data_sessions_per_source"] = 1000    # 50 senders from one address
         config = harness.server_config(
             accepted_domains=({"domain_name": "relay.test", "domain_type": "InternalRelay"},),
-            receive_connectors=(dict(harness.FROM_INTERNET, tarpit_interval=0, max_inbound_connection_per_source=1000,
-                                     connection_timeout="1h", connection_inactivity_timeout="10m"),),
+            receive_connectors=(receive,),
             send_connectors=sends,
         ).format(port=self.port)
         self.spool = os.path.join(workdir, "var", "spool", "queue")

@@ -821,6 +821,8 @@ class Driver:
             raise Violation(f"timers left after the session ended: {clock.getDelayedCalls()!r}")
         if self.proto.draft is not None:
             raise Violation("a draft left open after the session ended")
+        if self.proto.connector is not None and self.server.context.connectors.in_data(self.proto.connector):
+            raise Violation("a DATA slot (max_inbound_data_sessions) left taken after the session ended")
         left = os.listdir(self.server.spool.incoming_dir)
         if left:
             raise Violation(f"files left in the spool's incoming/: {left}")

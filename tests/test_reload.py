@@ -19,9 +19,10 @@ EXEDGE = os.path.join(os.path.dirname(sys.executable), "exedge")
 
 
 def config(*, extra_receive=(), extra_send=()):
-    # 50 test clients from one address: above Exchange's 20 per source
+    # 50 test clients from one address: above Exchange's 20 per source (and 10 in DATA)
     return server_config(
-        receive_connectors=(dict(FROM_INTERNAL_ORG, tarpit_interval=0, max_inbound_connection_per_source=100),
+        receive_connectors=(dict(FROM_INTERNAL_ORG, tarpit_interval=0, max_inbound_connection_per_source=100,
+                                 max_inbound_data_sessions_per_source=100),
                             *extra_receive),
         send_connectors=(LOCAL_DROP, *extra_send))
 

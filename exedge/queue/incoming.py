@@ -7,6 +7,13 @@ streamed to C{incoming/<id>} in order on the spool threads, so a 36 MB
 message costs neither 36 MB of RAM nor a blocked reactor. Nothing here is
 acknowledged: a crash leaves at most a file in C{incoming/}, which
 start-up removes (L{exedge.queue.spool}).
+
+What one message in flight holds in memory, however its bytes arrive: less
+than L{SPILL_THRESHOLD} in one C{bytearray} (not a list of the pieces
+written: a client trickling empty lines makes 2-byte writes, and a Python
+object per piece would cost twenty times the bytes), plus, while the disk
+is slower than the client, up to L{SPILL_BACKLOG} handed to the spool
+threads and not yet written (past it the session stops reading).
 """
 
 from __future__ import annotations
@@ -60,25 +67,35 @@ class IncomingMessage:
         self.spool = spool
         self.queue_id = queue_id
         self.path = os.path.join(spool.incoming_dir, queue_id)
-        self._chunks: list[bytes] = []
-        self._buffered = 0
+        self._data = bytearray()          # what is not spilled yet: less than SPILL_THRESHOLD
         self._file = None
         self._tail: defer.Deferred = defer.succeed(None)
         self._closed = False
         self._unwritten = 0
         self._drain_waiters: list = []
+        self._spilled_any = False
 
     def write(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered >= SPILL_THRESHOLD:
+        self._data += data
+        if len(self._data) >= SPILL_THRESHOLD:
             self._spill()
 
+    @property
+    def in_memory(self) -> int:
+        """Octets of this message held in memory and not yet handed to the disk (< SPILL_THRESHOLD)."""
+        return len(self._data)
+
+    @property
+    def spilled(self) -> bool:
+        """Whether part of the message has been handed to the disk (C{incoming/<id>})."""
+        return self._spilled_any
+
     def _spill(self) -> None:
-        chunks, size = self._chunks, self._buffered
-        self._chunks, self._buffered = [], 0
+        chunk, self._data = self._data, bytearray()
+        size = len(chunk)
+        self._spilled_any = True
         self._unwritten += size
-        self._tail.addCallback(lambda _: self.spool.run(lambda: self._write_chunks(chunks)))
+        self._tail.addCallback(lambda _: self.spool.run(lambda: self._write_chunks([chunk])))
         self._tail.addBoth(self._spilled, size)
 
     def _spilled(self, result, size: int):
@@ -100,7 +117,7 @@ class IncomingMessage:
         else:
             callback()
 
-    def _write_chunks(self, chunks: list[bytes]) -> None:
+    def _write_chunks(self, chunks: list) -> None:
         if self._file is None:
             self._file = open(self.path, "w+b")      # "+": pipeline stages may read it back
         self._file.writelines(chunks)
@@ -114,11 +131,11 @@ class IncomingMessage:
         done = defer.Deferred()
 
         def step(_):
-            chunks = list(self._chunks)
+            held = bytes(self._data)
             if self._file is None:
-                done.callback(b"".join(chunks))
+                done.callback(held)
                 return None
-            return self.spool.run(lambda: self._read_file() + b"".join(chunks)).addCallback(done.callback)
+            return self.spool.run(lambda: self._read_file() + held).addCallback(done.callback)
 
         self._tail.addCallback(step)
         self._tail.addErrback(lambda f: (done.errback(f), f)[1])
@@ -141,10 +158,10 @@ class IncomingMessage:
         done = defer.Deferred()
 
         def step(_):
-            chunks, self._chunks, self._buffered = self._chunks, [], 0
+            chunks, self._data = [self._data], bytearray()
             if self._file is None:
-                data = edit.apply(b"".join(chunks))
-                self._chunks, self._buffered = [data], len(data)
+                data = edit.apply(bytes(chunks[0]))
+                self._data = bytearray(data)
                 done.callback(len(data))
                 return None
             return self.spool.run(lambda: self._rewrite_file(chunks, edit)).addCallback(done.callback)
@@ -153,7 +170,7 @@ class IncomingMessage:
         self._tail.addErrback(lambda f: (done.errback(f), f)[1])
         return done
 
-    def _rewrite_file(self, chunks: list[bytes], edit) -> int:
+    def _rewrite_file(self, chunks: list, edit) -> int:
         f = self._file
         f.flush()
         if edit.head_only:
@@ -167,7 +184,7 @@ class IncomingMessage:
         f.write(data)
         return len(data)
 
-    def _rewrite_head(self, chunks: list[bytes], edit) -> int | None:
+    def _rewrite_head(self, chunks: list, edit) -> int | None:
         """
         Header edits on a spilled message, streamed: only the header
         section goes through the edit; the rest is copied to a new file
@@ -202,26 +219,26 @@ class IncomingMessage:
 
     def commit(self, envelope: Envelope) -> defer.Deferred:
         """Write, fsync and rename into the queue; fires with L{StoredMessage}."""
-        chunks, self._chunks = self._chunks, []
+        chunks, self._data = [self._data], bytearray()
         self._closed = True
         d = self._tail
         d.addCallback(self._submit, envelope, chunks)
         d.addErrback(self._cleanup_after_failure)
         return d
 
-    def _submit(self, _, envelope: Envelope, chunks: list[bytes]):
+    def _submit(self, _, envelope: Envelope, chunks: list):
         """
         The L{CommitRequest} to the committer: at once for a message in
         memory, after a spool thread has closed a spilled one.
         """
         if self._file is None:
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            data = bytes(chunks[0])
             return self.spool.receiving.submit(CommitRequest(self.queue_id, envelope, data, len(data)))
         d = self.spool.run(lambda: self._finish_spilled(chunks))
         return d.addCallback(lambda length: self.spool.receiving.submit(
             CommitRequest(self.queue_id, envelope, None, length)))
 
-    def _finish_spilled(self, chunks: list[bytes]) -> int:
+    def _finish_spilled(self, chunks: list) -> int:
         """
         The last data of a spilled message written and its file closed,
         for the committer to add the footer (spool thread); returns the
@@ -245,7 +262,7 @@ class IncomingMessage:
         if self._closed:
             return
         self._closed = True
-        self._chunks = []
+        self._data = bytearray()
         # addBoth: after a failed spill (disk full) the partial file must go too
         self._tail.addBoth(lambda _: self.spool.run(self._discard))
         self._tail.addErrback(lambda f: log.failure("discarding {path}", f, path=self.path))

@@ -6,6 +6,16 @@ its local binding (ip:port, or the wildcard address on that port) and
 whose RemoteIPRanges contain the peer; when several do, the most specific
 range wins (the one covering the fewest addresses), then the exact binding
 over the wildcard one.
+
+The table also counts the connector's limits: sessions open
+(L{ConnectorTable.admit}, C{max_inbound_connection} and its per-source
+twin) and sessions in DATA (L{ConnectorTable.admit_data},
+C{max_inbound_data_sessions} and its per-source twin). The second bound is
+the memory one: a session in DATA holds its message in memory up to the
+spool's spill threshold (L{exedge.queue.incoming.SPILL_THRESHOLD}), so
+without it a DATA slowloris (many sessions, each trickling a large
+message) makes the server hold sessions x threshold. Exchange has no such
+key; its names follow C{MaxInboundConnection}'s.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ class ConnectorTable:
         self._open = collections.Counter()       # connector name -> sessions
         self._per_source = collections.Counter()  # (connector name, peer ip) -> sessions
         self._selected: dict = {}                  # (local host, port, peer) -> connector
+        self._in_data = collections.Counter()          # connector name -> sessions in DATA
+        self._in_data_per_source = collections.Counter()  # (connector name, peer ip) -> sessions in DATA
 
     def listen_bindings(self) -> list[Binding]:
         """
@@ -110,3 +122,34 @@ class ConnectorTable:
         self._per_source[source] -= 1
         if self._per_source[source] <= 0:
             del self._per_source[source]
+
+    def admit_data(self, connector: ReceiveConnector, peer_host: str) -> str | None:
+        """
+        Count a session entering DATA (at its 354): None when counted, else
+        the name of the limit reached (nothing counted). Every C{None} is
+        matched by one L{release_data} when the data phase ends, however it
+        ends (final dot, disconnect, timeout).
+        """
+        source = (connector.name, str(_address(peer_host)))
+        if connector.max_inbound_data_sessions is not None \
+                and self._in_data[connector.name] >= connector.max_inbound_data_sessions:
+            return "max_inbound_data_sessions"
+        if connector.max_inbound_data_sessions_per_source is not None \
+                and self._in_data_per_source[source] >= connector.max_inbound_data_sessions_per_source:
+            return "max_inbound_data_sessions_per_source"
+        self._in_data[connector.name] += 1
+        self._in_data_per_source[source] += 1
+        return None
+
+    def release_data(self, connector: ReceiveConnector, peer_host: str) -> None:
+        source = (connector.name, str(_address(peer_host)))
+        self._in_data[connector.name] -= 1
+        self._in_data_per_source[source] -= 1
+        if self._in_data_per_source[source] <= 0:
+            del self._in_data_per_source[source]
+
+    def in_data(self, connector: ReceiveConnector, peer_host: str | None = None) -> int:
+        """Sessions in DATA now on C{connector} (from C{peer_host} only, if given): for tests and status."""
+        if peer_host is None:
+            return self._in_data[connector.name]
+        return self._in_data_per_source[(connector.name, str(_address(peer_host)))]

@@ -22,6 +22,14 @@ the reads fell: a message with several faults is refused for the first of
 L{FAULTS}, whichever was seen first, so the framing checks (bare CR/LF, then
 long lines) go on to the final dot after any fault, and the header checks
 after the size limit.
+
+What a reader holds, whatever the message's size or how slowly it comes:
+the unfinished last line (at most 1,000 octets carried from one read to
+the next) and the header section until its end (at most
+C{max_header_size} plus one read, then the message is refused and nothing
+more is collected); the header is handed on for the pipeline and the
+envelope, the body goes straight to the sink (the spool's
+L{exedge.queue.incoming.IncomingMessage}, bounded by its spill threshold).
 """
 
 from __future__ import annotations

@@ -108,6 +108,7 @@ class SMTPServer(basic.LineReceiver):
         self.replies: InOrder | None = None
         self.sasl: AuthDialogue | None = None
         self._admitted = False
+        self._data_slot = False              # counted in ConnectorTable.admit_data (from the 354 to the data's end)
         self._closing = False
         self._discarding = False
         self._overflowed = False
@@ -285,6 +286,8 @@ class SMTPServer(basic.LineReceiver):
         self._closing = True
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
+        if self.reader is not None:
+            self._drop_message()         # a timeout in the data phase: no final dot can come now
         if self._tls_pending:
             return self._abort("TLS handshake not done; connection aborted")
         self.flow.end()
@@ -324,9 +327,7 @@ class SMTPServer(basic.LineReceiver):
             return
         if self.reader is not None:
             self.plog.info("client closed its side in the middle of the message data; message discarded")
-            self.reader = None
-            self.draft.abort()
-            self.draft = None
+            self._drop_message()
             self.txn = None
         elif self._buffer or self._discarding:
             self.plog.info("client closed its side in the middle of a command line; not answered")
@@ -342,9 +343,7 @@ class SMTPServer(basic.LineReceiver):
         for call in (self._idle_call, self._life_call):
             if call is not None and call.active():
                 call.cancel()
-        if self.draft is not None:
-            self.draft.abort()
-            self.draft = None
+        self._drop_message()
         if self._admitted:
             self._admitted = False
             self.ctx.connectors.release(self.connector, self.peer_host)
@@ -687,6 +686,17 @@ class SMTPServer(basic.LineReceiver):
         return self._start_data()
 
     def _start_data(self) -> Reply:
+        if self._closing:
+            # a stage's on_data answered after the session ended: no message, no slot (nobody hears this)
+            return Reply(421, "4.4.2", "Session closing")
+        limit = self.ctx.connectors.admit_data(self.connector, self.peer_host)
+        if limit is not None:
+            # RFC 5321 leaves the transaction as it was after a refused DATA
+            # (only the end of data, RSET, HELO/EHLO and STARTTLS clear it):
+            # the client may send DATA again later, or RSET
+            self.plog.info(f"{limit} reached: DATA refused")
+            return Reply(451, "4.3.2", "Too many messages arriving at once; try again later")
+        self._data_slot = True
         identity = self._identity
         trace = Trace(helo=self.session.helo, peer_host=self.peer_host, peer_port=self.transport.getPeer().port,
                       by=self.fqdn, connector=self.connector.name, session=self.session_id,
@@ -700,6 +710,7 @@ class SMTPServer(basic.LineReceiver):
         return Reply(354, None, "Start mail input; end with <CRLF>.<CRLF>")
 
     def _end_of_data(self, reader: DataReader):
+        self._data_over()
         txn, self.txn = self._txn, None
         draft, self.draft = self.draft, None
         if reader.error is not None:
@@ -728,6 +739,20 @@ class SMTPServer(basic.LineReceiver):
         if receipt.queued and self._stages_on:
             self.ctx.pipeline.run("on_queued", self.session, receipt.queue_id)   # verdict ignored
         return Reply(receipt.code, receipt.status, receipt.text, tarpit=receipt.tarpit)
+
+    def _data_over(self) -> None:
+        """The data phase has ended, however it ended: the session's DATA slot is free again."""
+        if self._data_slot:
+            self._data_slot = False
+            self.ctx.connectors.release_data(self.connector, self.peer_host)
+
+    def _drop_message(self) -> None:
+        """The data phase ends without a final dot (end of input, timeout, lost connection): nothing is queued."""
+        self.reader = None
+        if self.draft is not None:
+            self.draft.abort()
+            self.draft = None
+        self._data_over()
 
     def do_RSET(self, arg: str) -> Reply:
         if arg:

@@ -59,6 +59,18 @@ class _Decided:
     def release(self, connector, peer_host) -> None:
         pass          # the main process releases when told the connection ended
 
+    # Sessions in DATA are counted here, in this worker's own table: the main
+    # process hears nothing between a session's start and end, and a round
+    # trip at every DATA would cost what workers exist to save. With N
+    # workers a connector may therefore have up to N x max_inbound_data_sessions
+    # sessions in DATA (and N x the per-source limit), each bounded per worker.
+
+    def admit_data(self, connector, peer_host) -> str | None:
+        return self.table.admit_data(connector, peer_host)
+
+    def release_data(self, connector, peer_host) -> None:
+        self.table.release_data(connector, peer_host)
+
 
 class _Channel(protocol.Protocol):
     """Stdin/stdout: frames to and from the main process."""

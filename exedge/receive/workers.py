@@ -13,7 +13,9 @@ How a connection travels. The main process binds every binding as before
 (L{HandOffPort}), chooses its receive connector and counts it against the
 connector's limits (L{ConnectorTable.admit}: the one table, so
 C{max_inbound_connection} and C{max_inbound_connection_per_source} hold
-across workers without shared counters), and passes the socket with its
+across workers without shared counters; the sessions in DATA,
+C{max_inbound_data_sessions} and its per-source twin, are counted in each
+worker, per process), and passes the socket with its
 verdict to the worker with the fewest sessions over a C{SOCK_SEQPACKET}
 UNIX socket (C{SCM_RIGHTS}). The worker adopts it
 (C{reactor.adoptStreamConnection}) and runs the session as it would have
