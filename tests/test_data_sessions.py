@@ -285,7 +285,7 @@ def test_many_tiny_writes_cost_no_more_than_their_bytes(tmp_path):
 def test_data_session_limits_parse_with_defaults_and_unlimited():
     base = '[[receive_connectors]]\nname = "R"\nbindings = ["127.0.0.1:2525"]\nremote_ip_ranges = ["10.0.0.0/8"]\n'
     rc = loads(base, source="t.toml").receive_connectors[0]
-    assert (rc.max_inbound_data_sessions, rc.max_inbound_data_sessions_per_source) == (200, 10)
+    assert (rc.max_inbound_data_sessions, rc.max_inbound_data_sessions_per_source) == (200, 20)
     rc = loads(base + 'max_inbound_data_sessions = "unlimited"\nmax_inbound_data_sessions_per_source = 3\n',
                source="t.toml").receive_connectors[0]
     assert (rc.max_inbound_data_sessions, rc.max_inbound_data_sessions_per_source) == (None, 3)
