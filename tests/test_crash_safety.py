@@ -5,59 +5,14 @@ and account for every message.
 """
 
 import os
-import re
-import smtplib
-import threading
 import time
 
-TOKEN = re.compile(rb"X-Test-Token: (\S+)\r\n")
-
-
-def _body(token: str) -> bytes:
-    filler = b"".join(b"line %d of the body of %s\r\n" % (i, token.encode()) for i in range(60))
-    return b"X-Test-Token: %s\r\nSubject: crash test\r\n\r\n%sEND-OF-%s\r\n" % (token.encode(), filler, token.encode())
-
-
-def _sender(port, tokens, acked, failed, lock, stop):
-    client = None
-    for token in tokens:
-        if stop.is_set():
-            with lock:
-                failed.add(token)
-            continue
-        try:
-            if client is None:
-                client = smtplib.SMTP("127.0.0.1", port, timeout=10)
-            client.sendmail("sender@crash.test", ["rcpt@example.com"], _body(token))
-            with lock:
-                acked.add(token)
-        except (OSError, smtplib.SMTPException):
-            with lock:
-                failed.add(token)
-            client = None
-    if client is not None:
-        try:
-            client.quit()
-        except (OSError, smtplib.SMTPException):
-            pass
+from crash_load import TOKEN, start_senders as _start_senders
 
 
 def _contents(path):
     with open(path, "rb") as f:
         return f.read()
-
-
-def _start_senders(port, tokens):
-    """Ten threads sending C{tokens}; (threads, acked, failed, stop)."""
-    acked, failed = set(), set()
-    lock, stop = threading.Lock(), threading.Event()
-    threads = [
-        threading.Thread(target=_sender, args=(port, tokens[i::10], acked, failed, lock, stop))
-        for i in range(10)
-    ]
-    for t in threads:
-        t.start()
-    return threads, acked, failed, stop
 
 
 def _wait_acked(acked, count=60):

@@ -14,11 +14,11 @@ import re
 import signal
 import smtplib
 import socket
-import threading
 import time
 
+from crash_load import TOKEN, body, start_senders
+
 WORKERS = "receive_workers = 2"
-TOKEN = re.compile(rb"X-Test-Token: (\S+)\r\n")
 
 
 def _children(pid: int) -> list[int]:
@@ -59,8 +59,7 @@ def _wait_workers(server, count=2, ready=2) -> list[int]:
 
 
 def _body(token: str) -> bytes:
-    filler = b"".join(b"line %d of %s\r\n" % (i, token.encode()) for i in range(40))
-    return b"X-Test-Token: %s\r\nSubject: workers\r\n\r\n%sEND-OF-%s\r\n" % (token.encode(), filler, token.encode())
+    return body(token, "workers", 40)
 
 
 def _delivered(server) -> dict[str, int]:
@@ -77,30 +76,6 @@ def _delivered(server) -> dict[str, int]:
         assert data.endswith(b"END-OF-%s\r\n" % token.encode()), f"{path} is truncated"
         seen[token] = seen.get(token, 0) + 1
     return seen
-
-
-def _sender(port, tokens, acked, failed, lock, stop):
-    client = None
-    for token in tokens:
-        if stop.is_set():
-            with lock:
-                failed.add(token)
-            continue
-        try:
-            if client is None:
-                client = smtplib.SMTP("127.0.0.1", port, timeout=20)
-            client.sendmail("sender@workers.test", ["rcpt@example.com"], _body(token))
-            with lock:
-                acked.add(token)
-        except (OSError, smtplib.SMTPException):
-            with lock:
-                failed.add(token)
-            client = None         # a new connection: another worker, or the replacement
-    if client is not None:
-        try:
-            client.quit()
-        except (OSError, smtplib.SMTPException):
-            pass
 
 
 def _greeting(sock: socket.socket) -> bytes:
@@ -148,12 +123,8 @@ def test_kill_9_of_workers_mid_load_loses_and_duplicates_nothing(start_server):
     server = start_server(server=WORKERS)
     _wait_workers(server)
     tokens = [f"K{i:03d}" for i in range(600)]
-    acked, failed = set(), set()
-    lock, stop = threading.Lock(), threading.Event()
-    threads = [threading.Thread(target=_sender, args=(server.port, tokens[i::10], acked, failed, lock, stop))
-               for i in range(10)]
-    for t in threads:
-        t.start()
+    threads, acked, failed, stop = start_senders(server.port, tokens, mail_from="sender@workers.test",
+                                                 subject="workers", lines=40, timeout=20)
     killed = []
     try:
         for n, at in enumerate((40, 100, 160)):
