@@ -98,8 +98,11 @@ def assert_recovered(workdir, spool, config, acknowledged, server):
     assert os.listdir(spool / "incoming") == [], "a partial file was left behind"
     again = start(workdir, config)
     try:
-        recovered = re.findall(r"(\d+) message\(s\) recovered", again.log)
-        assert recovered[-1] == str(len(acknowledged)), again.log[-3000:]   # the log goes on from the first run
+        # recovery runs in the background: wait for this run's end of it (the log goes on from the first run)
+        runs = again.wait_for(lambda: len(found := re.findall(r"recovery finished: (\d+) message\(s\) recovered",
+                                                              again.log)) >= 2 and found,
+                              what="the second run's recovery to finish")
+        assert runs[-1] == str(len(acknowledged)), again.log[-3000:]
         assert sorted(os.listdir(spool / "queue")) == sorted(acknowledged)
     finally:
         again.stop()
