@@ -50,6 +50,11 @@ def _receive_workers(server) -> list[int]:
     return [p for p in _children(server.proc.pid) if "exedge.receive.worker" in _cmdline(p)]
 
 
+def _ready_pids(server) -> set[int]:
+    """The PIDs of the workers that have said they are ready."""
+    return {int(pid) for pid in re.findall(r"receive worker \d \(pid (\d+)\) ready", server.log)}
+
+
 def _wait_workers(server, count=2, ready=2) -> list[int]:
     """The receive workers' PIDs once C{count} run and C{ready} have said so since the server started."""
     server.wait_for(lambda: len(re.findall(r"receive worker \d \(pid \d+\) ready", server.log)) >= ready,
@@ -132,8 +137,11 @@ def test_kill_9_of_workers_mid_load_loses_and_duplicates_nothing(start_server):
             while len(acked) < at and time.monotonic() < deadline:
                 time.sleep(0.002)
             assert len(acked) >= at, f"mail stopped flowing before kill {n + 1}"
-            # a worker that is serving now: an original one, or a replacement
-            victim = server.wait_for(lambda: [p for p in _receive_workers(server) if p not in killed],
+            # a worker that is serving now (it said it was ready: one killed before that would
+            # never say so, and the count of ready lines below would wait for it): an original one,
+            # or a replacement
+            victim = server.wait_for(lambda: [p for p in _receive_workers(server)
+                                              if p not in killed and p in _ready_pids(server)],
                                      what="a live worker")[0]
             os.kill(victim, signal.SIGKILL)
             killed.append(victim)
