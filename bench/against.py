@@ -35,6 +35,11 @@ def checkout(rev: str):
         subprocess.run(["git", "-C", TOP, "worktree", "remove", "--force", path], check=False)
 
 
+def variant(server: type, tree: str, name: str) -> type:
+    """C{server} (a benchmark's exedge runner class) running the code of C{tree}, reported as C{name}."""
+    return type(f"{server.__name__}At", (server,), {"name": name, "code": tree})
+
+
 def here() -> str:
     """This tree's commit, for the report (with "+" when it has uncommitted changes)."""
     head = subprocess.run(["git", "-C", TOP, "rev-parse", "--short=10", "HEAD"], capture_output=True,

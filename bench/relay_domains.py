@@ -279,9 +279,7 @@ def main(argv=None) -> int:
     with proc.interruptible():
         if args.against:
             with against.checkout(args.against) as (tree, rev):
-                class Before(Exedge):
-                    name = f"exedge-mx@{rev}"
-                    code = tree
+                Before = against.variant(Exedge, tree, f"exedge-mx@{rev}")
                 return run(args, Before)
         return run(args, None)
 

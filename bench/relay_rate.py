@@ -246,9 +246,7 @@ def main(argv=None) -> int:
     with proc.interruptible():
         if args.against:
             with against.checkout(args.against) as (tree, rev):
-                class Before(Exedge):
-                    name = f"exedge@{rev}"
-                    code = tree
+                Before = against.variant(Exedge, tree, f"exedge@{rev}")
                 return compare(args, Before, Exedge)
         return compare(args, Postfix, Exedge)
 
