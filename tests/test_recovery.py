@@ -67,6 +67,16 @@ class Counting:
             self.then(message)
 
 
+def recovering(directory: str, step: int):
+    """A spool whose recovery has begun, its steps run when the test says: (spool, delivery, counting, recovery)."""
+    delivery = ManualRun()
+    spool = Spool(directory, now, delivery)
+    counting = Counting()
+    recovery = Recovery(spool, counting.submit, delivery, task.Clock(), step=step)
+    recovery.start()
+    return spool, delivery, counting, recovery
+
+
 def steps(run: ManualRun, recovery: Recovery, limit: int = 10_000) -> int:
     """Run recovery's steps to its end (bounded); how many it took."""
     for n in range(limit):
@@ -83,11 +93,7 @@ MAIL = (b"EHLO client.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<new@example.
 def test_new_mail_is_accepted_while_old_mail_is_read_back_and_each_is_announced_once(tmp_path):
     directory = str(tmp_path / "spool")
     old = fill(directory, 2000)
-    delivery = ManualRun()
-    spool = Spool(directory, now, delivery)
-    counting = Counting()
-    recovery = Recovery(spool, counting.submit, delivery, task.Clock(), step=100)
-    recovery.start()
+    spool, delivery, counting, recovery = recovering(directory, step=100)
     # nothing read yet, and the queue directory is open to new mail already
     assert recovery.recovering and recovery.recovered == 0 and len(delivery.jobs) == 1
     config = loads(config_text(free_port()))
@@ -116,11 +122,7 @@ def test_a_receive_workers_commit_during_recovery_is_announced_once_whichever_co
     """
     directory = str(tmp_path / "spool")
     old = fill(directory, 50)
-    delivery = ManualRun()
-    spool = Spool(directory, now, delivery)
-    counting = Counting()
-    recovery = Recovery(spool, counting.submit, delivery, task.Clock(), step=100)
-    recovery.start()
+    spool, delivery, counting, recovery = recovering(directory, step=100)
     [raced] = fill(directory, 1, tag="worker-before-its-name")      # on disk, its name not yet here
     [named] = fill(directory, 1, tag="worker-named")
     spool.note_begun(named)                                          # its name came first
@@ -136,11 +138,7 @@ def test_a_receive_workers_commit_during_recovery_is_announced_once_whichever_co
 def test_a_message_gone_before_its_step_is_not_recovered_nor_set_aside(tmp_path):
     directory = str(tmp_path / "spool")
     old = fill(directory, 300)
-    delivery = ManualRun()
-    spool = Spool(directory, now, delivery)
-    counting = Counting()
-    recovery = Recovery(spool, counting.submit, delivery, task.Clock(), step=10)
-    recovery.start()
+    spool, delivery, counting, recovery = recovering(directory, step=10)
     delivery.finish_one()
     unread = sorted(set(old) - set(counting.submits))[:20]
     for queue_id in unread:                              # removed meanwhile (delivered, or by an admin)
@@ -236,11 +234,7 @@ def test_an_unreadable_file_is_set_aside_and_recovery_goes_on(tmp_path):
     old = fill(directory, 30)
     with open(os.path.join(directory, "queue", "GARBAGE"), "wb") as f:
         f.write(b"not a message")
-    delivery = ManualRun()
-    spool = Spool(directory, now, delivery)
-    counting = Counting()
-    recovery = Recovery(spool, counting.submit, delivery, task.Clock(), step=7)
-    recovery.start()
+    spool, delivery, counting, recovery = recovering(directory, step=7)
     steps(delivery, recovery)
     assert set(counting.submits) == set(old)
     assert os.listdir(spool.corrupt_dir) == ["GARBAGE"]
@@ -249,11 +243,7 @@ def test_an_unreadable_file_is_set_aside_and_recovery_goes_on(tmp_path):
 def test_stopping_mid_recovery_announces_nothing_more(tmp_path):
     directory = str(tmp_path / "spool")
     fill(directory, 50)
-    delivery = ManualRun()
-    spool = Spool(directory, now, delivery)
-    counting = Counting()
-    recovery = Recovery(spool, counting.submit, delivery, task.Clock(), step=10)
-    recovery.start()
+    spool, delivery, counting, recovery = recovering(directory, step=10)
     delivery.finish_one()
     recovery.stop()
     delivery.flush()
