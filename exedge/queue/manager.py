@@ -80,7 +80,7 @@ class DeliveryQueue:
     triggered: bool = False    # a run asked for by the site (ETRN, ATRN) is under way
     agent: object = None       # who delivers that run when it is not the connector's agent (ATRN's session)
     identity: str = ""         # what admins call it (Get-Queue): a number, or the special queue's name
-    active: list = attrs.field(factory=list)    # items in flight
+    active: dict = attrs.field(factory=dict)    # items in flight, by id(item): taken out in O(1) when done
     parked: list = attrs.field(factory=list)    # items of messages an admin suspended
     _retry_call: object = None
 
@@ -540,7 +540,7 @@ class QueueManager(Service):
 
     def _items(self, queue: DeliveryQueue) -> list:
         """What a queue holds, whatever its state: (state, item) pairs."""
-        return [("Active", i) for i in queue.active] + [("Ready", i) for i in queue.items] + \
+        return [("Active", i) for i in queue.active.values()] + [("Ready", i) for i in queue.items] + \
             [("Retry", i) for i in queue.waiting] + [("Suspended", i) for i in queue.parked]
 
     def queue_infos(self) -> list[QueueInfo]:
@@ -710,7 +710,7 @@ class QueueManager(Service):
         outcome could be a delivery; suspend the message first.
         """
         message = self._message(identity)
-        if any(item[0].queue_id == identity for q in self.queues.values() for item in q.active):
+        if any(item[0].queue_id == identity for q in self.queues.values() for item in q.active.values()):
             raise QueueActionRefused(f"message {identity} is being delivered now; suspend it "
                                      "(Suspend-Message) and remove it then")
         for queue in self.queues.values():
@@ -743,7 +743,7 @@ class QueueManager(Service):
                 continue
             queue.status = QueueStatus.Active
             queue.in_flight += 1
-            queue.active.append(item)
+            queue.active[id(item)] = item
             self._attempt(queue, item)
 
     def startService(self) -> None:
@@ -879,7 +879,7 @@ class QueueManager(Service):
                 queue.last_error = ""
         finally:
             queue.in_flight -= 1
-            queue.active.remove(item)
+            del queue.active[id(item)]
         if queue.status is QueueStatus.Active:
             if queue.in_flight == 0:
                 queue.status = QueueStatus.Ready
