@@ -171,3 +171,10 @@ def test_variables_come_from_the_session(registry):
 def test_unknown_cmdlet_lists_the_known_ones(registry):
     with pytest.raises(CmdletError, match="unknown cmdlet 'Get-Nothing'; known cmdlets: Set-Thing"):
         registry.get("Get-Nothing")
+
+
+def test_values_from_the_network_cannot_drive_the_terminal():
+    from exedge.admin.format import format_table, show
+    assert show("421 4.4.2 \x1b[2Jgone\r\n") == "421 4.4.2 \\x1b[2Jgone\\x0d\\x0a"
+    assert show("plain text") == "plain text"
+    assert "\x1b" not in format_table([{"LastError": "\x1b]0;owned\x07"}], ["LastError"])

@@ -25,7 +25,11 @@ def show(value: Any) -> str:
         return "True" if value else "False"
     if isinstance(value, (list, tuple)):
         return "{" + ", ".join(show(v) for v in value) + "}"
-    return str(value)
+    text = str(value)
+    if text.isprintable():
+        return text
+    # a sender, a subject or a remote server's error must not drive the terminal
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def select(records: list[dict], wanted: tuple, aliases: dict | None = None) -> list[str]:

@@ -66,7 +66,8 @@ def _ask(ctx: Context, work):
         raise CmdletError(f"the server says: {e}") from None
 
 
-def _queue_record(q: dict) -> dict:
+def queue_record(q: dict) -> dict:
+    """One queue of the endpoint's JSON as Get-Queue shows it (Exchange's property names)."""
     return {"Identity": q["identity"], "DeliveryType": q["delivery_type"], "Status": q["status"],
             "MessageCount": q["message_count"], "NextRetryTime": q["next_retry_time"],
             "NextHopDomain": q["next_hop_domain"], "NextHopConnector": q["connector"],
@@ -83,8 +84,11 @@ def _message_record(m: dict) -> dict:
             "ReceiveConnector": m["receive_connector"], "FromIP": m["peer"]}
 
 
-@cmdlet("Get-Queue", Param("Identity", parse=_queue, position=0),
-        view=("Identity", "DeliveryType", "Status", "MessageCount", "NextRetryTime", "NextHopDomain", "LastError"),
+# Get-Queue's default columns (and `exedge queue list`'s)
+QUEUE_VIEW = ("Identity", "DeliveryType", "Status", "MessageCount", "NextRetryTime", "NextHopDomain", "LastError")
+
+
+@cmdlet("Get-Queue", Param("Identity", parse=_queue, position=0), view=QUEUE_VIEW,
         help="the running server's delivery queues")
 def _get_queue(ctx: Context, args: dict):
     queues = _ask(ctx, lambda c: c.queues())
@@ -93,7 +97,7 @@ def _get_queue(ctx: Context, args: dict):
         queues = [q for q in queues if q["id"].lower() == wanted.lower()]
         if not queues:
             raise CmdletError(f"no queue {wanted} on this server (Get-Queue lists them)")
-    return [_queue_record(q) for q in queues]
+    return [queue_record(q) for q in queues]
 
 
 @cmdlet("Get-Message", Param("Identity", parse=_message, position=0), Param("Queue", parse=_queue),

@@ -10,39 +10,10 @@ from __future__ import annotations
 import json
 import sys
 
+from exedge.admin.format import format_table
+from exedge.admin.queue_cmdlets import QUEUE_VIEW, queue_record
+
 from .client import EndpointError, ManagementClient, NotRunning
-
-
-def table(rows: list[dict], columns: list[str]) -> str:
-    """Rows as a left-aligned text table, Format-Table's way: a header, a rule, one line per row."""
-    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = [" ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
-             " ".join("-" * w for w in widths)]
-    lines += [" ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-    return "\n".join(lines)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return ",".join(_cell(v) for v in value)
-    if isinstance(value, dict):
-        return value.get("address", "") or json.dumps(value)
-    text = str(value)
-    # a name or an error from the network must not drive the terminal
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-
-
-QUEUE_COLUMNS = ["Identity", "DeliveryType", "Status", "MessageCount", "NextRetryTime", "NextHopDomain", "LastError"]
-
-
-def queue_rows(queues: list[dict]) -> list[dict]:
-    return [{"Identity": q["identity"], "DeliveryType": q["delivery_type"], "Status": q["status"],
-             "MessageCount": q["message_count"], "NextRetryTime": q["next_retry_time"],
-             "NextHopDomain": q["next_hop_domain"], "LastError": q["last_error"] or q["hold_reason"]}
-            for q in queues]
 
 
 def _run(args, work) -> int:
@@ -64,7 +35,7 @@ def queue(args) -> int:
             if args.json:
                 print(json.dumps(queues, indent=1))
             else:
-                print(table(queue_rows(queues), QUEUE_COLUMNS))
+                print(format_table([queue_record(q) for q in queues], list(QUEUE_VIEW)), end="")
             return 0
         # flush: what waits for a retry goes now (postqueue -f); held queues stay held
         tried = []
