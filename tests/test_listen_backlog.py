@@ -42,7 +42,7 @@ def listen_backlog_of(port: int) -> int:
 
 def test_default_backlog_reaches_the_kernel(start_server):
     server = start_server()
-    assert listen_backlog_of(server.port) == min(511, SOMAXCONN)
+    assert listen_backlog_of(server.port) == min(4096, SOMAXCONN)
 
 
 def test_shared_socket_gets_the_largest_backlog_of_its_connectors(start_server):

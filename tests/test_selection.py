@@ -52,7 +52,7 @@ def test_a_socket_gets_the_largest_backlog_of_the_connectors_it_serves():
         rc("other port", '["127.0.0.1:587"]', '["127.0.0.0/8"]'),
     )
     assert {str(b): t.listen_backlog(b) for b in t.listen_bindings()} == {
-        "0.0.0.0:25": 1000, "[::]:25": 3000, "127.0.0.1:587": 511,
+        "0.0.0.0:25": 1000, "[::]:25": 3000, "127.0.0.1:587": 4096,
     }
 
 

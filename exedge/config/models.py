@@ -158,7 +158,7 @@ class ReceiveConnector:
     max_inbound_connection_per_source: int | None = setting(integer(1, 10000, unlimited=True), 20, "concurrent sessions per peer address")
     max_inbound_data_sessions: int | None = setting(integer(1, unlimited=True), 200, "sessions in DATA at once on this connector (from the 354 to the end of the data); past it DATA gets 451 4.3.2. A message in flight holds up to 512 KiB in memory, so this bounds that memory")
     max_inbound_data_sessions_per_source: int | None = setting(integer(1, 10000, unlimited=True), 20, "sessions in DATA at once per peer address; past it DATA gets 451 4.3.2 (the default is max_inbound_connection_per_source's: a sender admitted is not refused DATA unless this is lowered)")
-    listen_backlog: int = setting(integer(1, 65535), 511, "connections the kernel holds until they are accepted (listen(2) backlog, capped by net.core.somaxconn); a socket that connectors share gets the largest of theirs")
+    listen_backlog: int = setting(integer(1, 65535), 4096, "connections the kernel holds until they are accepted (listen(2) backlog, capped by net.core.somaxconn); a socket that connectors share gets the largest of theirs")
     max_protocol_errors: int | None = setting(integer(0, unlimited=True), 5, "errors before 421 and disconnect (0 or unlimited: never)")
     tarpit_interval: float = setting(timespan(600), 5.0, "delay before error replies to unauthenticated peers")
     enabled: bool = setting(boolean, True, "false: the connector does not listen")
