@@ -34,6 +34,7 @@ only; every process is stopped by PID at the end, also on Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import tomllib
 import json
 import os
 import shutil
@@ -110,6 +111,7 @@ class Sink:
 class Exedge:
     name = "exedge"
     code: str | None = None   # another checkout of exedge to run (--against), None: this one
+    server_lines: str = ""    # [server] keys for this side (--server, --base-server), TOML
 
     def __init__(self, workdir: str, sink_port: int | None, mode: str = "relay"):
         self.port = harness.free_port()
@@ -122,6 +124,7 @@ class Exedge:
         if against.knows(self.code, "max_inbound_data_sessions_per_source"):
             receive["max_inbound_data_sessions_per_source"] = 1000    # 50 senders from one address
         config = harness.server_config(
+            server=tomllib.loads(self.server_lines) or None,
             accepted_domains=({"domain_name": "relay.test", "domain_type": "InternalRelay"},),
             receive_connectors=(receive,),
             send_connectors=sends,
@@ -242,11 +245,18 @@ def main(argv=None) -> int:
     parser.add_argument("--against", metavar="REV",
                         help="compare with exedge at this git commit (e.g. HEAD~1) instead of Postfix, "
                              "alternating in one run")
+    parser.add_argument("--server", default="", metavar="TOML",
+                        help="[server] keys for this exedge, e.g. 'receive_workers = 2'")
+    parser.add_argument("--base-server", default="", metavar="TOML",
+                        help="with --against: [server] keys for the other side (e.g. 'receive_workers = 0'); "
+                             "--against HEAD --server 'receive_workers = 2' compares two settings of one tree")
     args = parser.parse_args(argv)
+    Exedge.server_lines = args.server
     with proc.interruptible():
         if args.against:
             with against.checkout(args.against) as (tree, rev):
                 Before = against.variant(Exedge, tree, f"exedge@{rev}")
+                Before.server_lines = args.base_server
                 return compare(args, Before, Exedge)
         return compare(args, Postfix, Exedge)
 
