@@ -60,6 +60,12 @@ def statvfs_probe(path: str) -> tuple[int, int, int, int]:
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+def rss_of(pid: int) -> int:
+    """Another process's resident memory in bytes (a receive worker's); OSError when it is gone."""
+    with open(f"/proc/{int(pid)}/statm", "rb") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
 def rss_probe() -> int:
     """This process's resident memory in bytes: /proc where there is one, else the peak from getrusage."""
     try:
@@ -168,6 +174,15 @@ class ResourceMonitor(Service):
         }
         self._loop: task.LoopingCall | None = None
         self._probe_errors: dict[str, str] = {}
+        self._subscribers: list[Callable[[int], None]] = []
+
+    def subscribe(self, callback: Callable[[int], None]) -> None:
+        """
+        C{callback(level)} whenever the server level changes: what sessions
+        in other processes (receive workers) must be told, since they
+        cannot read L{level} here.
+        """
+        self._subscribers.append(callback)
 
     @property
     def enabled(self) -> bool:
@@ -234,6 +249,7 @@ class ResourceMonitor(Service):
 
     def _update(self, name: str, value: float, medium: float, high: float) -> None:
         watch = self.watches[name]
+        server_before = self.level
         before = watch.update(value, medium, high)
         if self.metrics is not None:
             self.metrics.back_pressure_sampled(name, watch.level, value)
@@ -245,6 +261,9 @@ class ResourceMonitor(Service):
         emit("{line}", line=f"back pressure: {name} {LEVELS[before]} -> {LEVELS[watch.level]} "
              f"({watch.describe()}); server level {LEVELS[self.level]}",
              resource=name, pressure_level=LEVELS[watch.level], previous=LEVELS[before], value=watch.value)
+        if self.level != server_before:
+            for callback in self._subscribers:
+                callback(self.level)
 
     # -- the management endpoint's view ---------------------------------------------
 

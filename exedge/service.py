@@ -44,7 +44,7 @@ from exedge.manage.api import ManagementAPI
 from exedge.manage.service import ManagementService
 from exedge.manage.viewer import viewer_page
 from exedge.metrics import Metrics
-from exedge.pressure import ResourceMonitor
+from exedge.pressure import ResourceMonitor, rss_probe
 from exedge.send.drop import remove_abandoned
 from exedge.receive import ConnectorTable, SMTPFactory, ServerContext
 from exedge.receive.listener import listener_service
@@ -248,6 +248,7 @@ class ExedgeServer(MultiService):
         self.back_pressure = ResourceMonitor(config.back_pressure, reactor,
                                              spool_directory=config.server.spool_directory,
                                              queue_length=lambda: self.manager.summary()["messages"],
+                                             rss=lambda: rss_probe() + (self.workers.rss() if self.workers else 0),
                                              metrics=self.metrics)
         # every thread that checks passwords, whichever directory a reload names
         self.auth_pool = ThreadPoolService("exedge-auth", config.directory.auth_threads, reactor)
@@ -273,7 +274,8 @@ class ExedgeServer(MultiService):
                                           queue_dir=spool.queue_dir, tracking=tracking,
                                           protocol_log=self.receive_log, metrics=self.metrics,
                                           recent=spool.recent, note_begun=spool.note_begun,
-                                          announced_by_recovery=spool.announced_by_recovery)
+                                          announced_by_recovery=spool.announced_by_recovery,
+                                          back_pressure=self.back_pressure)
             self.workers.setServiceParent(self)
         self.listeners: dict = {}            # Binding -> its listening service
         for binding in parts.context.connectors.listen_bindings():

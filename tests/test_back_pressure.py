@@ -114,6 +114,27 @@ def test_queue_length_levels_with_hysteresis_one_log_line_per_change(logged):
     assert not clock.getDelayedCalls()
 
 
+def test_subscribers_hear_each_change_of_the_server_level_once():
+    """What receive workers are told: the worst level, when it changes, not each resource's own changes."""
+    probes = Probes()
+    m, clock = monitor(probes, max_queue_length_medium=10, max_queue_length_high=20,
+                       max_memory_medium=200 * 1024**2, max_memory_high=400 * 1024**2)
+    heard = []
+    m.subscribe(heard.append)
+    probes.rss = 300 * 1024**2           # memory Medium: the server goes Medium
+    clock.advance(2)
+    probes.queue = 15                    # the queue Medium too: the server's level stays Medium
+    clock.advance(2)
+    probes.queue = 25                    # the queue High: the server High
+    clock.advance(2)
+    probes.queue = 0                     # the queue Normal, memory still Medium: the server Medium
+    clock.advance(2)
+    probes.rss = 100 * 1024**2
+    clock.advance(2)
+    assert heard == [MEDIUM, HIGH, MEDIUM, NORMAL]
+    m.stopService()
+
+
 def test_free_space_percent_and_size_the_smaller_of_both_and_its_hysteresis():
     probes = Probes()
     # defaults: Medium below "1GB or 10%", High below "500MB or 5%" (the smaller of the two)

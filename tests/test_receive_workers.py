@@ -262,3 +262,60 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+
+# -- back pressure: measured in the main process, applied by every worker's sessions ----------------
+
+def test_back_pressure_refuses_in_workers_as_in_one_process(start_server):
+    # "100%": less free space than the whole file system, so Medium from the first sample, before any worker
+    server = start_server(server=WORKERS, extra='\n[back_pressure]\nmin_free_space_medium = "100%"\n')
+    _wait_workers(server)
+    for _ in range(4):          # both workers get sessions (the least busy one each time)
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+            c.ehlo("client.test")
+            assert c.mail("a@partner.test") == (452, b"4.3.1 Insufficient system resources")
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.2", 0)) as c:
+        c.sendmail("a@partner.test", ["bob@example.com"], _body("SECURED"))
+    assert _delivered(server) == {"SECURED": 1}
+
+
+def test_a_level_change_reaches_a_session_already_running_in_a_worker(start_server):
+    # two messages waiting (held: no send connector serves held.test) put the queue at Medium
+    server = start_server(server=WORKERS, extra='\n[[accepted_domains]]\ndomain_name = "held.test"\n'
+                                                'domain_type = "InternalRelay"\n'
+                                                '\n[back_pressure]\nmax_queue_length_medium = 1\n'
+                                                'max_queue_length_high = 1000\n')
+    _wait_workers(server)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as waiting:
+        waiting.ehlo("client.test")
+        assert waiting.mail("a@partner.test")[0] == 250      # Normal: the queue is empty
+        assert waiting.rset()[0] == 250
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.2", 0)) as c:
+            for n in range(2):
+                c.sendmail("a@partner.test", ["x@held.test"], _body(f"HELD{n}"))
+        server.wait_for(lambda: "back pressure: queue_length Normal -> Medium" in server.log, timeout=15,
+                        what="the queue's level to change")
+        # the main process tells the worker as it logs; its frame may land a moment after the line
+        deadline = time.monotonic() + 5
+        while True:
+            reply = waiting.mail("a@partner.test")
+            if reply[0] != 250 or time.monotonic() > deadline:
+                break
+            waiting.rset()
+        assert reply == (452, b"4.3.1 Insufficient system resources")
+    assert "Traceback" not in server.log
+
+
+def test_back_pressure_watches_the_memory_of_the_workers_too(start_server):
+    from manage_scenario import client_of
+    from exedge.pressure import rss_of
+    server = start_server(server=WORKERS)
+    workers = _wait_workers(server)
+
+    def sampled_with_workers():
+        with client_of(server) as client:
+            value = client.request("GET", "/api/status")["back_pressure"]["resources"]["memory"]["value"]
+        # main alone is less than main and its smaller worker: only a sample that counts the workers passes
+        return value is not None and value >= rss_of(server.proc.pid) + 0.8 * min(map(rss_of, workers))
+
+    server.wait_for(sampled_with_workers, timeout=15, what="a memory sample that counts the receive workers")

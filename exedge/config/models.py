@@ -479,8 +479,8 @@ class BackPressureConfig:
     enabled: bool = setting(boolean, True, "watch the resources and refuse new mail when they run low")
     min_free_space_medium: FreeSpace = setting(free_space, free_space("1GB or 10%"), "Medium below this much free space on the spool's file system: a size, a percentage, or \"1GB or 10%\" (the smaller); a percentage applies to free inodes too")
     min_free_space_high: FreeSpace = setting(free_space, free_space("500MB or 5%"), "High below this much free space (same forms); Postfix's queue_minfree")
-    max_memory_medium: int = setting(v.parse_size, 2 * 1024**3, "Medium above this resident memory of the server process")
-    max_memory_high: int = setting(v.parse_size, 3 * 1024**3, "High above this resident memory of the server process")
+    max_memory_medium: int = setting(v.parse_size, 2 * 1024**3, "Medium above this resident memory of the server's processes (receive workers included)")
+    max_memory_high: int = setting(v.parse_size, 3 * 1024**3, "High above this resident memory of the server's processes (receive workers included)")
     max_queue_length_medium: int = setting(integer(0), 10000, "Medium above this many messages waiting in the queues (Exchange's SubmissionQueue Medium)")
     max_queue_length_high: int = setting(integer(0), 15000, "High above this many messages waiting in the queues")
 

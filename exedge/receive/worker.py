@@ -30,9 +30,11 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from exedge.logs.csvlog import escape
+from exedge.pressure import HIGH, NORMAL
 from exedge.receive.protocol import SMTPServer
-from exedge.receive.workers import (ABANDONED, ACK, ADMITTED, COMMITTING, ENDED, HANDOUT, HELLO, PROTOCOL_ROW, QUEUED, RELOAD, RELOADED,
-                                    STOP, TRACK, encode_event, encode_queued, frame, take_control_frames)
+from exedge.receive.workers import (ABANDONED, ACK, ADMITTED, COMMITTING, ENDED, HANDOUT, HELLO, PRESSURE, PROTOCOL_ROW, QUEUED,
+                                    RELOAD, RELOADED, STOP, TRACK, encode_event, encode_queued, frame,
+                                    take_control_frames)
 
 log = Logger()
 
@@ -70,6 +72,18 @@ class _Decided:
 
     def release_data(self, connector, peer_host) -> None:
         self.table.release_data(connector, peer_host)
+
+
+@attrs.define
+class _ToldLevel:
+    """
+    Back pressure as the main process measures it (it watches the spool,
+    the queue and every process's memory) and tells this worker: what
+    sessions here read at MAIL FROM, as they read the ResourceMonitor in
+    one process. Normal until the main process first says otherwise.
+    """
+
+    level: int = NORMAL
 
 
 class _Channel(protocol.Protocol):
@@ -149,6 +163,7 @@ class ReceiveWorker:
         self._acks: dict[str, defer.Deferred] = {}
         self._ended_ids: list[int] = []
         self._stopping = False
+        self.back_pressure = _ToldLevel()
         self._build_store()
         self.context = self._receive_context(self.config)
 
@@ -200,6 +215,7 @@ class ReceiveWorker:
             pipeline=pipeline,
             metrics=self.metrics,
             protocol_log=_ForwardedRows(self.channel),
+            back_pressure=self.back_pressure,
         )
 
     def reload(self) -> None:
@@ -276,6 +292,11 @@ class ReceiveWorker:
             d = self._acks.pop(payload.decode("ascii", "replace"), None)
             if d is not None:
                 d.callback(None)
+        elif kind == PRESSURE:
+            if len(payload) == 1 and payload[0] <= HIGH:
+                self.back_pressure.level = payload[0]
+            else:
+                log.error("a back pressure level out of range from the main process")
         elif kind == RELOAD:
             self.reload()
         elif kind == STOP:

@@ -64,6 +64,9 @@ rows of Verbose connectors (written to the one protocol log), and the
 answer to a reload. The worker's own twistd log lines come on its stderr
 and are logged here. The session gauges, connection counts and received
 messages in the metrics are counted here, so they stay the server's;
+back pressure is sampled here (the memory watched is this process's and
+the workers') and its level sent to every worker as it changes, so their
+sessions refuse MAIL FROM as one process would;
 pipeline verdicts and latencies, TLS and AUTH counts and commit latency are
 counted per worker and are not exported. Reload: the main process checks
 and swaps its configuration as before and then tells every worker, which
@@ -105,7 +108,7 @@ ADMITTED, LIMIT_REACHED, NO_CONNECTOR = 0, 1, 2
 FRAME = struct.Struct("!BI")
 MAX_FRAME = 64 * 1024 * 1024
 HELLO, COMMITTING, ABANDONED, QUEUED, ENDED, TRACK, PROTOCOL_ROW, RELOADED = b"HCFQETPr"
-ACK, RELOAD, STOP = b"ARS"
+ACK, RELOAD, STOP, PRESSURE = b"ARSL"
 
 QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
 RESTART_INTERVAL = 1.0
@@ -374,7 +377,7 @@ class ReceiveWorkers(Service):
 
     def __init__(self, reactor, count: int, config_path: str, *, context, intake, queue_dir: str,
                  tracking, protocol_log, metrics, recent=None, note_begun=None, announced_by_recovery=None,
-                 python: str = sys.executable,
+                 back_pressure=None, python: str = sys.executable,
                  module: str = "exedge.receive.worker", restart_interval: float = RESTART_INTERVAL):
         self.reactor = reactor
         self.count = count
@@ -391,6 +394,10 @@ class ReceiveWorkers(Service):
         self.tracking = tracking
         self.protocol_log = protocol_log
         self.metrics = metrics
+        # the main process's ResourceMonitor: its level is sent to every worker, at its HELLO and on each change
+        self.back_pressure = back_pressure
+        if back_pressure is not None:
+            back_pressure.subscribe(self._pressure_changed)
         self.python = python
         self.module = module
         self.restart_interval = restart_interval
@@ -576,6 +583,8 @@ class ReceiveWorkers(Service):
         elif kind == HELLO:
             worker.ready = True
             log.info("receive worker {n} (pid {pid}) ready", n=worker.number, pid=worker.pid)
+            if self.back_pressure is not None:
+                worker.send(PRESSURE, bytes([self.back_pressure.level]))
             self._notify_ready()
         elif kind == RELOADED:
             report = json.loads(payload)
@@ -610,6 +619,26 @@ class ReceiveWorkers(Service):
             # on disk, so acknowledged: start-up recovery queues it
             log.failure("queueing {queue_id} failed; it waits in the spool for a restart", queue_id=queue_id)
         worker.send(ACK, queue_id.encode("ascii"))
+
+    # -- back pressure ----------------------------------------------------------------------
+
+    def _pressure_changed(self, level: int) -> None:
+        """The server level changed: every running worker's sessions answer MAIL FROM by it from now on."""
+        for worker in self.workers:
+            if worker is not None and worker.ready:
+                worker.send(PRESSURE, bytes([level]))
+
+    def rss(self) -> int:
+        """The workers' resident memory in bytes (back pressure watches the server's processes, not only this one)."""
+        from exedge.pressure import rss_of
+        total = 0
+        for worker in self.workers:
+            if worker is not None and worker.pid is not None:
+                try:
+                    total += rss_of(worker.pid)
+                except (OSError, ValueError, IndexError):
+                    pass        # gone between the look and the read: it holds nothing now
+        return total
 
     # -- reload ----------------------------------------------------------------------------
 
