@@ -270,7 +270,8 @@ class ExedgeServer(MultiService):
         elif config.server.receive_workers:
             # stopped before the queue manager (their last commits are still announced), after the listeners
             self.workers = ReceiveWorkers(reactor, config.server.receive_workers, config_path,
-                                          context=lambda: self.factory.context, intake=self.intake,
+                                          context=lambda: self.factory.context, factory=lambda: self.factory,
+                                          intake=self.intake,
                                           queue_dir=spool.queue_dir, tracking=tracking,
                                           protocol_log=self.receive_log, metrics=self.metrics,
                                           recent=spool.recent, note_begun=spool.note_begun,

@@ -319,3 +319,31 @@ def test_back_pressure_watches_the_memory_of_the_workers_too(start_server):
         return value is not None and value >= rss_of(server.proc.pid) + 0.8 * min(map(rss_of, workers))
 
     server.wait_for(sampled_with_workers, timeout=15, what="a memory sample that counts the receive workers")
+
+
+# -- ETRN and ATRN ask the queue: their connectors' sessions stay in the main process ----------------
+
+def test_etrn_with_workers_releases_the_held_mail(start_server, sinks):
+    from test_etrn import ETRN_SERVER
+    sink = sinks("branch")
+    server = start_server(server=WORKERS, extra=ETRN_SERVER.format(sink=sink.port))
+    _wait_workers(server)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.sendmail("alice@partner.test", ["bob@branch.fabrikam.com"], _body("BRANCH"))
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.2", 0)) as c:
+        c.sendmail("alice@partner.test", ["bob@example.com"], _body("INTERNAL"))
+    server.wait_for(lambda: len(os.listdir(server.path("var", "spool", "queue"))) == 1, what="the held message alone")
+    assert not sink.files()
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.ehlo("branch.fabrikam.com")
+        assert c.has_extn("etrn")
+        assert c.docmd("ETRN", "branch.fabrikam.com") == (
+            253, b"2.0.0 OK, 1 pending messages for node branch.fabrikam.com started")
+    [delivered] = server.wait_for(sink.files, what="the released message at the branch")
+    assert b"X-Test-Token: BRANCH" in delivered
+    # where each session ran: the internal connector (no ETRN stage) in a worker, whose log lines the
+    # main process logs with the worker's name; From Internet, with the ETRN stage, in the main process
+    received = [line for line in server.log.splitlines() if "received in session" in line]
+    assert len(received) == 2, received
+    assert [bool(re.search(r"receive worker \d: ", line)) for line in received] == [False, True], received
+    assert "on From Internet" in received[0] and "on From Internal Org" in received[1]

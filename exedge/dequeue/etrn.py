@@ -52,6 +52,7 @@ class Etrn(Stage):
 
     name = "etrn"
     anti_spam = False
+    needs_queue = True           # its door is the queue manager's: see Stage.needs_queue
 
     def __init__(self, triggers, send_connectors, clock, *, allowed_remote_ip_ranges=(),
                  require_authentication=False, rate_limit=10, atrn=False, turn=False, helo="localhost"):

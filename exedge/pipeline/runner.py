@@ -55,6 +55,10 @@ class Pipeline:
                 e for e in self.entries if e.connectors is None or connector in e.connectors]
         return found
 
+    def needs_queue(self, connector: str) -> bool:
+        """Does a stage of this connector ask the queue itself (ETRN, ATRN: L{Stage.needs_queue})?"""
+        return any(getattr(e.stage, "needs_queue", False) for e in self.stages_for(connector))
+
     def _hooked(self, connector: str, hook: str) -> list:
         """
         (entry, method) of the stages on this connector that implement

@@ -76,6 +76,8 @@ class IStage(Interface):
 
     name = Attribute("the stage's name, as [[pipeline]] stage = ... says it")
     anti_spam = Attribute("True: skipped for sessions with the BypassAntiSpam right")
+    needs_queue = Attribute("optional, default False: the stage asks the queue manager (ETRN, ATRN), so with "
+                            "receive workers its connectors' sessions run in the main process")
 
     def on_connect(session):
         """A peer connected (its address is session.peer)."""
@@ -146,6 +148,9 @@ class Stage:
     anti_spam = False
     verbs: dict = {}             # "VERB": method(session, argument) -> Verdict (ok/reject/defer)
     ehlo_keywords: tuple = ()    # advertised in the EHLO reply of the sessions the stage runs in
+    # asks the queue itself (ETRN, ATRN): with receive workers, the sessions of
+    # its connectors run in the main process, where the queue is
+    needs_queue = False
 
     def on_connect(self, session):
         return None

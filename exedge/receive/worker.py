@@ -200,7 +200,8 @@ class ReceiveWorker:
 
         reactor = self.reactor
         secrets = load_secrets(config)
-        # ETRN/ATRN need the queue, which is the main process's: a worker's door is never served
+        # ETRN/ATRN need the queue, which is the main process's: sessions of connectors with such a
+        # stage stay there (ReceiveWorkers._run_here), so this door, never served, is never asked
         pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor), dequeue=Triggers(),
                                   metrics=self.metrics)
         return ServerContext(

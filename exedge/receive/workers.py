@@ -19,7 +19,9 @@ worker, per process), and passes the socket with its
 verdict to the worker with the fewest sessions over a C{SOCK_SEQPACKET}
 UNIX socket (C{SCM_RIGHTS}). The worker adopts it
 (C{reactor.adoptStreamConnection}) and runs the session as it would have
-in one process: it greets, or answers the 421/554 of a refusal, so the
+in one process (except for connectors with a stage that asks the queue,
+ETRN and ATRN: the main process runs their sessions itself, since the queue
+is there): it greets, or answers the 421/554 of a refusal, so the
 protocol log and the replies are the same in both modes. When the
 connection closes the worker says so and the main process releases the
 count. Why hand out sockets rather than let the workers accept from a
@@ -372,10 +374,11 @@ class ReceiveWorkers(Service):
     counts each connection; C{intake} takes the messages the workers
     commit; C{tracking} and C{protocol_log} are the main process's
     (an L{IMessageTracking}, and the receive protocol log's L{CsvLog});
-    C{metrics} counts sessions.
+    C{metrics} counts sessions; C{factory()} is this process's
+    SMTPFactory, for the sessions that stay here (ETRN, ATRN).
     """
 
-    def __init__(self, reactor, count: int, config_path: str, *, context, intake, queue_dir: str,
+    def __init__(self, reactor, count: int, config_path: str, *, context, factory, intake, queue_dir: str,
                  tracking, protocol_log, metrics, recent=None, note_begun=None, announced_by_recovery=None,
                  back_pressure=None, python: str = sys.executable,
                  module: str = "exedge.receive.worker", restart_interval: float = RESTART_INTERVAL):
@@ -383,6 +386,7 @@ class ReceiveWorkers(Service):
         self.count = count
         self.config_path = config_path
         self.context = context
+        self.factory = factory      # this process's SMTPFactory, for sessions that stay here (_run_here)
         self.intake = intake
         self.queue_dir = queue_dir
         self.recent = recent        # the spool's RecentData: small messages' data, for their first delivery
@@ -524,8 +528,11 @@ class ReceiveWorkers(Service):
             local, peer = conn.getsockname(), conn.getpeername()
         except OSError:
             return                   # already gone
-        table = self.context().connectors
+        context = self.context()
+        table = context.connectors
         connector = table.select(local[0], local[1], peer[0])
+        if connector is not None and context.pipeline is not None and context.pipeline.needs_queue(connector.name):
+            return self._run_here(conn, local)
         verdict = NO_CONNECTOR
         if connector is not None:
             verdict = ADMITTED if table.admit(connector, peer[0]) else LIMIT_REACHED
@@ -546,6 +553,19 @@ class ReceiveWorkers(Service):
             conn.send(b"421 4.3.2 Service not available, no receive worker running; try again later\r\n")
         except OSError:
             pass
+
+    def _run_here(self, conn: socket.socket, local) -> None:
+        """
+        A session of a connector whose stages ask the queue (ETRN, ATRN):
+        run by this process's own factory, as with no workers, since the
+        queue is here (an ATRN session even turns into a delivery from it).
+        The factory counts the connection in the same connector table.
+        """
+        family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+        try:
+            self.reactor.adoptStreamConnection(conn.fileno(), family, self.factory())
+        except OSError as e:
+            log.info("a connection was gone before its session began: {error}", error=e)
 
     def _release(self, conn_id: int) -> None:
         handed = self._handed.pop(conn_id, None)
