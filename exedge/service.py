@@ -56,7 +56,7 @@ from exedge.logs import CsvLog
 from exedge.logs import protocol as protocol_log, tracking as message_tracking
 from exedge.send import DropDirectoryAgent, RelayAgent
 from exedge.queue.committer import ProcessCommitter
-from exedge.send.mx import MXResolver
+from exedge.send.mx import DNSCache, MXResolver
 
 log = Logger()
 
@@ -143,9 +143,10 @@ def mx_resolver(config: Config, reactor) -> MXResolver:
     servers only: createResolver would mix resolv.conf in, research §4),
     else the system's resolver configuration. "Ourselves", for loop
     detection, is every name and bound address of this server; smart-host
-    addresses are the loopback addresses a route may lead to.
+    addresses are the loopback addresses a route may lead to. Answers are
+    kept for their TTL (L{DNSCache}): many domains, few MX hosts.
     """
-    resolver = _dns_resolver(config, reactor)
+    resolver = DNSCache(_dns_resolver(config, reactor), clock=reactor)
     names = {config.server.fqdn} | {c.fqdn for c in config.receive_connectors if c.fqdn} \
         | {c.fqdn for c in config.send_connectors if c.fqdn}
     bound = {b.host for c in config.receive_connectors for b in c.bindings if not b.is_wildcard}

@@ -4,10 +4,10 @@ import random
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor, task
 from twisted.names import client
 
-from exedge.send.mx import MXResolver, RoutingFailure, TransientDNSFailure
+from exedge.send.mx import DNSCache, MXResolver, RoutingFailure, TransientDNSFailure
 from exedge.testing import DNSZoneServer
 from harness import free_port
 
@@ -110,3 +110,38 @@ def test_sharing_the_best_preference_with_ourselves_is_always_a_loop():
             assert e.value.status == "5.4.6"
     finally:
         yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_answers_are_kept_for_their_ttl_and_no_longer():
+    """A second domain whose MX hosts were just looked up asks the DNS nothing; past the TTL it asks again."""
+    server = DNSZoneServer(ZONES).start(reactor)
+    clock = task.Clock()
+    cache = DNSCache(client.Resolver(servers=[("127.0.0.1", server.port)], timeout=(1,), reactor=reactor), clock)
+    resolver = MXResolver(cache, rng=random.Random(1))
+    try:
+        first = yield resolver.targets("remote.test")
+    finally:
+        yield server.stop()
+    # nothing answers now: only what was kept can
+    assert (yield resolver.targets("remote.test")) == first
+    clock.advance(61)       # the zone's records say 60 s
+    with pytest.raises(TransientDNSFailure):
+        yield resolver.targets("remote.test")
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_cache_keeps_at_most_max_entries():
+    server = DNSZoneServer(ZONES).start(reactor)
+    cache = DNSCache(client.Resolver(servers=[("127.0.0.1", server.port)], timeout=(1,), reactor=reactor),
+                     task.Clock())
+    cache.max_entries = 2
+    try:
+        for host in ("mx1.remote.test", "mx2.remote.test", "mx3.remote.test"):
+            yield cache.lookupAddress(host)
+    finally:
+        yield server.stop()
+    answers, _, _ = yield cache.lookupAddress("MX3.remote.test.")     # names compare as DNS compares them
+    assert [a.payload.dottedQuad() for a in answers] == ["192.0.2.3"]
+    with pytest.raises(defer.TimeoutError):
+        yield cache.lookupAddress("mx1.remote.test")      # the oldest went

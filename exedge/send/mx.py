@@ -41,6 +41,70 @@ class TransientDNSFailure(Exception):
     """The DNS could not answer now (timeout, SERVFAIL): try again later."""
 
 
+class DNSCache:
+    """
+    The answers of C{resolver} (A, AAAA, MX) kept for their TTL: mail to a
+    thousand domains whose MX hosts are a few names asks the DNS once per
+    name and TTL instead of three times per delivery attempt (MX, then A
+    and AAAA of each MX host).
+
+    Written here because C{twisted.names.cache.CacheResolver} is filled
+    only by a DNS server (C{DNSServerFactory} calls its C{cacheResult};
+    the one C{client.createResolver} puts in its chain is never filled),
+    arms a timer per entry, and bounds neither the entries nor the TTL a
+    hostile name server may give. Here entries expire when read (the
+    injected clock), a TTL counts for at most C{max_ttl} seconds, and past
+    C{max_entries} the oldest entry goes. Only answers are kept: an
+    answer with records (their least TTL), or a name with no record of
+    the type, NODATA, for its SOA's negative TTL (RFC 2308 §5). Failures
+    (NXDOMAIN, SERVFAIL, timeouts) are never kept: the next attempt asks
+    again.
+    """
+
+    max_entries = 10_000
+    max_ttl = 3600
+
+    def __init__(self, resolver, clock):
+        self.resolver = resolver
+        self.clock = clock
+        self._answers: dict[tuple[str, int], tuple[float, tuple]] = {}
+
+    def lookupMailExchange(self, name: str, timeout=None) -> defer.Deferred:
+        return self._lookup(name, dns.MX, self.resolver.lookupMailExchange)
+
+    def lookupAddress(self, name: str, timeout=None) -> defer.Deferred:
+        return self._lookup(name, dns.A, self.resolver.lookupAddress)
+
+    def lookupIPV6Address(self, name: str, timeout=None) -> defer.Deferred:
+        return self._lookup(name, dns.AAAA, self.resolver.lookupIPV6Address)
+
+    def _lookup(self, name: str, kind: int, lookup) -> defer.Deferred:
+        key = (name.lower().rstrip("."), kind)
+        kept = self._answers.get(key)
+        if kept is not None:
+            if kept[0] > self.clock.seconds():
+                return defer.succeed(kept[1])
+            del self._answers[key]
+        return lookup(name).addCallback(self._keep, key)
+
+    def _keep(self, result, key):
+        ttl = self._ttl(result)
+        if ttl > 0:
+            while len(self._answers) >= self.max_entries:
+                del self._answers[next(iter(self._answers))]     # the oldest (dicts keep their order)
+            self._answers[key] = (self.clock.seconds() + ttl, result)
+        return result
+
+    def _ttl(self, result) -> float:
+        answers, authority, _ = result
+        if answers:
+            return min(min(r.ttl for r in answers), self.max_ttl)
+        soas = [r for r in authority if r.type == dns.SOA]
+        if soas:
+            return min(min(min(r.ttl, r.payload.minimum) for r in soas), self.max_ttl)
+        return 0
+
+
 def _is_nxdomain(failure_or_exc) -> bool:
     return isinstance(failure_or_exc, (dns_error.DNSNameError, dns_error.AuthoritativeDomainError))
 

@@ -22,6 +22,22 @@ steady load each message then costs one transaction, not a TCP connection,
 a greeting and an EHLO as well. A new message goes to such an idle session
 before a new one is opened; an idle session gives way when another
 destination needs its connection slot.
+
+With DNS routing an idle session also takes mail for another domain whose
+first MX target is the same host, address and port, under the same TLS
+policy (Postfix's connection cache by IP address, which
+smtp_connection_cache_on_demand uses): a thousand domains hosted at one
+provider then cost a transaction each, not a connection each. Such reuse
+stays within one agent, i.e. one send connector, so its credentials,
+HELO name, limits and protocol log are the same by construction; the TLS
+policy is keyed by what it depends on (the host's name, and the domain
+itself for a domain-secure one, which never shares), and a session that
+fell back to plain text after a failed handshake is not offered to other
+domains. The host's name is part of the key because outcomes and
+DomainValidation name it. A domain waiting while every connection slot
+is taken still has its MX looked up (up to max_connections more sessions
+in their lookup), so that it can find such a session; when it must open
+a connection of its own, an idle one at another host gives way.
 """
 
 from __future__ import annotations
@@ -69,11 +85,13 @@ class AllHostsDown(NoTargetReachable, NextHopUnreachable):
 
 
 class _IdleSession:
-    """A session with nothing to send, waiting for a message to its destination."""
+    """A session with nothing to send, waiting for a message to its destination (or to its host: C{key})."""
 
-    def __init__(self, room, entries):
+    def __init__(self, room, entries, destination, key):
         self.room = room          # messages it may still take (None: no limit)
         self.entries = entries    # the session's key -> entry map
+        self.destination = destination
+        self.key = key            # (host, address, port, TLS policy) it is connected to; None: not shared
         self.timer = None
         self.d = None
         self.loading = None       # the read of what it was given
@@ -114,7 +132,9 @@ class RelayAgent:
         self.connect_timeout = connect_timeout
         self._pending: dict[str, collections.deque] = {}   # destination -> (message, indexes, Deferred)
         self._idle: dict[str, list[_IdleSession]] = {}
-        self._active = 0
+        self._idle_at: dict[tuple, list[_IdleSession]] = {}    # the same sessions by what they are connected to
+        self._active = 0          # sessions running: looking up, connected or idle
+        self._open = 0            # of those, sessions holding a connection
         self._keys = itertools.count()
         self._pump_call = None
 
@@ -156,51 +176,82 @@ class RelayAgent:
             # an open connection first
             while self._pending.get(destination) and self._idle.get(destination):
                 self._wake(destination, self._idle[destination][0])
-            while self._pending.get(destination) and self._active < self.max_connections:
+            while self._pending.get(destination) and self._room():
                 batch = self._claim(destination, per_session)
                 self._active += 1
                 self._session(destination, batch).addBoth(self._session_over)
-        if self._pending and self._active >= self.max_connections:
-            # work waits for a slot: idle sessions elsewhere give theirs up
-            for destination, idle in list(self._idle.items()):
-                if destination not in self._pending:
-                    for waiter in list(idle):
-                        self._wake(destination, waiter)
+
+    def _room(self) -> bool:
+        """
+        May another session start? Below max_connections, yes; above, while
+        idle sessions exist, up to as many again: such a session looks up
+        its MX and either finds an idle session at its host or, needing a
+        connection, makes an idle one give way (L{_make_room}).
+        """
+        if self._active < self.max_connections:
+            return True
+        return bool(self._idle) and self._active < 2 * self.max_connections
+
+    def _make_room(self) -> bool:
+        """
+        Before a connection is opened: at max_connections open, an idle
+        session gives way (its QUIT is on the wire as the new one
+        connects); False when every open session is busy.
+        """
+        if self._open < self.max_connections:
+            return True
+        for idle in self._idle.values():
+            self._wake(idle[0].destination, idle[0])
+            return True
+        return False
+
+    def _unidle(self, waiter: _IdleSession) -> None:
+        """C{waiter} leaves the idle sessions (woken, handed work, or its connection gone)."""
+        for index, key in ((self._idle, waiter.destination), (self._idle_at, waiter.key)):
+            waiting = index.get(key)
+            if waiting and waiter in waiting:
+                waiting.remove(waiter)
+                if not waiting:
+                    del index[key]
+        if waiter.timer.active():
+            waiter.timer.cancel()
 
     def _wake(self, destination: str, waiter: _IdleSession) -> None:
         """Give an idle session what waits for its destination (nothing: it ends)."""
-        self._idle[destination].remove(waiter)
-        if not self._idle[destination]:
-            del self._idle[destination]
-        if waiter.timer.active():
-            waiter.timer.cancel()
-        batch = self._claim(destination, waiter.room)
+        self._hand(waiter, self._claim(destination, waiter.room))
+
+    def _hand(self, waiter: _IdleSession, batch) -> None:
+        """An idle session takes C{batch} (its own destination's, or another's at its host)."""
+        self._unidle(waiter)
         waiter.loading = self._load(batch, waiter.entries)
         waiter.loading.chainDeferred(waiter.d)
 
-    def _source(self, destination: str, entries: dict):
-        """What an open session asks for more: queued messages now, or wait a while for some."""
+    def _source(self, destination: str, entries: dict, key=None):
+        """
+        What an open session asks for more: queued messages now, or wait a
+        while for some; C{key}: what it is connected to, under which other
+        destinations may find it (None: not shared).
+        """
         def source(room):
             batch = self._claim(destination, room)
             if batch:
                 return self._load(batch, entries)
-            waiter = _IdleSession(room, entries)
+            waiter = _IdleSession(room, entries, destination, key)
 
             def cancel(_):
                 # the connection went away while idle, or while reading what it was given
                 if waiter.loading is not None:
                     waiter.loading.cancel()
-                if waiter in self._idle.get(destination, ()):
-                    self._idle[destination].remove(waiter)
-                    if not self._idle[destination]:
-                        del self._idle[destination]
-                if waiter.timer.active():
-                    waiter.timer.cancel()
+                self._unidle(waiter)
 
             waiter.d = defer.Deferred(cancel)
             idle = min(self.idle_time, self.connector.connection_inactivity_timeout)
             waiter.timer = self.clock.callLater(idle, lambda: self._wake(destination, waiter))
             self._idle.setdefault(destination, []).append(waiter)
+            if key is not None:
+                self._idle_at.setdefault(key, []).append(waiter)
+            if self._pending:
+                self._pump_soon()      # work for another destination may be for this host
             return waiter.d
         return source
 
@@ -260,12 +311,30 @@ class RelayAgent:
         if self.metrics is not None and (result.tls or result.tls_failed):
             self.metrics.tls.labels(self.connector.name, "send", "ok" if result.tls else "failed").inc()
 
+    def _tls_key(self, host: str, domain: str) -> tuple:
+        """
+        What the STARTTLS policy towards C{host} for mail to C{domain}
+        depends on (L{tls.client_policy}): the host, and the domain only
+        when it is domain-secure. Mail to two domains with the same key may
+        share a session.
+        """
+        domain = domain.lower()
+        return (host, domain if domain in self.connector.tls_send_domain_secure_list else "")
+
     def _tls_for(self, host: str, domain: str) -> tuple:
-        """The STARTTLS policy towards C{host} for mail to C{domain}, built once."""
-        key = (host, domain)
+        """The STARTTLS policy towards C{host} for mail to C{domain}, built once per L{_tls_key}."""
+        key = self._tls_key(host, domain)
         if key not in self._tls:
             self._tls[key] = tls.client_policy(self.connector, host, domain, self.client_certificate)
         return self._tls[key]
+
+    def _idle_for(self, destination: str, targets) -> _IdleSession | None:
+        """An idle session connected to the first of C{targets} under C{destination}'s TLS policy, if any."""
+        if self.mx is None or not targets or not self._idle_at:
+            return None
+        host, address, port = targets[0]
+        waiting = self._idle_at.get((host, address, port, self._tls_key(host, destination)))
+        return waiting[0] if waiting else None
 
     def _endpoint(self, address: str, port: int):
         # an address needs no name lookup (HostnameEndpoint would still
@@ -282,17 +351,21 @@ class RelayAgent:
     @defer.inlineCallbacks
     def _session(self, destination: str, batch):
         entries: dict = {}
+        holds = []        # [True] once the session holds a connection slot
         try:
-            yield self._converse(destination, batch, entries)
+            yield self._converse(destination, batch, entries, holds)
         except Exception:
             # a transient failure for every message this session was given
             failure = Failure()
             for _, _, d in batch + list(entries.values()):
                 if not d.called:
                     d.errback(failure)
+        finally:
+            if holds:
+                self._open -= 1
 
     @defer.inlineCallbacks
-    def _converse(self, destination: str, batch, entries: dict):
+    def _converse(self, destination: str, batch, entries: dict, holds: list):
         errors: list[str] = []
         try:
             targets = yield self._targets(destination, errors)
@@ -300,6 +373,19 @@ class RelayAgent:
             for message, indexes, d in batch:
                 d.callback([Outcome(i, "failed", f"{e.status} {e.text}", e.status) for i in indexes])
             return
+        waiter = self._idle_for(destination, targets)
+        if waiter is not None:
+            # an open session at the same host takes it (and gives back what exceeds its room)
+            room = len(batch) if waiter.room is None else waiter.room
+            if batch[room:]:
+                self._requeue(batch[room:])
+            self._hand(waiter, batch[:room])
+            return
+        if not self._make_room():
+            self._requeue(batch)      # every connection is busy: it waits for the next to end
+            return
+        holds.append(True)
+        self._open += 1
         outbound = yield self._load(batch, entries)
         if not outbound:
             return
@@ -307,9 +393,10 @@ class RelayAgent:
         for host, address, port in targets:
             remote = f"{host}:{port}" if port != 25 else host
             tls_options, tls_required = self._tls_for(host, destination)
+            key = (host, address, port, self._tls_key(host, destination)) if self.mx is not None else None
             try:
                 client = yield self._connect(address, port, remote, outbound, destination, entries,
-                                             tls_options, tls_required)
+                                             tls_options, tls_required, key)
             except Exception as e:
                 errors.append(f"{host}:{port}: {e.__class__.__name__}: {e}")
                 continue
@@ -321,7 +408,8 @@ class RelayAgent:
                 log.warn("{remote}: STARTTLS failed ({error}); TLS is not required for this hop, "
                          "falling back to plain text", remote=remote, error=result.error)
                 try:
-                    client = yield self._connect(address, port, remote, outbound, destination, entries, None, False)
+                    client = yield self._connect(address, port, remote, outbound, destination, entries, None, False,
+                                                 None)
                 except Exception as e:
                     errors.append(f"{host}:{port}: STARTTLS failed ({result.error}), "
                                   f"then in plain text: {e.__class__.__name__}: {e}")
@@ -343,12 +431,16 @@ class RelayAgent:
         raise (AllHostsDown if down and targets else NoTargetReachable)("; ".join(errors) or "no smart hosts")
 
     def _connect(self, address: str, port: int, remote: str, outbound, destination: str, entries: dict,
-                 tls_options, tls_required: bool):
-        """A session with C{outbound} to one host: fires with its client once connected."""
+                 tls_options, tls_required: bool, key):
+        """
+        A session with C{outbound} to one host: fires with its client once
+        connected. C{key}: what other destinations may find it under when
+        idle (None: only its own).
+        """
         client = SMTPClient(outbound, helo=self.helo, clock=self.clock,
                             timeouts=Timeouts().capped(self.connector.connection_inactivity_timeout),
                             max_messages=self.connector.smtp_max_messages_per_connection,
-                            source=self._source(destination, entries),
+                            source=self._source(destination, entries, key),
                             tls=tls_options, tls_required=tls_required, credentials=self.credentials,
                             auth_requires_tls=self.connector.smart_host_auth_mechanism != "BasicAuth",
                             peer=remote, protocol_log=self._session_log())
