@@ -60,6 +60,11 @@ class Metrics:
         self.pressure_refused = Counter("exedge_back_pressure_refused",
                                         "MAIL FROM refused with 452 4.3.1 for back pressure, per receive connector",
                                         ["connector"], registry=r)
+        self.data_refused = Counter("exedge_data_sessions_refused",
+                                    "DATA refused with 451 4.3.2 (reason connector_limit: max_inbound_data_sessions; "
+                                    "source_limit: max_inbound_data_sessions_per_source) and sessions in DATA evicted "
+                                    "with 421 4.4.2 for a data rate below min_inbound_data_rate (evicted_slow), "
+                                    "per receive connector and reason", ["connector", "reason"], registry=r)
         self._open: collections.Counter = collections.Counter()
 
     # -- sessions ----------------------------------------------------------------

@@ -16,6 +16,22 @@ spool's spill threshold (L{exedge.queue.incoming.SPILL_THRESHOLD}), so
 without it a DATA slowloris (many sessions, each trickling a large
 message) makes the server hold sessions x threshold. Exchange has no such
 key; its names follow C{MaxInboundConnection}'s.
+
+A bound alone hands the slots to whoever holds them longest: a DATA
+slowloris from more addresses than the per-source limit divides into the
+connector's keeps every slot. So when a DATA finds the connector's slots
+full, the table evicts the session in DATA furthest below the connector's
+C{min_inbound_data_rate} (L{exedge.receive.rate}: Postfix's
+C{smtpd_min_data_rate} arithmetic), and the newcomer gets its slot. One
+more rule makes that fair rather than a lottery: the newcomer's address
+may not end up holding more slots than the victim's held (max-min
+fairness between addresses, without state beyond the counts). Without it
+the freed slot goes to the first DATA to arrive, which under attack is the
+attacker's (1,800 sessions waiting, each sending DATA again every few
+seconds, against one normal client); with it an address holding no slot
+evicts from one holding some, and attacking addresses churn among their
+own slots. The per-source limit is not evicted for: reaching it is a
+source's own doing.
 """
 
 from __future__ import annotations
@@ -23,8 +39,25 @@ from __future__ import annotations
 import collections
 import ipaddress
 
+from zope.interface import Interface
+
 from exedge.config import ReceiveConnector
 from exedge.config.values import Binding
+
+
+class IDataSession(Interface):
+    """A session in DATA as the table sees it when it must choose one to evict."""
+
+    def data_credit() -> float:
+        """
+        Its data-rate credit now, in seconds (L{exedge.receive.rate.DataRate}):
+        <= 0 when it has been sending below C{min_inbound_data_rate};
+        infinite when it may not be evicted (the server, not the client,
+        stopped reading it).
+        """
+
+    def evict_slow() -> None:
+        """Answer 421, drop the message and give the slot back (L{ConnectorTable.release_data}) before returning."""
 
 
 def _address(host: str):
@@ -42,6 +75,7 @@ class ConnectorTable:
         self._selected: dict = {}                  # (local host, port, peer) -> connector
         self._in_data = collections.Counter()          # connector name -> sessions in DATA
         self._in_data_per_source = collections.Counter()  # (connector name, peer ip) -> sessions in DATA
+        self._data_sessions: dict = collections.defaultdict(dict)  # connector name -> {IDataSession: source}
 
     def listen_bindings(self) -> list[Binding]:
         """
@@ -123,30 +157,61 @@ class ConnectorTable:
         if self._per_source[source] <= 0:
             del self._per_source[source]
 
-    def admit_data(self, connector: ReceiveConnector, peer_host: str) -> str | None:
+    def admit_data(self, connector: ReceiveConnector, peer_host: str, session=None) -> str | None:
         """
         Count a session entering DATA (at its 354): None when counted, else
         the name of the limit reached (nothing counted). Every C{None} is
         matched by one L{release_data} when the data phase ends, however it
-        ends (final dot, disconnect, timeout).
+        ends (final dot, disconnect, timeout, eviction). C{session} (an
+        L{IDataSession}) may be evicted later for a newcomer; a session
+        given as None never is. When the connector is full, a slow
+        session may be evicted for this one (see the module's docstring).
         """
         source = (connector.name, str(_address(peer_host)))
-        if connector.max_inbound_data_sessions is not None \
-                and self._in_data[connector.name] >= connector.max_inbound_data_sessions:
-            return "max_inbound_data_sessions"
         if connector.max_inbound_data_sessions_per_source is not None \
                 and self._in_data_per_source[source] >= connector.max_inbound_data_sessions_per_source:
             return "max_inbound_data_sessions_per_source"
+        if connector.max_inbound_data_sessions is not None \
+                and self._in_data[connector.name] >= connector.max_inbound_data_sessions:
+            victim = self._slowest(connector, source)
+            if victim is None:
+                return "max_inbound_data_sessions"
+            victim.evict_slow()
+            if self._in_data[connector.name] >= connector.max_inbound_data_sessions:
+                raise RuntimeError("an evicted session kept its DATA slot")
         self._in_data[connector.name] += 1
         self._in_data_per_source[source] += 1
+        if session is not None:
+            self._data_sessions[connector.name][session] = source
         return None
 
-    def release_data(self, connector: ReceiveConnector, peer_host: str) -> None:
+    def _slowest(self, connector: ReceiveConnector, newcomer: tuple):
+        """
+        The session to evict for a newcomer from C{newcomer}: below the
+        connector's minimum data rate, from an address that holds more
+        slots than the newcomer's would after the swap (or the newcomer's
+        own), the lowest credit first; None if there is none.
+        """
+        if not connector.min_inbound_data_rate:
+            return None
+        held = self._in_data_per_source
+        victim, lowest = None, 0.0
+        for session, source in self._data_sessions[connector.name].items():
+            if source != newcomer and held[source] <= held[newcomer]:
+                continue
+            credit = session.data_credit()
+            if credit <= lowest:
+                victim, lowest = session, credit
+        return victim
+
+    def release_data(self, connector: ReceiveConnector, peer_host: str, session=None) -> None:
         source = (connector.name, str(_address(peer_host)))
         self._in_data[connector.name] -= 1
         self._in_data_per_source[source] -= 1
         if self._in_data_per_source[source] <= 0:
             del self._in_data_per_source[source]
+        if session is not None:
+            self._data_sessions[connector.name].pop(session, None)
 
     def in_data(self, connector: ReceiveConnector, peer_host: str | None = None) -> int:
         """Sessions in DATA now on C{connector} (from C{peer_host} only, if given): for tests and status."""
