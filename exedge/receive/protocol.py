@@ -644,6 +644,12 @@ class SMTPServer(basic.LineReceiver):
             return e.reply
         if params.size is not None and params.size > checks.size_limit(self.connector, self.session.permissions):
             return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        refusal = checks.storage_refusal(self.ctx.back_pressure, params.size)
+        if refusal is not None:
+            self.plog.info(f"SIZE={params.size} more than the spool can take now: refused")
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.pressure_refused.labels(self.connector.name).inc()
+            return refusal
         refusal = self.security.check_sender(sender, self.session.tls) or \
             checks.spoofing_refusal(sender, self.session.permissions, self.ctx.router, self._identity is not None)
         if refusal is not None:
