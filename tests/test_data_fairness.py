@@ -139,29 +139,38 @@ def test_a_session_sending_steadily_is_not_evicted(server):
     assert server.counted("connector_limit") == 1 and server.counted("evicted_slow") == 1
 
 
-def test_an_address_does_not_evict_one_holding_no_more_slots_than_it(server):
+def test_only_an_address_holding_no_slot_evicts(server):
     """
-    Max-min fairness between addresses: a slowloris address waiting with
-    another session cannot take the slot of another slowloris address
-    (each holds one), but a normal client's address, holding none, can.
+    A slowloris address waiting with another session can take neither the
+    slot of another slowloris address nor its own (it would renew its
+    credit), but a normal client's address, holding none, can. An address
+    evicted for slowness evicts nobody until it has finished a message.
     """
     a, b = server.session("127.0.0.4"), server.session("127.0.0.5")
     for proto, transport in (a, b):
         server.enter(proto, transport)
     server.clock.advance(WINDOW * 2)
     waiting = server.session("127.0.0.4")          # an address that holds a slot already
-    # its own slow session may go (the address's share does not grow)...
-    server.enter(*waiting)
-    assert a[1].value().startswith(b"421 4.4.2") and b[1].value() == b""
-    # ...but not the other address's: 127.0.0.4 would then hold two slots to 127.0.0.5's none
-    server.clock.advance(WINDOW * 2)
-    another = server.session("127.0.0.4")
-    waiting[1].clear()
-    waiting[0].dataReceived(b"z" * 4096 * 64)      # its own newcomer is fast now: nothing of its own to evict
-    assert server.data(*another).startswith(b"451 4.3.2")
-    assert b[1].value() == b""
-    # an address holding nothing evicts the slow one
+    assert server.data(*waiting).startswith(b"451 4.3.2")
+    assert a[1].value() == b"" and b[1].value() == b""
     assert server.data(*server.session("127.0.0.1")).startswith(b"354")
+    assert a[1].value().startswith(b"421 4.4.2") and b[1].value() == b""      # equal credit: the one in DATA longest
+    newcomer = server.s.proto, server.s.transport
+    # 127.0.0.4 holds no slot now, 127.0.0.5 one (slow); but .4 had a session evicted: no chain of
+    # evictions from it (its waiting sessions would take the slow slots as fast as they turn slow)
+    assert server.data(*waiting).startswith(b"451 4.3.2")
+    assert b[1].value() == b""
+    # a free slot it may take; once one of its sessions has finished a message, it may evict again
+    newcomer[0].dataReceived(MESSAGE + b".\r\n")
+    server.enter(*waiting)
+    waiting[0].dataReceived(MESSAGE + b".\r\n")
+    assert waiting[1].value().startswith(b"250 2.6.0")
+    server.enter(*server.session("127.0.0.6"))        # the connector full again: .5 (slow) and .6
+    server.clock.advance(WINDOW * 2)                   # both slow now
+    # an address holding a slot evicts nobody, not even from one holding as many
+    assert server.data(*server.session("127.0.0.6")).startswith(b"451 4.3.2")
+    assert b[1].value() == b""
+    assert server.data(*server.session("127.0.0.4")).startswith(b"354")
     assert b[1].value().startswith(b"421 4.4.2")
 
 

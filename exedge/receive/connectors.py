@@ -22,16 +22,22 @@ slowloris from more addresses than the per-source limit divides into the
 connector's keeps every slot. So when a DATA finds the connector's slots
 full, the table evicts the session in DATA furthest below the connector's
 C{min_inbound_data_rate} (L{exedge.receive.rate}: Postfix's
-C{smtpd_min_data_rate} arithmetic), and the newcomer gets its slot. One
-more rule makes that fair rather than a lottery: the newcomer's address
-may not end up holding more slots than the victim's held (max-min
-fairness between addresses, without state beyond the counts). Without it
-the freed slot goes to the first DATA to arrive, which under attack is the
+C{smtpd_min_data_rate} arithmetic), and the newcomer gets its slot, but
+only a newcomer whose address holds no slot and has had no session
+evicted since it last finished a message. Each part was needed in
+bench/slowloris.py (2,000 sessions from 200 addresses): with any newcomer
+allowed, the freed slot goes to the first DATA to arrive, which is the
 attacker's (1,800 sessions waiting, each sending DATA again every few
-seconds, against one normal client); with it an address holding no slot
-evicts from one holding some, and attacking addresses churn among their
-own slots. The per-source limit is not evicted for: reaching it is a
-source's own doing.
+seconds, against one normal client), and an attacking address renews its
+own slow session's credit; with addresses that hold slots allowed to
+evict from ones holding more, one free slot started a chain through all
+200 addresses that gave every slot a fresh credit (206 evictions, 15
+normal messages in 57); an evicted address holding nothing would evict
+the next, and so on. So the marks (a bounded table, L{SLOW_SOURCES},
+oldest forgotten first) are cleared by a final dot (a whole message sent:
+not trickling); a marked address may still take a free slot.
+The per-source limit is not evicted for: reaching it is a source's own
+doing.
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ class IDataSession(Interface):
         """Answer 421, drop the message and give the slot back (L{ConnectorTable.release_data}) before returning."""
 
 
+SLOW_SOURCES = 4096     # addresses remembered as evicted for slowness, per table (about 0.5 MB at most)
+
+
 def _address(host: str):
     addr = ipaddress.ip_address(host.split("%", 1)[0])
     if addr.version == 6 and addr.ipv4_mapped is not None:
@@ -76,6 +85,7 @@ class ConnectorTable:
         self._in_data = collections.Counter()          # connector name -> sessions in DATA
         self._in_data_per_source = collections.Counter()  # (connector name, peer ip) -> sessions in DATA
         self._data_sessions: dict = collections.defaultdict(dict)  # connector name -> {IDataSession: source}
+        self._slow = collections.OrderedDict()   # (connector name, peer ip) evicted for slowness -> None, oldest first
 
     def listen_bindings(self) -> list[Binding]:
         """
@@ -176,6 +186,7 @@ class ConnectorTable:
             victim = self._slowest(connector, source)
             if victim is None:
                 return "max_inbound_data_sessions"
+            self._mark_slow(self._data_sessions[connector.name][victim])
             victim.evict_slow()
             if self._in_data[connector.name] >= connector.max_inbound_data_sessions:
                 raise RuntimeError("an evicted session kept its DATA slot")
@@ -188,24 +199,34 @@ class ConnectorTable:
     def _slowest(self, connector: ReceiveConnector, newcomer: tuple):
         """
         The session to evict for a newcomer from C{newcomer}: below the
-        connector's minimum data rate, from an address that holds more
-        slots than the newcomer's would after the swap (or the newcomer's
-        own), the lowest credit first; None if there is none.
+        connector's minimum data rate, the lowest credit first (a tie: the
+        one in DATA longest); None if there is none, or if the newcomer's
+        address holds a slot already or had a session evicted and has not
+        finished a message since.
         """
-        if not connector.min_inbound_data_rate:
+        if not connector.min_inbound_data_rate or newcomer in self._slow or self._in_data_per_source[newcomer]:
             return None
-        held = self._in_data_per_source
         victim, lowest = None, 0.0
-        for session, source in self._data_sessions[connector.name].items():
-            if source != newcomer and held[source] <= held[newcomer]:
-                continue
+        for session in self._data_sessions[connector.name]:
             credit = session.data_credit()
-            if credit <= lowest:
+            if credit <= 0 and (victim is None or credit < lowest):    # a tie: the one in DATA longest
                 victim, lowest = session, credit
         return victim
 
-    def release_data(self, connector: ReceiveConnector, peer_host: str, session=None) -> None:
+    def _mark_slow(self, source: tuple) -> None:
+        self._slow[source] = None
+        self._slow.move_to_end(source)
+        while len(self._slow) > SLOW_SOURCES:
+            self._slow.popitem(last=False)
+
+    def release_data(self, connector: ReceiveConnector, peer_host: str, session=None, finished: bool = False) -> None:
+        """
+        The data phase of a session counted by L{admit_data} has ended;
+        C{finished}: at its final dot (its address may evict again).
+        """
         source = (connector.name, str(_address(peer_host)))
+        if finished:
+            self._slow.pop(source, None)
         self._in_data[connector.name] -= 1
         self._in_data_per_source[source] -= 1
         if self._in_data_per_source[source] <= 0:

@@ -724,7 +724,7 @@ class SMTPServer(basic.LineReceiver):
         return Reply(354, None, "Start mail input; end with <CRLF>.<CRLF>")
 
     def _end_of_data(self, reader: DataReader):
-        self._data_over()
+        self._data_over(finished=True)
         txn, self.txn = self._txn, None
         draft, self.draft = self.draft, None
         if reader.error is not None:
@@ -754,12 +754,12 @@ class SMTPServer(basic.LineReceiver):
             self.ctx.pipeline.run("on_queued", self.session, receipt.queue_id)   # verdict ignored
         return Reply(receipt.code, receipt.status, receipt.text, tarpit=receipt.tarpit)
 
-    def _data_over(self) -> None:
-        """The data phase has ended, however it ended: the session's DATA slot is free again."""
+    def _data_over(self, finished: bool = False) -> None:
+        """The data phase has ended, however it ended (C{finished}: at the final dot): the DATA slot is free again."""
         self._rate = None
         if self._data_slot:
             self._data_slot = False
-            self.ctx.connectors.release_data(self.connector, self.peer_host, self)
+            self.ctx.connectors.release_data(self.connector, self.peer_host, self, finished)
 
     def _count_data_refused(self, reason: str) -> None:
         if self.ctx.metrics is not None:

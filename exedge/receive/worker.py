@@ -68,8 +68,8 @@ class _Decided:
     def admit_data(self, connector, peer_host, session=None) -> str | None:
         return self.table.admit_data(connector, peer_host, session)
 
-    def release_data(self, connector, peer_host, session=None) -> None:
-        self.table.release_data(connector, peer_host, session)
+    def release_data(self, connector, peer_host, session=None, finished: bool = False) -> None:
+        self.table.release_data(connector, peer_host, session, finished)
 
 
 class _Channel(protocol.Protocol):
