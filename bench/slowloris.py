@@ -19,10 +19,11 @@ second, internal connector (127.0.0.2, externally secured); the RSS of the
 server's process tree (twistd and its commit worker, from /proc) is read
 every second. The run fails unless every internal message got its 250
 within a second. The anonymous one shares the attacked connector's DATA
-slots: when the attack holds all of max_inbound_data_sessions it gets 451
-4.3.2 (try again later), which is the price of that bound; an attack from
-fewer addresses (--sources 10) is held by the per-source limit and leaves
-room for it.
+slots: when the attack holds all of max_inbound_data_sessions, its DATA
+evicts an attacking session below min_inbound_data_rate once one has been
+slow for the 30 s window (before that, 451 4.3.2: try again later); the
+evictions are counted from the server's log. An attack from fewer
+addresses (--sources 10) is held by the per-source limit and leaves room.
 
 The server runs with its connector's session limits raised (max_inbound_
 connection and _per_source unlimited, timeouts 1 h) and the DATA limits
@@ -69,7 +70,7 @@ def source_address(i: int, sources: int) -> str:
 
 class Tally:
     def __init__(self):
-        self.connected = self.in_data = self.refused = self.failed = 0
+        self.connected = self.in_data = self.refused = self.failed = self.evicted = 0
         self.errors: dict[str, int] = {}
 
     def error(self, what: str) -> None:
@@ -121,11 +122,20 @@ async def attacker(i: int, args, port: int, tally: Tally, stop: asyncio.Event, o
         writer.write(HEADER + LINE * (max(args.burst - len(HEADER), 0) // len(LINE)))
         await writer.drain()
         at = 0
-        while not stop.is_set():
-            await wait(stop, args.interval)
-            # a few octets at a time, cut anywhere in a line
-            writer.write(LINE[at:at + args.trickle])
-            at = 0 if at + args.trickle >= len(LINE) else at + args.trickle
+        told = asyncio.ensure_future(reader.readline())    # nothing is owed after the 354 but a 421
+        try:
+            while not stop.is_set():
+                await wait(stop, args.interval)
+                if told.done():
+                    # evicted (421 4.4.2 Data rate too low) or closed: a real attacker would reconnect;
+                    # this one stops, as the sessions already waiting keep the pressure on
+                    tally.evicted += 1
+                    return
+                # a few octets at a time, cut anywhere in a line
+                writer.write(LINE[at:at + args.trickle])
+                at = 0 if at + args.trickle >= len(LINE) else at + args.trickle
+        finally:
+            told.cancel()
     except (OSError, ConnectionError, asyncio.TimeoutError) as e:
         if not stop.is_set():
             tally.error(type(e).__name__)
@@ -216,6 +226,7 @@ async def attack(args, server: harness.Server, cap: proc.TimeCap) -> dict:
         "failed": tally.failed, "errors": tally.errors, "ramp_seconds": ramp,
         "rss_base": rss_base, "rss_max": max(rss, default=0), "rss_median": proc.median(rss),
         "normal_before": before, "normal": latencies, "normal_failures": failures,
+        "evicted": tally.evicted,
     }
 
 
@@ -271,7 +282,7 @@ def main(argv=None) -> int:
     print(f"{res['sessions']} sessions from {res['sources']} addresses, burst {res['burst'] // 1024} KiB, "
           f"DATA limits {res['data_limits']}: {res['connected']} connected, {res['in_data']} in DATA, "
           f"{res['refused_data']} refused 451 4.3.2, {res['failed']} failed {res['errors'] or ''} "
-          f"(ramp {res['ramp_seconds']:.1f} s)")
+          f"(ramp {res['ramp_seconds']:.1f} s); {res['evicted']} evicted below min_inbound_data_rate")
     print(f"server RSS (tree): {res['rss_base'] / mb:.0f} MB before; during the attack median "
           f"{res['rss_median'] / mb:.0f} MB, max {res['rss_max'] / mb:.0f} MB")
     print(f"normal client, connect to the 250 after the dot (unloaded: median "

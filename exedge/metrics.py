@@ -58,8 +58,14 @@ class Metrics:
                                             "changes of a resource's back pressure level, per resource and new level",
                                             ["resource", "level"], registry=r)
         self.pressure_refused = Counter("exedge_back_pressure_refused",
-                                        "MAIL FROM refused with 452 4.3.1 for back pressure, per receive connector",
+                                        "MAIL FROM refused with 452 4.3.1 for back pressure (its level, or a SIZE= more than the "
+                                        "spool can take above its High threshold), per receive connector",
                                         ["connector"], registry=r)
+        self.data_refused = Counter("exedge_data_sessions_refused",
+                                    "DATA refused with 451 4.3.2 (reason connector_limit: max_inbound_data_sessions; "
+                                    "source_limit: max_inbound_data_sessions_per_source) and sessions in DATA evicted "
+                                    "with 421 4.4.2 for a data rate below min_inbound_data_rate (evicted_slow), "
+                                    "per receive connector and reason", ["connector", "reason"], registry=r)
         self._open: collections.Counter = collections.Counter()
 
     # -- sessions ----------------------------------------------------------------

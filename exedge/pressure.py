@@ -8,7 +8,8 @@ flow going; High stops all new mail while delivery goes on, so the queue
 drains. Postfix's smtpd answers "452 4.3.1 Insufficient system storage"
 at MAIL FROM when the queue file system is short of C{queue_minfree}.
 L{ResourceMonitor} is that sampler; the receive side asks it for its
-L{ResourceMonitor.level} at MAIL FROM (L{exedge.receive.checks}).
+L{ResourceMonitor.level} at MAIL FROM (L{exedge.receive.checks}), and
+for L{ResourceMonitor.room} when the client declares a SIZE.
 
 Resources, as C{[back_pressure]} sets their thresholds:
   - C{free_space}: free bytes on the spool's file system (statvfs);
@@ -264,6 +265,27 @@ class ResourceMonitor(Service):
         if self.level != server_before:
             for callback in self._subscribers:
                 callback(self.level)
+
+    # -- one message's room ----------------------------------------------------------
+
+    def room(self) -> int | None:
+        """
+        The octets one more message may take on the spool's file system
+        before free space reaches its High threshold; None when back
+        pressure is disabled or the file system cannot be read (nothing is
+        refused on a guess). Read from the probe at each call, not from
+        the last sample: MAIL FROM with SIZE= asks (L{exedge.receive.checks}),
+        and a statvfs is cheaper than refusing a message that would fit,
+        or taking one that would not, on two-second-old numbers. Postfix's
+        smtpd does the same (fsspace() against queue_minfree).
+        """
+        if not self.config.enabled:
+            return None
+        disk = self._probe("free_space", self.spool_directory)
+        if disk is None:
+            return None
+        free, total = disk[0], disk[1]
+        return max(0, int(free - self.config.min_free_space_high.of(total)))
 
     # -- the management endpoint's view ---------------------------------------------
 

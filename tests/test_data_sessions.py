@@ -293,3 +293,25 @@ def test_data_session_limits_parse_with_defaults_and_unlimited():
         loads(base + "max_inbound_data_sessions_per_source = 0\n", source="t.toml")
     assert str(info.value.problems[0]).startswith("t.toml:5: ")
     assert "max_inbound_data_sessions_per_source" in str(info.value.problems[0])
+
+
+# -- the refusals in /metrics ------------------------------------------------------------------
+
+
+def test_refused_data_is_counted_per_connector_and_reason(start_server):
+    from test_metrics import scrape, value
+    server = start_server(internet="max_inbound_data_sessions = 2\nmax_inbound_data_sessions_per_source = 1")
+    first = in_data(server, "127.0.0.1")
+    same_source = data_refused(server, "127.0.0.1")
+    second = in_data(server, "127.0.0.4")
+    # both sessions in DATA are fresh (full credit): nobody is evicted, the connector is full
+    full = data_refused(server, "127.0.0.5")
+    try:
+        samples = scrape(server)
+        name = "exedge_data_sessions_refused_total"
+        assert value(samples, name, connector="From Internet", reason="source_limit") == 1
+        assert value(samples, name, connector="From Internet", reason="connector_limit") == 1
+        assert value(samples, name, connector="From Internet", reason="evicted_slow") == 0
+    finally:
+        for c in (first, same_source, second, full):
+            c.close()

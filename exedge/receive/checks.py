@@ -89,3 +89,20 @@ def back_pressure_refusal(monitor, permissions, authenticated: bool) -> Reply | 
             all(p is Principal.Anonymous for p in permissions.principals):
         return Reply(452, "4.3.1", "Insufficient system resources")
     return None
+
+
+def storage_refusal(monitor, size: int | None) -> Reply | None:
+    """
+    RFC 1870 §6.1: a SIZE= the server cannot take now, though it is under
+    the fixed maximum (that is 552, checked before), gets 452: more than
+    the spool's file system holds above back pressure's High threshold
+    (L{exedge.pressure.ResourceMonitor.room}). Postfix's reply for the
+    same check; the client tries again later rather than sending the
+    whole body to be refused after the final dot.
+    """
+    if monitor is None or size is None:
+        return None
+    room = monitor.room()
+    if room is not None and size > room:
+        return Reply(452, "4.3.1", "Insufficient system storage")
+    return None

@@ -51,9 +51,11 @@ from exedge.writethrough import write_through
 
 from . import checks
 from .address import is_helo_argument
+from .connectors import IDataSession
 from .data import DataReader
 from .flow import Flow, InOrder
 from .params import CommandRefused, parse_mail, parse_rcpt
+from .rate import DataRate
 from .partners import DomainSecurity
 from .reply import Reply, bad_sequence, syntax_error, verb_reply, verdict_reply
 from .sasl import AuthDialogue, mechanisms
@@ -83,7 +85,7 @@ class ServerContext:
 
 
 
-@implementer(IHandshakeListener, IHalfCloseableProtocol)
+@implementer(IHandshakeListener, IHalfCloseableProtocol, IDataSession)
 class SMTPServer(basic.LineReceiver):
     delimiter = b"\r\n"
     MAX_LENGTH = 510   # RFC 5321 §4.5.3.1.4: 512 octets with the CRLF
@@ -109,6 +111,7 @@ class SMTPServer(basic.LineReceiver):
         self.sasl: AuthDialogue | None = None
         self._admitted = False
         self._data_slot = False              # counted in ConnectorTable.admit_data (from the 354 to the data's end)
+        self._rate: DataRate | None = None   # while in DATA with a min_inbound_data_rate: the slot's credit
         self._closing = False
         self._discarding = False
         self._overflowed = False
@@ -427,6 +430,8 @@ class SMTPServer(basic.LineReceiver):
         self.replies.answer(self._command(line))
 
     def rawDataReceived(self, data: bytes) -> None:
+        if self._rate is not None:
+            self._rate.read(len(data), self.ctx.clock.seconds())
         done, rest = self.reader.feed(data)
         if not done:
             if self.draft.backlogged:
@@ -639,6 +644,12 @@ class SMTPServer(basic.LineReceiver):
             return e.reply
         if params.size is not None and params.size > checks.size_limit(self.connector, self.session.permissions):
             return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        refusal = checks.storage_refusal(self.ctx.back_pressure, params.size)
+        if refusal is not None:
+            self.plog.info(f"SIZE={params.size} more than the spool can take now: refused")
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.pressure_refused.labels(self.connector.name).inc()
+            return refusal
         refusal = self.security.check_sender(sender, self.session.tls) or \
             checks.spoofing_refusal(sender, self.session.permissions, self.ctx.router, self._identity is not None)
         if refusal is not None:
@@ -689,14 +700,17 @@ class SMTPServer(basic.LineReceiver):
         if self._closing:
             # a stage's on_data answered after the session ended: no message, no slot (nobody hears this)
             return Reply(421, "4.4.2", "Session closing")
-        limit = self.ctx.connectors.admit_data(self.connector, self.peer_host)
+        limit = self.ctx.connectors.admit_data(self.connector, self.peer_host, self)
         if limit is not None:
             # RFC 5321 leaves the transaction as it was after a refused DATA
             # (only the end of data, RSET, HELO/EHLO and STARTTLS clear it):
             # the client may send DATA again later, or RSET
             self.plog.info(f"{limit} reached: DATA refused")
+            self._count_data_refused("source_limit" if limit.endswith("_per_source") else "connector_limit")
             return Reply(451, "4.3.2", "Too many messages arriving at once; try again later")
         self._data_slot = True
+        if self.connector.min_inbound_data_rate:
+            self._rate = DataRate(self.connector.min_inbound_data_rate, self.ctx.clock.seconds())
         identity = self._identity
         trace = Trace(helo=self.session.helo, peer_host=self.peer_host, peer_port=self.transport.getPeer().port,
                       by=self.fqdn, connector=self.connector.name, session=self.session_id,
@@ -710,7 +724,7 @@ class SMTPServer(basic.LineReceiver):
         return Reply(354, None, "Start mail input; end with <CRLF>.<CRLF>")
 
     def _end_of_data(self, reader: DataReader):
-        self._data_over()
+        self._data_over(finished=True)
         txn, self.txn = self._txn, None
         draft, self.draft = self.draft, None
         if reader.error is not None:
@@ -740,11 +754,50 @@ class SMTPServer(basic.LineReceiver):
             self.ctx.pipeline.run("on_queued", self.session, receipt.queue_id)   # verdict ignored
         return Reply(receipt.code, receipt.status, receipt.text, tarpit=receipt.tarpit)
 
-    def _data_over(self) -> None:
-        """The data phase has ended, however it ended: the session's DATA slot is free again."""
+    def _data_over(self, finished: bool = False) -> None:
+        """The data phase has ended, however it ended (C{finished}: at the final dot): the DATA slot is free again."""
+        self._rate = None
         if self._data_slot:
             self._data_slot = False
-            self.ctx.connectors.release_data(self.connector, self.peer_host)
+            self.ctx.connectors.release_data(self.connector, self.peer_host, self, finished)
+
+    def _count_data_refused(self, reason: str) -> None:
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.data_refused.labels(self.connector.name, reason).inc()
+
+    # -- IDataSession: the connector table may evict a slow session in DATA ---------
+
+    def data_credit(self) -> float:
+        """
+        The data-rate credit of this session's slot; infinite when it may
+        not be evicted: no rate applies, the session is ending anyway, or
+        the server stopped reading it while the disk catches up (then the
+        slowness is ours, not the client's).
+        """
+        if self._rate is None or self._closing or self.flow.disk_blocked:
+            return float("inf")
+        return self._rate.credit(self.ctx.clock.seconds())
+
+    def evict_slow(self) -> None:
+        """
+        A newcomer's DATA needs this session's slot and this client has
+        sent below min_inbound_data_rate: 421 (as Postfix answers its own
+        smtpd_min_data_rate deadline: 4.4.2, RFC 3463's "bad connection ...
+        time-out, or inadequate connection quality"), the message dropped
+        (nothing partial stays in the spool), the connection closed, and
+        the slot given back before this returns.
+        """
+        rate = self._rate
+        if rate is not None:
+            seconds = self.ctx.clock.seconds() - rate.since
+            self.plog.info(f"data rate below min_inbound_data_rate ({self.connector.min_inbound_data_rate} octets/s): "
+                           f"{rate.octets} octets in {seconds:.0f} s; evicted for another session's DATA, "
+                           "message discarded")
+        self._count_data_refused("evicted_slow")
+        if not self._closing:
+            self._refuse(Reply(421, "4.4.2", f"{self.fqdn} Data rate too low, closing connection"))
+        self._drop_message()          # at once, also if a close was already under way
+        self.txn = None
 
     def _drop_message(self) -> None:
         """The data phase ends without a final dot (end of input, timeout, lost connection): nothing is queued."""

@@ -67,11 +67,11 @@ class _Decided:
     # workers a connector may therefore have up to N x max_inbound_data_sessions
     # sessions in DATA (and N x the per-source limit), each bounded per worker.
 
-    def admit_data(self, connector, peer_host) -> str | None:
-        return self.table.admit_data(connector, peer_host)
+    def admit_data(self, connector, peer_host, session=None) -> str | None:
+        return self.table.admit_data(connector, peer_host, session)
 
-    def release_data(self, connector, peer_host) -> None:
-        self.table.release_data(connector, peer_host)
+    def release_data(self, connector, peer_host, session=None, finished: bool = False) -> None:
+        self.table.release_data(connector, peer_host, session, finished)
 
 
 @attrs.define
