@@ -347,3 +347,18 @@ def test_etrn_with_workers_releases_the_held_mail(start_server, sinks):
     assert len(received) == 2, received
     assert [bool(re.search(r"receive worker \d: ", line)) for line in received] == [False, True], received
     assert "on From Internet" in received[0] and "on From Internal Org" in received[1]
+
+
+def test_a_size_the_spool_cannot_take_is_refused_in_a_worker(start_server, tmp_path):
+    # High 1 GB below today's free space: Normal, but a 5 GB message would go past it
+    free = os.statvfs(str(tmp_path)).f_bavail * os.statvfs(str(tmp_path)).f_frsize
+    threshold = f"{(free - 1024**3) // 1024**2}MB"
+    server = start_server(server=WORKERS, internet='max_message_size = "10GB"',
+                          extra=f'\n[back_pressure]\nmin_free_space_medium = "{threshold}"\n'
+                                f'min_free_space_high = "{threshold}"\n')
+    _wait_workers(server)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.ehlo("client.test")
+        assert c.mail("a@partner.test", [f"SIZE={5 * 1024**3}"]) == (452, b"4.3.1 Insufficient system storage")
+        assert c.mail("a@partner.test", ["SIZE=1000"])[0] == 250
+    assert "Traceback" not in server.log

@@ -30,7 +30,7 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from exedge.logs.csvlog import escape
-from exedge.pressure import HIGH, NORMAL
+from exedge.pressure import HIGH, NORMAL, ResourceMonitor
 from exedge.receive.protocol import SMTPServer
 from exedge.receive.workers import (ABANDONED, ACK, ADMITTED, COMMITTING, ENDED, HANDOUT, HELLO, PRESSURE, PROTOCOL_ROW, QUEUED,
                                     RELOAD, RELOADED, STOP, TRACK, encode_event, encode_queued, frame,
@@ -81,9 +81,16 @@ class _ToldLevel:
     the queue and every process's memory) and tells this worker: what
     sessions here read at MAIL FROM, as they read the ResourceMonitor in
     one process. Normal until the main process first says otherwise.
+    L{room} (SIZE= against free space) is read here, from the spool's file
+    system as the main process would read it: C{monitor} is a
+    ResourceMonitor that is never started, for its probe alone.
     """
 
+    monitor: object
     level: int = NORMAL
+
+    def room(self) -> int | None:
+        return self.monitor.room()
 
 
 class _Channel(protocol.Protocol):
@@ -163,7 +170,9 @@ class ReceiveWorker:
         self._acks: dict[str, defer.Deferred] = {}
         self._ended_ids: list[int] = []
         self._stopping = False
-        self.back_pressure = _ToldLevel()
+        self.back_pressure = _ToldLevel(ResourceMonitor(self.config.back_pressure, reactor,
+                                                        spool_directory=self.config.server.spool_directory,
+                                                        queue_length=lambda: 0))
         self._build_store()
         self.context = self._receive_context(self.config)
 
