@@ -187,3 +187,20 @@ def test_new_mail_keeps_its_envelope_with_its_data_until_it_waits(tmp_path):
     assert fresh.loaded_envelope() is env and fresh.in_memory() == DATA     # recent: kept
     manager.submit(fresh)
     assert fresh.loaded_envelope() is None and fresh.in_memory() is None and spool.recent.size == 0
+
+
+def test_mail_read_back_in_a_retry_interval_waits_compact_until_its_time(tmp_path):
+    directory = str(tmp_path / "spool")
+    spool = Spool(directory, now)
+    spool.prepare()
+    stored = committed(spool, envelope("b@example.com"))
+    spool.record(stored, [0], "retry", at=600.0, durable=False)
+    [again] = read_back(directory)
+    clock = task.Clock()
+    manager, agent = manager_for(tmp_path, spool, clock)
+    manager.submit(again)
+    assert again.loaded_envelope() is None and agent.seen == []
+    clock.advance(600)
+    [(queue_id, env, rcpts)] = agent.seen
+    assert queue_id == stored.queue_id and env == stored.envelope and rcpts == [0]
+    assert os.listdir(spool.queue_dir) == []

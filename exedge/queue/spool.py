@@ -183,7 +183,7 @@ class StoredMessage:
     """
 
     __slots__ = ("queue_id", "_dir", "data_length", "size", "received_at", "recipient_count",
-                 "done", "delay_notified", "retry_at", "held", "_envelope", "_pins")
+                 "done", "_later", "held", "_envelope", "_pins")
 
     def __init__(self, queue_id: str, envelope: Envelope, path: str, data_length: int,
                  done: frozenset = NONE_DONE, delay_notified: frozenset = NONE_DONE, retry_at: float = 0.0,
@@ -198,9 +198,11 @@ class StoredMessage:
         self.size = data_length if envelope.size == data_length else envelope.size
         self.received_at = envelope.received_at
         self.recipient_count = len(envelope.recipients)
-        self.done = done                        # recipient indexes with a final outcome at load
-        self.delay_notified = delay_notified    # recipients whose sender had a delay notice
-        self.retry_at = retry_at                # not to be tried before this time (a restart keeps the schedule)
+        # recipient indexes with a final outcome (at load; the queue manager keeps it up to date)
+        self.done = done
+        # (recipients whose sender had a delay notice, the next retry time) as a state file left
+        # them: one slot, and most messages have neither
+        self._later = (delay_notified, retry_at) if delay_notified or retry_at else None
         self.held = held                        # see L{RecentData}
         if held is not None and held.data is not None:
             held.envelope = envelope
@@ -209,6 +211,16 @@ class StoredMessage:
 
     def __repr__(self) -> str:
         return f"<StoredMessage {self.queue_id} {self.recipient_count} rcpt(s) {self.data_length} octets>"
+
+    @property
+    def delay_notified(self) -> frozenset:
+        """Recipients whose sender had a delay notice (from the state file)."""
+        return self._later[0] if self._later is not None else NONE_DONE
+
+    @property
+    def retry_at(self) -> float:
+        """Not to be tried before this time (a restart keeps the schedule)."""
+        return self._later[1] if self._later is not None else 0.0
 
     @property
     def path(self) -> str:
