@@ -88,20 +88,15 @@ class _Held:
         self.envelope: Envelope | None = None   # given by the StoredMessage it belongs to
 
 
-# what RecentData counts for a held message beyond its data: its parsed
-# envelope (measured: about 700 bytes for one recipient) and the entry
-HELD_OVERHEAD = 1024
-
-
 class RecentData:
     """
     The data of messages committed moments ago, kept in memory so that their
     first delivery attempt does not read back from disk what was just
     written to it: a trip to a delivery thread and three system calls per
     message, each a wait for the reactor's GIL. Their parsed envelopes stay
-    with them, for the same reason (L{StoredMessage}). Bounded by
-    C{max_bytes} (data, and L{HELD_OVERHEAD} for each envelope): the oldest
-    are forgotten first (their delivery reads the file, as after a
+    with them, for the same reason (L{StoredMessage}), uncounted: about 0.7
+    KiB each, bounded by the number of messages the data's budget holds.
+    Bounded by C{max_bytes} of data: the oldest are forgotten first (their delivery reads the file, as after a
     restart); a message is forgotten as soon as it leaves the spool, or
     waits where no attempt will take it soon (the queue manager's
     L{StoredMessage.compact}).
@@ -116,7 +111,7 @@ class RecentData:
         if len(data) > self.max_bytes // 4:
             return None
         held = self._held[queue_id] = _Held(data)
-        self._bytes += len(data) + HELD_OVERHEAD
+        self._bytes += len(data)
         while self._bytes > self.max_bytes:
             self.release(next(iter(self._held)))
         return held
@@ -124,7 +119,7 @@ class RecentData:
     def release(self, queue_id: str) -> None:
         held = self._held.pop(queue_id, None)
         if held is not None and held.data is not None:
-            self._bytes -= len(held.data) + HELD_OVERHEAD
+            self._bytes -= len(held.data)
             held.data = held.envelope = None
 
     @property
