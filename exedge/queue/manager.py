@@ -14,6 +14,23 @@ queue is Held with the reason "schedule" and the next window's start as
 its next retry; at the window's start it runs again. What is in flight
 when a window closes finishes, nothing new starts. Expiry and delay
 notices count on while a queue is held, as in Exchange.
+
+Memory: what waits holds the compact record (L{exedge.queue.spool.StoredMessage}),
+not the parsed envelope; Postfix's qmgr keeps at most
+qmgr_message_active_limit messages in memory and reads the rest from
+disk when it activates them, and this manager does the same per use:
+routing, an attempt, a report (NDR, delay notice) or a tracking event
+pins the envelope (L{_using}, L{_with_envelopes}: read back on a delivery
+thread, 256 files a trip, when it is not in memory) and unpins it when
+done, so a million held messages cost their records (about 0.3 KiB
+each, measured: bench/README.md, "Memory: the compact index"), not their
+envelopes. New mail keeps its envelope while its data is in
+L{exedge.queue.spool.RecentData}, so its first attempt reads nothing
+back; a message that goes to wait (a held queue, a retry interval) lets
+both go at once. Expiry, the oversize lane and the queue counts need no
+envelope (arrival time, size and recipient count are in the record); the
+admins' listings (message_infos) read the envelopes of compact messages
+as they list them.
 """
 
 from __future__ import annotations
@@ -39,12 +56,57 @@ from exedge.routing import ROUTE_DEFERRED, TOO_LARGE, UNREACHABLE, reroute
 log = Logger()
 
 SWEEP_INTERVAL = 60.0   # seconds between looks for expired messages in waiting queues
+LOAD_STEP = 256         # compact messages whose envelopes are read back per trip to a delivery thread
 SCHEDULE = "schedule"   # the hold reason of a queue outside its connector's connection schedule
 TRIGGER = "remote triggered delivery"   # ... of a queue that runs when its site asks (ETRN, ATRN)
 _SPECIAL = {UNREACHABLE: "Unreachable", ROUTE_DEFERRED: "Deferred"}   # Exchange names its special queues
 _ADMIN_REMOVED = "5.3.2 QUEUE.Admin; message deleted by administrative action"
 _HOLD_TEXT = {SCHEDULE: "held until the send connector's connection schedule opens",
               TRIGGER: "held for remote triggered delivery; the site did not ask for its mail (ETRN)"}
+
+
+# the recipients of most items: all of a message's, from the first; shared, not a list per item
+_ALL = tuple(tuple(range(n)) for n in range(33))
+
+
+def _shared(indexes: list[int]) -> tuple[int, ...]:
+    """C{indexes} (ascending) as a tuple, the shared one when they are 0..n-1."""
+    n = len(indexes)
+    if n < len(_ALL) and n and indexes[0] == 0 and indexes[-1] == n - 1:
+        return _ALL[n]
+    return tuple(indexes)
+
+
+class _Outcomes:
+    """
+    Queue id -> the recipients of a live message with a final outcome, as
+    a mapping over the live messages (C{done} of each record): a million
+    queued messages need one dict, not two (one entry is about 40 bytes).
+    """
+
+    __slots__ = ("_messages",)
+
+    def __init__(self, messages: dict):
+        self._messages = messages
+
+    def get(self, queue_id: str, default=None):
+        message = self._messages.get(queue_id)
+        return message.done if message is not None else default
+
+    def __getitem__(self, queue_id: str) -> frozenset:
+        return self._messages[queue_id].done
+
+    def __setitem__(self, queue_id: str, done: frozenset) -> None:
+        self._messages[queue_id].done = done
+
+    def __delitem__(self, queue_id: str) -> None:
+        del self._messages[queue_id]
+
+    def __contains__(self, queue_id: str) -> bool:
+        return queue_id in self._messages
+
+    def __len__(self) -> int:
+        return len(self._messages)
 
 
 @attrs.frozen
@@ -134,13 +196,14 @@ class QueueManager(Service):
         # outcome: a message split over several hops is removed when the
         # last is done, and an item of a removed message is dropped
         # (frozensets: most messages have none done, and the empty frozenset is shared;
-        # a message with outcomes gets a new one per outcome, not a set of its own for life)
-        self._live: dict[str, frozenset[int]] = {}
+        # a message with outcomes gets a new one per outcome, not a set of its own for life);
+        # kept in each message's record (_Outcomes), not in a dict of their own
+        self._messages: dict[str, object] = {}           # queue id -> the live StoredMessage (admins ask by id)
+        self._live = _Outcomes(self._messages)
         self._delay_notified: dict[str, set[int]] = {}   # per live message, recipients told of a delay
         self._connectors = {c.name: c for c in getattr(router, "send_connectors", ())}
         self._schedule_calls: dict[tuple[str, str], object] = {}   # (connector, lane) -> its next change
         self._down: dict[tuple[str, str], _Down] = {}    # (connector, destination) whose hosts are all down
-        self._messages: dict[str, object] = {}           # queue id -> the live StoredMessage (admins ask by id)
         self._suspended: set[str] = set()                # messages an admin suspended
         self._identities = itertools.count(1)
         if intake is not None:
@@ -151,25 +214,36 @@ class QueueManager(Service):
     # -- intake ------------------------------------------------------------
 
     def submit(self, message) -> None:
+        """Take a message just committed or read back (its envelope in memory): route it, then let it go compact."""
         pending = message.pending()
         if not pending:
             # recovered after a crash between the last outcome and the unlink
             self.spool.remove(message).addErrback(
                 lambda f: log.failure("removing {queue_id}", f, queue_id=message.queue_id))
             return
-        self._live.setdefault(message.queue_id, frozenset(message.done))
         self._messages.setdefault(message.queue_id, message)
         if message.delay_notified:       # made on demand otherwise (_notify_delays)
             self._delay_notified.setdefault(message.queue_id, set(message.delay_notified))
         wait = message.retry_at - self.clock.seconds()
         if wait > 0:
             # recovered in the middle of a retry interval: keep the schedule
+            self._rest(message)
             self.clock.callLater(wait, self._route, message, pending)
             return
         self._route(message, pending)
 
     def _route(self, message, pending) -> None:
-        envelope = message.envelope
+        """Route these recipients: now when the envelope is in memory, else once it is read back."""
+        if message.loaded_envelope() is None:
+            self._with_envelopes([(message, pending)], self._route)
+            return
+        message.pin()
+        try:
+            self._route_pinned(message, message.envelope, pending)
+        finally:
+            message.unpin()
+
+    def _route_pinned(self, message, envelope, pending) -> None:
         hops: dict[NextHop, list[int]] = {}
         refused: list[Outcome] = []
         deferred: dict[str, list[int]] = {}
@@ -198,10 +272,106 @@ class QueueManager(Service):
             log.warn("{queue_id}: held in the Unreachable queue: no send connector serves {domains} "
                      "({rcpts})", queue_id=message.queue_id, domains=", ".join(domains),
                      rcpts=", ".join(envelope.recipients[i].address for i in unreachable))
+        runnable = False
         for hop, indexes in hops.items():
             queue = self.queue_for(hop)
-            queue.items.append((message, indexes))
+            queue.items.append((message, _shared(indexes)))
+            runnable = runnable or queue.status in (QueueStatus.Ready, QueueStatus.Active)
             self._kick(queue)
+        if not runnable:
+            self._rest(message)
+
+    def _rest(self, message) -> None:
+        """
+        C{message} waits where no attempt takes it soon (a held queue, a
+        retry interval): its data and envelope leave memory (RecentData's
+        too); an attempt or a report reads them back.
+        """
+        self.spool.recent.release(message.queue_id)
+        message.compact()
+
+    # -- envelopes read back ----------------------------------------------------
+
+    def _using(self, message, f, *args) -> defer.Deferred:
+        """
+        C{f(*args)} with C{message}'s envelope pinned in memory (read back
+        on a delivery thread if it is compact) until what C{f} returns has
+        fired. Fails if the envelope cannot be read.
+        """
+        def pinned(envelope):
+            message.pin(envelope)
+            return defer.maybeDeferred(f, *args).addBoth(lambda result: (message.unpin(), result)[1])
+
+        if message.loaded_envelope() is not None:
+            return pinned(None)
+        return self.spool.run_delivery(message.read_envelope).addCallback(pinned)
+
+    def _with_envelopes(self, items, f) -> defer.Deferred:
+        """
+        C{f(message, left)} for each (message, indexes) item whose message
+        is still live with recipients left (C{left}: those not done), with
+        its envelope pinned until what C{f} returns has fired. Envelopes in
+        memory now; compact ones read back L{LOAD_STEP} at a time, one trip
+        after the other, so a reload that routes a million held messages
+        again never has more than one step in flight. One that cannot be
+        read is tried again after the glitch retry interval: nothing waiting
+        is dropped.
+        """
+        later = []
+        for message, indexes in items:
+            if message.loaded_envelope() is None:
+                later.append((message, indexes))
+            else:
+                self._call_pinned(message, None, f, indexes)
+        if not later:
+            return defer.succeed(None)
+        return self._load_step(later, 0, f)
+
+    def _load_step(self, items, start: int, f) -> defer.Deferred:
+        step = items[start:start + LOAD_STEP]
+
+        def read():
+            envelopes = []
+            for message, _ in step:
+                try:
+                    envelopes.append(message.read_envelope())
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    envelopes.append(e)
+            return envelopes
+
+        def loaded(envelopes):
+            for (message, indexes), envelope in zip(step, envelopes):
+                if not isinstance(envelope, Exception):
+                    self._call_pinned(message, envelope, f, indexes)
+                elif message.queue_id in self._live:
+                    log.error("{queue_id}: its envelope could not be read back ({error}); trying again in "
+                              "{seconds:g} s", queue_id=message.queue_id, error=envelope,
+                              seconds=self.policy.queue_glitch_retry_interval)
+                    self.clock.callLater(self.policy.queue_glitch_retry_interval, self._with_envelopes,
+                                         [(message, indexes)], f)
+            if start + LOAD_STEP < len(items):
+                return self._load_step(items, start + LOAD_STEP, f)
+
+        d = self.spool.run_delivery(read).addCallback(loaded)
+        d.addErrback(lambda fail: log.failure("reading envelopes back", fail))
+        return d
+
+    def _call_pinned(self, message, envelope, f, indexes) -> None:
+        done = self._live.get(message.queue_id)
+        left = [i for i in indexes if done is not None and i not in done]
+        if not left:
+            return          # completed or removed meanwhile
+        message.pin(envelope)
+        try:
+            result = f(message, left)
+        except Exception:
+            message.unpin()
+            log.failure("{queue_id}: handling a message read back", queue_id=message.queue_id)
+            return
+        if isinstance(result, defer.Deferred):
+            result.addBoth(lambda r: (message.unpin(), r)[1])
+        else:
+            message.unpin()
 
     def _choose(self, envelope, address: str, route):
         """
@@ -319,6 +489,7 @@ class QueueManager(Service):
         if result.suspended or not waiting or (agent is not None and result.running):
             return result
         started = False
+        pinned = []
         for queue in queues:
             if queue.status is QueueStatus.Held and queue.hold_reason == TRIGGER and (queue.items or queue.waiting):
                 queue.items.extend(queue.waiting)      # deferred recipients go now too
@@ -327,8 +498,36 @@ class QueueManager(Service):
                 queue.agent = agent
                 started = True
                 log.info("queue {hop}: run asked for by the site", hop=str(queue.hop))
+                if agent is not None:
+                    pinned += self._pin_now(queue.items)
                 self._kick(queue)
+        for message in pinned:
+            message.unpin()             # the attempts hold their own pins now
         return attrs.evolve(result, started=started)
+
+    def _pin_now(self, items) -> list:
+        """
+        The envelopes of these items' compact messages read now, on the
+        reactor's thread, and pinned; the messages pinned. Only for an ATRN
+        run: its agent (the site's one session) must be handed every message
+        before the connection turns round, as it asks for them once; a
+        read on a delivery thread would come too late. It blocks for the
+        site's own held mail, once per ATRN.
+        """
+        pinned = []
+        for message, _ in items:
+            if message.loaded_envelope() is None:
+                try:
+                    envelope = message.read_envelope()
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    log.error("{queue_id}: envelope unreadable ({error}); its attempt will try again",
+                              queue_id=message.queue_id, error=e)
+                    continue
+                message.pin(envelope)
+            else:
+                message.pin()
+            pinned.append(message)
+        return pinned
 
     def _end_of_run(self, queue: DeliveryQueue) -> None:
         """A remote-triggered queue whose run is over (nothing left, nothing in flight) is held again."""
@@ -396,11 +595,7 @@ class QueueManager(Service):
         state.error = queue.last_error
         self._down[key] = state
         items, queue.items = list(queue.items), collections.deque()
-        for message, indexes in items:
-            done = self._live.get(message.queue_id)
-            left = [i for i in indexes if done is not None and i not in done]
-            if left:
-                self._route(message, left)      # back here, where no fallback serves them
+        self._with_envelopes(items, self._route)      # back here, where no fallback serves them
 
     def _answered(self, hop: NextHop) -> None:
         """An attempt through C{hop} reached a host: if its connector was down, it is up again."""
@@ -530,7 +725,7 @@ class QueueManager(Service):
     def summary(self) -> dict:
         """The spool as the queues know it: messages not yet done, and their size."""
         return {"messages": len(self._live),
-                "bytes": sum(m.envelope.size for m in self._messages.values())}
+                "bytes": sum(m.size for m in self._messages.values())}
 
     def _queue(self, identity: str) -> DeliveryQueue:
         for queue in self.queues.values():
@@ -550,7 +745,7 @@ class QueueManager(Service):
                 continue
             held = self._items(queue)
             ids = {item[0].queue_id for _, item in held}
-            arrivals = [item[0].envelope.received_at for _, item in held]
+            arrivals = [item[0].received_at for _, item in held]
             out.append(QueueInfo(queue.identity, queue.hop, queue.status.value, len(ids),
                                  _HOLD_TEXT.get(queue.hold_reason, queue.hold_reason), queue.last_error,
                                  queue.next_retry, min(arrivals) if arrivals else None))
@@ -570,7 +765,7 @@ class QueueManager(Service):
             done = self._live.get(queue_id)
             if message is None or done is None:
                 continue
-            env = message.envelope
+            env = message.envelope         # read from its file if it is compact (not kept)
             status = {i: ("Complete", None) for i in done}
             for state, q, indexes in places:
                 for i in indexes:
@@ -628,13 +823,12 @@ class QueueManager(Service):
         queue.waiting.clear()
         queue.parked.clear()
         log.info("queue {hop}: {count} item(s) resubmitted", hop=str(queue.hop), count=len(items))
-        for message, indexes in items:
-            done = self._live.get(message.queue_id)
-            left = [i for i in indexes if done is not None and i not in done]
-            if left:
-                self._track(message, "RESUBMIT", [Outcome(i, "resubmitted", "routed again") for i in left],
-                            queue.hop)
-                self._route(message, left)
+
+        def again(message, left):
+            self._track(message, "RESUBMIT", [Outcome(i, "resubmitted", "routed again") for i in left], queue.hop)
+            self._route(message, left)
+
+        self._with_envelopes(items, again)
 
     def suspend_queue(self, identity: str) -> None:
         queue = self._queue(identity)
@@ -667,17 +861,21 @@ class QueueManager(Service):
         items = list(queue.items) + queue.waiting
         queue.items.clear()
         queue.waiting.clear()
-        for message, indexes in items:
+
+        def move(message, indexes):
+            envelope = message.envelope
             hops: dict[NextHop, list[int]] = {}
             for i in indexes:
-                domain = message.envelope.recipients[i].address.rpartition("@")[2]
-                hops.setdefault(NextHop.of(target, domain, message.envelope.size), []).append(i)
+                domain = envelope.recipients[i].address.rpartition("@")[2]
+                hops.setdefault(NextHop.of(target, domain, envelope.size), []).append(i)
             for hop, moved in hops.items():
-                self.queue_for(hop).items.append((message, moved))
+                other = self.queue_for(hop)
+                other.items.append((message, _shared(moved)))
+                self._kick(other)
+
         log.info("queue {hop}: {count} item(s) redirected to send connector {to}", hop=str(queue.hop),
                  count=len(items), to=target.name)
-        for other in list(self.queues.values()):
-            self._kick(other)
+        self._with_envelopes(items, move)
 
     def suspend_message(self, identity: str) -> None:
         self._message(identity)
@@ -768,7 +966,7 @@ class QueueManager(Service):
     # -- expiry ------------------------------------------------------------
 
     def _expired(self, message) -> bool:
-        return self.clock.seconds() - message.envelope.received_at >= self.policy.message_expiration_timeout
+        return self.clock.seconds() - message.received_at >= self.policy.message_expiration_timeout
 
     def _expire(self, queue: DeliveryQueue, item, reason: str = ""):
         """
@@ -791,8 +989,10 @@ class QueueManager(Service):
         if self.bouncer is None:
             return
         now = self.clock.seconds()
+        reason = queue.last_error or _HOLD_TEXT.get(queue.hold_reason, queue.hold_reason) or "not delivered yet"
+        due = []
         for message, indexes in list(queue.items) + list(queue.waiting):
-            age = now - message.envelope.received_at
+            age = now - message.received_at
             if age < self.policy.delay_notification_timeout or self._expired(message):
                 continue
             told = self._delay_notified.setdefault(message.queue_id, set())
@@ -800,13 +1000,19 @@ class QueueManager(Service):
             if not late:
                 continue
             told.update(late)     # at once: the next sweep must not send it again
-            reason = queue.last_error or _HOLD_TEXT.get(queue.hold_reason, queue.hold_reason) or "not delivered yet"
-            retry_until = message.envelope.received_at + self.policy.message_expiration_timeout
+            due.append((message, late))
+
+        def notify(message, late):
+            told = self._delay_notified.setdefault(message.queue_id, set())
+            retry_until = message.received_at + self.policy.message_expiration_timeout
             d = self.bouncer.delay(message, late, f"4.4.7 {reason}", retry_until)
-            d.addCallback(lambda _, m=message, late=late: self.spool.record(m, late, "delay-notified"))
-            d.addErrback(lambda f, m=message, told=told, late=late: (
-                log.failure("delay notice for {queue_id}", f, queue_id=m.queue_id),
-                told.difference_update(late)))
+            d.addCallback(lambda _: self.spool.record(message, late, "delay-notified"))
+            d.addErrback(lambda f: (log.failure("delay notice for {queue_id}", f, queue_id=message.queue_id),
+                                    told.difference_update(late)))
+            return d
+
+        if due:
+            self._with_envelopes(due, notify)
 
     def _sweep(self) -> None:
         """
@@ -820,13 +1026,20 @@ class QueueManager(Service):
             except Exception:
                 # a LoopingCall stops for good on an exception: expiry must go on
                 log.failure("queue {hop}: delay notices failed", hop=str(queue.hop))
-            expired = [item for item in queue.items if self._expired(item[0])]
-            for item in expired:
-                queue.items.remove(item)
-                d = self._expire(queue, item)
-                d.addCallback(lambda retry, queue=queue, message=item[0]:
-                              queue.items.append((message, retry)) if retry else None)
-                d.addErrback(lambda f, item=item: log.failure("expiring {queue_id}", f, queue_id=item[0].queue_id))
+            if not any(self._expired(item[0]) for item in queue.items):
+                continue
+            keep, expired = collections.deque(), []
+            for item in queue.items:      # one pass: a million expiring together cost no more than one
+                (expired if self._expired(item[0]) else keep).append(item)
+            queue.items = keep
+            self._with_envelopes(expired, lambda message, left, queue=queue: self._expire_again(queue, message, left))
+
+    def _expire_again(self, queue: DeliveryQueue, message, indexes):
+        """Expire these recipients; those whose NDR could not be queued wait in the queue for the next sweep."""
+        d = self._expire(queue, (message, indexes))
+        d.addCallback(lambda retry: queue.items.append((message, retry)) if retry else None)
+        d.addErrback(lambda f: log.failure("expiring {queue_id}", f, queue_id=message.queue_id))
+        return d
 
     def _cancel_retry(self, queue: DeliveryQueue) -> None:
         if queue._retry_call is not None and queue._retry_call.active():
@@ -840,6 +1053,7 @@ class QueueManager(Service):
         message, indexes = item
         done = self._live.get(message.queue_id)
         indexes = [i for i in indexes if done is not None and i not in done]
+        pinned = False
         try:
             if indexes and self._expired(message):
                 retry = yield self._expire(queue, (message, indexes))
@@ -849,15 +1063,27 @@ class QueueManager(Service):
                 # its send connector went away in a reload while it waited here
                 self._route(message, indexes)
             elif indexes:
-                outcomes = yield (queue.agent or self.agents[queue.hop.connector]).deliver(message, indexes)
-                self._answered(queue.hop)          # a host answered: if the hop was down, it is up again
-                left = set(indexes) - {o.index for o in outcomes if o.status in ("delivered", "failed")}
-                # never raises: delivered recipients count whatever happens to the reports
-                retry = yield self._record(message, outcomes, queue.hop)
-                self._track_deferred(message, [o for o in outcomes if o.index in left], queue.hop)
-                left |= set(retry)
-                if left:
-                    self._later(queue, (message, sorted(left)))
+                # the message becomes active: its envelope in memory until the attempt is over
+                if message.loaded_envelope() is None:
+                    envelope = yield self.spool.run_delivery(message.read_envelope)
+                    message.pin(envelope)
+                    pinned = True
+                    # read back on a thread: another hop's outcomes may have come meanwhile
+                    done = self._live.get(message.queue_id)
+                    indexes = [i for i in indexes if done is not None and i not in done]
+                else:
+                    message.pin()
+                    pinned = True
+                if indexes:
+                    outcomes = yield (queue.agent or self.agents[queue.hop.connector]).deliver(message, indexes)
+                    self._answered(queue.hop)          # a host answered: if the hop was down, it is up again
+                    left = set(indexes) - {o.index for o in outcomes if o.status in ("delivered", "failed")}
+                    # never raises: delivered recipients count whatever happens to the reports
+                    retry = yield self._record(message, outcomes, queue.hop)
+                    self._track_deferred(message, [o for o in outcomes if o.index in left], queue.hop)
+                    left |= set(retry)
+                    if left:
+                        self._later(queue, (message, sorted(left)))
         except Exception as e:
             # nothing is lost: the item goes back to the head of its queue
             queue.items.appendleft(item)
@@ -878,6 +1104,8 @@ class QueueManager(Service):
             if queue.status is QueueStatus.Active:
                 queue.last_error = ""
         finally:
+            if pinned:
+                message.unpin()
             queue.in_flight -= 1
             del queue.active[id(item)]
         if queue.status is QueueStatus.Active:
@@ -896,6 +1124,7 @@ class QueueManager(Service):
             self._kick(queue)
 
         queue.waiting.append(item)   # visible to the sweep (delay notices) meanwhile
+        self._rest(item[0])
         self.clock.callLater(self.policy.message_retry_interval, again)
         self._note_retry(item[0], item[1], self.clock.seconds() + self.policy.message_retry_interval)
 
@@ -927,7 +1156,12 @@ class QueueManager(Service):
         """One tracking event for these recipients of C{message} (L{exedge.interfaces.IMessageTracking})."""
         if not outcomes:
             return
-        env = message.envelope
+        try:
+            env = message.envelope      # pinned by the caller, except after a failure to read it back
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.error("{queue_id}: no {event} tracking event: its envelope cannot be read ({error})",
+                      queue_id=message.queue_id, event=event_id, error=e)
+            return
         connector = self._connectors.get(hop.connector) if hop is not None else None
         if event_id == "SEND" and connector is not None and connector.drop_directory:
             event_id = "DELIVER"
@@ -944,14 +1178,29 @@ class QueueManager(Service):
     def _track_deferred(self, message, outcomes, hop: NextHop) -> None:
         self._track(message, "DEFER", [o for o in outcomes if o.status not in ("delivered", "failed")], hop)
 
-    @defer.inlineCallbacks
-    def _record(self, message, outcomes, hop: NextHop | None = None, bounce: bool = True):
+    def _record(self, message, outcomes, hop: NextHop | None = None, bounce: bool = True) -> defer.Deferred:
         """
         Take final outcomes into account. Delivered recipients count at once,
         whatever happens next; a failed recipient counts only once its NDR
         is in the spool. Never raises: fires with the failed recipients whose
-        NDR could not be queued, for the caller to try again.
+        NDR could not be queued, for the caller to try again. The envelope
+        is pinned meanwhile (the log, the reports, the tracking events); a
+        compact message's is read back first, and if it cannot be, its
+        failures wait (an attempt's delivered recipients always have theirs
+        pinned already).
         """
+        if message.queue_id not in self._live:
+            return defer.succeed([])
+
+        def unreadable(failure):
+            log.failure("{queue_id}: reading its envelope to record outcomes; will try again", failure,
+                        queue_id=message.queue_id)
+            return [o.index for o in outcomes if o.status == "failed"]
+
+        return self._using(message, self._record_pinned, message, outcomes, hop, bounce).addErrback(unreadable)
+
+    @defer.inlineCallbacks
+    def _record_pinned(self, message, outcomes, hop: NextHop | None, bounce: bool):
         done = self._live.get(message.queue_id)
         if done is None:
             return []     # another hop completed the message meanwhile
@@ -988,7 +1237,7 @@ class QueueManager(Service):
         if done is None:
             return retry          # another hop completed the message while the reports were queued
         done = self._live[message.queue_id] = done | {o.index for o in taken}
-        if len(done) >= len(message.envelope.recipients):
+        if len(done) >= message.recipient_count:
             # complete: no need to note outcomes first, nor to wait for the
             # unlink; a crash before it means a second delivery, never none
             del self._live[message.queue_id]

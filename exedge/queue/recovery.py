@@ -26,6 +26,11 @@ What keeps it exact, with the spool's files as the only truth:
    recovers again, from the top.
 
 Only when queue/ has been read are state files without a message swept.
+
+Each step's envelopes are parsed to route the messages and then let go:
+the queue keeps a compact record per message (L{exedge.queue.spool.StoredMessage})
+and reads an envelope back when the message becomes active, so memory
+after recovery grows with the record, not with the envelope.
 """
 
 from __future__ import annotations
