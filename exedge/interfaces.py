@@ -285,8 +285,14 @@ class IQueueAdmin(Interface):
     def queue_infos():
         """Every queue now, as L{QueueInfo} values."""
 
-    def message_infos(queue=None):
-        """Every message (in the queue with identity C{queue}), as L{MessageInfo} values."""
+    def message_infos(queue=None, limit=None):
+        """The messages (in the queue with identity C{queue}), oldest first, at most C{limit}, as L{MessageInfo} values."""
+
+    def message_count(queue=None):
+        """How many messages L{message_infos} would list without a limit."""
+
+    def message_info(identity):
+        """One message's L{MessageInfo}, or None when it is not in the queues."""
 
     def retry_queue(identity, resubmit=False):
         """Try a queue now (C{resubmit}: route its messages again, as after a configuration change)."""

@@ -204,3 +204,26 @@ def test_mail_read_back_in_a_retry_interval_waits_compact_until_its_time(tmp_pat
     [(queue_id, env, rcpts)] = agent.seen
     assert queue_id == stored.queue_id and env == stored.envelope and rcpts == [0]
     assert os.listdir(spool.queue_dir) == []
+
+
+def test_an_admin_listing_reads_only_the_envelopes_it_shows(tmp_path):
+    """Get-Message's first page, and one message by its id, read only their own files, oldest first."""
+    directory = str(tmp_path / "spool")
+    spool = Spool(directory, now)
+    spool.prepare()
+    for n in range(3):
+        env = envelope("x@nowhere.test")                        # Unreachable: they wait
+        committed(spool, Envelope(**{**{f: getattr(env, f) for f in ("sender", "recipients", "size", "envid",
+                                                                     "message_id", "subject")},
+                                     "received_at": float(n)}))
+    oldest, middle, newest = sorted(read_back(directory), key=lambda m: m.received_at)
+    manager, _ = manager_for(tmp_path, spool)
+    for message in (newest, oldest, middle):
+        manager.submit(message)
+    assert all(m.loaded_envelope() is None for m in (oldest, middle, newest))
+    os.unlink(newest.path)                   # a read of the newest would now fail: none may happen
+    assert [m.identity for m in manager.message_infos(limit=2)] == [oldest.queue_id, middle.queue_id]
+    assert manager.message_count() == 3
+    assert manager.message_info(middle.queue_id).sender == "a@s.test"
+    assert manager.message_info("NOSUCHID") is None
+    assert all(m.loaded_envelope() is None for m in (oldest, middle))   # read for the listing, not kept

@@ -174,6 +174,9 @@ def test_bad_requests_get_json_errors(tcp_server):
     assert status == 405
     status, body = call(base + "/api/messages/0123456789ABCDEF0123", "GET")
     assert status == 404
+    for limit in ("0", "abc", "99999999", "1%3B2", "-1"):
+        status, body = call(base + f"/api/messages?limit={limit}")
+        assert status == 400 and b"limit must be a number" in body, limit
     status, body = call(base + "/api/queues/42/suspend", "POST", b"{}")
     assert status == 404 and b"no queue" in body
     # the server is still there, and said nothing of a traceback
@@ -233,6 +236,16 @@ def test_the_queue_cmdlets_as_exchange_admins_type_them(start_server, tmp_path):
     [held] = json.loads(exedge(server, "Get-Message", "-Queue", "Unreachable", "--json").stdout)
     assert held["FromAddress"] == "alice@example.com" and held["Recipients"] == ["carol@other.test"]
     [waiting] = json.loads(exedge(server, "Get-Message", "-Queue", f"edge01\\{partner}", "--json").stdout)
+    # two messages in all: a page of one says so (Exchange's -ResultSize), oldest first
+    first = exedge(server, "Get-Message", "-ResultSize", "1", "--json")
+    assert first.returncode == 0 and "2 messages; showing the first 1" in first.stderr, first.stderr
+    assert [m["Identity"] for m in json.loads(first.stdout)] == [held["Identity"]]
+    with client_of(server) as client:
+        page = client.message_page(limit=1)
+        assert (page["total"], page["truncated"], len(page["messages"])) == (2, True, 1)
+        assert client.message_page(limit=None)["truncated"] is False
+    other = exedge(server, "Get-Message", waiting["Identity"], "-Queue", "Unreachable")
+    assert other.returncode == 1 and f"no message {waiting['Identity']} in queue Unreachable" in other.stderr
 
     out = tmp_path / "held.eml"
     exported = exedge(server, "Export-Message", "-Identity", held["Identity"], "-Path", str(out))

@@ -56,6 +56,19 @@ def _identity(value: Any) -> Any:
     return value
 
 
+def result_size(value: Any):
+    """-ResultSize as Exchange takes it: a number from 1, or Unlimited (None)."""
+    if str(value).lower() == "unlimited":
+        return None
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise ValueError(f"a number or Unlimited, not {value!s}") from None
+    if number < 1:
+        raise ValueError("at least 1")
+    return number
+
+
 @attrs.frozen
 class Param:
     name: str                                   # Exchange's spelling, e.g. "AddressSpaces"

@@ -18,7 +18,7 @@ from typing import Any
 
 from exedge.manage.client import EndpointError, ManagementClient, NotRunning, queue_identity
 
-from .cmdlets import CmdletError, Context, Param, cmdlet
+from .cmdlets import CmdletError, Context, Param, cmdlet, result_size
 
 _QUEUE = re.compile(r"[A-Za-z0-9]{1,32}")
 _MESSAGE = re.compile(r"[0-9A-Fa-f]{14,40}")
@@ -101,16 +101,27 @@ def _get_queue(ctx: Context, args: dict):
 
 
 @cmdlet("Get-Message", Param("Identity", parse=_message, position=0), Param("Queue", parse=_queue),
+        Param("ResultSize", parse=result_size),
         view=("Identity", "FromAddress", "Status", "Size", "Subject", "Queue", "Recipients", "LastError"),
-        help="the messages in the running server's queues (-Queue: of one queue)")
+        help="the messages in the running server's queues, oldest first (-Queue: of one queue; "
+             "-ResultSize: how many, 1000 unless given, or Unlimited)")
 def _get_message(ctx: Context, args: dict):
-    messages = _ask(ctx, lambda c: c.messages(args.get("Queue")))
     wanted = args.get("Identity")
     if wanted is not None:
-        messages = [m for m in messages if m["identity"] == wanted]
-        if not messages:
-            raise CmdletError(f"no message {wanted} in the queues (Get-Message lists them)")
-    return [_message_record(m) for m in messages]
+        try:
+            message = _ask(ctx, lambda c: c.message(wanted))
+        except CmdletError as e:
+            if "no message" in str(e):
+                raise CmdletError(f"no message {wanted} in the queues (Get-Message lists them)") from None
+            raise
+        if args.get("Queue") is not None and args["Queue"].lower() not in (q.lower() for q in message["queue"]):
+            raise CmdletError(f"no message {wanted} in queue {args['Queue']} (Get-Message lists them)")
+        return [_message_record(message)]
+    limit = args.get("ResultSize", 1000)       # Exchange's default
+    page = _ask(ctx, lambda c: c.message_page(args.get("Queue"), limit))
+    if page.get("truncated"):
+        ctx.warn(f"{page['total']} messages; showing the first {limit} (-ResultSize Unlimited for all)")
+    return [_message_record(m) for m in page["messages"]]
 
 
 def _queue_verb(verb: str, done: str):

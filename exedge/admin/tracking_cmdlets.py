@@ -15,7 +15,7 @@ from exedge.config import ConfigError
 from exedge.config.loader import load_section
 from exedge.logs import tracking
 
-from .cmdlets import CmdletError, Context, Param, cmdlet
+from .cmdlets import CmdletError, Context, Param, cmdlet, result_size
 
 # the CSV's field -> Exchange's property name (the rest: the field in CamelCase)
 _PROPERTY = {"date-time": "Timestamp", "recipient-address": "Recipients", "sender-address": "Sender",
@@ -38,18 +38,6 @@ def _record(row: dict) -> dict:
     return record
 
 
-def _size(value: Any):
-    if str(value).lower() == "unlimited":
-        return None
-    try:
-        number = int(str(value))
-    except ValueError:
-        raise ValueError(f"a number or Unlimited, not {value!s}") from None
-    if number < 1:
-        raise ValueError("at least 1")
-    return number
-
-
 def _addresses(value: Any) -> tuple:
     values = value if isinstance(value, (list, tuple)) else [value]
     return tuple(str(v).strip() for v in values if str(v).strip())
@@ -57,7 +45,7 @@ def _addresses(value: Any) -> tuple:
 
 @cmdlet("Get-MessageTrackingLog", Param("Sender"), Param("Recipients", parse=_addresses),
         Param("MessageId"), Param("EventId"), Param("Start", parse=tracking.parse_time),
-        Param("End", parse=tracking.parse_time), Param("ResultSize", parse=_size),
+        Param("End", parse=tracking.parse_time), Param("ResultSize", parse=result_size),
         view=("Timestamp", "EventId", "Source", "Sender", "Recipients", "MessageSubject"),
         help="search the message tracking log ([logs] message_tracking_log_path); times are UTC unless given a zone")
 def _get_message_tracking_log(ctx: Context, args: dict):

@@ -262,13 +262,17 @@ class ManagementAPI(resource.Resource):
                     raise ApiError(400, "queue must be a queue identity (letters and digits)")
         if queue is not None:
             queue = self._find_queue(queue).identity
-        return {"messages": [message_json(m, self.server_name) for m in self.admin.message_infos(queue)]}
+        limit = _limit(request.args.get(b"limit", [None])[0])
+        messages = self.admin.message_infos(queue, limit)
+        total = self.admin.message_count(queue) if limit is not None and len(messages) >= limit else len(messages)
+        return {"messages": [message_json(m, self.server_name) for m in messages],
+                "total": total, "truncated": total > len(messages)}
 
     def _message(self, request, body, message):
-        for m in self.admin.message_infos():
-            if m.identity == message:
-                return message_json(m, self.server_name)
-        raise ApiError(404, f"no message {message}")
+        m = self.admin.message_info(message)
+        if m is None:
+            raise ApiError(404, f"no message {message}")
+        return message_json(m, self.server_name)
 
     def _export(self, request, body, message):
         d = self.admin.export_message(message)
@@ -324,6 +328,21 @@ class Raw:
     data: bytes
     content_type: bytes
     filename: str = ""
+
+
+DEFAULT_MESSAGE_LIMIT = 1000      # Exchange's Get-Message -ResultSize default
+MAX_MESSAGE_LIMIT = 1_000_000
+
+
+def _limit(raw: bytes | None) -> int | None:
+    """?limit=N (1 to a million) or ?limit=unlimited; absent: the first 1,000."""
+    if raw is None:
+        return DEFAULT_MESSAGE_LIMIT
+    if raw.lower() == b"unlimited":
+        return None
+    if not re.fullmatch(rb"[0-9]{1,7}", raw) or not 1 <= int(raw) <= MAX_MESSAGE_LIMIT:
+        raise ApiError(400, f"limit must be a number from 1 to {MAX_MESSAGE_LIMIT:,} or unlimited")
+    return int(raw)
 
 
 def _flag(body: dict, key: str) -> bool:

@@ -106,8 +106,16 @@ class ManagementClient:
         return self.request("GET", "/api/queues")["queues"]
 
     def messages(self, queue: str | None = None) -> list[dict]:
+        """The first 1,000 messages, oldest first (the server's default page)."""
+        return self.message_page(queue)["messages"]
+
+    def message_page(self, queue: str | None = None, limit: int | None = 1000) -> dict:
+        """{"messages": [...], "total": n, "truncated": bool}: at most C{limit} (None: all), oldest first."""
         path = "/api/messages" if queue is None else f"/api/queues/{quote(queue, safe='')}/messages"
-        return self.request("GET", path)["messages"]
+        return self.request("GET", f"{path}?limit={'unlimited' if limit is None else int(limit)}")
+
+    def message(self, identity: str) -> dict:
+        return self.request("GET", f"/api/messages/{quote(identity, safe='')}")
 
     def queue_action(self, queue: str, verb: str, body: dict | None = None) -> dict:
         return self.request("POST", f"/api/queues/{quote(queue, safe='')}/{verb}", body or {})

@@ -751,40 +751,67 @@ class QueueManager(Service):
                                  queue.next_retry, min(arrivals) if arrivals else None))
         return out
 
-    def message_infos(self, queue: str | None = None) -> list[MessageInfo]:
+    def message_infos(self, queue: str | None = None, limit: int | None = None) -> list[MessageInfo]:
+        """
+        The messages (of one queue), oldest first, at most C{limit}. Where
+        each sits is found from the queues alone; only the messages listed
+        have their envelope read (a compact one's from its file, not kept),
+        so a listing of the first thousand costs a thousand small reads
+        whatever the queue holds (Exchange's Get-Message shows 1,000 by
+        default, -ResultSize for more).
+        """
+        where = self._places(queue)
+        ids = sorted(where, key=lambda i: (self._messages[i].received_at, i))
+        if limit is not None:
+            ids = ids[:limit]
+        return [self._info(i, where[i]) for i in ids]
+
+    def message_count(self, queue: str | None = None) -> int:
+        """How many messages L{message_infos} would list without a limit."""
+        return len(self._places(queue))
+
+    def message_info(self, identity: str) -> MessageInfo | None:
+        """One message by its queue id (None: not in the queues); only its own envelope is read."""
+        if identity not in self._messages or identity not in self._live:
+            return None
+        places = self._places(None, only=identity).get(identity)
+        return self._info(identity, places) if places else None
+
+    def _places(self, queue: str | None, only: str | None = None) -> dict[str, list]:
+        """Queue id -> [(state, DeliveryQueue, indexes)] of the live messages (of one queue; or one message)."""
         queues = [self._queue(queue)] if queue is not None else list(self.queues.values())
-        where: dict[str, list] = {}          # queue id -> [(state, DeliveryQueue, indexes)]
+        where: dict[str, list] = {}
         for q in queues:
             for state, (message, indexes) in self._items(q):
+                if only is not None and message.queue_id != only:
+                    continue
                 if state == "Ready" and q.status in (QueueStatus.Held, QueueStatus.Suspended, QueueStatus.Retry):
                     state = q.status.value
                 where.setdefault(message.queue_id, []).append((state, q, indexes))
-        out = []
-        for queue_id, places in where.items():
-            message = self._messages.get(queue_id)
-            done = self._live.get(queue_id)
-            if message is None or done is None:
-                continue
-            env = message.envelope         # read from its file if it is compact (not kept)
-            status = {i: ("Complete", None) for i in done}
-            for state, q, indexes in places:
-                for i in indexes:
-                    if i not in done:
-                        status[i] = (state, q)
-            rcpts = tuple(RecipientInfo(r.address, status.get(i, ("Ready", None))[0],
-                                        status[i][1].identity if status.get(i, (0, None))[1] else "",
-                                        status[i][1].last_error if status.get(i, (0, None))[1] else "")
-                          for i, r in enumerate(env.recipients))
-            states = {s for s, _, _ in places}
-            overall = next((s for s in ("Active", "Suspended", "Retry", "Held", "Ready") if s in states), "Ready")
-            if queue_id in self._suspended:
-                overall = "Suspended"
-            errors = [q.last_error for _, q, _ in places if q.last_error]
-            out.append(MessageInfo(queue_id, overall, env.sender, rcpts, env.size, env.received_at,
-                                   tuple(dict.fromkeys(q.identity for _, q, _ in places)),
-                                   errors[0] if errors else "", env.receive_connector, env.peer, env.subject,
-                                   env.message_id))
-        return sorted(out, key=lambda m: (m.received_at, m.identity))
+        return {i: p for i, p in where.items() if i in self._messages and self._live.get(i) is not None}
+
+    def _info(self, queue_id: str, places: list) -> MessageInfo:
+        message = self._messages[queue_id]
+        done = self._live[queue_id]
+        env = message.envelope         # read from its file if it is compact (not kept)
+        status = {i: ("Complete", None) for i in done}
+        for state, q, indexes in places:
+            for i in indexes:
+                if i not in done:
+                    status[i] = (state, q)
+        rcpts = tuple(RecipientInfo(r.address, status.get(i, ("Ready", None))[0],
+                                    status[i][1].identity if status.get(i, (0, None))[1] else "",
+                                    status[i][1].last_error if status.get(i, (0, None))[1] else "")
+                      for i, r in enumerate(env.recipients))
+        states = {s for s, _, _ in places}
+        overall = next((s for s in ("Active", "Suspended", "Retry", "Held", "Ready") if s in states), "Ready")
+        if queue_id in self._suspended:
+            overall = "Suspended"
+        errors = [q.last_error for _, q, _ in places if q.last_error]
+        return MessageInfo(queue_id, overall, env.sender, rcpts, env.size, env.received_at,
+                           tuple(dict.fromkeys(q.identity for _, q, _ in places)),
+                           errors[0] if errors else "", env.receive_connector, env.peer, env.subject,
+                           env.message_id)
 
     def _message(self, identity: str):
         message = self._messages.get(identity)
