@@ -63,7 +63,9 @@ class WithPipeline(ar.Exedge):
     def __init__(self, workdir: str):
         self.workdir = workdir
         self.port = harness.free_port(ar.HOST)
-        config = harness.config_text(self.port, tarpit="0", internet=ar.EXEDGE_INTERNET, extra=PIPELINE)
+        # as accept_rate's exedge: 50 senders from one address must not meet the per-source DATA limit
+        internet = ar.EXEDGE_INTERNET + "max_inbound_data_sessions_per_source = 1000\n"
+        config = harness.config_text(self.port, tarpit="0", internet=internet, extra=PIPELINE)
         self.server = harness.Server(workdir, config, self.port)
 
 
