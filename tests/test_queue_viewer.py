@@ -119,9 +119,9 @@ def answer_confirm(driver, accept=True) -> str:
     return text
 
 
-def sign_in(driver, base, token):
+def sign_in(driver, base, token, page="/"):
     from selenium.webdriver.common.by import By
-    driver.get(base + "/")
+    driver.get(base + page)
     field = wait(driver, lambda d: d.find_element(By.ID, "token") if d.find_element(By.ID, "token").is_displayed()
                  else False, "the token form")
     field.send_keys(token)
@@ -301,3 +301,23 @@ def test_queue_actions_suspend_resume_resubmit_and_redirect(tcp_server, browser)
     with open(dropped, "rb") as f:
         assert b"X-Receiver: <bob@partner.test>" in f.read()
     wait(driver, lambda d: cell(d, "queues", "queue", partner, "message_count") == "0", "the emptied queue")
+
+
+def test_a_long_queue_says_it_shows_only_its_oldest_messages(tcp_server, browser):
+    from manage_scenario import send
+    server, base = tcp_server
+    driver = browser
+    with client_of(server) as client:
+        held_and_retrying(server, client)
+        send(server, "dave@other.test", "nobody routes me either")
+        server.wait_for(lambda: len(client.messages("Unreachable")) == 2, what="two held messages")
+        oldest, newest = client.messages("Unreachable")
+    # the page's own address asks for a page of one (the server lists the oldest 1,000 otherwise)
+    sign_in(driver, base, TOKEN, page="/?limit=1")
+    click(driver, '#queues tr[data-queue="Unreachable"] button[data-action="open"]', "Unreachable's button")
+    wait(driver, lambda d: cell(d, "messages", "message", oldest["identity"], "from_address") == "alice@example.com",
+         "the oldest held message")
+    assert cell(driver, "messages", "message", newest["identity"], "from_address") is None
+    more = driver.execute_script("var p = document.getElementById('more-messages'); return [p.hidden, p.textContent]")
+    assert more == [False, "Showing the oldest 1 of 2 messages in this queue (exedge Get-Message -Queue Unreachable "
+                           "-ResultSize Unlimited lists them all)."]
