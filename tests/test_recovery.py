@@ -103,10 +103,13 @@ def test_new_mail_is_accepted_while_old_mail_is_read_back_and_each_is_announced_
     [new] = session.sink.messages
     assert os.path.exists(new.path)                    # on disk while queue/ is read: recovery meets it
     delivery.finish_one()
-    assert recovery.recovering and recovery.recovered == 100
+    # a step reads 100 files; when the directory lists the new message among
+    # them (about one run in twenty) it is skipped there: its commit announced it
+    first_step = recovery.recovered
+    assert recovery.recovering and first_step in (99, 100)
     # one more accepted in the middle
     assert StringSession(config, directory, spool=spool).codes(MAIL)[-1] == "250 2.6.0"
-    assert recovery.status() == {"recovering": True, "recovered": 100}
+    assert recovery.status() == {"recovering": True, "recovered": first_step}
     steps(delivery, recovery)
     assert recovery.done.called and recovery.recovered == 2000
     assert set(counting.submits) == set(old)           # every old message, none of the new ones
