@@ -99,6 +99,13 @@ class IRemoteTriggers(Interface):
 
     run = Attribute("run(f): a Deferred of f() on the spool's delivery threads, for reading messages")
 
+    def preload(match):
+        """
+        A Deferred of C{release()}: the held mail C{match} selects made ready
+        (envelopes read back off the reactor's thread) for a L{trigger} with
+        an agent; call C{release()} once that trigger is done.
+        """
+
     def trigger(match, agent=None):
         """
         Run once every held remote-triggered queue whose L{NextHop}

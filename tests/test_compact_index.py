@@ -227,3 +227,54 @@ def test_an_admin_listing_reads_only_the_envelopes_it_shows(tmp_path):
     assert manager.message_info(middle.queue_id).sender == "a@s.test"
     assert manager.message_info("NOSUCHID") is None
     assert all(m.loaded_envelope() is None for m in (oldest, middle))   # read for the listing, not kept
+
+
+class Collecting:
+    """An ATRN run's agent (the site's one session), noting what it was handed; it never answers."""
+
+    def __init__(self):
+        self.handed = []
+
+    def deliver(self, message, recipients):
+        env = message.loaded_envelope()          # pinned by the attempt, never read by it here
+        self.handed.append((message.queue_id, [env.recipients[i].address for i in recipients]))
+        return defer.Deferred()
+
+
+def test_an_atrn_run_has_the_sites_held_mail_read_back_on_a_delivery_thread_first(tmp_path):
+    """The collection must be handed every message before the connection turns; reading them is not the reactor's."""
+    from test_etrn import HELD
+    directory = str(tmp_path / "spool")
+    Spool(directory, now).prepare()
+    for n in range(3):
+        committed(Spool(directory, now), envelope(f"u{n}@branch.fabrikam.com"))
+    held = read_back(directory)
+    delivery = ManualRun()
+    spool = Spool(directory, now, delivery)
+    cfg = loads(config_text(2525, extra=HELD))
+    manager = QueueManager(spool, Router(cfg.accepted_domains, cfg.send_connectors), {}, clock=task.Clock())
+    manager.startService()
+    for message in held:
+        manager.submit(message)
+    delivery.flush()                         # routed (read back for it), then left to wait compact
+    [queue] = [q for q in manager.queues.values() if q.hop.connector == "To Branch"]
+    assert queue.status is QueueStatus.Held and queue.message_count == 3
+    assert all(m.loaded_envelope() is None for m in held)
+
+    def match(hop):
+        return hop.connector == "To Branch"
+
+    ready = manager.preload(match)
+    assert not ready.called and delivery.jobs          # waiting for the delivery thread
+    delivery.flush()
+    release = ready.result
+    assert all(m.loaded_envelope() is not None for m in held)
+    expected = sorted((m.queue_id, [m.loaded_envelope().recipients[0].address]) for m in held)
+    for message in held:
+        os.unlink(message.path)                         # a read on the reactor's thread now would fail
+    site = Collecting()
+    result = manager.trigger(match, site)
+    release()
+    assert result.started and result.messages == 3
+    assert sorted(site.handed) == expected
+    assert not delivery.jobs                             # nothing more was read for the run

@@ -10,6 +10,7 @@ manager itself.
 
 from __future__ import annotations
 
+from twisted.internet import defer
 from zope.interface import implementer
 
 from exedge.interfaces import IRemoteTriggers
@@ -29,6 +30,16 @@ class Triggers:
         """
         self._queue = queue
         self.run = run
+
+    def preload(self, match):
+        """
+        A Deferred of C{release()}: the envelopes of the held mail C{match}
+        selects read back off the reactor's thread and kept until C{release()}
+        (L{exedge.queue.manager.QueueManager.preload}), for an ATRN run.
+        """
+        if self._queue is None:
+            return defer.succeed(lambda: None)
+        return self._queue.preload(match)
 
     def trigger(self, match, agent=None):
         """The queue's L{exedge.queue.manager.Triggered}, or None while no queue serves the door."""

@@ -170,9 +170,21 @@ class Etrn(Stage):
 
     def _turn_round(self, session, connectors, domains, *, what: str, none_waiting):
         names = {c.name for c in connectors}
+
+        def match(hop):
+            return hop.connector in names and (not domains or hop.destination in domains)
+
+        # the site's held mail read back off the reactor's thread first: the
+        # collection must be handed every message before the connection turns
+        return self.triggers.preload(match).addCallback(
+            self._turned, session, match, domains, what=what, none_waiting=none_waiting)
+
+    def _turned(self, release, session, match, domains, *, what: str, none_waiting):
         collection = Collection(self.triggers.run, helo=self.helo, clock=self.clock, peer=session.peer)
-        result = self.triggers.trigger(
-            lambda hop: hop.connector in names and (not domains or hop.destination in domains), collection)
+        try:
+            result = self.triggers.trigger(match, collection)
+        finally:
+            release()
         if result is None or result.suspended or (result.running and not result.started):
             return defer_(f"Unable to process {what} request now", "4.3.0", 451)
         log.info("{what} from {account} at {peer}: {messages} message(s) for {domains}", what=what,

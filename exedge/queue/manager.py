@@ -505,14 +505,34 @@ class QueueManager(Service):
             message.unpin()             # the attempts hold their own pins now
         return attrs.evolve(result, started=started)
 
+    def preload(self, match) -> defer.Deferred:
+        """
+        Before an ATRN run: the envelopes of what waits in the held
+        remote-triggered queues C{match(hop)} accepts, read back on delivery
+        threads (L{LOAD_STEP} at a time, as recovery reads) and pinned.
+        Fires with C{release()}, to call once L{trigger} has taken its own
+        pins: L{trigger} then reads nothing on the reactor's thread but what
+        came in since (L{_pin_now}).
+        """
+        queues = [q for q in self.queues.values() if self._remote_triggered(q.hop) and match(q.hop)]
+        items = [item for q in queues for item in list(q.items) + q.waiting]
+        gate = defer.Deferred()
+
+        def release() -> None:
+            if not gate.called:
+                gate.callback(None)
+
+        return self._with_envelopes(items, lambda message, left: gate).addCallback(lambda _: release)
+
     def _pin_now(self, items) -> list:
         """
         The envelopes of these items' compact messages read now, on the
         reactor's thread, and pinned; the messages pinned. Only for an ATRN
         run: its agent (the site's one session) must be handed every message
         before the connection turns round, as it asks for them once; a
-        read on a delivery thread would come too late. It blocks for the
-        site's own held mail, once per ATRN.
+        read on a delivery thread would come too late. L{preload} has read
+        what waited before the site asked; only mail that came in since is
+        read here.
         """
         pinned = []
         for message, _ in items:
