@@ -35,6 +35,28 @@ def checkout(rev: str):
         subprocess.run(["git", "-C", TOP, "worktree", "remove", "--force", path], check=False)
 
 
+class Runner:
+    """
+    What every benchmark's exedge runner class shares: C{self.server} (a
+    tests/harness.py C{Server} its constructor makes, with C{code=self.code}),
+    started, its PID, stopped; C{name} and C{code} are what L{variant} sets.
+    """
+
+    name = "exedge"
+    code: str | None = None       # another checkout of exedge to run (--against), None: this one
+    start_timeout = 20.0          # seconds to the first greeting (a big spool's servers need more)
+
+    def start(self) -> None:
+        self.server.start(timeout=self.start_timeout)
+
+    @property
+    def pid(self) -> int:
+        return self.server.proc.pid
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
 def variant(server: type, tree: str, name: str) -> type:
     """C{server} (a benchmark's exedge runner class) running the code of C{tree}, reported as C{name}."""
     return type(f"{server.__name__}At", (server,), {"name": name, "code": tree})

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import resource
 import shutil
@@ -54,9 +53,8 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-class Exedge:
-    name = "exedge"
-    code: str | None = None
+class Exedge(against.Runner):
+    start_timeout = 60.0
 
     def __init__(self, workdir: str, backlog: int | None):
         self.port = harness.free_port()
@@ -68,15 +66,6 @@ class Exedge:
         config = harness.server_config(receive_connectors=(connector,)).format(port=self.port)
         self.server = harness.Server(workdir, config, self.port, code=self.code)
 
-    def start(self) -> None:
-        self.server.start(timeout=60)
-
-    @property
-    def pid(self) -> int:
-        return self.server.proc.pid
-
-    def stop(self) -> None:
-        self.server.stop()
 
 
 async def greeted(port: int, timeout: float, holder: list | None) -> str:
@@ -236,9 +225,7 @@ def run(args, kinds, limit: int) -> int:
                       f"({min(last):.2f}-{max(last):.2f})")
     if cap.cut:
         print(f"idle_sessions: --max-seconds {args.max_seconds:.0f} reached: rounds skipped")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"exedge": against.here(), "rlimit_nofile": limit, "somaxconn": somaxconn, "runs": runs}, f, indent=1)
+    proc.write_json(args.json, {"exedge": against.here(), "rlimit_nofile": limit, "somaxconn": somaxconn, "runs": runs})
     all_greeted = all(x["greeted"] == x["sessions"] for x in runs)
     return 0 if all_greeted and not cap.cut else 1
 

@@ -157,3 +157,11 @@ def median(values: list[float]) -> float:
     if not n:
         return 0.0
     return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def write_json(path: str, data) -> None:
+    """A benchmark's results to C{path} (its directory made if need be), for later reading."""
+    import json
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)

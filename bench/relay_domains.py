@@ -92,12 +92,12 @@ class DNS:
         proc.stop_pid(self.proc)
 
 
-class Exedge:
+class Exedge(against.Runner):
     """exedge relaying by MX (default) or to the sink as a smart host for the ten domains."""
 
     name = "exedge-mx"
     smart_host = False
-    code: str | None = None
+    start_timeout = 60.0
 
     def __init__(self, workdir: str, sink: Sink, dns: DNS):
         self.port = harness.free_port()
@@ -118,18 +118,8 @@ class Exedge:
         self.queue = os.path.join(workdir, "var", "spool", "queue")
         self.server = harness.Server(workdir, config, self.port, code=self.code)
 
-    def start(self) -> None:
-        self.server.start(timeout=60)
-
-    @property
-    def pid(self) -> int:
-        return self.server.proc.pid
-
     def queued(self) -> int:
         return count_files(self.queue) if os.path.isdir(self.queue) else 0
-
-    def stop(self) -> None:
-        self.server.stop()
 
 
 class ExedgeSmartHost(Exedge):
@@ -338,9 +328,7 @@ def run(args, before) -> int:
             print(f"  100 rcpts/10 domains, {k.name} / postfix: {ex / pf:.2f}x (target >= 0.8x)")
     if cap.cut:
         print(f"relay_domains: --max-seconds {args.max_seconds:.0f} reached: runs skipped")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"exedge": against.here(), "rounds": rounds, "cut_by_time": cap.cut, "runs": results}, f, indent=1)
+    proc.write_json(args.json, {"exedge": against.here(), "rounds": rounds, "cut_by_time": cap.cut, "runs": results})
     return 0 if all(x["complete"] for x in results) and not cap.cut else 1
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import tomllib
-import json
 import os
 import shutil
 import socket
@@ -108,9 +107,7 @@ class Sink:
         proc.stop_pid(self.proc)
 
 
-class Exedge:
-    name = "exedge"
-    code: str | None = None   # another checkout of exedge to run (--against), None: this one
+class Exedge(against.Runner):
     server_lines: str = ""    # [server] keys for this side (--server, --base-server), TOML
 
     def __init__(self, workdir: str, sink_port: int | None, mode: str = "relay"):
@@ -132,19 +129,9 @@ class Exedge:
         self.spool = os.path.join(workdir, "var", "spool", "queue")
         self.server = harness.Server(workdir, config, self.port, code=self.code)
 
-    def start(self) -> None:
-        self.server.start()
-
-    @property
-    def pid(self) -> int:
-        return self.server.proc.pid
-
     def stored(self) -> int:
         """Messages in the spool now (accept mode: every acknowledged one stays)."""
         return count_files(self.spool) if os.path.isdir(self.spool) else 0
-
-    def stop(self) -> None:
-        self.server.stop()
 
 
 class Postfix:
@@ -311,10 +298,8 @@ def compare(args, Base, Exedge) -> int:
               f"{bcpu:>11.0f} {ecpu:>10.0f} {bcores:>10.2f} {ecores:>9.2f}  {ranges}")
     if cap.cut:
         print(f"relay_rate: --max-seconds {args.max_seconds:.0f} reached: the remaining runs were skipped")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"exedge": against.here(), "base": Base.name, "rounds": rounds, "cut_by_time": cap.cut,
-                   "runs": results}, f, indent=1)
+    proc.write_json(args.json, {"exedge": against.here(), "base": Base.name, "rounds": rounds,
+                                "cut_by_time": cap.cut, "runs": results})
     return 0 if all(r["complete"] for r in results) and not cap.cut else 1
 
 

@@ -228,9 +228,7 @@ def run(args, kinds) -> int:
     report(args, kinds, results)
     if cap.cut:
         print(f"restart: --max-seconds {args.max_seconds:.0f} reached: rounds skipped")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
+    proc.write_json(args.json, results)
     return 0 if ok and not cap.cut else 1
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import smtplib
@@ -297,9 +296,7 @@ def main(argv=None) -> int:
             print(f"  {kind:9} ({NORMAL[kind]}): none sent{shown}")
     if cap.cut:
         print(f"slowloris: --max-seconds {args.max_seconds:.0f} reached")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(res, f, indent=1)
+    proc.write_json(args.json, res)
     # what must hold: the internal client is served, each message within a second
     internal = res["normal"]["internal"]
     ok = internal and not res["normal_failures"]["internal"] and max(internal) < 1.0 and not cap.cut
