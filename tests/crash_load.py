@@ -1,10 +1,11 @@
 """
 The load the kill -9 tests send: threads, each on one connection (a new
 one after an error), sending messages that carry a token, counted as
-acknowledged (250 seen) or failed. Shared by test_crash_safety and
-test_receive_workers.
+acknowledged (250 seen) or failed; and what reached the drop directory,
+by token. Shared by test_crash_safety and test_receive_workers.
 """
 
+import os
 import re
 import smtplib
 import threading
@@ -54,3 +55,19 @@ def start_senders(port, tokens, connections: int = 10, **options):
     for t in threads:
         t.start()
     return threads, acked, failed, stop
+
+
+def delivered(server) -> dict[str, int]:
+    """Token -> how many times it is in the drop directory, once the spool has drained; every file whole."""
+    queue_dir = server.path("var", "spool", "queue")
+    server.wait_for(lambda: not os.listdir(queue_dir), timeout=30, what="the spool to drain")
+    seen: dict[str, int] = {}
+    for path in server.drop_files():
+        with open(path, "rb") as f:
+            data = f.read()
+        m = TOKEN.search(data)
+        assert m, f"{path} has no token: a partial or foreign message"
+        token = m.group(1).decode()
+        assert data.endswith(b"END-OF-%s\r\n" % token.encode()), f"{path} is truncated"
+        seen[token] = seen.get(token, 0) + 1
+    return seen

@@ -7,33 +7,13 @@ and account for every message.
 import os
 import time
 
-from crash_load import TOKEN, start_senders as _start_senders
-
-
-def _contents(path):
-    with open(path, "rb") as f:
-        return f.read()
+from crash_load import delivered, start_senders as _start_senders
 
 
 def _wait_acked(acked, count=60):
     deadline = time.monotonic() + 60
     while len(acked) < count and time.monotonic() < deadline:
         time.sleep(0.005)
-
-
-def _delivered(server) -> dict[str, int]:
-    """Token -> how many times it is in the drop directory, once the spool has drained; every file whole."""
-    queue_dir = server.path("var", "spool", "queue")
-    server.wait_for(lambda: not os.listdir(queue_dir), timeout=30, what="the spool to drain")
-    seen: dict[str, int] = {}
-    for path in server.drop_files():
-        data = _contents(path)
-        m = TOKEN.search(data)
-        assert m, f"{path} has no token: a partial or foreign message"
-        token = m.group(1).decode()
-        assert data.endswith(b"END-OF-%s\r\n" % token.encode()), f"{path} is truncated"
-        seen[token] = seen.get(token, 0) + 1
-    return seen
 
 
 def test_kill_9_during_200_messages_loses_no_acknowledged_message(start_server):
@@ -52,7 +32,7 @@ def test_kill_9_during_200_messages_loses_no_acknowledged_message(start_server):
     assert acked_at_kill | failed == set(tokens)
 
     server.start()
-    seen = _delivered(server)
+    seen = delivered(server)
     assert os.listdir(server.path("var", "spool", "incoming")) == []
 
     duplicates = {t: n for t, n in seen.items() if n > 1}
@@ -88,7 +68,7 @@ def test_kill_9_of_the_commit_worker_mid_stream_loses_nothing_and_mail_keeps_flo
     [new_worker] = _children(server.proc.pid)
     assert new_worker != worker
 
-    seen = _delivered(server)
+    seen = delivered(server)
     assert not {t: n for t, n in seen.items() if n > 1}
     assert acked <= set(seen), f"acknowledged but lost: {sorted(acked - set(seen))}"
     # a commit the worker never answered was refused (451) and removed: not delivered behind the client's back

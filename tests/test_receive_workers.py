@@ -16,7 +16,7 @@ import smtplib
 import socket
 import time
 
-from crash_load import TOKEN, body, start_senders
+from crash_load import body, delivered, start_senders
 
 WORKERS = "receive_workers = 2"
 
@@ -67,22 +67,6 @@ def _body(token: str) -> bytes:
     return body(token, "workers", 40)
 
 
-def _delivered(server) -> dict[str, int]:
-    """Token -> copies in the drop directory once the spool is empty; every file whole."""
-    queue_dir = server.path("var", "spool", "queue")
-    server.wait_for(lambda: not os.listdir(queue_dir), timeout=30, what="the spool to drain")
-    seen: dict[str, int] = {}
-    for path in server.drop_files():
-        with open(path, "rb") as f:
-            data = f.read()
-        m = TOKEN.search(data)
-        assert m, f"{path} has no token"
-        token = m.group(1).decode()
-        assert data.endswith(b"END-OF-%s\r\n" % token.encode()), f"{path} is truncated"
-        seen[token] = seen.get(token, 0) + 1
-    return seen
-
-
 def _greeting(sock: socket.socket) -> bytes:
     data = b""
     while not data.endswith(b"\r\n"):
@@ -104,7 +88,7 @@ def test_two_workers_accept_and_deliver(start_server):
     finally:
         for client in clients:
             client.quit()
-    seen = _delivered(server)
+    seen = delivered(server)
     assert seen == {f"A{n:02d}": 1 for n in range(20)}
     assert sorted(_receive_workers(server)) == sorted(workers)
     # both workers served sessions; the tracking log (written by the main process) has every RECEIVE
@@ -159,7 +143,7 @@ def test_kill_9_of_workers_mid_load_loses_and_duplicates_nothing(start_server):
     workers = _wait_workers(server, ready=2 + len(killed))
     assert not set(workers) & set(killed)
 
-    seen = _delivered(server)
+    seen = delivered(server)
     assert not {t: n for t, n in seen.items() if n > 1}, "delivered twice"
     assert acked <= set(seen), f"acknowledged but lost: {sorted(acked - set(seen))}"
     # announced and queued in the instant before the worker died, its 250 unsent: SMTP's known duplicate
@@ -237,7 +221,7 @@ def test_reload_reaches_every_worker(start_server):
     finally:
         for client in clients:
             client.quit()
-    assert _delivered(server) == {"R1": 1}
+    assert delivered(server) == {"R1": 1}
 
 
 def test_main_process_killed_leaves_no_worker_behind(start_server):
@@ -276,7 +260,7 @@ def test_back_pressure_refuses_in_workers_as_in_one_process(start_server):
             assert c.mail("a@partner.test") == (452, b"4.3.1 Insufficient system resources")
     with smtplib.SMTP("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.2", 0)) as c:
         c.sendmail("a@partner.test", ["bob@example.com"], _body("SECURED"))
-    assert _delivered(server) == {"SECURED": 1}
+    assert delivered(server) == {"SECURED": 1}
 
 
 def test_a_level_change_reaches_a_session_already_running_in_a_worker(start_server):
