@@ -295,8 +295,8 @@ class IQueueAdmin(Interface):
     def message_infos(queue=None, limit=None):
         """The messages (in the queue with identity C{queue}), oldest first, at most C{limit}, as L{MessageInfo} values."""
 
-    def message_count(queue=None):
-        """How many messages L{message_infos} would list without a limit."""
+    def message_page(queue=None, limit=None):
+        """(L{message_infos}, how many messages there are in all): one look at the queues for both."""
 
     def message_info(identity):
         """One message's L{MessageInfo}, or None when it is not in the queues."""

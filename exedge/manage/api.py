@@ -263,8 +263,7 @@ class ManagementAPI(resource.Resource):
         if queue is not None:
             queue = self._find_queue(queue).identity
         limit = _limit(request.args.get(b"limit", [None])[0])
-        messages = self.admin.message_infos(queue, limit)
-        total = self.admin.message_count(queue) if limit is not None and len(messages) >= limit else len(messages)
+        messages, total = self.admin.message_page(queue, limit)
         return {"messages": [message_json(m, self.server_name) for m in messages],
                 "total": total, "truncated": total > len(messages)}
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import datetime
 import enum
+import heapq
 import itertools
 
 import attrs
@@ -772,23 +773,25 @@ class QueueManager(Service):
         return out
 
     def message_infos(self, queue: str | None = None, limit: int | None = None) -> list[MessageInfo]:
+        """The messages (of one queue), oldest first, at most C{limit} (L{message_page} without the count)."""
+        return self.message_page(queue, limit)[0]
+
+    def message_page(self, queue: str | None = None, limit: int | None = None) -> tuple[list[MessageInfo], int]:
         """
-        The messages (of one queue), oldest first, at most C{limit}. Where
-        each sits is found from the queues alone; only the messages listed
-        have their envelope read (a compact one's from its file, not kept),
-        so a listing of the first thousand costs a thousand small reads
-        whatever the queue holds (Exchange's Get-Message shows 1,000 by
-        default, -ResultSize for more).
+        The oldest C{limit} messages (of one queue) and how many there are
+        in all. Where each sits is found from the queues alone; only the
+        messages listed have their envelope read (a compact one's from its
+        file, not kept), so a page of the first thousand costs a thousand
+        small reads whatever the queue holds (Exchange's Get-Message shows
+        1,000 by default, -ResultSize for more).
         """
         where = self._places(queue)
-        ids = sorted(where, key=lambda i: (self._messages[i].received_at, i))
-        if limit is not None:
-            ids = ids[:limit]
-        return [self._info(i, where[i]) for i in ids]
 
-    def message_count(self, queue: str | None = None) -> int:
-        """How many messages L{message_infos} would list without a limit."""
-        return len(self._places(queue))
+        def age(queue_id):
+            return self._messages[queue_id].received_at, queue_id
+
+        ids = sorted(where, key=age) if limit is None else heapq.nsmallest(limit, where, key=age)
+        return [self._info(i, where[i]) for i in ids], len(where)
 
     def message_info(self, identity: str) -> MessageInfo | None:
         """One message by its queue id (None: not in the queues); only its own envelope is read."""
