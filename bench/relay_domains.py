@@ -148,8 +148,7 @@ class Postfix:
 
     @property
     def pid(self) -> int:
-        with open(os.path.join(self.instance.queue, "pid", "master.pid")) as f:
-            return int(f.read().strip())
+        return self.instance.pid
 
     def queued(self) -> int:
         return sum(count_files(os.path.join(self.instance.queue, q)) for q in

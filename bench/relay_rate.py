@@ -162,8 +162,7 @@ class Postfix:
 
     @property
     def pid(self) -> int:
-        with open(os.path.join(self.instance.queue, "pid", "master.pid")) as f:
-            return int(f.read().strip())
+        return self.instance.pid
 
     def stored(self) -> int:
         hold = os.path.join(self.instance.queue, "hold")

@@ -114,19 +114,26 @@ class PrivatePostfix:
         self.stop()
         raise RuntimeError(f"postfix did not listen on {self.port}:\n{self.log[-2000:]}")
 
+    @property
+    def pid(self) -> int:
+        """The master's process id from its pid file; 0 when there is none (not running)."""
+        try:
+            with open(os.path.join(self.queue, "pid", "master.pid")) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return 0
+        return int(text) if re.fullmatch(r"\d+", text) else 0
+
     def stop(self) -> None:
         try:
             self.postfix("stop")
         except (RuntimeError, subprocess.TimeoutExpired):
             pass
-        pid_file = os.path.join(self.queue, "pid", "master.pid")
-        if os.path.exists(pid_file):
-            text = open(pid_file).read().strip()
-            pid = int(text) if re.fullmatch(r"\d+", text) else 0
+        pid = self.pid
+        if pid:
             for _ in range(100):
                 try:
-                    if pid:
-                        os.kill(pid, 0)
+                    os.kill(pid, 0)
                 except OSError:
                     break
                 time.sleep(0.1)
