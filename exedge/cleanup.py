@@ -260,22 +260,28 @@ class Cleanup:
                 message_id=message_id, subject=subject, session=trace.session,
             )
 
+        started = self.clock.seconds()
+
+        def committed(size: int) -> defer.Deferred:
+            env = envelope(size)
+            return self._commit(draft.incoming, env).addCallback(self._received, env, trace, started)
+
         if message is not None and message.edited:
-            d = draft.incoming.rewrite(message.edit(draft.prefix_length))
-            d.addCallback(lambda length: self._commit(draft.incoming, envelope(length)))
+            d = draft.incoming.rewrite(message.edit(draft.prefix_length)).addCallback(committed)
         else:
-            d = self._commit(draft.incoming, envelope(draft.size))
-        d.addCallback(self._received, trace, self.clock.seconds())
+            d = committed(draft.size)
         return d.addCallbacks(self._receipt, self._failed, errbackArgs=(draft.incoming,))
 
-    def _received(self, stored, trace: Trace, started: float):
+    def _received(self, stored, env: Envelope, trace: Trace, started: float):
         """
         The message is on disk and queued: one line at the default level
         that ties the session to the queue id (formatted once, as the
-        protocol log's), and its RECEIVE event.
+        protocol log's), and its RECEIVE event. From C{env}, the envelope
+        just committed, not C{stored.envelope}: the queue may already have
+        let it go (a held message is compact at once), and reading it back
+        here would block the reactor on the file.
         """
         self.commit_seconds(max(0.0, self.clock.seconds() - started))
-        env = stored.envelope
         log.info("{line}", line=f"{stored.queue_id}: received in session {trace.session or '-'} on "
                  f"{trace.connector} from <{env.sender}>, {len(env.recipients)} recipient(s), {env.size} bytes, "
                  f"message-id {env.message_id or '(none)'}",

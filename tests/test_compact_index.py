@@ -279,3 +279,38 @@ def test_an_atrn_run_has_the_sites_held_mail_read_back_on_a_delivery_thread_firs
     assert result.started and result.messages == 3
     assert sorted(site.handed) == expected
     assert not delivery.jobs                             # nothing more was read for the run
+
+
+class Tracking:
+    def __init__(self):
+        self.events = []
+
+    def track(self, event):
+        self.events.append(event)
+
+
+def test_cleanup_reports_a_received_message_from_the_envelope_it_committed_not_from_the_file(tmp_path):
+    """
+    Once the queue has the message it may let the envelope go at once (a
+    held message is compact) or be done with it (delivered and its file
+    gone, here by a drop agent that runs in the calling thread). The 250's
+    log line and RECEIVE event come from the envelope cleanup committed:
+    reading the file back there would block the reactor, or fail.
+    """
+    from exedge.cleanup import Cleanup, Transaction, Trace
+    directory = str(tmp_path / "spool")
+    spool = Spool(directory, now)
+    spool.prepare()
+    manager, agent = manager_for(tmp_path, spool)
+    tracking = Tracking()
+    cleanup = Cleanup(spool, manager, task.Clock(), tracking=tracking)
+    receipts = []
+    for rcpt in ("b@example.com", "x@nowhere.test"):        # delivered at once; held in Unreachable
+        draft = cleanup.open(Trace("client.test", "127.0.0.1", 2525, "edge01.example.com", "From Internet", "S1"))
+        draft.write(DATA)
+        cleanup.commit(Transaction(sender="a@s.test", recipients=[Recipient(rcpt)]), None, draft,
+                       b"Subject: held\r\nMessage-ID: <m@s.test>\r\n").addCallback(receipts.append)
+    assert [r.code for r in receipts] == [250, 250]
+    assert [(e.event_id, e.recipients, e.message_id) for e in tracking.events] == [
+        ("RECEIVE", ("b@example.com",), "<m@s.test>"), ("RECEIVE", ("x@nowhere.test",), "<m@s.test>")]
+    assert [rcpts for _, _, rcpts in agent.seen] == [[0]] and len(os.listdir(spool.queue_dir)) == 1
