@@ -248,7 +248,7 @@ class ExedgeServer(MultiService):
         # back pressure: sampled from start-up, read by every session at MAIL FROM (through ServerContext)
         self.back_pressure = ResourceMonitor(config.back_pressure, reactor,
                                              spool_directory=config.server.spool_directory,
-                                             queue_length=lambda: self.manager.summary()["messages"],
+                                             queue_length=lambda: self.manager.message_count(),
                                              rss=lambda: rss_probe() + (self.workers.rss() if self.workers else 0),
                                              metrics=self.metrics)
         # every thread that checks passwords, whichever directory a reload names

@@ -43,6 +43,7 @@ doing.
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 
 from zope.interface import Interface
@@ -69,7 +70,9 @@ class IDataSession(Interface):
 SLOW_SOURCES = 4096     # addresses remembered as evicted for slowness, per table (about 0.5 MB at most)
 
 
+@functools.lru_cache(maxsize=4096)
 def _address(host: str):
+    """The address a host string names (cached: each session asks four times, and parsing costs more than the rest of a count)."""
     addr = ipaddress.ip_address(host.split("%", 1)[0])
     if addr.version == 6 and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
