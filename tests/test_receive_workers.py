@@ -346,3 +346,41 @@ def test_a_size_the_spool_cannot_take_is_refused_in_a_worker(start_server, tmp_p
         assert c.mail("a@partner.test", [f"SIZE={5 * 1024**3}"]) == (452, b"4.3.1 Insufficient system storage")
         assert c.mail("a@partner.test", ["SIZE=1000"])[0] == 250
     assert "Traceback" not in server.log
+
+
+class _Stream:
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_a_workers_log_lines_of_one_turn_go_out_in_one_write_and_an_error_at_once():
+    """The main process reads them line by line either way; a write each cost a system call and a wake-up."""
+    from twisted.internet import task
+    from twisted.logger import LogLevel, Logger
+
+    from exedge.receive.worker import _StderrLog
+
+    clock = task.Clock()
+    clock.running = True
+    stream = _Stream()
+    log = Logger(namespace="test", observer=_StderrLog(clock, stream))
+    log.info("connect {n}", n=1)
+    log.warn("odd \x1b[31m")
+    log.info("disconnect")
+    assert stream.writes == []                      # not yet: the turn goes on
+    clock.advance(0)
+    assert stream.writes == ["info\tconnect 1\nwarn\todd \\x1b[31m\ninfo\tdisconnect\n"]
+    log.info("received")
+    log.emit(LogLevel.error, "commit failed")         # written at once, after what waited, in order
+    assert stream.writes[1:] == ["info\treceived\nerror\tcommit failed\n"]
+    clock.advance(0)
+    assert len(stream.writes) == 2
+    clock.running = False                             # stopping: nothing waits for a turn that may not come
+    log.info("Main loop terminated.")
+    assert stream.writes[2:] == ["info\tMain loop terminated.\n"]
