@@ -29,7 +29,6 @@ from twisted.python.threadpool import ThreadPool
 
 from exedge import tls
 from exedge.auth.credentials import CramMD5Checker, FileChecker, portal_for
-from exedge.auth.directory import DirectoryChecker
 from exedge.auth.secrets import load_secrets
 from exedge import __version__
 from exedge.config import Config, ConfigError, load
@@ -166,6 +165,7 @@ def receive_portal(config: Config, secrets, auth_run):
     """The twisted.cred portal AUTH checks against ([directory]), or None: no AUTH anywhere (receive workers too)."""
     checker = None
     if config.directory.servers:
+        from exedge.auth.directory import DirectoryChecker   # ldap3: ~80 ms of start-up, only for a directory
         checker = DirectoryChecker(config.directory, auth_run, secrets.directory_service)
     elif config.directory.credentials_file:
         checker = FileChecker(config.directory.credentials_file, auth_run)

@@ -22,6 +22,7 @@ C{exedge user add} needs no restart.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import os
@@ -88,7 +89,14 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(got, expected)
 
 
-_DUMMY = hash_password("not a password", salt=b"\0" * 16)
+@functools.cache
+def _dummy() -> str:
+    """
+    What an unknown name's password is checked against, so that it takes as
+    long as a known one's. Made at the first check, not at import: one
+    scrypt is ~60 ms of every start-up otherwise (issue 14: greet at once).
+    """
+    return hash_password("not a password", salt=b"\0" * 16)
 
 
 @attrs.frozen
@@ -204,7 +212,7 @@ class FileChecker:
 
         def check():
             entry = self._current().get(name.lower())
-            ok = verify_password(password, entry.hash if entry else _DUMMY)
+            ok = verify_password(password, entry.hash if entry else _dummy())
             if not (ok and entry and password):
                 raise cred_error.UnauthorizedLogin("bad user name or password")
             return identity_for(entry.name, entry.groups)

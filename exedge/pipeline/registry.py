@@ -23,7 +23,7 @@ from twisted.plugin import getPlugins
 
 from exedge.config import ConfigError
 
-from . import builtin, content, sender_id
+from . import builtin, content, sender_id_factory
 from .runner import Entry, Pipeline
 from .stage import IStageFactory, hooks_of
 
@@ -33,7 +33,7 @@ def builtins() -> dict:
     # the dequeue room's ETRN stage imports the stage interface from this
     # package: imported when asked for, not when this module is
     from exedge.dequeue.etrn import EtrnFactory
-    return {f.name: f for f in (*builtin.BUILTIN.values(), sender_id.SenderIdFactory(), *content.FACTORIES,
+    return {f.name: f for f in (*builtin.BUILTIN.values(), sender_id_factory.SenderIdFactory(), *content.FACTORIES,
                                 EtrnFactory())}
 
 PACKAGE = "exedge_dropins"

@@ -54,13 +54,12 @@ import dns.nameserver
 import dns.resolver
 import spf
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from exedge.config import values as v
 
 from .builtin import DomainSet
 from .offload import StageThreads
-from .stage import IStageFactory, Stage, defer_, reject
+from .stage import Stage, defer_, reject
 
 log = Logger()
 
@@ -285,39 +284,3 @@ def _pvalue(domain: str) -> str:
 
 def _authserv_id(value: str) -> str:
     return str(value).split(";", 1)[0].strip().split()[0].lower() if str(value).strip() else ""
-
-
-def _threads(value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
-        raise ValueError(f"threads is a number from 1 to 64, got {value!r}")
-    return value
-
-
-def _dns_timeout(value):
-    seconds = float(v.parse_timespan(value))
-    if not 1 <= seconds <= 300:
-        raise ValueError(f"dns_timeout is 1s to 5m, got {value!r}")
-    return seconds
-
-
-@implementer(IStageFactory)
-class SenderIdFactory:
-    name = "sender_id"
-    anti_spam = True
-    hooks = ("on_mail", "on_rcpt", "on_message")
-    options = {
-        "fail_action": v.choice("StampStatus", "Reject", "Delete"),
-        "temp_error_action": v.choice("StampStatus", "Reject"),
-        "bypassed_recipients": v.list_of(v.address),
-        "bypassed_sender_domains": v.list_of(lambda d: v.parse_domain(d, wildcard=True)),
-        "dns_timeout": _dns_timeout,
-        "threads": _threads,
-    }
-    defaults = {"fail_action": "StampStatus", "temp_error_action": "StampStatus", "bypassed_recipients": [],
-                "bypassed_sender_domains": [], "dns_timeout": "20s", "threads": 4}
-
-    def build(self, options, context=None):
-        config = getattr(context, "config", None)
-        server = getattr(config, "server", None)
-        return SenderId(**options, dns_servers=getattr(server, "dns_servers", ()),
-                        fqdn=getattr(server, "fqdn", None))
