@@ -15,16 +15,26 @@ from __future__ import annotations
 import collections
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from zope.interface import implementer
 
 from exedge.interfaces import IMessageTracking
 
 
+# what receive workers count (their sessions' TLS, AUTH, refusals, pipeline and
+# commits): the attribute names of those metrics, summed into the main
+# process's at every scrape (L{Metrics.snapshot}, L{Metrics.worker_reported})
+FROM_WORKERS = ("tls", "auth", "pressure_refused", "data_refused", "verdicts", "stage_latency", "commit")
+
+
 class Metrics:
     def __init__(self, clock=None):
         self.clock = clock
-        r = self.registry = CollectorRegistry()
+        self.registry = CollectorRegistry()
+        # the metrics workers count too live in a registry of their own; the
+        # exposed one shows them with the workers' counts added (_Merged)
+        own = self._own = CollectorRegistry()
+        r = self.registry
         self.connections = Counter("exedge_connections", "connections accepted, per receive connector",
                                    ["connector"], registry=r)
         self.sessions = Gauge("exedge_sessions", "SMTP sessions open now, per receive connector",
@@ -38,16 +48,16 @@ class Metrics:
         self.bounced = Counter("exedge_recipients_failed", "recipients failed (an NDR), per send connector",
                                ["connector"], registry=r)
         self.commit = Histogram("exedge_spool_commit_seconds", "from the final dot to the message fsync'ed in the spool",
-                                registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+                                registry=own, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.verdicts = Counter("exedge_pipeline_verdicts", "pipeline stage verdicts that ended an SMTP event",
-                                ["stage", "hook", "verdict"], registry=r)
+                                ["stage", "hook", "verdict"], registry=own)
         self.stage_latency = Histogram("exedge_pipeline_stage_seconds", "time a pipeline stage took to answer",
-                                       ["stage"], registry=r,
+                                       ["stage"], registry=own,
                                        buckets=(.0005, .001, .005, .01, .05, .1, .5, 1, 5, 30))
         self.tls = Counter("exedge_tls_handshakes", "TLS handshakes, per connector, direction and outcome",
-                           ["connector", "direction", "outcome"], registry=r)
+                           ["connector", "direction", "outcome"], registry=own)
         self.auth = Counter("exedge_auth_attempts", "AUTH attempts, per receive connector and outcome",
-                            ["connector", "outcome"], registry=r)
+                            ["connector", "outcome"], registry=own)
         self.pressure_level = Gauge("exedge_back_pressure_level",
                                     "back pressure level per resource: 0 Normal, 1 Medium, 2 High",
                                     ["resource"], registry=r)
@@ -60,13 +70,16 @@ class Metrics:
         self.pressure_refused = Counter("exedge_back_pressure_refused",
                                         "MAIL FROM refused with 452 4.3.1 for back pressure (its level, or a SIZE= more than the "
                                         "spool can take above its High threshold), per receive connector",
-                                        ["connector"], registry=r)
+                                        ["connector"], registry=own)
         self.data_refused = Counter("exedge_data_sessions_refused",
                                     "DATA refused with 451 4.3.2 (reason connector_limit: max_inbound_data_sessions; "
                                     "source_limit: max_inbound_data_sessions_per_source) and sessions in DATA evicted "
                                     "with 421 4.4.2 for a data rate below min_inbound_data_rate (evicted_slow), "
-                                    "per receive connector and reason", ["connector", "reason"], registry=r)
+                                    "per receive connector and reason", ["connector", "reason"], registry=own)
         self._open: collections.Counter = collections.Counter()
+        self._workers: dict = {}                     # worker number -> its last snapshot's samples
+        self._retired: collections.Counter = collections.Counter()   # what workers now gone had counted
+        r.register(_Merged(self))
 
     # -- sessions ----------------------------------------------------------------
 
@@ -101,6 +114,44 @@ class Metrics:
         """
         return _Counting(self, tracking)
 
+    # -- receive workers ---------------------------------------------------------
+
+    def snapshot(self) -> list:
+        """
+        In a receive worker: what it has counted of L{FROM_WORKERS} since it
+        started, as JSON-able [sample name, labels, value] rows (cumulative,
+        so a lost or repeated report changes nothing).
+        """
+        return [[sample.name, sample.labels, sample.value]
+                for family in self._own.collect() for sample in family.samples
+                if not sample.name.endswith("_created")]
+
+    def worker_reported(self, worker: int, rows) -> None:
+        """In the main process: worker C{worker}'s latest L{snapshot}, replacing its previous one."""
+        if not isinstance(rows, list):
+            raise ValueError("a metrics snapshot is a list")
+        names = {family.name for family in self._own.collect()}
+        samples = {}
+        for row in rows:
+            name, labels, value = row
+            if (not isinstance(name, str) or not isinstance(labels, dict)
+                    or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+                    or isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf")
+                    or not any(name == n or name.startswith(n + "_") for n in names)):
+                raise ValueError(f"not a sample of a worker's metric: {row!r}"[:200])
+            samples[(name, tuple(sorted(labels.items())))] = float(value)
+        self._workers[worker] = samples
+
+    def worker_gone(self, worker: int) -> None:
+        """Worker C{worker} ended: what it counted stays in the sums (a counter never goes back)."""
+        self._retired.update(self._workers.pop(worker, {}))
+
+    def _from_workers(self) -> collections.Counter:
+        total = collections.Counter(self._retired)
+        for samples in self._workers.values():
+            total.update(samples)
+        return total
+
     # -- queues ------------------------------------------------------------------
 
     def watch_queues(self, admin) -> None:
@@ -109,6 +160,35 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Merged:
+    """
+    The metrics of L{FROM_WORKERS} as exposed: this process's own counts
+    plus every receive worker's (and those of workers gone), sample by
+    sample. Counters and histograms add up; a C{_created} sample is this
+    process's own.
+    """
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []            # collected at every scrape, like _QueueCollector
+
+    def collect(self):
+        extra = self.metrics._from_workers()
+        for family in self.metrics._own.collect():
+            merged = Metric(family.name, family.documentation, family.type, family.unit)
+            seen = set()
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                seen.add(key)
+                merged.add_sample(sample.name, sample.labels, sample.value + extra.get(key, 0.0))
+            for (name, labels), value in sorted(extra.items()):
+                if (name, labels) not in seen and (name == family.name or name.startswith(family.name + "_")):
+                    merged.add_sample(name, dict(labels), value)
+            yield merged
 
 
 class _QueueCollector:

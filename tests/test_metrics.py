@@ -74,3 +74,29 @@ def test_metrics_count_what_happened(start_server):
         assert name.startswith("exedge_"), name
         for label, text in labels:
             assert "@" not in text and "nowhere.test" not in text, (name, label, text)
+
+
+def test_a_workers_report_adds_to_the_main_process_counts_and_bad_rows_are_refused():
+    import pytest
+
+    from exedge.metrics import Metrics
+    main, worker = Metrics(), Metrics()
+    main.tls.labels("From Internet", "receive", "ok").inc()
+    worker.tls.labels("From Internet", "receive", "ok").inc(2)
+    worker.tls.labels("From Internet", "receive", "failed").inc()
+    worker.commit.observe(0.003)
+    main.worker_reported(101, worker.snapshot())
+    main.worker_reported(101, worker.snapshot())              # cumulative: a repeated report changes nothing
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for family in text_string_to_metric_families(main.render().decode()) for s in family.samples}
+    ok = frozenset({"connector": "From Internet", "direction": "receive", "outcome": "ok"}.items())
+    assert samples[("exedge_tls_handshakes_total", ok)] == 3
+    assert samples[("exedge_tls_handshakes_total", ok - {("outcome", "ok")} | {("outcome", "failed")})] == 1
+    assert samples[("exedge_spool_commit_seconds_count", frozenset())] == 1
+    for bad in ([["exedge_connections_total", {"connector": "x"}, 1]],    # counted here, not by workers
+                [["exedge_tls_handshakes_total", {}, -1]], [["exedge_tls_handshakes_total", {"a": 1}, 1]],
+                [["exedge_tls_handshakes_total", {}, float("nan")]], {"not": "a list"}):
+        with pytest.raises(ValueError):
+            main.worker_reported(102, bad)
+    main.worker_gone(101)
+    assert "exedge_spool_commit_seconds_count 1.0" in main.render().decode()

@@ -23,7 +23,7 @@ import sys
 import threading
 
 import attrs
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.python import threadable
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger, formatEvent, globalLogBeginner
@@ -34,7 +34,8 @@ from zope.interface import implementer
 from exedge.logs.csvlog import escape
 from exedge.pressure import HIGH, NORMAL, ResourceMonitor
 from exedge.receive.protocol import SMTPServer
-from exedge.receive.workers import (ABANDONED, ACK, ADMITTED, COMMITTING, ENDED, HANDOUT, HELLO, PRESSURE, PROTOCOL_ROW, QUEUED,
+from exedge.receive.workers import (ABANDONED, ACK, ADMITTED, COMMITTING, ENDED, HANDOUT, HELLO, METRICS, METRICS_INTERVAL,
+                                    PRESSURE, PROTOCOL_ROW, QUEUED,
                                     RELOAD, RELOADED, STOP, TRACK, encode_event, encode_queued, frame,
                                     take_control_frames)
 
@@ -167,7 +168,10 @@ class ReceiveWorker:
         self.number = number
         self.reactor = reactor
         self.config = load(config_path)
-        self.metrics = Metrics(clock=reactor)          # this worker's own; the main process counts sessions
+        # this worker's own, reported to the main process every METRICS_INTERVAL (which counts sessions itself)
+        self.metrics = Metrics(clock=reactor)
+        self._metrics_loop = None
+        self._metrics_sent = b""
         self.channel = _Channel(self)
         self._acks: dict[str, defer.Deferred] = {}
         self._ended_ids: list[int] = []
@@ -266,6 +270,16 @@ class ReceiveWorker:
         self.reactor.addReader(self.reader)
         self.reactor.addSystemEventTrigger("before", "shutdown", self._stop)
         self.channel.send(HELLO, _json({"pid": os.getpid()}))
+        self._metrics_loop = task.LoopingCall(self._report_metrics)
+        self._metrics_loop.clock = self.reactor
+        self._metrics_loop.start(METRICS_INTERVAL, now=False)
+
+    def _report_metrics(self) -> None:
+        """What this worker counted (TLS, AUTH, refusals, pipeline, commits), when it changed: /metrics adds it up."""
+        payload = _json(self.metrics.snapshot())
+        if payload != self._metrics_sent:
+            self._metrics_sent = payload
+            self.channel.send(METRICS, payload)
 
     def adopt(self, fd: int, conn_id: int, verdict: int) -> None:
         try:
@@ -332,6 +346,9 @@ class ReceiveWorker:
     def _stop(self):
         """Before the reactor stops: commits in flight are answered (and announced), then the threads go."""
         self._stopping = True
+        if self._metrics_loop is not None and self._metrics_loop.running:
+            self._metrics_loop.stop()
+            self._report_metrics()          # the last counts, while the main process still reads
         d = self.spool.receiving.stop()
 
         def threads(result):

@@ -68,9 +68,15 @@ and are logged here. The session gauges, connection counts and received
 messages in the metrics are counted here, so they stay the server's;
 back pressure is sampled here (the memory watched is this process's and
 the workers') and its level sent to every worker as it changes, so their
-sessions refuse MAIL FROM as one process would;
-pipeline verdicts and latencies, TLS and AUTH counts and commit latency are
-counted per worker and are not exported. Reload: the main process checks
+sessions refuse MAIL FROM as one process would. What only the sessions
+see (pipeline verdicts and latencies, TLS and AUTH counts, refusals for
+back pressure and DATA limits, commit latency) each worker counts in its
+own registry and reports every METRICS_INTERVAL when it changed (its
+cumulative samples, so a lost report costs nothing but freshness); the
+main process's /metrics adds every worker's last report to its own
+counts, and keeps what a worker that ended had reported (a counter never
+goes back; a worker killed with SIGKILL loses at most its last interval).
+Reload: the main process checks
 and swaps its configuration as before and then tells every worker, which
 reads the file again and rebuilds its receive side (the context of new
 sessions). A worker started later reads the file as it is then.
@@ -109,13 +115,14 @@ ADMITTED, LIMIT_REACHED, NO_CONNECTOR = 0, 1, 2
 # control frames (worker's stdout, worker's stdin): kind, payload length, payload
 FRAME = struct.Struct("!BI")
 MAX_FRAME = 64 * 1024 * 1024
-HELLO, COMMITTING, ABANDONED, QUEUED, ENDED, TRACK, PROTOCOL_ROW, RELOADED = b"HCFQETPr"
+HELLO, COMMITTING, ABANDONED, QUEUED, ENDED, TRACK, PROTOCOL_ROW, RELOADED, METRICS = b"HCFQETPrM"
 ACK, RELOAD, STOP, PRESSURE = b"ARSL"
 
 QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
 RESTART_INTERVAL = 1.0
 STOP_TIMEOUT = 15.0
 ACCEPTS_PER_READ = 64
+METRICS_INTERVAL = 2.0   # seconds between a worker's metrics reports (when they changed)
 
 
 def frame(kind: int, payload: bytes = b"") -> bytes:
@@ -451,6 +458,7 @@ class ReceiveWorkers(Service):
     def _ended(self, worker: _Worker, reason) -> None:
         if self.workers[worker.number] is worker:
             self.workers[worker.number] = None
+        self.metrics.worker_gone(worker.pid)
         # Its commits that were never announced were never acknowledged: a copy
         # left in queue/ would be delivered after the next restart next to the
         # one the client sends again (as ProcessCommitter does for its worker).
@@ -600,6 +608,11 @@ class ReceiveWorkers(Service):
             row = json.loads(payload)
             if isinstance(row, list):
                 self.protocol_log.write(row)
+        elif kind == METRICS:
+            try:
+                self.metrics.worker_reported(worker.pid, json.loads(payload))
+            except (ValueError, TypeError) as e:
+                log.error("receive worker {n}: unreadable metrics ({error})", n=worker.number, error=e)
         elif kind == HELLO:
             worker.ready = True
             log.info("receive worker {n} (pid {pid}) ready", n=worker.number, pid=worker.pid)
