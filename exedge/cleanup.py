@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from exedge.interfaces import NoTracking, TrackingEvent
 from exedge.logs.csvlog import escape
+from exedge.logs.literal import literal
 from exedge.queue.envelope import Envelope, Recipient
 
 log = Logger()
@@ -291,9 +292,9 @@ class Cleanup:
         here would block the reactor on the file.
         """
         self.commit_seconds(max(0.0, self.clock.seconds() - started))
-        log.info("{line}", line=f"{stored.queue_id}: received in session {trace.session or '-'} on "
-                 f"{trace.connector} from <{env.sender}>, {len(env.recipients)} recipient(s), {env.size} bytes, "
-                 f"message-id {env.message_id or '(none)'}",
+        log.info(literal(f"{stored.queue_id}: received in session {trace.session or '-'} on "
+                         f"{trace.connector} from <{env.sender}>, {len(env.recipients)} recipient(s), "
+                         f"{env.size} bytes, message-id {env.message_id or '(none)'}"),
                  queue_id=stored.queue_id, session=trace.session, sender=env.sender,
                  recipients=len(env.recipients), size=env.size, message_id=env.message_id)
         self.tracking.track(TrackingEvent(

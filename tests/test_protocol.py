@@ -534,3 +534,19 @@ def test_envelope_size_is_the_octets_stored_and_sent(session):
     [stored] = session.sink.messages
     data = stored.read_data()
     assert data.startswith(b"Received: ") and stored.envelope.size == len(data) == stored.data_length
+
+
+def test_a_clients_braces_reach_the_log_as_they_are():
+    """The hot lines are their own format (exedge.logs.literal): a client's "{...}" is text, never a field."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from exedge.logs import ProtocolLog
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        ProtocolLog("From Internet", "S1", True, "127.0.0.1:25", "127.0.0.1:4000").received(b"HELO {evil} {0} {} {")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [event] = [e for e in events if e.get("log_namespace") == "exedge.protocol"]
+    assert formatEvent(event) == "From Internet,S1,127.0.0.1:25,127.0.0.1:4000,<,HELO {evil} {0} {} {"
+    assert event["data"] == "HELO {evil} {0} {} {"

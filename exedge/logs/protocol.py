@@ -27,6 +27,8 @@ import time
 
 from twisted.logger import Logger
 
+from .literal import literal
+
 _log = Logger(namespace="exedge.protocol")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
@@ -79,10 +81,10 @@ class ProtocolLog:
         self.sequence = 0            # rows of this session in the file, from 0 as Exchange counts
 
     def _emit(self, event: str, data: str) -> None:
-        # the line is formatted here, once: twisted.logger's formatter costs
-        # a lookup per field, and this runs several times per message
+        # the line is formatted here, once, and given as its own format
+        # (exedge.logs.literal): this runs several times per message
         _log.info(
-            "{line}", line=f"{self.connector},{self.session},{self.local},{self.remote},{event},{data}",
+            literal(f"{self.connector},{self.session},{self.local},{self.remote},{event},{data}"),
             connector=self.connector, session=self.session, local=self.local,
             remote=self.remote, event=event, data=data,
         )

@@ -52,6 +52,7 @@ from exedge.interfaces import (
     OVERSIZE, Deferral, IQueueAdmin, IQueueSink, MessageInfo, NextHop, NextHopUnreachable, NoTracking, Outcome,
     QueueActionRefused, QueueInfo, RecipientInfo, Refusal, Route, TrackingEvent,
 )
+from exedge.logs.literal import literal
 from exedge.routing import ROUTE_DEFERRED, TOO_LARGE, UNREACHABLE, reroute
 
 log = Logger()
@@ -1265,7 +1266,7 @@ class QueueManager(Service):
         for (status, detail), indexes in by_status.items():
             rcpts = ", ".join(message.envelope.recipients[i].address for i in indexes)
             # formatted here once (as the protocol log does); the fields stay for observers
-            log.info("{line}", line=f"{message.queue_id} -> {rcpts}: {status} {detail}",
+            log.info(literal(f"{message.queue_id} -> {rcpts}: {status} {detail}"),
                      queue_id=message.queue_id, status=status, rcpts=rcpts, detail=detail)
         delivered = [o for o in final if o.status == "delivered"]
         failed = [o for o in final if o.status == "failed"]

@@ -102,6 +102,7 @@ from twisted.internet.interfaces import IReadDescriptor
 
 from exedge.interfaces import TrackingEvent
 from exedge.logs.csvlog import escape
+from exedge.logs.literal import literal
 from exedge.queue.commit_worker import take_frames
 from exedge.queue.envelope import Envelope
 
@@ -337,9 +338,9 @@ class _Worker(protocol.ProcessProtocol):
             level, _, text = line.partition("\t")
             line, text = escape(line), escape(text)
             if level in ("info", "debug"):
-                log.info("receive worker {n}: {text}", n=self.number, text=text)
+                log.info(literal(f"receive worker {self.number}: {text}"), n=self.number, text=text)
             elif level == "warn":
-                log.warn("receive worker {n}: {text}", n=self.number, text=text)
+                log.warn(literal(f"receive worker {self.number}: {text}"), n=self.number, text=text)
             else:
                 log.error("receive worker {n}: {text}", n=self.number, text=text if text else line)
 
