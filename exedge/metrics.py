@@ -77,7 +77,7 @@ class Metrics:
                                     "with 421 4.4.2 for a data rate below min_inbound_data_rate (evicted_slow), "
                                     "per receive connector and reason", ["connector", "reason"], registry=own)
         self._open: collections.Counter = collections.Counter()
-        self._workers: dict = {}                     # worker number -> its last snapshot's samples
+        self._workers: dict = {}                     # a worker (its pid) -> its last snapshot, as samples
         self._retired: collections.Counter = collections.Counter()   # what workers now gone had counted
         r.register(_Merged(self))
 
@@ -127,7 +127,7 @@ class Metrics:
                 if not sample.name.endswith("_created")]
 
     def worker_reported(self, worker: int, rows) -> None:
-        """In the main process: worker C{worker}'s latest L{snapshot}, replacing its previous one."""
+        """In the main process: the latest L{snapshot} of the worker with pid C{worker}, replacing its previous one."""
         if not isinstance(rows, list):
             raise ValueError("a metrics snapshot is a list")
         names = {family.name for family in self._own.collect()}

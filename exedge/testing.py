@@ -386,7 +386,23 @@ class DNSZoneServer:
 
         from twisted.internet.error import CannotListenError
 
-        factory = server.DNSServerFactory(authorities=self.authorities)
+        authorities = self.authorities
+
+        class Factory(server.DNSServerFactory):
+            def gotResolverError(self, failure, protocol, message, address):
+                """NXDOMAIN with the zone's SOA in the authority section, as RFC 2308 §3 has servers answer."""
+                if not failure.check(dns.AuthoritativeDomainError):
+                    return super().gotResolverError(failure, protocol, message, address)
+                response = self._responseFromMessage(message=message, rCode=dns.ENAME)
+                response.auth = True
+                name = message.queries[0].name.name if message.queries else b""
+                for zone in authorities:
+                    origin, soa = zone.soa
+                    if name.lower() == origin.lower() or name.lower().endswith(b"." + origin.lower()):
+                        response.authority = [dns.RRHeader(origin, dns.SOA, dns.IN, soa.minimum, soa, auth=True)]
+                self.sendReply(protocol, response, address)
+
+        factory = Factory(authorities=authorities)
         # UDP picks the port; the same TCP port may be taken (by any
         # client's ephemeral port): then try another, a bounded number of times
         for attempt in range(20):

@@ -145,3 +145,24 @@ def test_the_cache_keeps_at_most_max_entries():
     assert [a.payload.dottedQuad() for a in answers] == ["192.0.2.3"]
     with pytest.raises(defer.TimeoutError):
         yield cache.lookupAddress("mx1.remote.test")      # the oldest went
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_domain_that_does_not_exist_is_kept_for_its_negative_ttl():
+    """RFC 2308: NXDOMAIN is kept for the SOA's minimum (60 s here); a run of mail to it asks the DNS once."""
+    from twisted.names import error as dns_error
+    server = DNSZoneServer(ZONES).start(reactor)
+    clock = task.Clock()
+    cache = DNSCache(client.Resolver(servers=[("127.0.0.1", server.port)], timeout=(1,), reactor=reactor), clock)
+    try:
+        with pytest.raises(dns_error.DNSNameError):
+            yield cache.lookupMailExchange("nowhere.remote.test")
+    finally:
+        yield server.stop()
+    # nothing answers now: the NXDOMAIN kept says it again, and MX routing fails the domain at once
+    with pytest.raises(RoutingFailure) as e:
+        yield MXResolver(cache).targets("nowhere.remote.test")
+    assert e.value.status == "5.4.4"
+    clock.advance(61)
+    with pytest.raises(defer.TimeoutError):
+        yield cache.lookupMailExchange("nowhere.remote.test")

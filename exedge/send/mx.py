@@ -54,10 +54,12 @@ class DNSCache:
     arms a timer per entry, and bounds neither the entries nor the TTL a
     hostile name server may give. Here entries expire when read (the
     injected clock), a TTL counts for at most C{max_ttl} seconds, and past
-    C{max_entries} the oldest entry goes. Only answers are kept: an
-    answer with records (their least TTL), or a name with no record of
-    the type, NODATA, for its SOA's negative TTL (RFC 2308 §5). Failures
-    (NXDOMAIN, SERVFAIL, timeouts) are never kept: the next attempt asks
+    C{max_entries} the oldest entry goes. Kept: an answer with records
+    (their least TTL); a name with no record of the type, NODATA, and a
+    name that does not exist, NXDOMAIN, for the negative TTL of the SOA
+    that came with the answer (RFC 2308 §5; without an SOA, not kept), so
+    a run of mail to a domain that does not exist asks once per TTL.
+    Failures (SERVFAIL, timeouts) are never kept: the next attempt asks
     again.
     """
 
@@ -83,20 +85,31 @@ class DNSCache:
         kept = self._answers.get(key)
         if kept is not None:
             if kept[0] > self.clock.seconds():
+                if isinstance(kept[1], dns.Message):
+                    return defer.fail(dns_error.DNSNameError(kept[1]))     # NXDOMAIN, as the resolver says it
                 return defer.succeed(kept[1])
             del self._answers[key]
-        return lookup(name).addCallback(self._keep, key)
+        return lookup(name).addCallbacks(self._keep, self._keep_nxdomain, callbackArgs=(key,), errbackArgs=(key,))
 
     def _keep(self, result, key):
-        ttl = self._ttl(result)
+        self._store(key, self._ttl(result[0], result[1]), result)
+        return result
+
+    def _keep_nxdomain(self, failure, key):
+        """An NXDOMAIN (its answer is the exception's argument) is kept for its SOA's negative TTL."""
+        if failure.check(dns_error.DNSNameError):
+            message = failure.value.args[0] if failure.value.args else None
+            if isinstance(message, dns.Message):
+                self._store(key, self._ttl((), message.authority), message)
+        return failure
+
+    def _store(self, key, ttl: float, value) -> None:
         if ttl > 0:
             while len(self._answers) >= self.max_entries:
                 del self._answers[next(iter(self._answers))]     # the oldest (dicts keep their order)
-            self._answers[key] = (self.clock.seconds() + ttl, result)
-        return result
+            self._answers[key] = (self.clock.seconds() + ttl, value)
 
-    def _ttl(self, result) -> float:
-        answers, authority, _ = result
+    def _ttl(self, answers, authority) -> float:
         if answers:
             return min(min(r.ttl for r in answers), self.max_ttl)
         soas = [r for r in authority if r.type == dns.SOA]
