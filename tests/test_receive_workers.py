@@ -17,6 +17,7 @@ import socket
 import time
 
 from crash_load import body, delivered, start_senders
+from test_metrics import scrape
 
 WORKERS = "receive_workers = 2"
 
@@ -386,20 +387,6 @@ def test_a_workers_log_lines_of_one_turn_go_out_in_one_write_and_an_error_at_onc
     assert stream.writes[2:] == ["info\tMain loop terminated.\n"]
 
 
-def _scrape(server) -> dict:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from exedge.manage.client import ManagementClient
-    old = os.getcwd()
-    os.chdir(server.workdir)
-    try:
-        text = ManagementClient(server.config_path).request("GET", "/metrics", raw=True).decode()
-    finally:
-        os.chdir(old)
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 def test_metrics_add_up_what_every_worker_counted_and_keep_a_dead_workers_counts(start_server):
     """Commit latency and pipeline verdicts happen in the workers; /metrics is the main process's."""
     server = start_server(server=WORKERS, extra='[[pipeline]]\nstage = "sender_filter"\nblocked_domains = ["spam.test"]\n')
@@ -418,10 +405,10 @@ def test_metrics_add_up_what_every_worker_counted_and_keep_a_dead_workers_counts
     commits = ("exedge_spool_commit_seconds_count", frozenset())
     refused = ("exedge_pipeline_verdicts_total",
                frozenset({"stage": "sender_filter", "hook": "on_mail", "verdict": "reject"}.items()))
-    server.wait_for(lambda: _scrape(server).get(commits) == 12 and _scrape(server).get(refused) == 4,
+    server.wait_for(lambda: scrape(server).get(commits) == 12 and scrape(server).get(refused) == 4,
                     timeout=15, what="12 commits and 4 refusals reported by the workers")
-    served = [p for p in workers if _scrape(server) and p in _receive_workers(server)]
+    served = [p for p in workers if p in _receive_workers(server)]
     os.kill(served[0], signal.SIGKILL)
     _wait_workers(server, ready=3)                  # replaced; what the dead one had reported stays
-    samples = _scrape(server)
+    samples = scrape(server)
     assert samples.get(commits) == 12 and samples.get(refused) == 4
