@@ -136,6 +136,15 @@ def _dns_resolver(config: Config, reactor):
     return client.createResolver()   # resolv.conf and /etc/hosts, on the global reactor
 
 
+def pipeline_resolver(config: Config, reactor):
+    """
+    The stages' resolver (the connection filter's DNS lists): answers kept
+    for their TTL, and "not listed" (NXDOMAIN) for its SOA's negative TTL,
+    so a burst of connections from one address asks each list once.
+    """
+    return DNSCache(_dns_resolver(config, reactor), clock=reactor)
+
+
 def mx_resolver(config: Config, reactor) -> MXResolver:
     """
     MX lookups on [server].dns_servers alone when set (client.Resolver with
@@ -321,7 +330,7 @@ class ExedgeServer(MultiService):
                                         client_certificate=client_certificates.get(c.name),
                                         protocol_log=self.send_log, metrics=self.metrics)
         # stages checked before anything listens
-        pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor), dequeue=self.triggers,
+        pipeline = build_pipeline(config, reactor, pipeline_resolver(config, reactor), dequeue=self.triggers,
                                   metrics=self.metrics)
         portal = receive_portal(config, secrets, self.auth_pool.run)
         context = ServerContext(

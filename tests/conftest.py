@@ -87,9 +87,10 @@ def dns_zones(tmp_path):
     """
     dns_zones(zones) -> the port of a twisted.names server on 127.0.0.1
     serving C{zones} (python -m exedge.testing --dns), stopped by PID after
-    the test.
+    the test, or before by C{dns_zones.stop(port)}.
     """
     started = []
+    by_port = {}
 
     def start(zones: dict) -> int:
         port = free_port()
@@ -98,10 +99,18 @@ def dns_zones(tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "exedge.testing", "--dns", str(path), "--port", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         started.append(proc)
+        by_port[port] = proc
         time.sleep(0.5)
         assert proc.poll() is None, "the DNS server died"
         return port
 
+    def stop(port: int) -> None:
+        proc = by_port[port]
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+
+    start.stop = stop
     yield start
     for proc in started:
         if proc.poll() is None:

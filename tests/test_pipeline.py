@@ -313,6 +313,30 @@ blocked_senders = ["alice@partner.test"]
         assert c.rcpt("carol@example.com")[0] == 250
 
 
+def test_dns_list_answers_are_kept_for_their_ttl(start_server, dns_zones):
+    """A burst of connections from one address asks each list once: with the DNS server gone, it still refuses."""
+    dns_port = dns_zones({"bl.test": {"1.0.0.127.bl.test": [["A", "127.0.0.2"]]}})
+    server = start_server(extra='''
+[[pipeline]]
+stage = "connection_filter"
+block_list_providers = [{ zone = "bl.test" }]
+''')
+    text = open(server.config_path).read().replace('dns_servers = []', f'dns_servers = ["127.0.0.1:{dns_port}"]')
+    open(server.config_path, "w").write(text)
+    server.stop()
+    server.start()
+
+    def rcpt(source: str) -> int:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=30, source_address=(source, 0)) as c:
+            c.ehlo("client.test")
+            c.mail("bob@partner.test")
+            return c.rcpt("carol@example.com")[0]
+
+    assert (rcpt("127.0.0.1"), rcpt("127.0.0.5")) == (550, 250)      # listed; not listed (NXDOMAIN)
+    dns_zones.stop(dns_port)
+    assert rcpt("127.0.0.1") == 550          # the record's 60 s are not over: no question asked
+
+
 def test_ip_list_entries_expire_on_the_clock(tmp_path):
     from twisted.internet import task
     cfg = loads(config_text(25) + '''

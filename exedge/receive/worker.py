@@ -211,13 +211,13 @@ class ReceiveWorker:
         from exedge.pipeline import build_pipeline
         from exedge.receive import ConnectorTable, ServerContext
         from exedge.routing import Router
-        from exedge.service import _dns_resolver, receive_portal
+        from exedge.service import pipeline_resolver, receive_portal
 
         reactor = self.reactor
         secrets = load_secrets(config)
         # ETRN/ATRN need the queue, which is the main process's: sessions of connectors with such a
         # stage stay there (ReceiveWorkers._run_here), so this door, never served, is never asked
-        pipeline = build_pipeline(config, reactor, _dns_resolver(config, reactor), dequeue=Triggers(),
+        pipeline = build_pipeline(config, reactor, pipeline_resolver(config, reactor), dequeue=Triggers(),
                                   metrics=self.metrics)
         return ServerContext(
             server=config.server,
