@@ -133,3 +133,12 @@ def test_an_accepted_message_is_unstuffed_and_measured():
                           written=b"Received: a\r\nSubject: s\r\n\r\n.dot\r\nline\r\n",
                           size=len(b"Received: a\r\nSubject: s\r\n\r\n.dot\r\nline\r\n"),
                           header=b"Received: a\r\nSubject: s\r\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=1500), min_size=1, max_size=60))
+def test_the_long_line_check_agrees_with_measuring_every_line(lengths):
+    """The windows are a shortcut: whatever the lines, the answer is the one measuring each line gives."""
+    from exedge.receive.data import _has_long_line
+    block = b"".join(b"x" * n + b"\r\n" for n in lengths)
+    assert _has_long_line(block) == (max(lengths) > MAX_LINE)
