@@ -268,7 +268,7 @@ def test_a_committed_message_stays_in_memory_until_it_leaves_the_spool(process_s
     incoming.write(b"Subject: t\r\n\r\nbody\r\n")
     stored = yield incoming.commit(envelope("b@x.test"))
     assert stored.in_memory() == b"Subject: t\r\n\r\nbody\r\n"
-    assert spool.recent.size == len(stored.in_memory())
+    assert spool.recent.size == len(stored.in_memory()) + spool.recent.ENTRY_BYTES
     yield spool.remove(stored)
     assert stored.in_memory() is None and spool.recent.size == 0
     assert not os.path.exists(stored.path)
@@ -276,13 +276,24 @@ def test_a_committed_message_stays_in_memory_until_it_leaves_the_spool(process_s
 
 def test_recent_data_is_bounded_oldest_first():
     from exedge.queue.spool import RecentData
-    recent = RecentData(max_bytes=4000)
+    recent = RecentData(max_bytes=6000)
+    entry = 900 + recent.ENTRY_BYTES                     # the data and what its envelope and entry take
     held = [recent.hold(f"Q{i}", bytes([i]) * 900) for i in range(6)]
-    assert recent.size <= 4000
-    assert [h.data is not None for h in held] == [False, False, True, True, True, True]
-    assert recent.hold("BIG", b"x" * 1001) is None       # over a quarter of the budget: read from disk
+    assert recent.size <= 6000
+    assert [h.data is not None for h in held] == [False, False, False, True, True, True]
+    assert recent.hold("BIG", b"x" * 1501) is None       # over a quarter of the budget: read from disk
     recent.release("Q5")
-    assert held[5].data is None and recent.size == 3 * 900
+    assert held[5].data is None and recent.size == 2 * entry
+
+
+def test_recent_data_counts_each_entry_so_tiny_messages_are_bounded_too():
+    """A flood of 100-octet messages: the envelopes, not the data, are what the memory holds."""
+    from exedge.queue.spool import RecentData
+    recent = RecentData(max_bytes=64 * 1024)
+    held = [recent.hold(f"Q{i}", b"x" * 100) for i in range(1000)]
+    kept = sum(h.data is not None for h in held)
+    assert kept == 64 * 1024 // (100 + recent.ENTRY_BYTES)
+    assert kept <= 64 * 1024 // (100 + 700)                # a parsed envelope is ~0.7 KiB: counted, not free
 
 
 @pytest_twisted.inlineCallbacks

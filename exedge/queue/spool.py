@@ -94,13 +94,17 @@ class RecentData:
     first delivery attempt does not read back from disk what was just
     written to it: a trip to a delivery thread and three system calls per
     message, each a wait for the reactor's GIL. Their parsed envelopes stay
-    with them, for the same reason (L{StoredMessage}), uncounted: about 0.7
-    KiB each, bounded by the number of messages the data's budget holds.
-    Bounded by C{max_bytes} of data: the oldest are forgotten first (their delivery reads the file, as after a
+    with them, for the same reason (L{StoredMessage}), and each entry is
+    counted as its data plus L{ENTRY_BYTES} for the envelope and the entry
+    (about 0.7 KiB with one recipient, by tracemalloc): without that, a
+    flood of tiny messages would hold several envelopes per counted KiB.
+    Bounded by C{max_bytes}: the oldest are forgotten first (their delivery reads the file, as after a
     restart); a message is forgotten as soon as it leaves the spool, or
     waits where no attempt will take it soon (the queue manager's
     L{StoredMessage.compact}).
     """
+
+    ENTRY_BYTES = 1024
 
     def __init__(self, max_bytes: int = RECENT_DATA_BYTES):
         self.max_bytes = max_bytes
@@ -111,7 +115,7 @@ class RecentData:
         if len(data) > self.max_bytes // 4:
             return None
         held = self._held[queue_id] = _Held(data)
-        self._bytes += len(data)
+        self._bytes += len(data) + self.ENTRY_BYTES
         while self._bytes > self.max_bytes:
             self.release(next(iter(self._held)))
         return held
@@ -119,11 +123,12 @@ class RecentData:
     def release(self, queue_id: str) -> None:
         held = self._held.pop(queue_id, None)
         if held is not None and held.data is not None:
-            self._bytes -= len(held.data)
+            self._bytes -= len(held.data) + self.ENTRY_BYTES
             held.data = held.envelope = None
 
     @property
     def size(self) -> int:
+        """What the held entries count for: their data and L{ENTRY_BYTES} each."""
         return self._bytes
 
 
