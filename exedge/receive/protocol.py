@@ -634,10 +634,7 @@ class SMTPServer(basic.LineReceiver):
         refusal = checks.back_pressure_refusal(self.ctx.back_pressure, self.session.permissions,
                                                self._identity is not None)
         if refusal is not None:
-            self.plog.info("back pressure: new mail refused")
-            if self.ctx.metrics is not None:
-                self.ctx.metrics.pressure_refused.labels(self.connector.name).inc()
-            return refusal
+            return self._pressure_refused(refusal, "back pressure: new mail refused")
         try:
             sender, params = parse_mail(arg[5:], self.esmtp)
         except CommandRefused as e:
@@ -646,10 +643,7 @@ class SMTPServer(basic.LineReceiver):
             return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
         refusal = checks.storage_refusal(self.ctx.back_pressure, params.size)
         if refusal is not None:
-            self.plog.info(f"SIZE={params.size} more than the spool can take now: refused")
-            if self.ctx.metrics is not None:
-                self.ctx.metrics.pressure_refused.labels(self.connector.name).inc()
-            return refusal
+            return self._pressure_refused(refusal, f"SIZE={params.size} more than the spool can take now: refused")
         refusal = self.security.check_sender(sender, self.session.tls) or \
             checks.spoofing_refusal(sender, self.session.permissions, self.ctx.router, self._identity is not None)
         if refusal is not None:
@@ -760,6 +754,13 @@ class SMTPServer(basic.LineReceiver):
         if self._data_slot:
             self._data_slot = False
             self.ctx.connectors.release_data(self.connector, self.peer_host, self, finished)
+
+    def _pressure_refused(self, refusal: Reply, note: str) -> Reply:
+        """A MAIL FROM refused for back pressure (its level, or SIZE= against free space): logged and counted."""
+        self.plog.info(note)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.pressure_refused.labels(self.connector.name).inc()
+        return refusal
 
     def _count_data_refused(self, reason: str) -> None:
         if self.ctx.metrics is not None:

@@ -34,10 +34,9 @@ from zope.interface import implementer
 from exedge.logs.csvlog import escape
 from exedge.pressure import HIGH, NORMAL, ResourceMonitor
 from exedge.receive.protocol import SMTPServer
-from exedge.receive.workers import (ABANDONED, ACK, ADMITTED, COMMITTING, ENDED, HANDOUT, HELLO, METRICS, METRICS_INTERVAL,
-                                    PRESSURE, PROTOCOL_ROW, QUEUED,
-                                    RELOAD, RELOADED, STOP, TRACK, encode_event, encode_queued, frame,
-                                    take_control_frames)
+from exedge.receive.workers import (ABANDONED, ACK, ADMITTED, COMMITTING, ENDED, HANDOUT, HELLO, METRICS,
+                                    METRICS_INTERVAL, PRESSURE, PROTOCOL_ROW, QUEUED, RELOAD, RELOADED, STOP, TRACK,
+                                    encode_event, encode_queued, frame, take_control_frames)
 
 log = Logger()
 
