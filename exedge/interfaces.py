@@ -292,11 +292,12 @@ class IQueueAdmin(Interface):
     def queue_infos():
         """Every queue now, as L{QueueInfo} values."""
 
-    def message_infos(queue=None, limit=None):
-        """The messages (in the queue with identity C{queue}), oldest first, at most C{limit}, as L{MessageInfo} values."""
-
     def message_page(queue=None, limit=None):
-        """(L{message_infos}, how many messages there are in all): one look at the queues for both."""
+        """
+        (the messages (in the queue with identity C{queue}), oldest first, at
+        most C{limit}, as L{MessageInfo} values; how many there are in all):
+        one look at the queues for both.
+        """
 
     def message_info(identity):
         """One message's L{MessageInfo}, or None when it is not in the queues."""

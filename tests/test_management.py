@@ -246,6 +246,8 @@ def test_the_queue_cmdlets_as_exchange_admins_type_them(start_server, tmp_path):
         assert client.message_page(limit=None)["truncated"] is False
     other = exedge(server, "Get-Message", waiting["Identity"], "-Queue", "Unreachable")
     assert other.returncode == 1 and f"no message {waiting['Identity']} in queue Unreachable" in other.stderr
+    gone = exedge(server, "Get-Message", "edge01\\0000000000000000DEAD")        # a well-formed id nobody has
+    assert gone.returncode == 1 and "no message 0000000000000000DEAD in the queues" in gone.stderr, gone.stderr
 
     out = tmp_path / "held.eml"
     exported = exedge(server, "Export-Message", "-Identity", held["Identity"], "-Path", str(out))

@@ -108,12 +108,17 @@ def _get_queue(ctx: Context, args: dict):
 def _get_message(ctx: Context, args: dict):
     wanted = args.get("Identity")
     if wanted is not None:
-        try:
-            message = _ask(ctx, lambda c: c.message(wanted))
-        except CmdletError as e:
-            if "no message" in str(e):
-                raise CmdletError(f"no message {wanted} in the queues (Get-Message lists them)") from None
-            raise
+        def one(client):
+            try:
+                return client.message(wanted)
+            except EndpointError as e:
+                if e.status == 404:
+                    return None            # not in the queues (the endpoint's 404), not a failure to ask
+                raise
+
+        message = _ask(ctx, one)
+        if message is None:
+            raise CmdletError(f"no message {wanted} in the queues (Get-Message lists them)")
         if args.get("Queue") is not None and args["Queue"].lower() not in (q.lower() for q in message["queue"]):
             raise CmdletError(f"no message {wanted} in queue {args['Queue']} (Get-Message lists them)")
         return [_message_record(message)]

@@ -29,7 +29,7 @@ L{exedge.queue.spool.RecentData}, so its first attempt reads nothing
 back; a message that goes to wait (a held queue, a retry interval) lets
 both go at once. Expiry, the oversize lane and the queue counts need no
 envelope (arrival time, size and recipient count are in the record); the
-admins' listings (message_infos) read the envelopes of compact messages
+admins' listings (message_page, message_info) read the envelopes of compact messages
 as they list them.
 """
 
@@ -776,10 +776,6 @@ class QueueManager(Service):
                                  _HOLD_TEXT.get(queue.hold_reason, queue.hold_reason), queue.last_error,
                                  queue.next_retry, min(arrivals) if arrivals else None))
         return out
-
-    def message_infos(self, queue: str | None = None, limit: int | None = None) -> list[MessageInfo]:
-        """The messages (of one queue), oldest first, at most C{limit} (L{message_page} without the count)."""
-        return self.message_page(queue, limit)[0]
 
     def message_page(self, queue: str | None = None, limit: int | None = None) -> tuple[list[MessageInfo], int]:
         """
