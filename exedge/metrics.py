@@ -21,18 +21,13 @@ from zope.interface import implementer
 from exedge.interfaces import IMessageTracking
 
 
-# what receive workers count (their sessions' TLS, AUTH, refusals, pipeline and
-# commits): the attribute names of those metrics, summed into the main
-# process's at every scrape (L{Metrics.snapshot}, L{Metrics.worker_reported})
-FROM_WORKERS = ("tls", "auth", "pressure_refused", "data_refused", "verdicts", "stage_latency", "commit")
-
-
 class Metrics:
     def __init__(self, clock=None):
         self.clock = clock
         self.registry = CollectorRegistry()
-        # the metrics workers count too live in a registry of their own; the
-        # exposed one shows them with the workers' counts added (_Merged)
+        # what receive workers count too (their sessions' TLS, AUTH, refusals,
+        # pipeline and commits) lives in a registry of its own; the exposed
+        # one shows it with the workers' counts added (_Merged)
         own = self._own = CollectorRegistry()
         r = self.registry
         self.connections = Counter("exedge_connections", "connections accepted, per receive connector",
@@ -79,6 +74,7 @@ class Metrics:
         self._open: collections.Counter = collections.Counter()
         self._workers: dict = {}                     # a worker (its pid) -> its last snapshot, as samples
         self._retired: collections.Counter = collections.Counter()   # what workers now gone had counted
+        self._worker_families = tuple(family.name for family in own.collect())   # what a worker's rows may name
         r.register(_Merged(self))
 
     # -- sessions ----------------------------------------------------------------
@@ -118,7 +114,7 @@ class Metrics:
 
     def snapshot(self) -> list:
         """
-        In a receive worker: what it has counted of L{FROM_WORKERS} since it
+        In a receive worker: what it has counted in C{_own} since it
         started, as JSON-able [sample name, labels, value] rows (cumulative,
         so a lost or repeated report changes nothing).
         """
@@ -130,7 +126,7 @@ class Metrics:
         """In the main process: the latest L{snapshot} of the worker with pid C{worker}, replacing its previous one."""
         if not isinstance(rows, list):
             raise ValueError("a metrics snapshot is a list")
-        names = {family.name for family in self._own.collect()}
+        names = self._worker_families
         samples = {}
         for row in rows:
             name, labels, value = row
@@ -164,7 +160,7 @@ class Metrics:
 
 class _Merged:
     """
-    The metrics of L{FROM_WORKERS} as exposed: this process's own counts
+    The metrics in C{Metrics._own} as exposed: this process's own counts
     plus every receive worker's (and those of workers gone), sample by
     sample. Counters and histograms add up; a C{_created} sample is this
     process's own.
