@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import sys
 
+from twisted.application.service import MultiService
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from exedge.config import ConfigError, load
+from exedge.logs.text import twistd_observer
 
 
 class Options(usage.Options):
@@ -35,7 +39,28 @@ def makeService(options):
             print(problem, file=sys.stderr)
         raise SystemExit(1)
     _reload_on_hup(server)
-    return server
+    observer = twistd_observer(getattr(options, "parent", None))
+    return server if observer is None else TwistdRoot(server, observer)
+
+
+class TwistdRoot(MultiService):
+    """
+    The server under twistd's Application, bringing exedge's observer for
+    twistd's text log (L{exedge.logs.text}). twistd takes the log observer
+    from the Application's L{ILogObserver} component, and sets up logging
+    only after the plugin's service has joined the Application: this is
+    where a plugin meets the Application.
+    """
+
+    def __init__(self, server, observer) -> None:
+        super().__init__()
+        self.observer = observer
+        server.setServiceParent(self)
+
+    def setServiceParent(self, parent):
+        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
+            parent.setComponent(ILogObserver, self.observer)
+        return super().setServiceParent(parent)
 
 
 def _reload_on_hup(server) -> None:
