@@ -7,10 +7,12 @@ rotation by size and by day, retention by age and by directory size.
 import csv
 import os
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, task
 
 import exedge
-from exedge.logs.csvlog import CsvLog
+from exedge.logs.csvlog import CsvLog, iso_time
 
 DAY = 86400.0
 T0 = 1796601600.0        # 2026-12-07T00:00:00Z
@@ -133,3 +135,21 @@ def test_retention_by_age_and_by_directory_size(tmp_path):
     assert current in files(log)
     assert "RECV20261111-1.LOG" not in files(log)
     log.stopService()
+
+
+def _iso_reference(seconds: float) -> str:
+    """Exchange's date-time the plain way: datetime for every row."""
+    import datetime
+    when = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(st.floats(min_value=0, max_value=4e9),
+                          st.integers(0, 4_000_000_000).map(lambda s: s + 0.9999995),
+                          st.integers(0, 4_000_000_000).map(lambda s: s - 0.0000005)),
+                min_size=1, max_size=20))
+def test_the_date_time_formatted_once_a_second_is_what_datetime_gives(times):
+    """iso_time keeps the last second's text; every row still gets datetime's own milliseconds."""
+    times = times + sorted(times)        # the same second again, and time going back
+    assert [iso_time(t) for t in times] == [_iso_reference(t) for t in times]

@@ -41,6 +41,7 @@ from __future__ import annotations
 import csv
 import datetime
 import io
+import math
 import os
 import re
 
@@ -67,10 +68,30 @@ def escape(value) -> str:
     return text
 
 
+_second: tuple[float, str] = (math.nan, "")    # the last second iso_time formatted, and its text
+
+
 def iso_time(seconds: float) -> str:
-    """Exchange's date-time: ISO 8601 in UTC with milliseconds, "2026-12-07T09:00:00.123Z"."""
-    when = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
-    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    """
+    Exchange's date-time: ISO 8601 in UTC with milliseconds, "2026-12-07T09:00:00.123Z".
+
+    Every row of every CSV log starts with one, several rows per message:
+    the text up to the second is formatted once a second, and the
+    milliseconds are those C{datetime.fromtimestamp} would give (its
+    microseconds rounded half to even, carried into the second).
+    """
+    global _second
+    fraction, whole = math.modf(seconds)
+    micro = round(fraction * 1e6)
+    if micro >= 1_000_000:
+        whole, micro = whole + 1, micro - 1_000_000
+    elif micro < 0:
+        whole, micro = whole - 1, micro + 1_000_000
+    second = _second
+    if second[0] != whole:
+        second = (whole, datetime.datetime.fromtimestamp(whole, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S."))
+        _second = second
+    return f"{second[1]}{micro // 1000:03d}Z"
 
 
 def _day(seconds: float) -> str:
