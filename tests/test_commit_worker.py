@@ -165,7 +165,7 @@ def test_commits_through_the_worker_are_recovered_whole(process_spool):
     for _ in range(700):                        # past the spill threshold: streamed to incoming/
         large.write(chunk)
     stored = yield defer.gatherResults([small.commit(envelope("b@x.test")), large.commit(envelope("c@x.test"))])
-    assert os.listdir(spool.incoming_dir) == []
+    assert [name for name in os.listdir(spool.incoming_dir) if not name.startswith(wire.SPARE_PREFIX)] == []
     again = {m.queue_id: m for m in spool.recover()}
     assert set(again) == {m.queue_id for m in stored}
     assert again[stored[0].queue_id].read_data() == b"Subject: small\r\n\r\nbody\r\n"
@@ -181,6 +181,78 @@ def spilled(spool):
     return incoming
 
 
+# -- files made ahead (commit_worker.Spares) -------------------------------------------------------
+
+def spare_names(incoming) -> list[str]:
+    return sorted(n for n in os.listdir(incoming) if n.startswith(wire.SPARE_PREFIX))
+
+
+def test_new_messages_are_written_into_files_made_ahead(tmp_path):
+    spool = dirs(tmp_path)
+    incoming, queue = str(spool / "incoming"), str(spool / "queue")
+    (spool / "incoming" / "SPILLED").write_bytes(b"head, ")
+    (spool / "incoming" / "PARTIAL").write_bytes(b"a message still arriving")
+    spares = wire.Spares(incoming, limit=3)
+    spares.want(10)                               # as many as the last group, within the limit
+    spares.fill()
+    made = spare_names(incoming)
+    assert len(made) == 3 == len(spares)
+    results = wire.write_group(incoming, queue, DirectorySync(queue), [
+        ("A", b"message a", False),
+        ("SPILLED", b"tail", True),               # a spilled message appends to its own file
+        ("A", b"again", False),                   # a name twice in a group: refused, as O_EXCL did
+        ("PARTIAL", b"x", False),                 # incoming/<name> is there: refused, as O_EXCL did
+        ("B", b"message b", False),
+    ], spares=spares)
+    assert [r if r is wire.COMMITTED else r.errno for r in results] == [wire.COMMITTED, wire.COMMITTED, 17, 17,
+                                                                        wire.COMMITTED]
+    assert (spool / "queue" / "A").read_bytes() == b"message a"
+    assert (spool / "queue" / "B").read_bytes() == b"message b"
+    assert (spool / "queue" / "SPILLED").read_bytes() == b"head, tail"
+    assert os.stat(spool / "queue" / "A").st_mode & 0o777 == 0o600
+    # two spares became A and B; one is left, and nothing under a message's name
+    assert len(spare_names(incoming)) == 1 == len(spares) and set(spare_names(incoming)) < set(made)
+    assert sorted(os.listdir(incoming)) == ["PARTIAL", *spare_names(incoming)]
+    spares.discard()
+    assert os.listdir(incoming) == ["PARTIAL"]
+
+
+def test_spares_are_made_only_while_no_request_waits(tmp_path):
+    incoming = str(dirs(tmp_path) / "incoming")
+    spares = wire.Spares(incoming)
+    spares.want(5)
+    asked = []
+    spares.fill(lambda: asked.append(1) or len(asked) > 2)    # a request arrives after two spares
+    assert len(spare_names(incoming)) == 2
+    spares.want(0)
+    spares.fill()
+    assert len(spare_names(incoming)) == 2                    # none wanted: none made, none removed
+    spares.discard()
+    assert os.listdir(incoming) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_worker_makes_the_next_file_ahead_uses_it_and_removes_spares_when_it_ends(process_spool):
+    spool = process_spool()
+    first = spool.begin()
+    first.write(b"Subject: one\r\n\r\nbody\r\n")
+    yield first.commit(envelope("b@x.test"))
+    deadline = time.monotonic() + 10
+    while not spare_names(spool.incoming_dir):            # made after the answer, while nobody waits
+        assert time.monotonic() < deadline, "the worker made no file ahead"
+        yield task.deferLater(reactor, 0.01, lambda: None)
+    [spare] = spare_names(spool.incoming_dir)
+    second = spool.begin()
+    second.write(b"Subject: two\r\n\r\nbody\r\n")
+    stored = yield second.commit(envelope("c@x.test"))
+    assert spare not in os.listdir(spool.incoming_dir)    # the second message went into it
+    assert stored.queue_id in os.listdir(spool.queue_dir)
+    yield spool.receiving.stop()
+    assert os.listdir(spool.incoming_dir) == []           # the worker removed the spare it made since
+    again = {m.queue_id: m for m in spool.recover()}
+    assert again[stored.queue_id].read_data() == b"Subject: two\r\n\r\nbody\r\n"
+
+
 @pytest_twisted.inlineCallbacks
 def test_after_a_worker_dies_commits_wait_for_the_next_one(process_spool):
     spool = process_spool(restart_interval=0.5)
@@ -191,7 +263,7 @@ def test_after_a_worker_dies_commits_wait_for_the_next_one(process_spool):
     stored = yield incoming.commit(envelope("b@x.test")).addTimeout(10, reactor)
     assert stored.read_data() == (b"z" * 998 + b"\r\n") * 700
     assert spool.receiving._worker is not worker
-    assert os.listdir(spool.incoming_dir) == []
+    assert [n for n in os.listdir(spool.incoming_dir) if not n.startswith(wire.SPARE_PREFIX)] == []
 
 
 @pytest_twisted.inlineCallbacks

@@ -87,6 +87,15 @@ def test_recovery_removes_partial_incoming_and_quarantines_garbage(spool):
     assert os.listdir(spool.corrupt_dir) == ["GARBAGE"]
 
 
+def test_start_up_deletes_a_commit_workers_spares_without_counting_them_as_messages(spool):
+    from exedge.queue.commit_worker import SPARE_PREFIX
+    for name in ("PARTIAL", f"{SPARE_PREFIX}123-0", f"{SPARE_PREFIX}123-1"):
+        with open(os.path.join(spool.incoming_dir, name), "wb") as f:
+            f.write(b"x" if name == "PARTIAL" else b"")
+    assert spool.start_recovery() == 1
+    assert os.listdir(spool.incoming_dir) == []
+
+
 def test_recorded_outcomes_survive_restart_and_torn_lines_are_ignored(spool):
     stored = committed(spool, envelope("b@example.com", "c@example.com", "d@example.com"))
     spool.record(stored, [0], "delivered", "ok")

@@ -28,11 +28,26 @@ into C{queue/}, then one fsync of the directory for all of them; only then are t
 worker exits when stdin closes, after answering what it has read; it
 ignores SIGINT and SIGTERM (sent to the whole process group by Ctrl-C or a
 service manager) and commits nothing once the server is gone.
+
+Files made ahead (L{Spares}). Creating a file is the dearest step of a
+commit on some filesystems: on this machine's ext4, 240 microseconds of a
+560-microsecond commit, more than the file's fsync. Postfix's cleanup
+creates its queue file when smtpd opens the transaction, at MAIL FROM, so
+the creation overlaps the client's RCPT and DATA; a commit here comes only
+after the final dot. So after answering a group, while no request waits,
+the worker creates empty files in C{incoming/} (C{spare-<pid>-<n>}, as
+many as the last group held, at most L{SPARES}) and the next group's new
+messages are written into them and renamed into C{queue/} under their own
+names. A spare is never a message: start-up deletes those left in
+C{incoming/} like any partial file, and the worker deletes its own when it
+ends.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import signal
 import struct
 import sys
@@ -46,6 +61,8 @@ APPEND = 1
 COMMITTED = "committed"   # only a request that reached this has its 0 reply
 READ_SIZE = 4 * 1024 * 1024
 FSYNC_THREADS = 16
+SPARES = 32                    # files made ahead at most (L{Spares})
+SPARE_PREFIX = "spare-"        # their names in incoming/: never a queue id (hexadecimal)
 
 
 def encode_request(request_id: int, name: str, parts: list[bytes], append: bool) -> list[bytes]:
@@ -102,22 +119,98 @@ def fsync_together(fds: list[int]) -> list:
     return list(_fsync_pool.map(fsync_error, fds))
 
 
+class Spares:
+    """
+    Empty files in C{incoming/}, created and opened ahead of the commits
+    that will fill them (see the module's docstring). Only this process
+    knows them: a spare is a name in C{incoming/} and an open descriptor.
+    """
+
+    def __init__(self, incoming_dir: str, limit: int = SPARES):
+        self.incoming_dir = incoming_dir
+        self.limit = limit
+        self.wanted = 0
+        self._files: list[tuple[int, str]] = []
+        self._made = 0
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def take(self) -> tuple[int, str] | None:
+        """A spare's descriptor and path, now the caller's; None when there is none."""
+        return self._files.pop() if self._files else None
+
+    def want(self, count: int) -> None:
+        """Keep C{count} spares ready (the size of the group just committed), within the limit."""
+        self.wanted = max(0, min(count, self.limit))
+
+    def fill(self, waiting=lambda: False) -> None:
+        """Create spares up to the number wanted, stopping as soon as C{waiting()} says a request is there."""
+        while len(self._files) < self.wanted and not waiting():
+            path = os.path.join(self.incoming_dir, f"{SPARE_PREFIX}{os.getpid()}-{self._made}")
+            self._made += 1
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError:
+                return          # a full or failing disk: the commits create their own files, and say why
+            self._files.append((fd, path))
+
+    def discard(self) -> None:
+        """Close and delete every spare (the worker is ending)."""
+        files, self._files = self._files, []
+        for fd, path in files:
+            _discard(fd, path)
+
+
+def _discard(fd: int, path: str) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def write_group(incoming_dir: str, queue_dir: str, sync: DirectorySync, requests: list,
-                fsync_all=fsync_together) -> list:
+                fsync_all=fsync_together, spares: Spares | None = None) -> list:
     """
     Commit C{requests} (name, payload, append) as one group: each payload
     written to C{incoming/<name>} (a new file, or appended to a spilled
-    one), then L{publish}. One result per request: L{COMMITTED} or the
+    one; a new message goes into one of C{spares} where there is one),
+    then L{publish}. One result per request: L{COMMITTED} or the
     C{OSError} that stopped it. The server's in-process spool (tests) uses
-    this too, with its fsyncs in turn.
+    this too, with its fsyncs in turn and no spares.
     """
     results: list = [None] * len(requests)
     written = []
+    taken: set[str] = set()        # names of this group: a second one is refused, spare or not
     for n, (name, payload, append) in enumerate(requests):
         if "/" in name or name.startswith("."):
             results[n] = OSError(22, f"bad file name {name!r}")
             continue
         path = os.path.join(incoming_dir, name)
+        spare = None
+        if not append:
+            # a new file never replaces one: what O_EXCL on incoming/<name> refuses,
+            # refused the same way when the message goes into a spare
+            if name in taken or (spares is not None and len(spares) and os.path.lexists(path)):
+                results[n] = OSError(errno.EEXIST, f"{name!r} exists already")
+                continue
+            taken.add(name)
+            if spares is not None:
+                spare = spares.take()
+        if spare is not None:
+            fd, path = spare
+            try:
+                write_all(fd, payload)
+            except OSError as e:
+                _discard(fd, path)
+                results[n] = e
+                continue
+            written.append((n, fd, path, os.path.join(queue_dir, name), COMMITTED))
+            continue
         mode = os.O_APPEND if append else os.O_CREAT | os.O_EXCL
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | mode, 0o600)
@@ -134,10 +227,12 @@ def write_group(incoming_dir: str, queue_dir: str, sync: DirectorySync, requests
     return [r if r is COMMITTED or isinstance(r, OSError) else OSError(5, "not committed") for r in results]
 
 
-def commit(incoming_dir: str, queue_dir: str, sync: DirectorySync, requests: list) -> list[bytes]:
+def commit(incoming_dir: str, queue_dir: str, sync: DirectorySync, requests: list,
+           spares: Spares | None = None) -> list[bytes]:
     """Commit C{requests} (id, flags, name, payload) as one group; the replies, in order."""
     results = write_group(incoming_dir, queue_dir, sync,
-                          [(name, payload, bool(flags & APPEND)) for _, flags, name, payload in requests])
+                          [(name, payload, bool(flags & APPEND)) for _, flags, name, payload in requests],
+                          spares=spares)
     replies = []
     for (request_id, _, _, _), result in zip(requests, results):
         if result is COMMITTED:
@@ -153,20 +248,31 @@ def serve(spool_dir: str, server: int, rfd: int = 0, wfd: int = 1) -> None:
     incoming_dir = os.path.join(spool_dir, "incoming")
     queue_dir = os.path.join(spool_dir, "queue")
     sync = DirectorySync(queue_dir)
+    spares = Spares(incoming_dir)
     buffer = bytearray()
-    while True:
-        data = os.read(rfd, READ_SIZE)
-        if not data:
-            return
-        buffer += data
-        requests = take_requests(buffer)
-        if not requests:
-            continue
-        if os.getppid() != server:
-            # the server died (SIGKILL): nobody can acknowledge these, and a
-            # new server may already have scanned queue/; commit nothing
-            return
-        write_all(wfd, b"".join(commit(incoming_dir, queue_dir, sync, requests)))
+
+    def waiting() -> bool:
+        return bool(select.select([rfd], [], [], 0)[0])
+
+    try:
+        while True:
+            data = os.read(rfd, READ_SIZE)
+            if not data:
+                return
+            buffer += data
+            requests = take_requests(buffer)
+            if not requests:
+                continue
+            if os.getppid() != server:
+                # the server died (SIGKILL): nobody can acknowledge these, and a
+                # new server may already have scanned queue/; commit nothing
+                return
+            write_all(wfd, b"".join(commit(incoming_dir, queue_dir, sync, requests, spares)))
+            # the next group's files, while nobody waits for this process
+            spares.want(sum(1 for _, flags, _, _ in requests if not flags & APPEND))
+            spares.fill(waiting)
+    finally:
+        spares.discard()
 
 
 if __name__ == "__main__":

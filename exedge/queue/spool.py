@@ -40,7 +40,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from exedge.queue.commit_worker import COMMITTED, write_group
+from exedge.queue.commit_worker import COMMITTED, SPARE_PREFIX, write_group
 from exedge.durable import DirectorySync, fsync_in_turn, make_dirs
 from exedge.interfaces import IMessageStore, IStoredMessage
 
@@ -458,6 +458,14 @@ class Spool:
         removed = 0
         with os.scandir(self.incoming_dir) as entries:
             for entry in entries:
+                if entry.name.startswith(SPARE_PREFIX):
+                    # a file a commit worker made ahead (commit_worker.Spares): never a
+                    # message, and perhaps deleted just now by the worker that made it
+                    try:
+                        os.unlink(entry.path)
+                    except FileNotFoundError:
+                        pass
+                    continue
                 os.unlink(entry.path)
                 removed += 1
                 log.info("spool: removed unacknowledged partial message {name}", name=entry.name)
