@@ -85,9 +85,10 @@ def take_frames(buffer: bytearray, header: struct.Struct, parts: int) -> list:
         if end > len(buffer):
             break
         pieces, at = [], offset + header.size
-        for length in lengths:
-            pieces.append(bytes(buffer[at:at + length]))
-            at += length
+        with memoryview(buffer) as view:          # one copy of each piece, not two
+            for length in lengths:
+                pieces.append(bytes(view[at:at + length]))
+                at += length
         frames.append((fields, pieces))
         offset = end
     del buffer[:offset]
@@ -251,15 +252,19 @@ def serve(spool_dir: str, server: int, rfd: int = 0, wfd: int = 1) -> None:
     spares = Spares(incoming_dir)
     buffer = bytearray()
 
+    # read into one buffer kept for the worker's life: os.read(READ_SIZE)
+    # would map and unmap 4 MiB for every request
+    chunk = memoryview(bytearray(READ_SIZE))
+
     def waiting() -> bool:
         return bool(select.select([rfd], [], [], 0)[0])
 
     try:
         while True:
-            data = os.read(rfd, READ_SIZE)
-            if not data:
+            got = os.readv(rfd, [chunk])
+            if not got:
                 return
-            buffer += data
+            buffer += chunk[:got]
             requests = take_requests(buffer)
             if not requests:
                 continue

@@ -7,6 +7,9 @@ which never fsyncs, pickles envelopes and leaves orphans (research §3).
 Layout under the spool directory::
 
     incoming/<id>   being received; never acknowledged; removed at start-up
+    incoming/spare-<pid>-<n>
+                    an empty file the commit worker made ahead for a message
+                    to come (commit_worker.Spares); removed at start-up
     queue/<id>      committed: message data, then the envelope as JSON, then
                     a fixed-size footer giving the envelope's length
     state/<id>      per-recipient outcomes, one JSON line each, appended and
