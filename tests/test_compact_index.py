@@ -314,3 +314,23 @@ def test_cleanup_reports_a_received_message_from_the_envelope_it_committed_not_f
     assert [(e.event_id, e.recipients, e.message_id) for e in tracking.events] == [
         ("RECEIVE", ("b@example.com",), "<m@s.test>"), ("RECEIVE", ("x@nowhere.test",), "<m@s.test>")]
     assert [rcpts for _, _, rcpts in agent.seen] == [[0]] and len(os.listdir(spool.queue_dir)) == 1
+
+
+def test_a_held_messages_log_line_is_its_text_whatever_braces_its_recipients_hold(tmp_path):
+    """The Unreachable line is formatted once (exedge.logs.literal): "{0}" in an address is text, never a field."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    directory = str(tmp_path / "spool")
+    spool = Spool(directory, now)
+    spool.prepare()
+    stored = committed(spool, envelope("{0}@NoWhere.test", "{x}}@nowhere.test"))
+    manager, _ = manager_for(tmp_path, spool)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        manager.submit(stored)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [line] = [formatEvent(e) for e in events if "Unreachable" in formatEvent(e)]
+    assert line == (f"{stored.queue_id}: held in the Unreachable queue: no send connector serves nowhere.test "
+                    "({0}@NoWhere.test, {x}}@nowhere.test)")

@@ -270,10 +270,12 @@ class QueueManager(Service):
             self._route_later(message, indexes, reason)
         unreachable = hops.get(UNREACHABLE)
         if unreachable:
-            domains = sorted({envelope.recipients[i].address.rpartition("@")[2].lower() for i in unreachable})
-            log.warn("{queue_id}: held in the Unreachable queue: no send connector serves {domains} "
-                     "({rcpts})", queue_id=message.queue_id, domains=", ".join(domains),
-                     rcpts=", ".join(envelope.recipients[i].address for i in unreachable))
+            domains = ", ".join(sorted({envelope.recipients[i].address.rpartition("@")[2].lower()
+                                        for i in unreachable}))
+            rcpts = ", ".join(envelope.recipients[i].address for i in unreachable)
+            # formatted once, here: every message held so logs it (exedge.logs.literal)
+            log.warn(literal(f"{message.queue_id}: held in the Unreachable queue: no send connector serves "
+                             f"{domains} ({rcpts})"), queue_id=message.queue_id, domains=domains, rcpts=rcpts)
         runnable = False
         for hop, indexes in hops.items():
             queue = self.queue_for(hop)
