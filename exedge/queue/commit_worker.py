@@ -40,7 +40,10 @@ many as the last group held, at most L{SPARES}) and the next group's new
 messages are written into them and renamed into C{queue/} under their own
 names. A spare is never a message: start-up deletes those left in
 C{incoming/} like any partial file, and the worker deletes its own when it
-ends.
+ends. Spares are made only between groups, never beside a group's fsyncs:
+made by a thread of their own while the fsyncs ran, they joined the
+journal transaction those fsyncs commit, and the rate fell (0.67-0.75x of
+this way at one and ten connections, same run).
 """
 
 from __future__ import annotations
