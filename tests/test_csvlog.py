@@ -153,3 +153,20 @@ def test_the_date_time_formatted_once_a_second_is_what_datetime_gives(times):
     """iso_time keeps the last second's text; every row still gets datetime's own milliseconds."""
     times = times + sorted(times)        # the same second again, and time going back
     assert [iso_time(t) for t in times] == [_iso_reference(t) for t in times]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.one_of(st.none(), st.integers(), st.text(max_size=6)),
+                          st.one_of(st.none(), st.text(alphabet="ab,\"\r\n\x00\x1b\x7f\x85\u2028é", max_size=6))),
+                min_size=1, max_size=5))
+def test_each_value_is_escaped_alone_whatever_the_rest_of_its_row_holds(tmp_path_factory, rows):
+    """A row is searched for control characters once; when it has any, each value is escaped on its own."""
+    from exedge.logs.csvlog import escape
+    clock = task.Clock()
+    clock.advance(T0)
+    log = make(tmp_path_factory.mktemp("rows"), clock)
+    for row in rows:
+        log.write(row)
+    log.stopService()
+    _, written = read(log.path)
+    assert [r[1:] for r in written] == [[escape(v) for v in row] for row in rows]

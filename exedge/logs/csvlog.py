@@ -143,7 +143,12 @@ class CsvLog(Service):
 
     def write(self, values) -> None:
         """One row: C{values} for every field after date-time, in order; control characters escaped."""
-        self._writer.writerow([iso_time(self.clock.seconds())] + [escape(v) for v in values])
+        texts = ["" if v is None else str(v) for v in values]
+        if _CONTROLS.search("".join(texts)):
+            # rare: the whole row is searched once (23 values a tracking row,
+            # several rows a message), and only a row with a control escaped value by value
+            texts = [escape(t) for t in texts]
+        self._writer.writerow([iso_time(self.clock.seconds())] + texts)
         self._rows.append(self._line.getvalue())
         self._line.seek(0)
         self._line.truncate()
