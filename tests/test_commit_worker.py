@@ -217,6 +217,30 @@ def test_new_messages_are_written_into_files_made_ahead(tmp_path):
     assert os.listdir(incoming) == ["PARTIAL"]
 
 
+def test_a_message_in_a_spare_is_under_its_own_name_so_a_cleanup_mid_commit_stops_it(tmp_path):
+    """
+    A receive worker dies mid-commit: the server unlinks incoming/<id> of what it never
+    announced. A message written into a spare must be reachable by that name, so that its
+    publication fails instead of leaving in queue/ a message nobody acknowledged.
+    """
+    spool = dirs(tmp_path)
+    incoming, queue = str(spool / "incoming"), str(spool / "queue")
+    spares = wire.Spares(incoming)
+    spares.want(2)
+    spares.fill()
+
+    def fsync_then_the_server_cleans_up(fds):
+        assert sorted(os.listdir(incoming)) == ["DEAD", "LIVE"]     # both under their own names
+        os.unlink(os.path.join(incoming, "DEAD"))
+        return wire.fsync_in_turn(fds)
+
+    results = wire.write_group(incoming, queue, DirectorySync(queue),
+                               [("LIVE", b"acknowledged", False), ("DEAD", b"never acknowledged", False)],
+                               fsync_all=fsync_then_the_server_cleans_up, spares=spares)
+    assert results[0] is wire.COMMITTED and results[1].errno == 2
+    assert os.listdir(queue) == ["LIVE"] and os.listdir(incoming) == []
+
+
 def test_spares_are_made_only_while_no_request_waits(tmp_path):
     incoming = str(dirs(tmp_path) / "incoming")
     spares = wire.Spares(incoming)

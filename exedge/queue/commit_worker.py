@@ -36,9 +36,12 @@ creates its queue file when smtpd opens the transaction, at MAIL FROM, so
 the creation overlaps the client's RCPT and DATA; a commit here comes only
 after the final dot. So after answering a group, while no request waits,
 the worker creates empty files in C{incoming/} (C{spare-<pid>-<n>}, as
-many as the last group held, at most L{SPARES}) and the next group's new
-messages are written into them and renamed into C{queue/} under their own
-names. A spare is never a message: start-up deletes those left in
+many as the last group held, at most L{SPARES}); a new message's spare is
+renamed to C{incoming/<name>} (a rename costs a tenth of a creation),
+written, and published into C{queue/} as before: a server cleaning up
+after a dead receive worker unlinks C{incoming/<name>}, and a commit
+still under way then fails instead of publishing what nobody
+acknowledged. A spare is never a message: start-up deletes those left in
 C{incoming/} like any partial file, and the worker deletes its own when it
 ends. Spares are made only between groups, never beside a group's fsyncs:
 made by a thread of their own while the fsyncs ran, they joined the
@@ -206,7 +209,17 @@ def write_group(incoming_dir: str, queue_dir: str, sync: DirectorySync, requests
             if spares is not None:
                 spare = spares.take()
         if spare is not None:
-            fd, path = spare
+            fd, spare_path = spare
+            try:
+                # under its own name in incoming/ while it is committed, as a file
+                # created for it would be: a server cleaning up after a dead receive
+                # worker unlinks incoming/<name>, and the publication then fails
+                # instead of leaving a message nobody acknowledged in queue/
+                os.rename(spare_path, path)
+            except OSError as e:
+                _discard(fd, spare_path)
+                results[n] = e
+                continue
             try:
                 write_all(fd, payload)
             except OSError as e:
