@@ -412,3 +412,34 @@ def test_metrics_add_up_what_every_worker_counted_and_keep_a_dead_workers_counts
     _wait_workers(server, ready=3)                  # replaced; what the dead one had reported stays
     samples = scrape(server)
     assert samples.get(commits) == 12 and samples.get(refused) == 4
+
+
+def test_a_dead_workers_commit_published_between_the_unlinks_is_still_removed(tmp_path, monkeypatch):
+    """
+    The dead worker's commit worker renames incoming/<id> into queue/ at the worst moment: just
+    after the server's first unlink. Whatever that moment, nothing unacknowledged stays in queue/.
+    """
+    from exedge.receive.workers import remove_unannounced
+
+    incoming, queue = tmp_path / "incoming", tmp_path / "queue"
+    incoming.mkdir()
+    queue.mkdir()
+    (incoming / "0662AB").write_bytes(b"never acknowledged")
+    real_unlink = os.unlink
+    calls = []
+
+    def unlink_then_the_commit_worker_publishes(path):
+        calls.append(os.path.basename(os.path.dirname(path)))
+        try:
+            real_unlink(path)
+        finally:
+            if len(calls) == 1:
+                try:
+                    os.rename(incoming / "0662AB", queue / "0662AB")
+                except FileNotFoundError:
+                    pass                  # too late: its file is gone, the publication fails
+    monkeypatch.setattr(os, "unlink", unlink_then_the_commit_worker_publishes)
+    remove_unannounced({"0662AB"}, str(incoming), str(queue))
+    monkeypatch.undo()
+    assert os.listdir(queue) == [] and os.listdir(incoming) == []
+    assert calls == ["incoming", "queue"]

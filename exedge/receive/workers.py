@@ -126,6 +126,24 @@ ACCEPTS_PER_READ = 64
 METRICS_INTERVAL = 2.0   # seconds between a worker's metrics reports (when they changed)
 
 
+def remove_unannounced(queue_ids, incoming_dir: str, queue_dir: str) -> None:
+    """
+    Delete what a dead receive worker's commit worker was committing for
+    C{queue_ids}. That commit worker outlives its parent and may still be
+    publishing (renaming C{incoming/<id>} into C{queue/}): C{incoming/}
+    goes first, so a rename still to come fails, and one already done
+    is undone by the unlink in C{queue/}. The other order left a window
+    between the two unlinks for a rename to publish what nobody
+    acknowledged.
+    """
+    for queue_id in queue_ids:
+        for directory in (incoming_dir, queue_dir):
+            try:
+                os.unlink(os.path.join(directory, queue_id))
+            except FileNotFoundError:
+                pass
+
+
 def frame(kind: int, payload: bytes = b"") -> bytes:
     return FRAME.pack(kind, len(payload)) + payload
 
@@ -464,12 +482,7 @@ class ReceiveWorkers(Service):
         # left in queue/ would be delivered after the next restart next to the
         # one the client sends again (as ProcessCommitter does for its worker).
         # Here and now, not on a thread: a few unlinks, on a path that means a crash.
-        for queue_id in worker.committing:
-            for directory in (self.queue_dir, self.incoming_dir):
-                try:
-                    os.unlink(os.path.join(directory, queue_id))
-                except FileNotFoundError:
-                    pass
+        remove_unannounced(worker.committing, self.incoming_dir, self.queue_dir)
         if worker.committing:
             log.warn("receive worker {n}: {count} unacknowledged commit(s) removed", n=worker.number,
                      count=len(worker.committing))
