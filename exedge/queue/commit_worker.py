@@ -51,7 +51,6 @@ this way at one and ten connections, same run).
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import signal
@@ -180,6 +179,23 @@ def _discard(fd: int, path: str) -> None:
         pass
 
 
+def _into_place(spare: tuple[int, str], path: str) -> int:
+    """
+    A spare's descriptor, the spare renamed to C{path}: the message's own
+    name in incoming/ while it is committed, as a file created for it would
+    be. A server cleaning up after a dead receive worker unlinks
+    incoming/<name>, and the publication then fails instead of leaving in
+    queue/ a message nobody acknowledged.
+    """
+    fd, spare_path = spare
+    try:
+        os.rename(spare_path, path)
+    except OSError:
+        _discard(fd, spare_path)
+        raise
+    return fd
+
+
 def write_group(incoming_dir: str, queue_dir: str, sync: DirectorySync, requests: list,
                 fsync_all=fsync_together, spares: Spares | None = None) -> list:
     """
@@ -192,45 +208,20 @@ def write_group(incoming_dir: str, queue_dir: str, sync: DirectorySync, requests
     """
     results: list = [None] * len(requests)
     written = []
-    taken: set[str] = set()        # names of this group: a second one is refused, spare or not
     for n, (name, payload, append) in enumerate(requests):
         if "/" in name or name.startswith("."):
             results[n] = OSError(22, f"bad file name {name!r}")
             continue
         path = os.path.join(incoming_dir, name)
-        spare = None
-        if not append:
-            # a new file never replaces one: what O_EXCL on incoming/<name> refuses,
-            # refused the same way when the message goes into a spare
-            if name in taken or (spares is not None and len(spares) and os.path.lexists(path)):
-                results[n] = OSError(errno.EEXIST, f"{name!r} exists already")
-                continue
-            taken.add(name)
-            if spares is not None:
-                spare = spares.take()
-        if spare is not None:
-            fd, spare_path = spare
-            try:
-                # under its own name in incoming/ while it is committed, as a file
-                # created for it would be: a server cleaning up after a dead receive
-                # worker unlinks incoming/<name>, and the publication then fails
-                # instead of leaving a message nobody acknowledged in queue/
-                os.rename(spare_path, path)
-            except OSError as e:
-                _discard(fd, spare_path)
-                results[n] = e
-                continue
-            try:
-                write_all(fd, payload)
-            except OSError as e:
-                _discard(fd, path)
-                results[n] = e
-                continue
-            written.append((n, fd, path, os.path.join(queue_dir, name), COMMITTED))
-            continue
-        mode = os.O_APPEND if append else os.O_CREAT | os.O_EXCL
+        # a spare only where a new file could be created: where incoming/<name>
+        # exists (a second request of that name), O_EXCL below refuses it
+        use_spare = not append and spares is not None and len(spares) and not os.path.lexists(path)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | mode, 0o600)
+            if use_spare:
+                fd = _into_place(spares.take(), path)
+            else:
+                mode = os.O_APPEND if append else os.O_CREAT | os.O_EXCL
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | mode, 0o600)
             try:
                 write_all(fd, payload)
             except BaseException:
