@@ -50,6 +50,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 import exedge
+from exedge.logs.text import StampCache
 
 log = Logger()
 
@@ -68,7 +69,11 @@ def escape(value) -> str:
     return text
 
 
-_second: tuple[float, str] = (math.nan, "")    # the last second iso_time formatted, and its text
+def _second_text(whole: float) -> str:
+    return datetime.datetime.fromtimestamp(whole, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
+
+
+_seconds = StampCache(_second_text)      # the text up to the second, formatted once a second
 
 
 def iso_time(seconds: float) -> str:
@@ -80,18 +85,13 @@ def iso_time(seconds: float) -> str:
     milliseconds are those C{datetime.fromtimestamp} would give (its
     microseconds rounded half to even, carried into the second).
     """
-    global _second
     fraction, whole = math.modf(seconds)
     micro = round(fraction * 1e6)
     if micro >= 1_000_000:
         whole, micro = whole + 1, micro - 1_000_000
     elif micro < 0:
         whole, micro = whole - 1, micro + 1_000_000
-    second = _second
-    if second[0] != whole:
-        second = (whole, datetime.datetime.fromtimestamp(whole, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S."))
-        _second = second
-    return f"{second[1]}{micro // 1000:03d}Z"
+    return f"{_seconds(whole)}{micro // 1000:03d}Z"
 
 
 def _day(seconds: float) -> str:

@@ -43,14 +43,15 @@ from twisted.logger import (
     formatTime,
 )
 
-from exedge.logs.literal import literal
+from exedge.logs.literal import literal_text
 
 __all__ = ["StampCache", "classic_line", "text_observer", "twistd_observer"]
 
 
 class StampCache:
     """
-    L{formatTime} of Twisted, remembered for the second it was asked for.
+    C{format_time} (by default Twisted's L{formatTime}) remembered for the
+    second it was asked for: for texts that name no fraction of a second.
 
     Kept as one tuple so that a line logged from another thread sees a
     second and its stamp that belong together.
@@ -70,19 +71,6 @@ class StampCache:
         stamp = self._format_time(when)
         self._last = (second, stamp)
         return stamp
-
-
-def _literal_text(fmt: str) -> str | None:
-    """
-    The text C{fmt} formats to when it has no fields (L{literal}'s output),
-    else None. A format is field-free exactly when it is the doubling of its
-    own undoubling: every brace then stands in a pair that the formatter
-    reads as one brace.
-    """
-    if "{" not in fmt and "}" not in fmt:
-        return fmt
-    text = fmt.replace("{{", "{").replace("}}", "}")
-    return text if literal(text) == fmt else None
 
 
 def _system(event: Mapping[str, Any]) -> str:
@@ -105,7 +93,7 @@ def classic_line(event: Mapping[str, Any], stamp: Callable[[float | None], str])
     fmt = event.get("log_format", None)
     if type(fmt) is not str or "log_failure" in event or "log_flattened" in event:
         return formatEventAsClassicLogText(event, formatTime=stamp)
-    text = _literal_text(fmt)
+    text = literal_text(fmt)
     if text is None:
         text = formatEvent(event)
     if not text:
