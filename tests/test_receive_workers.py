@@ -365,12 +365,12 @@ def test_a_workers_log_lines_of_one_turn_go_out_in_one_write_and_an_error_at_onc
     from twisted.internet import task
     from twisted.logger import LogLevel, Logger
 
-    from exedge.receive.worker import _StderrLog
+    from exedge.children import StderrLog
 
     clock = task.Clock()
     clock.running = True
     stream = _Stream()
-    log = Logger(namespace="test", observer=_StderrLog(clock, stream))
+    log = Logger(namespace="test", observer=StderrLog(clock, stream))
     log.info("connect {n}", n=1)
     log.warn("odd \x1b[31m")
     log.info("disconnect")

@@ -20,23 +20,21 @@ import os
 import socket
 import struct
 import sys
-import threading
 
 import attrs
 from twisted.internet import defer, protocol, task
-from twisted.python import threadable
 from twisted.internet.interfaces import IReadDescriptor
-from twisted.logger import Logger, formatEvent, globalLogBeginner
+from twisted.logger import Logger, globalLogBeginner
 from twisted.python.threadpool import ThreadPool
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
-from exedge.logs.csvlog import escape
+from exedge.children import Channel, StderrLog, to_json
 from exedge.pressure import HIGH, NORMAL, ResourceMonitor
 from exedge.receive.protocol import SMTPServer
 from exedge.receive.workers import (ABANDONED, ACK, ADMITTED, COMMITTING, ENDED, HANDOUT, HELLO, METRICS,
                                     METRICS_INTERVAL, PRESSURE, PROTOCOL_ROW, QUEUED, RELOAD, RELOADED, STOP, TRACK,
-                                    encode_event, encode_queued, frame, take_control_frames)
+                                    encode_event, encode_queued)
 
 log = Logger()
 
@@ -95,31 +93,6 @@ class _ToldLevel:
         return self.monitor.room()
 
 
-class _Channel(protocol.Protocol):
-    """Stdin/stdout: frames to and from the main process."""
-
-    def __init__(self, worker: "ReceiveWorker"):
-        self.worker = worker
-        self.buffer = bytearray()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        try:
-            frames = take_control_frames(self.buffer)
-        except ValueError:
-            log.error("unreadable frame from the main process; stopping")
-            return self.worker.shut_down()
-        for kind, payload in frames:
-            self.worker.told(kind, payload)
-
-    def send(self, kind: int, payload: bytes = b"") -> None:
-        if self.transport is not None:
-            self.transport.write(frame(kind, payload))
-
-    def connectionLost(self, reason=None) -> None:
-        self.worker.main_gone()
-
-
 @implementer(IReadDescriptor)
 class _HandOffReader:
     """The hand-out socket: one record (connection id, verdict) with one socket attached, per connection."""
@@ -171,7 +144,7 @@ class ReceiveWorker:
         self.metrics = Metrics(clock=reactor)
         self._metrics_loop = None
         self._metrics_sent = b""
-        self.channel = _Channel(self)
+        self.channel = Channel(self)
         self._acks: dict[str, defer.Deferred] = {}
         self._ended_ids: list[int] = []
         self._stopping = False
@@ -240,12 +213,12 @@ class ReceiveWorker:
             config = load(self.config_path)
             context = self._receive_context(config)
         except ConfigError as e:
-            return self.channel.send(RELOADED, _json({"reloaded": False, "problems": [str(p) for p in e.problems]}))
+            return self.channel.send(RELOADED, to_json({"reloaded": False, "problems": [str(p) for p in e.problems]}))
         except Exception as e:
             log.failure("reload: building the new configuration failed")
-            return self.channel.send(RELOADED, _json({"reloaded": False, "problems": [str(e)]}))
+            return self.channel.send(RELOADED, to_json({"reloaded": False, "problems": [str(e)]}))
         self.config, self.context = config, context
-        self.channel.send(RELOADED, _json({"reloaded": True}))
+        self.channel.send(RELOADED, to_json({"reloaded": True}))
 
     # -- running -------------------------------------------------------------------------
 
@@ -268,14 +241,14 @@ class ReceiveWorker:
         self.reader = _HandOffReader(sock, self)
         self.reactor.addReader(self.reader)
         self.reactor.addSystemEventTrigger("before", "shutdown", self._stop)
-        self.channel.send(HELLO, _json({"pid": os.getpid()}))
+        self.channel.send(HELLO, to_json({"pid": os.getpid()}))
         self._metrics_loop = task.LoopingCall(self._report_metrics)
         self._metrics_loop.clock = self.reactor
         self._metrics_loop.start(METRICS_INTERVAL, now=False)
 
     def _report_metrics(self) -> None:
         """What this worker counted (TLS, AUTH, refusals, pipeline, commits), when it changed: /metrics adds it up."""
-        payload = _json(self.metrics.snapshot())
+        payload = to_json(self.metrics.snapshot())
         if payload != self._metrics_sent:
             self._metrics_sent = payload
             self.channel.send(METRICS, payload)
@@ -438,7 +411,7 @@ class _NoSink:
 class _ForwardedTracking:
     """Message tracking events go to the main process, which writes the one log and counts them."""
 
-    def __init__(self, channel: _Channel):
+    def __init__(self, channel: Channel):
         self.channel = channel
 
     def track(self, event) -> None:
@@ -451,73 +424,12 @@ class _ForwardedTracking:
 class _ForwardedRows:
     """The receive protocol log's rows go to the main process, which writes the one file."""
 
-    def __init__(self, channel: _Channel):
+    def __init__(self, channel: Channel):
         self.channel = channel
 
     def write(self, values) -> None:
-        self.channel.send(PROTOCOL_ROW, _json([("" if v is None else v if isinstance(v, (int, float)) else str(v))
+        self.channel.send(PROTOCOL_ROW, to_json([("" if v is None else v if isinstance(v, (int, float)) else str(v))
                                                for v in values]))
-
-
-def _json(value) -> bytes:
-    import json
-    return json.dumps(value, separators=(",", ":")).encode("utf-8")
-
-
-class _StderrLog:
-    """
-    The worker's log observer: one line per event on stderr, "level<TAB>text",
-    control characters escaped; a failure's traceback after it.
-
-    The lines of one turn of the reactor go out in one write. A session
-    logs three or four lines per message, and a write each cost a system
-    call here and a wake-up of the main process, which reads them (py-spy,
-    two workers, 10 connections: 2-3 % of a worker's samples in those
-    writes alone). An error, a failure, or a line from another thread
-    or with the reactor stopped is written at once, after what waits, so a
-    worker about to die leaves its last words.
-    """
-
-    def __init__(self, reactor, stream=None):
-        self.reactor = reactor
-        self.stream = stream
-        self._pending: list[str] = []
-        self._scheduled = False
-        self._lock = threading.Lock()
-
-    def __call__(self, event) -> None:
-        level = event.get("log_level")
-        name = level.name if level is not None else "info"
-        lines = [f"{name}\t{escape(formatEvent(event))}"]
-        failure = event.get("log_failure")
-        if failure is not None:
-            lines += [f"error\t{escape(line)}" for line in failure.getTraceback().splitlines()]
-        urgent = (failure is not None or name in ("error", "critical") or not self.reactor.running
-                  or not threadable.isInIOThread())
-        with self._lock:
-            self._pending += lines
-            if urgent:
-                return self._write()
-            if self._scheduled:
-                return
-            self._scheduled = True
-        self.reactor.callLater(0, self.flush)
-
-    def flush(self) -> None:
-        with self._lock:
-            self._write()
-
-    def _write(self) -> None:
-        self._scheduled = False
-        if not self._pending:
-            return
-        text, self._pending = "\n".join(self._pending) + "\n", []
-        stream = self.stream or sys.__stderr__
-        try:
-            stream.write(text)
-            stream.flush()
-        except (OSError, ValueError):
-            pass
 
 
 def main(argv) -> int:
@@ -529,7 +441,7 @@ def main(argv) -> int:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # until the reactor runs: see ReceiveWorker.start
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    observer = _StderrLog(reactor)
+    observer = StderrLog(reactor)
     reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     sys.stdout = sys.stderr          # stdout carries frames: nothing else may print there

@@ -100,10 +100,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IReadDescriptor
 
+from exedge.children import ChildLog, frame, take_control_frames
 from exedge.interfaces import TrackingEvent
-from exedge.logs.csvlog import escape
-from exedge.logs.literal import literal
-from exedge.queue.commit_worker import take_frames
 from exedge.queue.envelope import Envelope
 
 log = Logger()
@@ -113,9 +111,7 @@ log = Logger()
 # a connection handed out: the main process's id for it and the verdict, with the socket (SCM_RIGHTS)
 HANDOUT = struct.Struct("!IB")
 ADMITTED, LIMIT_REACHED, NO_CONNECTOR = 0, 1, 2
-# control frames (worker's stdout, worker's stdin): kind, payload length, payload
-FRAME = struct.Struct("!BI")
-MAX_FRAME = 64 * 1024 * 1024
+# control frames (worker's stdout, worker's stdin): exedge.children's frames
 HELLO, COMMITTING, ABANDONED, QUEUED, ENDED, TRACK, PROTOCOL_ROW, RELOADED, METRICS = b"HCFQETPrM"
 ACK, RELOAD, STOP, PRESSURE = b"ARSL"
 
@@ -142,17 +138,6 @@ def remove_unannounced(queue_ids, incoming_dir: str, queue_dir: str) -> None:
                 os.unlink(os.path.join(directory, queue_id))
             except FileNotFoundError:
                 pass
-
-
-def frame(kind: int, payload: bytes = b"") -> bytes:
-    return FRAME.pack(kind, len(payload)) + payload
-
-
-def take_control_frames(buffer: bytearray) -> list[tuple[int, bytes]]:
-    """The complete frames at the start of C{buffer}, removed; ValueError for a frame too long to be ours."""
-    if len(buffer) >= FRAME.size and FRAME.unpack_from(buffer)[1] > MAX_FRAME:
-        raise ValueError("control frame over the size limit")
-    return [(kind, payload) for (kind, _), (payload,) in take_frames(buffer, FRAME, 1)]
 
 
 # a message's data up to this size travels with its announcement, so that its first delivery
@@ -317,7 +302,7 @@ class _Worker(protocol.ProcessProtocol):
         self.number = number
         self.channel = channel              # our end of the hand-out socket
         self.buffer = bytearray()
-        self.errors = bytearray()
+        self.errors = ChildLog(f"receive worker {number}", n=number)
         self.ready = False
         self.sessions = 0
         self.committing: set[str] = set()   # queue ids sent to its commit worker and not yet announced
@@ -330,7 +315,7 @@ class _Worker(protocol.ProcessProtocol):
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         if fd == 2:
-            return self._stderr(data)
+            return self.errors.feed(data)      # its log lines
         self.buffer += data
         try:
             frames = take_control_frames(self.buffer)
@@ -343,24 +328,6 @@ class _Worker(protocol.ProcessProtocol):
                 self.owner._frame(self, kind, payload)
             except Exception:
                 log.failure("receive worker {n}: frame {kind!r} not understood", n=self.number, kind=bytes([kind]))
-
-    def _stderr(self, data: bytes) -> None:
-        """The worker's log lines ("level<TAB>text", escaped by the worker), into this process's log."""
-        self.errors += data
-        *lines, rest = bytes(self.errors).split(b"\n")
-        self.errors = bytearray(rest[-65536:])
-        for raw in lines:
-            line = raw.decode("utf-8", "replace").rstrip("\r")
-            if not line.strip():
-                continue
-            level, _, text = line.partition("\t")
-            line, text = escape(line), escape(text)
-            if level in ("info", "debug"):
-                log.info(literal(f"receive worker {self.number}: {text}"), n=self.number, text=text)
-            elif level == "warn":
-                log.warn(literal(f"receive worker {self.number}: {text}"), n=self.number, text=text)
-            else:
-                log.error("receive worker {n}: {text}", n=self.number, text=text if text else line)
 
     def send(self, kind: int, payload: bytes = b"") -> None:
         if self.transport is not None:
@@ -384,8 +351,7 @@ class _Worker(protocol.ProcessProtocol):
             pass
 
     def processEnded(self, reason) -> None:
-        if self.errors:
-            self._stderr(b"\n")
+        self.errors.flush()
         if self.channel is not None:
             self.channel.close()
             self.channel = None
