@@ -278,6 +278,29 @@ def test_the_worker_makes_the_next_file_ahead_uses_it_and_removes_spares_when_it
 
 
 @pytest_twisted.inlineCallbacks
+def test_the_files_a_killed_worker_made_ahead_are_removed_when_it_ends(process_spool):
+    spool = process_spool(restart_interval=0.5)
+    first = spool.begin()
+    first.write(b"Subject: one\r\n\r\nbody\r\n")
+    yield first.commit(envelope("b@x.test"))
+    worker = spool.receiving._worker
+    deadline = time.monotonic() + 10
+    while not spare_names(spool.incoming_dir):            # made after the answer, while nobody waits
+        assert time.monotonic() < deadline, "the worker made no file ahead"
+        yield task.deferLater(reactor, 0.01, lambda: None)
+    # a spare of another worker (a receive worker's commit worker) is not this one's to remove
+    other = os.path.join(spool.incoming_dir, f"{wire.SPARE_PREFIX}{worker.pid + 1}-0")
+    open(other, "wb").close()
+    worker.transport.signalProcess(signal.SIGKILL)        # no chance to remove its own
+    yield worker.ended
+    assert spare_names(spool.incoming_dir) == [os.path.basename(other)]
+    second = spool.begin()
+    second.write(b"Subject: two\r\n\r\nbody\r\n")
+    stored = yield second.commit(envelope("c@x.test")).addTimeout(10, reactor)
+    assert stored.queue_id in os.listdir(spool.queue_dir)
+
+
+@pytest_twisted.inlineCallbacks
 def test_after_a_worker_dies_commits_wait_for_the_next_one(process_spool):
     spool = process_spool(restart_interval=0.5)
     worker = spool.receiving._worker

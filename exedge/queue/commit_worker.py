@@ -42,8 +42,9 @@ written, and published into C{queue/} as before: a server cleaning up
 after a dead receive worker unlinks C{incoming/<name>}, and a commit
 still under way then fails instead of publishing what nobody
 acknowledged. A spare is never a message: start-up deletes those left in
-C{incoming/} like any partial file, and the worker deletes its own when it
-ends. Spares are made only between groups, never beside a group's fsyncs:
+C{incoming/} like any partial file, the worker deletes its own when it
+ends, and the server deletes those of a worker that was killed
+(L{exedge.queue.committer.remove_spares}). Spares are made only between groups, never beside a group's fsyncs:
 made by a thread of their own while the fsyncs ran, they joined the
 journal transaction those fsyncs commit, and the rate fell (0.67-0.75x of
 this way at one and ten connections, same run).

@@ -12,7 +12,8 @@ envelope footer.
 If the worker dies, every commit it had not answered fails, and any of
 their files it had already renamed into C{queue/} is removed: it was never
 acknowledged, and a copy left there would be delivered after the next
-restart next to the one the client sends again. The next commit starts a
+restart next to the one the client sends again; the empty files it had
+made ahead are deleted too (L{remove_spares}). The next commit starts a
 new worker; if the last one died less than C{restart_interval} after it
 started (a worker that cannot start at all), commits wait for the next
 start instead, so a broken worker costs one start a second, not one per
@@ -57,7 +58,11 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.committer = committer
         self.buffer = bytearray()
         self.errors = b""
+        self.pid = None         # kept: the transport forgets it once the process is reaped
         self.ended = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         if fd == 2:
@@ -244,12 +249,39 @@ class ProcessCommitter:
             # one unlink per lost commit, on a path that means a crash.
             _unlink_quietly(os.path.join(self.spool.queue_dir, pending.request.queue_id))
             pending.done.errback(Failure(WorkerGone(5, "the commit worker exited")))
+        if worker.pid is not None:
+            # the empty files it made ahead, which it deletes itself only when it ends by its stdin
+            remove_spares(self.spool.incoming_dir, worker.pid)
         self._maybe_idle()
 
     def _maybe_idle(self) -> None:
         if not self._in_flight:
             for listener in list(self._idle_listeners):
                 listener()
+
+
+def remove_spares(incoming_dir: str, pid: int) -> int:
+    """
+    Delete the files made ahead (L{exedge.queue.commit_worker.Spares}) by
+    the commit worker C{pid}, which has ended: none is a message (a spare
+    takes its message's name before it is written), and without this a
+    worker killed by a signal left them until the next start. Blocking, a
+    scan of incoming/: only when a worker has ended. How many it deleted.
+    """
+    prefix = f"{wire.SPARE_PREFIX}{pid}-"
+    removed = 0
+    try:
+        with os.scandir(incoming_dir) as entries:
+            names = [entry.name for entry in entries if entry.name.startswith(prefix)]
+    except OSError:
+        return 0
+    for name in names:
+        try:
+            os.unlink(os.path.join(incoming_dir, name))
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def _unlink_quietly(path: str) -> None:
