@@ -95,8 +95,9 @@ class SpoolService(Service):
     def stopService(self):
         super().stopService()
         self.recovery.stop()
-        # the commit worker first: what it answers may still need the pools
-        d = self.spool.receiving.stop()
+        # what was delivered and waits to be removed, then the commit worker: what it answers
+        # may still need the pools
+        d = self.spool.flush_removals().addBoth(lambda _: self.spool.receiving.stop())
 
         def pools(result):
             self.pool.stop()

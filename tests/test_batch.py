@@ -64,3 +64,50 @@ def test_background_batch_waits_for_receiving_but_never_more_than_max_wait():
     run_bg.finish_one()
     assert bg_batches[-1] == ["deliver2", "deliver3"]
     assert not clock.getDelayedCalls()
+
+
+def test_gathered_work_waits_for_enough_items_or_for_gather_wait():
+    clock = task.Clock()
+    run, batches = ManualRun(), []
+    removals = Batcher(run, recorder(batches), clock=clock, gather=3, gather_wait=0.1)
+    removals.submit("a")
+    removals.submit("b")
+    assert run.jobs == []                       # two of three: wait for more
+    removals.submit("c")
+    assert len(run.jobs) == 1                   # three: go now
+    run.finish_one()
+    assert batches == [["a", "b", "c"]] and not clock.getDelayedCalls()
+
+    removals.submit("d")
+    clock.advance(0.09)
+    assert run.jobs == []
+    clock.advance(0.02)                         # nobody else came: it goes alone after gather_wait
+    assert len(run.jobs) == 1
+    run.finish_one()
+    assert batches[-1] == ["d"] and not clock.getDelayedCalls()
+
+
+def test_flush_starts_what_waits_and_fires_once_it_is_done():
+    clock = task.Clock()
+    run, batches = ManualRun(), []
+    receiving = Batcher(ManualRun(), recorder([]))
+    removals = Batcher(run, recorder(batches), defer_to=receiving, clock=clock, gather=32, gather_wait=0.1)
+    assert removals.flush().called                # nothing waits: at once
+    removals.submit("a")
+    removals.submit("b")
+    receiving.submit("commit")                  # receiving on the disk would hold them too
+    done = removals.flush()
+    assert len(run.jobs) == 1 and not done.called
+    removals.submit("c")                        # what comes meanwhile goes in the flush too
+    run.finish_one()
+    assert not done.called and len(run.jobs) == 1
+    run.finish_one()
+    assert done.called and batches == [["a", "b"], ["c"]]
+    assert not clock.getDelayedCalls()
+
+
+def test_without_a_clock_nothing_is_gathered():
+    run, batches = ManualRun(), []
+    b = Batcher(run, recorder(batches), gather=32, gather_wait=0.1)
+    b.submit("a")
+    assert len(run.jobs) == 1

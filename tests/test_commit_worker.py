@@ -443,3 +443,20 @@ def test_the_commit_worker_starts_without_twisted():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "['exedge.durable', 'exedge.queue', 'exedge.queue.commit_worker']"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_stop_removes_the_delivered_messages_that_wait_to_be_gathered(tmp_path):
+    """Removals wait to go in batches (Spool.remove); a clean stop must not leave one to deliver again."""
+    from exedge.service import SpoolService
+
+    service = SpoolService(str(tmp_path / "spool"), 2, 1, reactor, lambda message: None)
+    service.startService()
+    spool = service.spool
+    incoming = spool.begin()
+    incoming.write(b"Subject: delivered\r\n\r\nbody\r\n")
+    stored = yield incoming.commit(envelope("b@x.test"))
+    removed = spool.remove(stored)               # delivered: its removal waits for more, or for a while
+    assert not removed.called and os.path.exists(stored.path)
+    yield service.stopService()
+    assert removed.called and not os.path.exists(stored.path)

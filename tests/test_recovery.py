@@ -178,6 +178,7 @@ def test_messages_delivered_and_removed_during_recovery_do_not_come_back(tmp_pat
             intake.submit(session.sink.messages.pop())   # new mail to the same queue, as the server does
         if delivery.jobs:
             delivery.finish_one()                       # recovery steps, outcomes and removals in turn
+        clock.advance(0.01)                             # removals are gathered for up to REMOVAL_WAIT
     delivery.flush()
     assert not recovery.recovering
     assert set(counting.submits) == set(old) and set(counting.submits.values()) == {1}

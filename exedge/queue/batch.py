@@ -24,7 +24,8 @@ from twisted.python.failure import Failure
 class Batcher:
     def __init__(self, run: Callable[[Callable], defer.Deferred],
                  process: Callable[[list], list], max_batch: int = 64,
-                 *, defer_to: "Batcher | None" = None, max_wait: float = 0.25, clock=None):
+                 *, defer_to: "Batcher | None" = None, max_wait: float = 0.25, clock=None,
+                 gather: int = 1, gather_wait: float = 0.0):
         """
         C{process(items)} runs on a spool thread and returns one result per
         item, in order; an item's result may be an exception instance, which
@@ -33,6 +34,12 @@ class Batcher:
         With C{defer_to}, this is background work (delivery): a batch does
         not start while that batcher (receiving) has work on the disk, but
         waits at most C{max_wait} seconds, so it is delayed, never starved.
+
+        With C{gather} > 1 (and a C{clock}), a batch also waits until that
+        many items are there, or at most C{gather_wait} seconds after it
+        could have started: for work nobody waits on (removing delivered
+        messages), where each batch's thread hand-off costs more than the
+        work (see L{exedge.queue.spool.Spool}). L{flush} ends any wait.
         """
         self.run = run
         self.process = process
@@ -40,9 +47,12 @@ class Batcher:
         self.defer_to = defer_to
         self.max_wait = max_wait
         self.clock = clock
+        self.gather = gather if clock is not None and gather_wait > 0 else 1
+        self.gather_wait = gather_wait
         self._pending: list[tuple[object, defer.Deferred]] = []
         self._busy = False
         self._timer = None
+        self._flushes: list[defer.Deferred] = []
         self._idle_listeners: list[Callable[[], None]] = []
         if defer_to is not None:
             defer_to.on_idle(self._priority_idle)
@@ -72,13 +82,33 @@ class Batcher:
         self._timer = None
         self._next(force=True)
 
+    def flush(self) -> defer.Deferred:
+        """Start what waits now, whatever it waits for; fires once nothing is pending or on the disk."""
+        if not self.busy:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._flushes.append(d)
+        self._next(force=True)
+        return d
+
     def _next(self, force: bool = False) -> None:
+        force = force or bool(self._flushes)
+        if self._busy or not self._pending:
+            return
+        if not force:
+            if self.defer_to is not None and self.defer_to.busy:
+                wait = self.max_wait                # receiving first
+            elif len(self._pending) < self.gather:
+                wait = self.gather_wait             # more may come: one hand-off for them all
+            else:
+                wait = None
+            if wait is not None:
+                if self._timer is None:
+                    self._timer = self.clock.callLater(wait, self._waited_enough)
+                return
         if self._timer is not None:
-            return
-        if not force and self._pending and not self._busy \
-                and self.defer_to is not None and self.defer_to.busy:
-            self._timer = self.clock.callLater(self.max_wait, self._waited_enough)
-            return
+            self._timer.cancel()
+            self._timer = None
         while self._pending and not self._busy:
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
@@ -99,5 +129,8 @@ class Batcher:
                     d.callback(result)
         self._next()
         if not self.busy:
+            flushes, self._flushes = self._flushes, []
+            for d in flushes:
+                d.callback(None)
             for listener in list(self._idle_listeners):
                 listener()
