@@ -15,11 +15,15 @@ message before its 250.
     The rate is messages over the time until smtp-source has its last 250;
     the messages on disk are counted afterwards.
 
-For every run it also reads the server's CPU (user + system of its whole
+For every run it reads the server's CPU (user + system of its whole
 process tree from /proc: twistd and its commit worker; Postfix's master
 and every daemon it started, with the reaped ones) over the timed interval,
 divided by the messages (CPU per message) and by the wall time (cores
-used). Rounds alternate which server goes first; medians and ranges.
+used). It also prints, in relay mode, the drain (from smtp-source's last
+250 until the sink held every message: near zero when delivery kept up
+with reception) and, for exedge, the mean commit time (final dot to
+fsync'ed, from its /metrics). Rounds alternate which server goes first;
+medians and ranges.
 
 Needs the Debian package postfix (smtp-source, smtp-sink, postfix) and root
 to start a Postfix instance; says so and exits 2 otherwise. Binds 127.0.0.1
@@ -133,6 +137,31 @@ class Exedge(against.Runner):
         """Messages in the spool now (accept mode: every acknowledged one stays)."""
         return count_files(self.spool) if os.path.isdir(self.spool) else 0
 
+    def commit_ms(self) -> float | None:
+        """
+        The mean time from a final dot to its message fsync'ed, in ms, over
+        the server's life (exedge_spool_commit_seconds on the management
+        socket's /metrics); None when it cannot be read.
+        """
+        path = os.path.join(self.server.workdir, "var", "run", "exedge.sock")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(path)
+                s.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                chunks = []
+                while chunk := s.recv(65536):
+                    chunks.append(chunk)
+        except OSError:
+            return None
+        total = count = None
+        for line in b"".join(chunks).decode("utf-8", "replace").splitlines():
+            if line.startswith("exedge_spool_commit_seconds_sum"):
+                total = float(line.split()[-1])
+            elif line.startswith("exedge_spool_commit_seconds_count"):
+                count = float(line.split()[-1])
+        return 1e3 * total / count if total is not None and count else None
+
 
 class Postfix:
     """A private Postfix instance (tests/postfix.py): its own queue, port and log."""
@@ -172,7 +201,7 @@ class Postfix:
         self.instance.stop()
 
 
-def run_one(kind, mode: str, size: int, conns: int, count: int, cap: float) -> dict:
+def run_one(kind, mode: str, size: int, conns: int, count: int, cap: float, warmup: int = 0) -> dict:
     workdir = tempfile.mkdtemp(prefix=f"relay-{kind.name.replace('@', '-')}-")
     os.chmod(workdir, 0o755)   # Postfix's daemons run as the postfix user
     sink = Sink(workdir) if mode == "relay" else None
@@ -180,7 +209,15 @@ def run_one(kind, mode: str, size: int, conns: int, count: int, cap: float) -> d
     try:
         server = kind(workdir, sink.port if sink else None, mode)
         server.start()
+        if warmup:
+            # first-use costs (imports, the first connection to the sink) out of the timed part
+            subprocess.run(["smtp-source", "-s", "1", "-m", str(warmup), "-l", str(size), "-f", "bench@source.test",
+                            "-t", "rcpt@relay.test", f"{HOST}:{server.port}"], capture_output=True, timeout=cap)
+            deadline = time.monotonic() + cap
+            while sink is not None and sink.count() < warmup and time.monotonic() < deadline:
+                time.sleep(0.02)
         before = server.stored()
+        sent_before = sink.count() if sink is not None else 0
         meter = proc.Meter(server.pid).start()
         t0 = time.monotonic()
         try:
@@ -193,15 +230,19 @@ def run_one(kind, mode: str, size: int, conns: int, count: int, cap: float) -> d
         accepted = time.monotonic() - t0
         if sink is not None:
             deadline = time.monotonic() + cap
-            while sink.count() < count and time.monotonic() < deadline:
+            while sink.count() - sent_before < count and time.monotonic() < deadline:
                 time.sleep(0.02)
-            got = sink.count()
+            got = sink.count() - sent_before
         meter.stop()
         elapsed = meter.wall
         if sink is None:
             got = server.stored() - before
+        commit = server.commit_ms() if hasattr(server, "commit_ms") else None
         return {"server": kind.name, "mode": mode, "size": size, "conns": conns, "messages": count, "done": got,
                 "accept_seconds": accepted, "seconds": elapsed, "rate": got / elapsed if elapsed else 0.0,
+                # relay: how long the last deliveries took after smtp-source's last 250 (near 0: delivery kept up)
+                "drain_seconds": max(0.0, elapsed - accepted) if sink is not None else None,
+                "commit_ms": commit,
                 "cpu_seconds": meter.cpu, "cpu_us_per_msg": 1e6 * meter.cpu / got if got else 0.0,
                 "cores": meter.cores, "smtp_source_rc": rc, "complete": got >= count and rc == 0}
     finally:
@@ -227,6 +268,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-seconds", type=float, default=2400,
                         help="cap on the whole run (default 2400); runs not started by then are skipped")
     parser.add_argument("--run-seconds", type=float, default=120, help="cap on one run's load and its drain")
+    parser.add_argument("--warmup", type=int, default=0, metavar="N",
+                        help="messages each server gets before the timed part of a run (default 0)")
     parser.add_argument("--json", default=os.path.join(HERE, "results", "relay-latest.json"))
     parser.add_argument("--against", metavar="REV",
                         help="compare with exedge at this git commit (e.g. HEAD~1) instead of Postfix, "
@@ -272,12 +315,16 @@ def compare(args, Base, Exedge) -> int:
                     for kind in order:
                         if cap.over():
                             break
-                        res = run_one(kind, mode, size, conns, n, cap=min(args.run_seconds, max(cap.left(), 5)))
+                        res = run_one(kind, mode, size, conns, n, cap=min(args.run_seconds, max(cap.left(), 5)),
+                                      warmup=args.warmup)
                         results.append(res)
                         flag = "" if res["complete"] else "  INCOMPLETE"
+                        more = "" if res["drain_seconds"] is None else f", drain {res['drain_seconds']:.2f} s"
+                        more += "" if res["commit_ms"] is None else f", commit {res['commit_ms']:.2f} ms"
                         print(f"  {mode:6} {size // 1024:>4} KiB x{conns:<3} {kind.name:8} {res['done']:>5}/{n} "
                               f"in {res['seconds']:6.2f} s = {res['rate']:8.1f}/s, "
-                              f"{res['cpu_us_per_msg']:7.0f} us CPU/msg, {res['cores']:.2f} cores{flag}", flush=True)
+                              f"{res['cpu_us_per_msg']:7.0f} us CPU/msg, {res['cores']:.2f} cores{more}{flag}",
+                              flush=True)
                         runs[kind.name].append(res)
                 if not runs[Exedge.name] or not runs[Base.name]:
                     continue
