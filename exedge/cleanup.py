@@ -26,7 +26,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from exedge.interfaces import NoTracking, TrackingEvent
+from exedge.interfaces import NoTracking, TrackingEvent, is_wire_form
 from exedge.logs.csvlog import escape
 from exedge.logs.literal import literal
 from exedge.queue.envelope import Envelope, Recipient
@@ -113,6 +113,7 @@ class Draft:
         self.trace = trace
         self.note = note or (lambda text: log.info("{queue_id}: {text}", queue_id=incoming.queue_id, text=text))
         self.prefix_length = len(prefix)
+        self.prefix_in_wire_form = is_wire_form(prefix)     # for WireForm (see Cleanup.commit)
         self.size = 0                      # octets in the spool so far, our Received field included
         self.write(prefix)
 
@@ -214,14 +215,17 @@ class Cleanup:
         incoming = self.store.begin()
         return Draft(incoming, trace, received_field(trace, incoming.queue_id, self.clock.seconds()), note)
 
-    def commit(self, txn: Transaction, message, draft: Draft, header: bytes = b""):
+    def commit(self, txn: Transaction, message, draft: Draft, header: bytes = b"", wire_form: bool = False):
         """
         The message is complete and the stages agree to it: apply their
         actions (C{message}, an L{exedge.pipeline.Message}, or None without
         a pipeline), make it durable, queue it. The L{Receipt}, at once or
         as a Deferred; a failure to write it is a 451, never an exception.
         C{header}: the client's header section (its Message-ID and Subject
-        go into the envelope, for the logs).
+        go into the envelope, for the logs). C{wire_form}: the session
+        vouches that the client's data is in wire form (L{WireForm}: read
+        by a DataReader, no line began with "."); with our Received field
+        in wire form too and no edit, the data goes on as a L{WireForm}.
         """
         recipients = list(txn.recipients)
         notes: dict = {}
@@ -272,14 +276,14 @@ class Cleanup:
 
         started = self.clock.seconds()
 
-        def committed(size: int) -> defer.Deferred:
+        def committed(size: int, wire_form: bool = False) -> defer.Deferred:
             env = envelope(size)
-            return self._commit(draft.incoming, env).addCallback(self._received, env, trace, started)
+            return self._commit(draft.incoming, env, wire_form).addCallback(self._received, env, trace, started)
 
         if message is not None and message.edited:
             d = draft.incoming.rewrite(message.edit(draft.prefix_length)).addCallback(committed)
         else:
-            d = committed(draft.size)
+            d = committed(draft.size, wire_form and draft.prefix_in_wire_form)
         return d.addCallbacks(self._receipt, self._failed, errbackArgs=(draft.incoming,))
 
     def _received(self, stored, env: Envelope, trace: Trace, started: float):
@@ -338,9 +342,9 @@ class Cleanup:
 
     # -- the one way in ------------------------------------------------------------
 
-    def _commit(self, incoming, envelope: Envelope) -> defer.Deferred:
+    def _commit(self, incoming, envelope: Envelope, wire_form: bool = False) -> defer.Deferred:
         """Durable, then announced to the queue: fires with the stored message, or fails."""
-        return incoming.commit(envelope).addCallback(self._queue)
+        return incoming.commit(envelope, wire_form=wire_form).addCallback(self._queue)
 
     def _queue(self, stored):
         try:

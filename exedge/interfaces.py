@@ -35,6 +35,28 @@ class IStoredMessage(Interface):
         """The message bytes (blocking: call on a spool thread)."""
 
 
+class WireForm(bytes):
+    """
+    Message data known to be in SMTP's wire form but for the end marker:
+    CRLF line ends only, no line beginning with ".", ending with CRLF. Made
+    where that is known without a scan (a client's data as a DataReader took
+    it, with no dot-stuffed line, behind exedge's own Received field, not
+    edited: L{exedge.cleanup.Cleanup.commit}); a client sending it
+    (L{exedge.send.client.dot_stuff}) then need not scan it again, which
+    cost a 100 KiB message about 250 µs. Anything made from it (a slice, a
+    concatenation, a copy read back from disk) is plain bytes again.
+    """
+
+    __slots__ = ()
+
+
+def is_wire_form(data: bytes) -> bool:
+    """Whether C{data} is what L{WireForm} promises (a scan: for short data such as a header field)."""
+    crlf = data.count(b"\r\n")
+    return (data.endswith(b"\r\n") and data.count(b"\r") == crlf and data.count(b"\n") == crlf
+            and not data.startswith(b".") and b"\r\n." not in data)
+
+
 class IMessageEdit(Interface):
     """
     What cleanup asks the spool to do to a message's bytes before the
@@ -70,10 +92,13 @@ class IIncomingMessage(Interface):
     def rewrite(edit):
         """Apply an L{IMessageEdit} to what was written; a Deferred firing with the new length."""
 
-    def commit(envelope):
+    def commit(envelope, wire_form=False):
         """
         Make the message and its envelope durable: a Deferred firing with
         an L{IStoredMessage} only once it is fsync'ed under its final name.
+        C{wire_form}: the caller vouches that what was written is what
+        L{WireForm} promises; the data kept in memory for the first
+        delivery is then a L{WireForm}.
         """
 
     def abort():

@@ -32,6 +32,7 @@ class Outcome:
     written: bytes | None
     size: int | None
     header: bytes | None
+    dot_lines: bool | None = None     # whether a line began with "." (accepted messages only)
 
 
 def read(data: bytes, cuts, limits: dict) -> Outcome:
@@ -53,6 +54,7 @@ def read(data: bytes, cuts, limits: dict) -> Outcome:
         written=bytes(written) if accepted else None,
         size=reader.size if accepted else None,
         header=bytes(reader.header) if accepted else None,
+        dot_lines=reader.dot_lines if accepted else None,
     )
 
 
@@ -132,7 +134,7 @@ def test_an_accepted_message_is_unstuffed_and_measured():
     assert out == Outcome(done=True, rest=b"NOOP\r\n", error=None,
                           written=b"Received: a\r\nSubject: s\r\n\r\n.dot\r\nline\r\n",
                           size=len(b"Received: a\r\nSubject: s\r\n\r\n.dot\r\nline\r\n"),
-                          header=b"Received: a\r\nSubject: s\r\n")
+                          header=b"Received: a\r\nSubject: s\r\n", dot_lines=True)
 
 
 @settings(max_examples=300, deadline=None)

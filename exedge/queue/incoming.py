@@ -27,7 +27,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from exedge.interfaces import IIncomingMessage
+from exedge.interfaces import IIncomingMessage, WireForm
 
 from .envelope import Envelope
 
@@ -217,22 +217,22 @@ class IncomingMessage:
         self._file = out
         return out.tell()
 
-    def commit(self, envelope: Envelope) -> defer.Deferred:
-        """Write, fsync and rename into the queue; fires with L{StoredMessage}."""
+    def commit(self, envelope: Envelope, wire_form: bool = False) -> defer.Deferred:
+        """Write, fsync and rename into the queue; fires with L{StoredMessage} (see L{IIncomingMessage})."""
         chunks, self._data = [self._data], bytearray()
         self._closed = True
         d = self._tail
-        d.addCallback(self._submit, envelope, chunks)
+        d.addCallback(self._submit, envelope, chunks, wire_form)
         d.addErrback(self._cleanup_after_failure)
         return d
 
-    def _submit(self, _, envelope: Envelope, chunks: list):
+    def _submit(self, _, envelope: Envelope, chunks: list, wire_form: bool = False):
         """
         The L{CommitRequest} to the committer: at once for a message in
         memory, after a spool thread has closed a spilled one.
         """
         if self._file is None:
-            data = bytes(chunks[0])
+            data = (WireForm if wire_form else bytes)(chunks[0])
             return self.spool.receiving.submit(CommitRequest(self.queue_id, envelope, data, len(data)))
         d = self.spool.run(lambda: self._finish_spilled(chunks))
         return d.addCallback(lambda length: self.spool.receiving.submit(

@@ -84,6 +84,9 @@ class DataReader:
         self._in_headers = True
         self._header = bytearray()
         self.header = b""
+        # whether a line began with "." on the wire (one dot is taken off: RFC 5321 §4.5.2); when
+        # none did, no line of what was passed on begins with "." (see exedge.interfaces.WireForm)
+        self.dot_lines = False
 
     def feed(self, data: bytes) -> tuple[bool, bytes]:
         """Consume C{data}; returns (end of data reached, bytes after the end)."""
@@ -129,6 +132,7 @@ class DataReader:
         if self.error is LONG_LINE:
             return
         if block[0:1] == b"." or b"\r\n." in block:
+            self.dot_lines = True
             block = (b"\r\n" + block).replace(b"\r\n.", b"\r\n")[2:]
         if len(block) > MAX_LINE + 2 and _has_long_line(block):
             self._fail(LONG_LINE)

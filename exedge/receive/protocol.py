@@ -726,20 +726,24 @@ class SMTPServer(basic.LineReceiver):
             code, status, text = reader.error
             self.plog.info(f"message refused: {code} {status} {text}")
             return Reply(code, status, text)
+        # the reader refused bare CR and LF: its data is in wire form unless a line began with "."
+        wire_form = not reader.dot_lines
         if not self._stages_on:
-            return then(self.ctx.cleanup.commit(txn, None, draft, header=reader.header), self._receipt)
+            return then(self.ctx.cleanup.commit(txn, None, draft, header=reader.header, wire_form=wire_form),
+                        self._receipt)
         message = Message(str(txn.sender) if txn.sender else "", [r.address for r in txn.recipients],
                           reader.header, reader.size, read=draft.client_bytes, queue_id=draft.queue_id)
         run = self.ctx.pipeline.run
         verdict = then(run("on_headers", self.session, message),
                        lambda v: v if v.final else run("on_message", self.session, message))
-        return then(verdict, self._message_verdict, txn, message, draft, reader.header)
+        return then(verdict, self._message_verdict, txn, message, draft, reader.header, wire_form)
 
-    def _message_verdict(self, verdict, txn, message, draft, header=b""):
+    def _message_verdict(self, verdict, txn, message, draft, header=b"", wire_form=False):
         if verdict.final:
             draft.abort()
             return verdict_reply(verdict, self.plog.info)
-        return then(self.ctx.cleanup.commit(txn, message, draft, header=header), self._receipt)
+        return then(self.ctx.cleanup.commit(txn, message, draft, header=header, wire_form=wire_form),
+                    self._receipt)
 
     def _receipt(self, receipt) -> Reply:
         # no log line of its own: cleanup wrote the one line per message

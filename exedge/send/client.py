@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.protocols import basic
 from twisted.python.failure import Failure
 
+from exedge.interfaces import WireForm
 from exedge.writethrough import write_through
 
 log = Logger()
@@ -170,6 +171,10 @@ def dot_stuff(data: bytes) -> bytes:
     The DATA section as sent: CRLF line ends only, every line starting with
     "." doubled (RFC 5321 §4.5.2), a final CRLF, then the end marker.
     """
+    if type(data) is WireForm:
+        # in wire form already, as known where it was received: the scans below
+        # cost a 100 KiB message about 250 µs (bench/README.md, "Wire form")
+        return data + b".\r\n"
     # three scans of a 100 KiB message cost more than the rest of this
     # function: count CRLF once, copy only when there is something to change
     crlf = data.count(b"\r\n")
