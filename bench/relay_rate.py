@@ -38,6 +38,7 @@ only; every process is stopped by PID at the end, also on Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tomllib
 import os
 import shutil
@@ -201,14 +202,31 @@ class Postfix:
         self.instance.stop()
 
 
-def run_one(kind, mode: str, size: int, conns: int, count: int, cap: float, warmup: int = 0) -> dict:
-    workdir = tempfile.mkdtemp(prefix=f"relay-{kind.name.replace('@', '-')}-")
+@contextlib.contextmanager
+def running(kind, mode: str, prefix: str = "relay"):
+    """
+    C{kind} (Exedge, Postfix, a variant) started in a directory of its own,
+    relaying to a new Sink in relay mode: yields (server, sink or None);
+    both stopped by PID and the directory removed afterwards.
+    """
+    workdir = tempfile.mkdtemp(prefix=f"{prefix}-{kind.name.replace('@', '-')}-")
     os.chmod(workdir, 0o755)   # Postfix's daemons run as the postfix user
     sink = Sink(workdir) if mode == "relay" else None
     server = None
     try:
         server = kind(workdir, sink.port if sink else None, mode)
         server.start()
+        yield server, sink
+    finally:
+        if server is not None:
+            server.stop()
+        if sink is not None:
+            sink.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_one(kind, mode: str, size: int, conns: int, count: int, cap: float, warmup: int = 0) -> dict:
+    with running(kind, mode) as (server, sink):
         if warmup:
             # first-use costs (imports, the first connection to the sink) out of the timed part
             subprocess.run(["smtp-source", "-s", "1", "-m", str(warmup), "-l", str(size), "-f", "bench@source.test",
@@ -245,12 +263,6 @@ def run_one(kind, mode: str, size: int, conns: int, count: int, cap: float, warm
                 "commit_ms": commit,
                 "cpu_seconds": meter.cpu, "cpu_us_per_msg": 1e6 * meter.cpu / got if got else 0.0,
                 "cores": meter.cores, "smtp_source_rc": rc, "complete": got >= count and rc == 0}
-    finally:
-        if server is not None:
-            server.stop()
-        if sink is not None:
-            sink.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main(argv=None) -> int:

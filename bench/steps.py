@@ -27,7 +27,6 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,13 +85,7 @@ def one_message(port: int, waits: dict) -> None:
 
 
 def run_one(kind, mode: str, count: int) -> dict:
-    workdir = tempfile.mkdtemp(prefix=f"steps-{kind.name.replace('@', '-')}-")
-    os.chmod(workdir, 0o755)   # Postfix's daemons run as the postfix user
-    sink = relay_rate.Sink(workdir) if mode == "relay" else None
-    server = None
-    try:
-        server = kind(workdir, sink.port if sink else None, mode)
-        server.start()
+    with relay_rate.running(kind, mode, prefix="steps") as (server, _):
         warm = {name: [] for name in STEPS}
         for _ in range(min(100, count)):
             one_message(server.port, warm)
@@ -101,12 +94,6 @@ def run_one(kind, mode: str, count: int) -> dict:
             one_message(server.port, waits)
         return {"server": kind.name, "mode": mode, "messages": count,
                 "us": {name: 1e6 * proc.median(values) for name, values in waits.items()}}
-    finally:
-        if server is not None:
-            server.stop()
-        if sink is not None:
-            sink.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main(argv=None) -> int:
