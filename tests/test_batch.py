@@ -111,3 +111,19 @@ def test_without_a_clock_nothing_is_gathered():
     b = Batcher(run, recorder(batches), gather=32, gather_wait=0.1)
     b.submit("a")
     assert len(run.jobs) == 1
+
+
+def test_receiving_going_idle_does_not_restart_the_wait_for_more():
+    """Commits come and go while removals gather: they still start gather_wait after they could have."""
+    clock = task.Clock()
+    run_fg, run_bg, batches = ManualRun(), ManualRun(), []
+    receiving = Batcher(run_fg, recorder([]))
+    removals = Batcher(run_bg, recorder(batches), defer_to=receiving, clock=clock, gather=32, gather_wait=0.1)
+    removals.submit("a")
+    for _ in range(5):                          # a commit every 30 ms
+        clock.advance(0.03)
+        receiving.submit("commit")
+        run_fg.finish_one()
+    assert len(run_bg.jobs) == 1                # at 0.1 s, not 0.1 s after the last commit
+    run_bg.finish_one()
+    assert batches == [["a"]]

@@ -52,6 +52,7 @@ class Batcher:
         self._pending: list[tuple[object, defer.Deferred]] = []
         self._busy = False
         self._timer = None
+        self._gathering = False       # the timer is gather_wait's, not max_wait's
         self._flushes: list[defer.Deferred] = []
         self._idle_listeners: list[Callable[[], None]] = []
         if defer_to is not None:
@@ -73,7 +74,8 @@ class Batcher:
         return d
 
     def _priority_idle(self) -> None:
-        if self._timer is not None:
+        # receiving is done: what waited for it goes now (a wait for more items keeps its time)
+        if self._timer is not None and not self._gathering:
             self._timer.cancel()
             self._timer = None
             self._next()
@@ -97,14 +99,15 @@ class Batcher:
             return
         if not force:
             if self.defer_to is not None and self.defer_to.busy:
-                wait = self.max_wait                # receiving first
+                wait, gathering = self.max_wait, False          # receiving first
             elif len(self._pending) < self.gather:
-                wait = self.gather_wait             # more may come: one hand-off for them all
+                wait, gathering = self.gather_wait, True        # more may come: one hand-off for them all
             else:
                 wait = None
             if wait is not None:
                 if self._timer is None:
                     self._timer = self.clock.callLater(wait, self._waited_enough)
+                    self._gathering = gathering
                 return
         if self._timer is not None:
             self._timer.cancel()
