@@ -50,10 +50,19 @@ class WireForm(bytes):
     __slots__ = ()
 
 
+def crlf_only(data: bytes) -> bool:
+    """
+    Whether every CR and LF in C{data} is part of a CRLF: no bare CR or LF
+    (the SMTP smuggling vector). Three counts: measured cheaper than any
+    other exact test in Python (bench/README.md, "Wire form").
+    """
+    crlf = data.count(b"\r\n")
+    return data.count(b"\r") == crlf and data.count(b"\n") == crlf
+
+
 def is_wire_form(data: bytes) -> bool:
     """Whether C{data} is what L{WireForm} promises (a scan: for short data such as a header field)."""
-    crlf = data.count(b"\r\n")
-    return (data.endswith(b"\r\n") and data.count(b"\r") == crlf and data.count(b"\n") == crlf
+    return (data.endswith(b"\r\n") and crlf_only(data)
             and not data.startswith(b".") and b"\r\n." not in data)
 
 

@@ -355,7 +355,7 @@ class Spool:
         # delivery-side work gives way to receiving (bounded: see Batcher), and removals are
         # gathered: a hand-off to the delivery thread per delivered message cost more than its
         # unlink (the thread's wake-up and its turns at the GIL beside the reactor); gathered,
-        # the one-connection relay went 1.13-1.21x (bench/README.md, "Removals gathered")
+        # 1 KiB relayed at one connection went 1.01-1.17x (bench/README.md, "Removals gathered")
         self._remover = Batcher(self.run_delivery, self._remove_batch, 256,
                                 defer_to=self.receiving if clock else None, clock=clock,
                                 gather=REMOVALS_GATHERED, gather_wait=REMOVAL_WAIT)

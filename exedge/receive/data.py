@@ -37,6 +37,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from exedge.interfaces import crlf_only
+
 MAX_LINE = 998            # RFC 5321 §4.5.3.1.6: 1000 octets including CRLF
 _RECEIVED = re.compile(rb"^received:", re.I | re.M)
 
@@ -125,8 +127,7 @@ class DataReader:
     def _process(self, block: bytes) -> None:
         if self.error is BARE_CR_LF or not block:
             return
-        crlf = block.count(b"\r\n")
-        if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
+        if not crlf_only(block):
             self._fail(BARE_CR_LF)
             return
         if self.error is LONG_LINE:
