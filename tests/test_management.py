@@ -81,7 +81,8 @@ def test_retry_suspend_resume_and_remove(start_server, sinks):
             report = f.read()
         assert b"X-Receiver: <alice@example.com>" in report
         assert b"deleted by administrative action" in report
-        assert client.messages() == []
+        # the NDR's file is written before its outcome is recorded: the queue empties just after
+        server.wait_for(lambda: client.messages() == [], what="the delivered NDR gone from the queue")
         with pytest.raises(EndpointError) as gone:
             client.export(held["identity"])
         assert gone.value.status == 404
