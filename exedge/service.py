@@ -77,7 +77,7 @@ class SpoolService(Service):
         self.delivery_pool = ThreadPool(minthreads=1, maxthreads=delivery_threads, name="exedge-delivery")
         self.spool = Spool(directory, lambda f: deferToThreadPool(reactor, self.pool, f),
                            lambda f: deferToThreadPool(reactor, self.delivery_pool, f), clock=reactor,
-                           committer=lambda spool: ProcessCommitter(spool, reactor))
+                           committer=lambda spool: ProcessCommitter(spool, reactor), recycle=True)
         self.recovery = Recovery(self.spool, on_recovered, self.spool.run_delivery, reactor, step=recovery_step)
 
     def startService(self) -> None:

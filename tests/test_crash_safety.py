@@ -9,7 +9,7 @@ import time
 
 from crash_load import delivered, start_senders as _start_senders
 
-from exedge.queue.commit_worker import SPARE_PREFIX
+from exedge.queue.commit_worker import RECYCLED_PREFIX, SPARE_PREFIX
 
 
 def _wait_acked(acked, count=60):
@@ -35,8 +35,9 @@ def test_kill_9_during_200_messages_loses_no_acknowledged_message(start_server):
 
     server.start()
     seen = delivered(server)
-    # no partial message left (the commit worker's empty spares are no message)
-    assert [n for n in os.listdir(server.path("var", "spool", "incoming")) if not n.startswith(SPARE_PREFIX)] == []
+    # no partial message left (the commit worker's spares and the delivered messages' recycled files are no message)
+    assert [n for n in os.listdir(server.path("var", "spool", "incoming"))
+            if not n.startswith((SPARE_PREFIX, RECYCLED_PREFIX))] == []
 
     duplicates = {t: n for t, n in seen.items() if n > 1}
     assert not duplicates

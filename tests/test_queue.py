@@ -87,11 +87,12 @@ def test_recovery_removes_partial_incoming_and_quarantines_garbage(spool):
     assert os.listdir(spool.corrupt_dir) == ["GARBAGE"]
 
 
-def test_start_up_deletes_a_commit_workers_spares_without_counting_them_as_messages(spool):
-    from exedge.queue.commit_worker import SPARE_PREFIX
-    for name in ("PARTIAL", f"{SPARE_PREFIX}123-0", f"{SPARE_PREFIX}123-1"):
+def test_start_up_deletes_spares_and_recycled_files_without_counting_them_as_messages(spool):
+    from exedge.queue.commit_worker import RECYCLED_PREFIX, SPARE_PREFIX
+    for name in ("PARTIAL", f"{SPARE_PREFIX}123-0", f"{SPARE_PREFIX}123-1", f"{RECYCLED_PREFIX}5"):
         with open(os.path.join(spool.incoming_dir, name), "wb") as f:
-            f.write(b"x" if name == "PARTIAL" else b"")
+            # a recycled file still holds the delivered message it was
+            f.write(b"x" if name == "PARTIAL" else b"Subject: delivered\r\n\r\n" if "recycled" in name else b"")
     assert spool.start_recovery() == 1
     assert os.listdir(spool.incoming_dir) == []
 

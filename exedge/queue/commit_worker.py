@@ -48,6 +48,23 @@ ends, and the server deletes those of a worker that was killed
 made by a thread of their own while the fsyncs ran, they joined the
 journal transaction those fsyncs commit, and the rate fell (0.67-0.75x of
 this way at one and ten connections, same run).
+
+Recycled files. A spare is first taken from the files of delivered
+messages: the server renames a delivered message's file (up to
+L{exedge.queue.spool.RECYCLE_AT_MOST} bytes) to
+C{incoming/recycled-<slot>} instead of unlinking it, and L{Spares.fill}
+renames one of those to a spare's name and opens it with C{O_TRUNC}. No
+inode is freed by the delivery and none allocated by the next commit.
+Creating a file costs more than its rename and truncation on every
+filesystem, and far more on this machine's ext4, which has no journal:
+there, every new inode is found by stepping over each inode freed in the
+last 30 seconds (the kernel's C{recently_deleted}), and at a few hundred
+deliveries a second a creation took 0.4-1.3 ms of system time (perf,
+strace; bench/README.md). The slots are few (L{exedge.queue.spool.
+RECYCLED_SLOTS}): a rename onto a slot in use replaces, and so deletes,
+the file there, which bounds what waits. Readers of queue files check that
+the name still holds the file they read (L{exedge.queue.spool.
+still_named}), since an inode may now be given to another message.
 """
 
 from __future__ import annotations
@@ -69,6 +86,7 @@ READ_SIZE = 4 * 1024 * 1024
 FSYNC_THREADS = 16
 SPARES = 32                    # files made ahead at most (L{Spares})
 SPARE_PREFIX = "spare-"        # their names in incoming/: never a queue id (hexadecimal)
+RECYCLED_PREFIX = "recycled-"  # delivered messages' files waiting to be spares (see above)
 
 
 def encode_request(request_id: int, name: str, parts: list[bytes], append: bool) -> list[bytes]:
@@ -152,15 +170,56 @@ class Spares:
         self.wanted = max(0, min(count, self.limit))
 
     def fill(self, waiting=lambda: False) -> None:
-        """Create spares up to the number wanted, stopping as soon as C{waiting()} says a request is there."""
+        """
+        Spares up to the number wanted, stopping as soon as C{waiting()}
+        says a request is there: recycled files first, then new ones.
+        """
+        if len(self._files) < self.wanted:
+            for name in self._recycled():
+                if len(self._files) >= self.wanted or waiting():
+                    return
+                self._reuse(name)
         while len(self._files) < self.wanted and not waiting():
-            path = os.path.join(self.incoming_dir, f"{SPARE_PREFIX}{os.getpid()}-{self._made}")
-            self._made += 1
+            path = self._next_path()
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_CREAT | os.O_EXCL, 0o600)
             except OSError:
                 return          # a full or failing disk: the commits create their own files, and say why
             self._files.append((fd, path))
+
+    def _next_path(self) -> str:
+        path = os.path.join(self.incoming_dir, f"{SPARE_PREFIX}{os.getpid()}-{self._made}")
+        self._made += 1
+        return path
+
+    def _recycled(self) -> list[str]:
+        """The names of the recycled files in incoming/ now."""
+        try:
+            with os.scandir(self.incoming_dir) as entries:
+                return [entry.name for entry in entries if entry.name.startswith(RECYCLED_PREFIX)]
+        except OSError:
+            return []
+
+    def _reuse(self, name: str) -> None:
+        """
+        Make the recycled file C{name} a spare: renamed first, so that no
+        other commit worker takes it too and the server's next rename onto
+        its slot leaves it alone; then emptied.
+        """
+        path = self._next_path()
+        try:
+            os.rename(os.path.join(self.incoming_dir, name), path)
+        except OSError:
+            return              # another commit worker took it, or a new one replaced it in its slot
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_TRUNC | os.O_NOFOLLOW)
+        except OSError:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            return
+        self._files.append((fd, path))
 
     def discard(self) -> None:
         """Close and delete every spare (the worker is ending)."""

@@ -10,6 +10,11 @@ Layout under the spool directory::
     incoming/spare-<pid>-<n>
                     an empty file the commit worker made ahead for a message
                     to come (commit_worker.Spares); removed at start-up
+    incoming/recycled-<slot>
+                    a delivered message's file, renamed here instead of
+                    unlinked for a commit worker to empty and reuse as a
+                    spare (commit_worker's "Recycled files"); removed at
+                    start-up
     queue/<id>      committed: message data, then the envelope as JSON, then
                     a fixed-size footer giving the envelope's length
     state/<id>      per-recipient outcomes, one JSON line each, appended and
@@ -31,6 +36,7 @@ L{exedge.queue.incoming.IncomingMessage} until its commit.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -43,7 +49,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from exedge.queue.commit_worker import COMMITTED, SPARE_PREFIX, write_group
+from exedge.queue.commit_worker import COMMITTED, RECYCLED_PREFIX, SPARE_PREFIX, write_group
 from exedge.durable import DirectorySync, fsync_in_turn, make_dirs
 from exedge.interfaces import IMessageStore, IStoredMessage
 
@@ -76,10 +82,29 @@ def new_queue_id() -> str:
     return f"{time.time_ns() // 1000:014X}{_ID_PREFIX}{next(_id_counter) & 0xFFFF:04X}"
 
 
+def still_named(fd: int, path: str) -> None:
+    """
+    FileNotFoundError unless C{path} still names the file open as C{fd}.
+    A reader of a queue file calls it after reading: a delivered message's
+    file is recycled (L{Spool._remove_batch}) and may be holding another
+    message by now, so what was read from a file that has lost its name
+    may not be this message's. Its name goes before anything of it is
+    reused, so a file that still has it was this message's while it was
+    read.
+    """
+    if os.stat(path).st_ino != os.fstat(fd).st_ino:
+        raise FileNotFoundError(errno.ENOENT, "removed while it was read", path)
+
+
 RECENT_DATA_BYTES = 32 * 1024 * 1024
 # delivered messages are removed in batches of up to this many, or after this many seconds
 REMOVALS_GATHERED = 32
 REMOVAL_WAIT = 0.1
+# a delivered message's file of at most this many bytes is recycled (commit_worker's "Recycled
+# files") into one of this many slots; a larger one is unlinked: what waits in the slots is
+# bounded by their product, and emptying a large file costs what a new one would
+RECYCLE_AT_MOST = 256 * 1024
+RECYCLED_SLOTS = 64
 
 # one empty set for every message with no outcome yet: CPython makes a new
 # empty frozenset per call, 216 bytes for each of a million queued messages
@@ -257,8 +282,11 @@ class StoredMessage:
 
     def read_envelope(self) -> Envelope:
         """The envelope as the file's footer has it (blocking: call on a spool thread)."""
-        with open(self.path, "rb") as f:
-            return read_envelope(f)[1]
+        path = self.path
+        with open(path, "rb") as f:
+            envelope = read_envelope(f)[1]
+            still_named(f.fileno(), path)
+            return envelope
 
     def pin(self, envelope: Envelope | None = None) -> None:
         """
@@ -308,9 +336,11 @@ class StoredMessage:
             while left > 0:
                 part = os.read(fd, left)
                 if not part:
+                    still_named(fd, path)       # a file reused meanwhile is shorter: say it is gone
                     raise OSError(f"{path}: {left} bytes short of its recorded length")
                 parts.append(part)
                 left -= len(part)
+            still_named(fd, path)
             return parts[0] if len(parts) == 1 else b"".join(parts)
         finally:
             os.close(fd)
@@ -328,11 +358,14 @@ class Spool:
 
     def __init__(self, directory: str, run: Callable[[Callable], defer.Deferred],
                  run_delivery: Callable[[Callable], defer.Deferred] | None = None, *, clock=None,
-                 committer=None):
+                 committer=None, recycle: bool = False):
         """
         C{committer(spool)} builds what commits received messages (the
         server's L{exedge.queue.committer.ProcessCommitter}); by default a
         L{Batcher} of L{_commit_batch} on C{run}, for tests in one process.
+        C{recycle}: delivered messages' files go to C{incoming/recycled-*}
+        for the commit workers to reuse (only where commit workers take
+        them: nothing else would).
         """
         self.directory = directory
         self._now = clock.seconds if clock is not None else time.time
@@ -351,6 +384,8 @@ class Spool:
         # ids at or past it that recovery announced before their committer named them
         self._mark: str | None = None
         self._raced: set[str] = set()
+        self._recycle = recycle
+        self._recycled = 0                  # slots filled so far, round the ring
         self.receiving = committer(self) if committer else Batcher(self.run, self._commit_batch)
         # delivery-side work gives way to receiving (bounded: see Batcher), and removals are
         # gathered: a hand-off to the delivery thread per delivered message cost more than its
@@ -446,14 +481,35 @@ class Spool:
 
     def _remove_batch(self, items: list) -> list:
         for message, stateful in items:
-            # a message delivered at the first attempt never had a state file
-            paths = (message.path, os.path.join(self.state_dir, message.queue_id)) if stateful else (message.path,)
-            for path in paths:
+            self._remove_file(message)
+            if stateful:        # a message delivered at the first attempt never had a state file
                 try:
-                    os.unlink(path)
+                    os.unlink(os.path.join(self.state_dir, message.queue_id))
                 except FileNotFoundError:
                     pass
         return [None] * len(items)
+
+    def _remove_file(self, message: StoredMessage) -> None:
+        """
+        Take C{message}'s file out of queue/: renamed to a recycled slot
+        in incoming/ where it may be reused (see RECYCLE_AT_MOST), else
+        unlinked. Either way it is gone from queue/ at once, which is all
+        a reader or a restart looks at.
+        """
+        path = message.path
+        if self._recycle and message.data_length <= RECYCLE_AT_MOST and os.path.dirname(path) == self.queue_dir:
+            self._recycled = (self._recycled + 1) % RECYCLED_SLOTS
+            try:
+                os.rename(path, os.path.join(self.incoming_dir, f"{RECYCLED_PREFIX}{self._recycled}"))
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                pass            # unlinked below, as if it had not been recycled
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
     # -- start-up ----------------------------------------------------------
     #
@@ -476,9 +532,10 @@ class Spool:
         removed = 0
         with os.scandir(self.incoming_dir) as entries:
             for entry in entries:
-                if entry.name.startswith(SPARE_PREFIX):
-                    # a file a commit worker made ahead (commit_worker.Spares): never a
-                    # message, and perhaps deleted just now by the worker that made it
+                if entry.name.startswith((SPARE_PREFIX, RECYCLED_PREFIX)):
+                    # a file a commit worker made ahead (commit_worker.Spares), or a delivered
+                    # message's waiting to be one: never a message, and perhaps deleted or
+                    # taken just now by a worker
                     try:
                         os.unlink(entry.path)
                     except FileNotFoundError:
@@ -607,6 +664,7 @@ class Spool:
         """The message and whether it has a state file; FileNotFoundError if it is gone."""
         with open(path, "rb") as f:
             data_length, envelope = read_envelope(f)
+            still_named(f.fileno(), path)
         stateful, done, delayed, retry_at = self._load_state(queue_id)
         return StoredMessage(queue_id, envelope, path, data_length, done, delayed, retry_at), stateful
 
