@@ -55,16 +55,19 @@ L{exedge.queue.spool.RECYCLE_AT_MOST} bytes) to
 C{incoming/recycled-<slot>} instead of unlinking it, and L{Spares.fill}
 renames one of those to a spare's name and opens it with C{O_TRUNC}. No
 inode is freed by the delivery and none allocated by the next commit.
-Creating a file costs more than its rename and truncation on every
-filesystem, and far more on this machine's ext4, which has no journal:
-there, every new inode is found by stepping over each inode freed in the
-last 30 seconds (the kernel's C{recently_deleted}), and at a few hundred
-deliveries a second a creation took 0.4-1.3 ms of system time (perf,
-strace; bench/README.md). The slots are few (L{exedge.queue.spool.
-RECYCLED_SLOTS}): a rename onto a slot in use replaces, and so deletes,
-the file there, which bounds what waits. Readers of queue files check that
-the name still holds the file they read (L{exedge.queue.spool.
-still_named}), since an inode may now be given to another message.
+A creation allocates an inode and a deletion frees one, which a rename
+and a truncation do not; on this machine's ext4, which has no journal,
+that is dear: every new inode is found by stepping over each inode freed in the
+last 30 seconds (the kernel's C{recently_deleted}). Relaying a few hundred
+messages a second, a spare's creation took 0.8-1.3 ms (strace) and the
+worker 0.9 ms of system time per message (bench/README.md, "Recycled
+files"). The slots are few (L{exedge.queue.spool.RECYCLED_SLOTS}): a
+rename onto a slot in use replaces, and so deletes, the file there. That
+bounds what waits: at most that many delivered messages' bytes, each file
+still mode 0600 in the spool's own directory, until a worker empties it or
+start-up deletes it. Since an inode may now be given to another message,
+readers of queue files check that the name still holds the file they read
+(L{exedge.queue.spool.still_named}).
 """
 
 from __future__ import annotations
