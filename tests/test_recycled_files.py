@@ -6,6 +6,7 @@ message can be handed the new one's bytes. Real files, real commit worker.
 
 import os
 import smtplib
+import threading
 import time
 
 import pytest
@@ -55,26 +56,103 @@ def test_a_delivered_messages_file_is_emptied_and_reused_for_a_new_message(tmp_p
     for d in ("incoming", "queue"):
         (spool / d).mkdir(parents=True)
     incoming, queue = str(spool / "incoming"), str(spool / "queue")
-    recycled = spool / "incoming" / f"{wire.RECYCLED_PREFIX}7"
-    recycled.write_bytes(OLD)
-    inode = os.stat(recycled).st_ino
-    spares = wire.Spares(incoming, limit=2)
-    spares.want(2)
+    inodes = set()
+    for slot in (7, 8):
+        recycled = spool / "incoming" / f"{wire.RECYCLED_PREFIX}{slot}"
+        recycled.write_bytes(OLD)
+        inodes.add(os.stat(recycled).st_ino)
+    synced = []
+
+    def before_reuse():
+        # the queue directory's fsync: after both are claimed (one fsync for the two), before either is emptied
+        spares_now = names(incoming, wire.SPARE_PREFIX)
+        synced.append(sorted(os.path.getsize(os.path.join(incoming, n)) for n in spares_now))
+
+    spares = wire.Spares(incoming, limit=3, before_reuse=before_reuse)
+    spares.want(1)
     spares.fill()
+    assert synced == [[len(OLD), len(OLD)]]
+    # every recycled file is taken (within the limit), beyond the one wanted; none created
     made = names(incoming, wire.SPARE_PREFIX)
-    assert len(made) == 2 and names(incoming, wire.RECYCLED_PREFIX) == []
-    # the recycled file is one of the spares, under a spare's name, and empty already
-    [reused] = [n for n in made if os.stat(os.path.join(incoming, n)).st_ino == inode]
-    assert os.path.getsize(os.path.join(incoming, reused)) == 0
+    assert len(made) == 2 == len(spares) and names(incoming, wire.RECYCLED_PREFIX) == []
+    assert {os.stat(os.path.join(incoming, n)).st_ino for n in made} == inodes
+    assert [os.path.getsize(os.path.join(incoming, n)) for n in made] == [0, 0]
     results = wire.write_group(incoming, queue, DirectorySync(queue),
                                [("A", b"message a", False), ("B", b"message b", False)], spares=spares)
     assert results == [wire.COMMITTED, wire.COMMITTED]
     # each message is exactly its own bytes: nothing of the old one is left in the file it took
     assert (spool / "queue" / "A").read_bytes() == b"message a"
     assert (spool / "queue" / "B").read_bytes() == b"message b"
-    assert inode in {os.stat(spool / "queue" / n).st_ino for n in ("A", "B")}
-    assert os.stat(spool / "queue" / "A").st_mode & 0o777 == 0o600
+    assert {os.stat(spool / "queue" / n).st_ino for n in ("A", "B")} == inodes
     assert os.listdir(incoming) == []
+
+
+def test_a_recycled_file_whose_removal_could_not_be_made_durable_is_never_reused(tmp_path):
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / f"{wire.RECYCLED_PREFIX}1").write_bytes(OLD)
+    # held open, so that its inode number cannot be given to a new file once it is deleted
+    held = os.open(incoming / f"{wire.RECYCLED_PREFIX}1", os.O_RDONLY)
+
+    def failing_fsync():
+        raise OSError(5, "Input/output error")
+
+    spares = wire.Spares(str(incoming), before_reuse=failing_fsync)
+    spares.want(1)
+    spares.fill()
+    # deleted, not kept: its old name may still be in queue/ on the disk; a new file is made instead
+    assert len(spares) == 1
+    [fd, path] = spares.take()
+    os.close(fd)
+    assert os.listdir(incoming) == [os.path.basename(path)] and os.path.getsize(path) == 0
+    assert os.stat(path).st_ino != os.fstat(held).st_ino and os.fstat(held).st_nlink == 0
+    assert os.pread(held, 100, 0) == OLD[:100]          # and never emptied
+    os.close(held)
+
+
+def test_the_worker_fsyncs_the_queue_directory_before_it_empties_a_recycled_file(tmp_path, monkeypatch):
+    """serve(), the worker process's loop, run here on a thread: its spares are given the queue/ fsync."""
+    spool = tmp_path / "spool"
+    for d in ("incoming", "queue"):
+        (spool / d).mkdir(parents=True)
+    incoming = spool / "incoming"
+    (incoming / f"{wire.RECYCLED_PREFIX}3").write_bytes(OLD)
+    seen = []
+
+    class Recording(DirectorySync):
+        def sync(self):
+            seen.append((self.path, sorted((n, os.path.getsize(incoming / n)) for n in os.listdir(incoming))))
+            return super().sync()
+
+    monkeypatch.setattr(wire, "DirectorySync", Recording)
+    rfd, to_worker = os.pipe()
+    from_worker, wfd = os.pipe()
+    worker = threading.Thread(target=wire.serve, args=(str(spool), os.getppid(), rfd, wfd))
+    worker.start()
+    try:
+        os.write(to_worker, b"".join(wire.encode_request(1, "M1", [b"message one"], False)))
+        assert len(os.read(from_worker, 100)) == wire.REPLY.size           # answered
+        deadline = time.monotonic() + 10
+
+        def taken():     # then, while no request waits, the recycled file is taken and emptied
+            spares = names(incoming, wire.SPARE_PREFIX)
+            return (spares and not names(incoming, wire.RECYCLED_PREFIX)
+                    and all(os.path.getsize(incoming / n) == 0 for n in spares))
+
+        while not taken():
+            assert time.monotonic() < deadline, "the worker did not take the recycled file"
+            time.sleep(0.01)
+    finally:
+        os.close(to_worker)
+        worker.join(10)
+        for fd in (rfd, wfd, from_worker):
+            os.close(fd)
+    assert (spool / "queue" / "M1").read_bytes() == b"message one"
+    queue_syncs = [entries for path, entries in seen if path == str(spool / "queue")]
+    # the commit's own fsync, then the one before the recycled file, claimed but still whole, is emptied
+    assert len(queue_syncs) == 2
+    [(name, size)] = queue_syncs[1]
+    assert name.startswith(wire.SPARE_PREFIX) and size == len(OLD)
 
 
 def test_delivered_messages_go_to_a_bounded_ring_of_recycled_files(tmp_path, monkeypatch):
@@ -150,9 +228,10 @@ def footer_of(data: bytes) -> bytes:
                                                  size=len(data)))
 
 
+@pytest.mark.parametrize("state", ["another message", "emptied"])
 @pytest.mark.parametrize("reader", ["envelope", "recovery"])
 def test_reading_an_envelope_from_a_file_reused_meanwhile_fails_instead_of_giving_another(tmp_path, monkeypatch,
-                                                                                         reader):
+                                                                                         reader, state):
     spool = make_spool(tmp_path)
     first = committed(spool, OLD, rcpt="first@x.test")
     [message] = spool.recover()
@@ -161,7 +240,14 @@ def test_reading_an_envelope_from_a_file_reused_meanwhile_fails_instead_of_givin
 
     def read_after_reuse(f):
         if not reused:
-            reused.append(reuse_for_another(spool, message, SECRET + footer_of(SECRET)))
+            if state == "emptied":          # taken as a spare, not written yet: no footer to parse
+                spool.remove(message)
+                spares = wire.Spares(spool.incoming_dir)
+                spares.want(1)
+                spares.fill()
+                reused.append(spares)
+            else:
+                reused.append(reuse_for_another(spool, message, SECRET + footer_of(SECRET)))
         return real_read_envelope(f)
 
     monkeypatch.setattr(spool_module, "read_envelope", read_after_reuse)
@@ -218,18 +304,37 @@ def test_through_the_commit_worker_a_delivered_messages_file_carries_a_later_mes
     assert first.queue_id not in again
 
 
-def test_the_server_recycles_a_delivered_messages_file_and_its_commit_worker_takes_it(start_server):
+def test_the_server_recycles_a_delivered_messages_file_and_the_next_message_is_written_into_it(start_server):
     server = start_server()
     incoming = server.path("var", "spool", "incoming")
-    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
-        assert client.sendmail("alice@sender.test", ["bob@example.com"], OLD) == {}
-    server.wait_for(lambda: names(incoming, wire.RECYCLED_PREFIX),
-                    what="the delivered message's file in a recycled slot")
-    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
-        assert client.sendmail("alice@sender.test", ["carol@example.com"], b"Subject: two\r\n\r\nbody\r\n") == {}
-    # taken as a spare once the worker has answered the second message's commit
-    server.wait_for(lambda: not names(incoming, wire.RECYCLED_PREFIX) and len(server.drop_files()) == 2,
-                    what="the commit worker to take the recycled file")
-    contents = sorted(open(path, "rb").read() for path in server.drop_files())
-    assert contents[0].endswith(OLD) or contents[1].endswith(OLD)
-    assert any(c.endswith(b"Subject: two\r\n\r\nbody\r\n") for c in contents)
+
+    def send(rcpt, data):
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+            assert client.sendmail("alice@sender.test", [rcpt], data) == {}
+
+    def inodes(prefix):
+        found = {}
+        for name in names(incoming, prefix):
+            try:
+                found[os.stat(os.path.join(incoming, name)).st_ino] = name
+            except FileNotFoundError:
+                pass
+        return found
+
+    send("bob@example.com", OLD)
+    [inode] = server.wait_for(lambda: list(inodes(wire.RECYCLED_PREFIX)),
+                              what="the delivered message's file in a recycled slot")
+    send("carol@example.com", b"Subject: two\r\n\r\nbody\r\n")
+    # once the worker has answered the second message, it takes the recycled file as a spare
+    server.wait_for(lambda: inode in inodes(wire.SPARE_PREFIX), what="the commit worker to take the recycled file")
+    three = b"Subject: three\r\n\r\nshort\r\n"
+    send("dave@example.com", three)
+    # the third message went into that file: delivered, it is recycled in turn, holding the third message
+    name = server.wait_for(lambda: inodes(wire.RECYCLED_PREFIX).get(inode), what="the third message's file back")
+    with open(os.path.join(incoming, name), "rb") as f:
+        held = f.read()
+    assert three in held and b"an old message" not in held
+    server.wait_for(lambda: len(server.drop_files()) == 3, what="three drop files")
+    contents = [open(path, "rb").read() for path in server.drop_files()]
+    assert sorted(c.endswith(three) for c in contents) == [False, False, True]
+    assert sum(c.endswith(OLD) for c in contents) == 1

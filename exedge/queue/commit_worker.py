@@ -53,7 +53,9 @@ Recycled files. A spare is first taken from the files of delivered
 messages: the server renames a delivered message's file (up to
 L{exedge.queue.spool.RECYCLE_AT_MOST} bytes) to
 C{incoming/recycled-<slot>} instead of unlinking it, and L{Spares.fill}
-renames one of those to a spare's name and opens it with C{O_TRUNC}. No
+renames one of those to a spare's name, fsyncs C{queue/} (once for all it
+took: the server's rename out of C{queue/} must be on the disk before the
+inode holds another message's bytes) and opens it with C{O_TRUNC}. No
 inode is freed by the delivery and none allocated by the next commit.
 A creation allocates an inode and a deletion frees one, which a rename
 and a truncation do not; on this machine's ext4, which has no journal,
@@ -78,6 +80,7 @@ import signal
 import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 from exedge.durable import DirectorySync, fsync_error, fsync_in_turn, publish, write_all
 
@@ -154,9 +157,15 @@ class Spares:
     knows them: a spare is a name in C{incoming/} and an open descriptor.
     """
 
-    def __init__(self, incoming_dir: str, limit: int = SPARES):
+    def __init__(self, incoming_dir: str, limit: int = SPARES, before_reuse: Callable[[], None] = lambda: None):
+        """
+        C{before_reuse}: makes the server's renames out of C{queue/}
+        durable (an fsync of that directory); called after recycled files
+        are claimed and before any of them is emptied (see L{fill}).
+        """
         self.incoming_dir = incoming_dir
         self.limit = limit
+        self.before_reuse = before_reuse
         self.wanted = 0
         self._files: list[tuple[int, str]] = []
         self._made = 0
@@ -175,13 +184,28 @@ class Spares:
     def fill(self, waiting=lambda: False) -> None:
         """
         Spares up to the number wanted, stopping as soon as C{waiting()}
-        says a request is there: recycled files first, then new ones.
+        says a request is there: first every recycled file there is, up to
+        the limit (they cost no creation, and their one directory fsync is
+        shared), then new files up to the number wanted.
+
+        A recycled file is emptied and reused only once its removal from
+        C{queue/} is on the disk (C{before_reuse}). The server renamed it
+        out of C{queue/} without an fsync, as an unlink is; on a file
+        system without a journal a crash could otherwise leave the old
+        name in C{queue/} on the disk, leading to the new message's bytes.
+        Without a journal, ext4 avoids that for unlinked inodes by never
+        reusing one freed in the last 30 seconds; this is the same guard.
         """
-        if len(self._files) < self.wanted:
+        if len(self._files) < self.limit:
+            claimed = []
             for name in self._recycled():
-                if len(self._files) >= self.wanted or waiting():
-                    return
-                self._reuse(name)
+                if len(self._files) + len(claimed) >= self.limit or waiting():
+                    break
+                path = self._claim(name)
+                if path is not None:
+                    claimed.append(path)
+            if claimed:
+                self._reuse(claimed)
         while len(self._files) < self.wanted and not waiting():
             path = self._next_path()
             try:
@@ -203,26 +227,34 @@ class Spares:
         except OSError:
             return []
 
-    def _reuse(self, name: str) -> None:
+    def _claim(self, name: str) -> str | None:
         """
-        Make the recycled file C{name} a spare: renamed first, so that no
+        The recycled file C{name} renamed to a spare's name, so that no
         other commit worker takes it too and the server's next rename onto
-        its slot leaves it alone; then emptied.
+        its slot leaves it alone; None if it is gone.
         """
         path = self._next_path()
         try:
             os.rename(os.path.join(self.incoming_dir, name), path)
         except OSError:
-            return              # another commit worker took it, or a new one replaced it in its slot
+            return None         # another commit worker took it, or a new one replaced it in its slot
+        return path
+
+    def _reuse(self, claimed: list[str]) -> None:
+        """Once the server's renames out of queue/ are durable, the claimed files emptied and kept as spares."""
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_TRUNC | os.O_NOFOLLOW)
+            self.before_reuse()
         except OSError:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            for path in claimed:
+                _unlink(path)   # not known to be out of queue/ on the disk: never reused
             return
-        self._files.append((fd, path))
+        for path in claimed:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_TRUNC | os.O_NOFOLLOW)
+            except OSError:
+                _unlink(path)
+                continue
+            self._files.append((fd, path))
 
     def discard(self) -> None:
         """Close and delete every spare (the worker is ending)."""
@@ -236,6 +268,10 @@ def _discard(fd: int, path: str) -> None:
         os.close(fd)
     except OSError:
         pass
+    _unlink(path)
+
+
+def _unlink(path: str) -> None:
     try:
         os.unlink(path)
     except OSError:
@@ -319,7 +355,7 @@ def serve(spool_dir: str, server: int, rfd: int = 0, wfd: int = 1) -> None:
     incoming_dir = os.path.join(spool_dir, "incoming")
     queue_dir = os.path.join(spool_dir, "queue")
     sync = DirectorySync(queue_dir)
-    spares = Spares(incoming_dir)
+    spares = Spares(incoming_dir, before_reuse=sync.sync)
     buffer = bytearray()
 
     # read into one buffer kept for the worker's life: os.read(READ_SIZE)

@@ -96,6 +96,21 @@ def still_named(fd: int, path: str) -> None:
         raise FileNotFoundError(errno.ENOENT, "removed while it was read", path)
 
 
+def read_footer(f, path: str) -> tuple[int, Envelope]:
+    """
+    L{read_envelope} of the queue file C{path} open as C{f}, checked with
+    L{still_named}: also when the footer does not parse, since a file
+    emptied or half written for another message has none.
+    """
+    try:
+        result = read_envelope(f)
+    except ValueError:
+        still_named(f.fileno(), path)
+        raise
+    still_named(f.fileno(), path)
+    return result
+
+
 RECENT_DATA_BYTES = 32 * 1024 * 1024
 # delivered messages are removed in batches of up to this many, or after this many seconds
 REMOVALS_GATHERED = 32
@@ -284,8 +299,7 @@ class StoredMessage:
         """The envelope as the file's footer has it (blocking: call on a spool thread)."""
         path = self.path
         with open(path, "rb") as f:
-            envelope = read_envelope(f)[1]
-            still_named(f.fileno(), path)
+            envelope = read_footer(f, path)[1]
             return envelope
 
     def pin(self, envelope: Envelope | None = None) -> None:
@@ -663,8 +677,7 @@ class Spool:
     def _load(self, queue_id: str, path: str) -> tuple[StoredMessage, bool]:
         """The message and whether it has a state file; FileNotFoundError if it is gone."""
         with open(path, "rb") as f:
-            data_length, envelope = read_envelope(f)
-            still_named(f.fileno(), path)
+            data_length, envelope = read_footer(f, path)
         stateful, done, delayed, retry_at = self._load_state(queue_id)
         return StoredMessage(queue_id, envelope, path, data_length, done, delayed, retry_at), stateful
 
