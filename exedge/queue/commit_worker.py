@@ -59,9 +59,9 @@ inode holds another message's bytes) and opens it with C{O_TRUNC}. No
 inode is freed by the delivery and none allocated by the next commit.
 A creation allocates an inode and a deletion frees one, which a rename
 and a truncation do not; on this machine's ext4, which has no journal,
-that is dear: every new inode is found by stepping over each inode freed in the
-last 30 seconds (the kernel's C{recently_deleted}). Relaying a few hundred
-messages a second, a spare's creation took 0.8-1.3 ms (strace) and the
+that is dear: every new inode is found by stepping over each inode freed
+in the last 30 seconds (the kernel's C{recently_deleted}). Relaying a few
+hundred messages a second, a spare's creation took 0.8-1.3 ms (strace) and the
 worker 0.9 ms of system time per message (bench/README.md, "Recycled
 files"). The slots are few (L{exedge.queue.spool.RECYCLED_SLOTS}): a
 rename onto a slot in use replaces, and so deletes, the file there. That
@@ -198,7 +198,7 @@ class Spares:
         """
         if len(self._files) < self.limit:
             claimed = []
-            for name in self._recycled():
+            for name in names_starting(self.incoming_dir, RECYCLED_PREFIX):
                 if len(self._files) + len(claimed) >= self.limit or waiting():
                     break
                 path = self._claim(name)
@@ -218,14 +218,6 @@ class Spares:
         path = os.path.join(self.incoming_dir, f"{SPARE_PREFIX}{os.getpid()}-{self._made}")
         self._made += 1
         return path
-
-    def _recycled(self) -> list[str]:
-        """The names of the recycled files in incoming/ now."""
-        try:
-            with os.scandir(self.incoming_dir) as entries:
-                return [entry.name for entry in entries if entry.name.startswith(RECYCLED_PREFIX)]
-        except OSError:
-            return []
 
     def _claim(self, name: str) -> str | None:
         """
@@ -261,6 +253,15 @@ class Spares:
         files, self._files = self._files, []
         for fd, path in files:
             _discard(fd, path)
+
+
+def names_starting(directory: str, prefix: str) -> list[str]:
+    """The names in C{directory} now that start with C{prefix} (none if it cannot be read)."""
+    try:
+        with os.scandir(directory) as entries:
+            return [entry.name for entry in entries if entry.name.startswith(prefix)]
+    except OSError:
+        return []
 
 
 def _discard(fd: int, path: str) -> None:

@@ -268,14 +268,8 @@ def remove_spares(incoming_dir: str, pid: int) -> int:
     worker killed by a signal left them until the next start. Blocking, a
     scan of incoming/: only when a worker has ended. How many it deleted.
     """
-    prefix = f"{wire.SPARE_PREFIX}{pid}-"
     removed = 0
-    try:
-        with os.scandir(incoming_dir) as entries:
-            names = [entry.name for entry in entries if entry.name.startswith(prefix)]
-    except OSError:
-        return 0
-    for name in names:
+    for name in wire.names_starting(incoming_dir, f"{wire.SPARE_PREFIX}{pid}-"):
         try:
             os.unlink(os.path.join(incoming_dir, name))
             removed += 1

@@ -299,8 +299,7 @@ class StoredMessage:
         """The envelope as the file's footer has it (blocking: call on a spool thread)."""
         path = self.path
         with open(path, "rb") as f:
-            envelope = read_footer(f, path)[1]
-            return envelope
+            return read_footer(f, path)[1]
 
     def pin(self, envelope: Envelope | None = None) -> None:
         """
