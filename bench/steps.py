@@ -18,6 +18,7 @@ relay_rate.py. Binds 127.0.0.1 only; every process is stopped by PID.
 
     .venv/bin/python bench/steps.py                       # relay and accept, 3 rounds of 800
     .venv/bin/python bench/steps.py --mode relay --against HEAD~1
+    .venv/bin/python bench/steps.py --mode relay --size 102400    # 100 KiB messages
 """
 
 from __future__ import annotations
@@ -39,8 +40,17 @@ import relay_rate  # noqa: E402  (its Exedge, Postfix and Sink)
 
 STEPS = ("connect+greet", "EHLO", "MAIL", "RCPT", "DATA", "data+dot", "QUIT", "close", "whole")
 MAX_REPLY_LINES = 100
-BODY = (b"From: bench@source.test\r\nTo: rcpt@relay.test\r\nSubject: steps\r\n\r\n"
-        + b"".join(b"line %04d of a message of about one kibibyte, as smtp-source sends\r\n" % i for i in range(14)))
+HEADER = b"From: bench@source.test\r\nTo: rcpt@relay.test\r\nSubject: steps\r\n\r\n"
+
+
+def body(size: int) -> bytes:
+    """About C{size} octets of ordinary text: a header, then lines of 70 octets as smtp-source's."""
+    filler = b" of a message, ordinary text of the length smtp-source sends, and more"
+    lines = max(1, (size - len(HEADER)) // 70)
+    return HEADER + b"".join((b"line %06d" % i + filler)[:68] + b"\r\n" for i in range(lines))
+
+
+BODY = body(1024)
 
 
 def _reply(f) -> bytes:
@@ -54,7 +64,7 @@ def _reply(f) -> bytes:
     raise ConnectionError("a reply of too many lines")
 
 
-def one_message(port: int, waits: dict) -> None:
+def one_message(port: int, waits: dict, message: bytes = BODY) -> None:
     """One session: each reply's wait appended to C{waits[step]}."""
     now = time.perf_counter
     start = now()
@@ -76,7 +86,7 @@ def one_message(port: int, waits: dict) -> None:
         step("MAIL", b"MAIL FROM:<bench@source.test>\r\n", b"250")
         step("RCPT", b"RCPT TO:<rcpt@relay.test>\r\n", b"250")
         step("DATA", b"DATA\r\n", b"354")
-        step("data+dot", BODY + b".\r\n", b"250")
+        step("data+dot", message + b".\r\n", b"250")
         step("QUIT", b"QUIT\r\n", b"221")
         t = now()
         f.close()
@@ -84,15 +94,16 @@ def one_message(port: int, waits: dict) -> None:
     waits["whole"].append(now() - start)
 
 
-def run_one(kind, mode: str, count: int) -> dict:
+def run_one(kind, mode: str, count: int, size: int = 1024) -> dict:
+    message = body(size)
     with relay_rate.running(kind, mode, prefix="steps") as (server, _):
         warm = {name: [] for name in STEPS}
         for _ in range(min(100, count)):
-            one_message(server.port, warm)
+            one_message(server.port, warm, message)
         waits = {name: [] for name in STEPS}
         for _ in range(count):
-            one_message(server.port, waits)
-        return {"server": kind.name, "mode": mode, "messages": count,
+            one_message(server.port, waits, message)
+        return {"server": kind.name, "mode": mode, "messages": count, "size": len(message),
                 "us": {name: 1e6 * proc.median(values) for name, values in waits.items()}}
 
 
@@ -101,6 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--messages", type=int, default=800, help="messages per round (after 100 to warm up)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mode", action="append", choices=relay_rate.MODES, default=[])
+    parser.add_argument("--size", type=int, default=1024, metavar="OCTETS",
+                        help="message size (default 1024; 102400 for relay_rate's 100 KiB)")
     parser.add_argument("--against", metavar="REV", help="compare with exedge at this git commit instead of Postfix")
     parser.add_argument("--json", default=os.path.join(HERE, "results", "steps-latest.json"))
     args = parser.parse_args(argv)
@@ -121,7 +134,7 @@ def compare(args, Base, Exedge) -> int:
         runs = {Exedge.name: [], Base.name: []}
         for r in range(args.rounds):
             for kind in ((Exedge, Base) if r % 2 == 0 else (Base, Exedge)):
-                res = run_one(kind, mode, args.messages)
+                res = run_one(kind, mode, args.messages, args.size)
                 results.append(res)
                 runs[kind.name].append(res)
                 print(f"  {mode:6} {kind.name:18} " + "  ".join(f"{n} {res['us'][n]:.0f}" for n in STEPS) + " us",
