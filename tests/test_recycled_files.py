@@ -1,7 +1,8 @@
 """
 Recycled files (commit_worker's "Recycled files"): a delivered message's
-file becomes the next message's, emptied first, and no reader of the old
-message can be handed the new one's bytes. Real files, real commit worker.
+file becomes the next message's, overwritten and cut to the new one's
+length, and no reader of the old message can be handed the new one's
+bytes. Real files, real commit worker.
 """
 
 import os
@@ -51,7 +52,7 @@ def names(directory, prefix) -> list[str]:
 OLD = b"Subject: old\r\n\r\n" + b"an old message, longer than the new one\r\n" * 50
 
 
-def test_a_delivered_messages_file_is_emptied_and_reused_for_a_new_message(tmp_path):
+def test_a_delivered_messages_file_is_overwritten_and_cut_for_a_new_message(tmp_path):
     spool = tmp_path / "spool"
     for d in ("incoming", "queue"):
         (spool / d).mkdir(parents=True)
@@ -64,7 +65,7 @@ def test_a_delivered_messages_file_is_emptied_and_reused_for_a_new_message(tmp_p
     synced = []
 
     def before_reuse():
-        # the queue directory's fsync: after both are claimed (one fsync for the two), before either is emptied
+        # the queue directory's fsync: after both are claimed (one fsync for the two), before either is reused
         spares_now = names(incoming, wire.SPARE_PREFIX)
         synced.append(sorted(os.path.getsize(os.path.join(incoming, n)) for n in spares_now))
 
@@ -76,13 +77,15 @@ def test_a_delivered_messages_file_is_emptied_and_reused_for_a_new_message(tmp_p
     made = names(incoming, wire.SPARE_PREFIX)
     assert len(made) == 2 == len(spares) and names(incoming, wire.RECYCLED_PREFIX) == []
     assert {os.stat(os.path.join(incoming, n)).st_ino for n in made} == inodes
-    assert [os.path.getsize(os.path.join(incoming, n)) for n in made] == [0, 0]
+    # kept as they are (no blocks freed, none allocated again): the commit overwrites them
+    assert [os.path.getsize(os.path.join(incoming, n)) for n in made] == [len(OLD), len(OLD)]
+    shorter, longer = b"message a", b"message b, longer than the old one\r\n" * 60
     results = wire.write_group(incoming, queue, DirectorySync(queue),
-                               [("A", b"message a", False), ("B", b"message b", False)], spares=spares)
+                               [("A", shorter, False), ("B", longer, False)], spares=spares)
     assert results == [wire.COMMITTED, wire.COMMITTED]
     # each message is exactly its own bytes: nothing of the old one is left in the file it took
-    assert (spool / "queue" / "A").read_bytes() == b"message a"
-    assert (spool / "queue" / "B").read_bytes() == b"message b"
+    assert (spool / "queue" / "A").read_bytes() == shorter
+    assert (spool / "queue" / "B").read_bytes() == longer
     assert {os.stat(spool / "queue" / n).st_ino for n in ("A", "B")} == inodes
     assert os.listdir(incoming) == []
 
@@ -106,11 +109,11 @@ def test_a_recycled_file_whose_removal_could_not_be_made_durable_is_never_reused
     os.close(fd)
     assert os.listdir(incoming) == [os.path.basename(path)] and os.path.getsize(path) == 0
     assert os.stat(path).st_ino != os.fstat(held).st_ino and os.fstat(held).st_nlink == 0
-    assert os.pread(held, 100, 0) == OLD[:100]          # and never emptied
+    assert os.pread(held, 100, 0) == OLD[:100]          # and never written
     os.close(held)
 
 
-def test_the_worker_fsyncs_the_queue_directory_before_it_empties_a_recycled_file(tmp_path, monkeypatch):
+def test_the_worker_fsyncs_the_queue_directory_before_it_reuses_a_recycled_file(tmp_path, monkeypatch):
     """serve(), the worker process's loop, run here on a thread: its spares are given the queue/ fsync."""
     spool = tmp_path / "spool"
     for d in ("incoming", "queue"):
@@ -134,23 +137,25 @@ def test_the_worker_fsyncs_the_queue_directory_before_it_empties_a_recycled_file
         assert len(os.read(from_worker, 100)) == wire.REPLY.size           # answered
         deadline = time.monotonic() + 10
 
-        def taken():     # then, while no request waits, the recycled file is taken and emptied
-            spares = names(incoming, wire.SPARE_PREFIX)
-            return (spares and not names(incoming, wire.RECYCLED_PREFIX)
-                    and all(os.path.getsize(incoming / n) == 0 for n in spares))
+        def taken():     # then, while no request waits, the recycled file is taken as a spare
+            return names(incoming, wire.SPARE_PREFIX) and not names(incoming, wire.RECYCLED_PREFIX)
 
         while not taken():
             assert time.monotonic() < deadline, "the worker did not take the recycled file"
             time.sleep(0.01)
+        # the next message goes into it, over the old bytes, and is exactly itself
+        os.write(to_worker, b"".join(wire.encode_request(2, "M2", [b"message two"], False)))
+        assert len(os.read(from_worker, 100)) == wire.REPLY.size
     finally:
         os.close(to_worker)
         worker.join(10)
         for fd in (rfd, wfd, from_worker):
             os.close(fd)
     assert (spool / "queue" / "M1").read_bytes() == b"message one"
+    assert (spool / "queue" / "M2").read_bytes() == b"message two"
     queue_syncs = [entries for path, entries in seen if path == str(spool / "queue")]
-    # the commit's own fsync, then the one before the recycled file, claimed but still whole, is emptied
-    assert len(queue_syncs) == 2
+    # M1's own fsync; the one before the recycled file, claimed but still whole, is reused; M2's
+    assert len(queue_syncs) == 3
     [(name, size)] = queue_syncs[1]
     assert name.startswith(wire.SPARE_PREFIX) and size == len(OLD)
 
@@ -228,7 +233,7 @@ def footer_of(data: bytes) -> bytes:
                                                  size=len(data)))
 
 
-@pytest.mark.parametrize("state", ["another message", "emptied"])
+@pytest.mark.parametrize("state", ["another message", "a spare"])
 @pytest.mark.parametrize("reader", ["envelope", "recovery"])
 def test_reading_an_envelope_from_a_file_reused_meanwhile_fails_instead_of_giving_another(tmp_path, monkeypatch,
                                                                                          reader, state):
@@ -240,7 +245,7 @@ def test_reading_an_envelope_from_a_file_reused_meanwhile_fails_instead_of_givin
 
     def read_after_reuse(f):
         if not reused:
-            if state == "emptied":          # taken as a spare, not written yet: no footer to parse
+            if state == "a spare":          # taken as a spare, not written yet: under another name
                 spool.remove(message)
                 spares = wire.Spares(spool.incoming_dir)
                 spares.want(1)

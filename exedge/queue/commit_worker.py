@@ -55,19 +55,26 @@ L{exedge.queue.spool.RECYCLE_AT_MOST} bytes) to
 C{incoming/recycled-<slot>} instead of unlinking it, and L{Spares.fill}
 renames one of those to a spare's name, fsyncs C{queue/} (once for all it
 took: the server's rename out of C{queue/} must be on the disk before the
-inode holds another message's bytes) and opens it with C{O_TRUNC}. No
-inode is freed by the delivery and none allocated by the next commit.
-A creation allocates an inode and a deletion frees one, which a rename
-and a truncation do not; on this machine's ext4, which has no journal,
+inode holds another message's bytes) and keeps it open as it is. The
+commit writes the new message over the old bytes from the start and cuts
+the file to the new length before its fsync (L{_cut}). No inode is freed
+by the delivery and none allocated by the next commit, and a message no
+longer than the one before needs no new blocks either: emptying the file
+first (C{O_TRUNC}) took 0.1 ms for 100 KiB, off the commit's path but in
+batches a waiting request sat behind, and made the commit's write
+allocate every block again (bench/README.md, "Overwritten, not
+emptied"). A creation allocates an inode and a deletion frees one, which
+a rename does not; on this machine's ext4, which has no journal,
 that is dear: every new inode is found by stepping over each inode freed
 in the last 30 seconds (the kernel's C{recently_deleted}). Relaying a few
 hundred messages a second, a spare's creation took 0.8-1.3 ms (strace) and the
 worker 0.9 ms of system time per message (bench/README.md, "Recycled
 files"). The slots are few (L{exedge.queue.spool.RECYCLED_SLOTS}): a
 rename onto a slot in use replaces, and so deletes, the file there. That
-bounds what waits: at most that many delivered messages' bytes, each file
-still mode 0600 in the spool's own directory, until a worker empties it or
-start-up deletes it. Since an inode may now be given to another message,
+bounds what waits: at most that many delivered messages' bytes, and those
+of the spares taken from them (L{SPARES}), each file still mode 0600 in
+the spool's own directory, until a commit writes over it or start-up
+deletes it. Since an inode may now be given to another message,
 readers of queue files check that the name still holds the file they read
 (L{exedge.queue.spool.still_named}).
 """
@@ -161,7 +168,7 @@ class Spares:
         """
         C{before_reuse}: makes the server's renames out of C{queue/}
         durable (an fsync of that directory); called after recycled files
-        are claimed and before any of them is emptied (see L{fill}).
+        are claimed and before any of them is handed out (see L{fill}).
         """
         self.incoming_dir = incoming_dir
         self.limit = limit
@@ -188,7 +195,7 @@ class Spares:
         the limit (they cost no creation, and their one directory fsync is
         shared), then new files up to the number wanted.
 
-        A recycled file is emptied and reused only once its removal from
+        A recycled file is handed out only once its removal from
         C{queue/} is on the disk (C{before_reuse}). The server renamed it
         out of C{queue/} without an fsync, as an unlink is; on a file
         system without a journal a crash could otherwise leave the old
@@ -233,7 +240,11 @@ class Spares:
         return path
 
     def _reuse(self, claimed: list[str]) -> None:
-        """Once the server's renames out of queue/ are durable, the claimed files emptied and kept as spares."""
+        """
+        Once the server's renames out of queue/ are durable, the claimed
+        files kept as spares as they are: the commit that takes one writes
+        over the old bytes and cuts it to the new length (L{_cut}).
+        """
         try:
             self.before_reuse()
         except OSError:
@@ -242,7 +253,7 @@ class Spares:
             return
         for path in claimed:
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_TRUNC | os.O_NOFOLLOW)
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             except OSError:
                 _unlink(path)
                 continue
@@ -296,6 +307,17 @@ def _into_place(spare: tuple[int, str], path: str) -> int:
     return fd
 
 
+def _cut(fd: int, length: int) -> None:
+    """
+    A spare just written with a message of C{length} bytes cut to that
+    length: a recycled file is overwritten, not emptied first (see
+    L{Spares._reuse}), and whatever of the delivered message lay beyond
+    the new one's end goes before the file is fsync'ed and published.
+    """
+    if os.fstat(fd).st_size > length:
+        os.ftruncate(fd, length)
+
+
 def write_group(incoming_dir: str, queue_dir: str, sync: DirectorySync, requests: list,
                 fsync_all=fsync_together, spares: Spares | None = None) -> list:
     """
@@ -324,6 +346,8 @@ def write_group(incoming_dir: str, queue_dir: str, sync: DirectorySync, requests
                 fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | mode, 0o600)
             try:
                 write_all(fd, payload)
+                if use_spare:
+                    _cut(fd, len(payload))
             except BaseException:
                 os.close(fd)
                 raise

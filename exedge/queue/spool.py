@@ -12,8 +12,8 @@ Layout under the spool directory::
                     to come (commit_worker.Spares); removed at start-up
     incoming/recycled-<slot>
                     a delivered message's file, renamed here instead of
-                    unlinked for a commit worker to empty and reuse as a
-                    spare (commit_worker's "Recycled files"); removed at
+                    unlinked for a commit worker to reuse as a spare,
+                    written over by the next message (commit_worker's "Recycled files"); removed at
                     start-up
     queue/<id>      committed: message data, then the envelope as JSON, then
                     a fixed-size footer giving the envelope's length
@@ -100,7 +100,7 @@ def read_footer(f, path: str) -> tuple[int, Envelope]:
     """
     L{read_envelope} of the queue file C{path} open as C{f}, checked with
     L{still_named}: also when the footer does not parse, since a file
-    emptied or half written for another message has none.
+    half written over by another message has none.
     """
     try:
         result = read_envelope(f)
@@ -117,7 +117,7 @@ REMOVALS_GATHERED = 32
 REMOVAL_WAIT = 0.1
 # a delivered message's file of at most this many bytes is recycled (commit_worker's "Recycled
 # files") into one of this many slots; a larger one is unlinked: what waits in the slots is
-# bounded by their product, and emptying a large file costs what a new one would
+# bounded by their product, and cutting a large file down costs what a new one would
 RECYCLE_AT_MOST = 256 * 1024
 RECYCLED_SLOTS = 64
 
