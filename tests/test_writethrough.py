@@ -1,16 +1,19 @@
 """
 write_through on real loopback connections: a reply leaves at once when
 nothing is queued, never overtakes queued bytes, survives a partial send,
-and goes through TLS once TLS has started.
+and goes through TLS once TLS has started. write_through_to_child the same
+on a real child process's standard input.
 """
 
+import fcntl
 import socket
+import sys
 
 import pytest_twisted
 from twisted.internet import defer, endpoints, protocol, reactor, ssl, task
 
 from exedge import tls
-from exedge.writethrough import write_through
+from exedge.writethrough import write_through, write_through_to_child
 
 
 class Collect(protocol.Protocol):
@@ -133,3 +136,62 @@ def test_nothing_is_sent_after_the_connection_is_aborted():
         assert client.data == b""
     finally:
         yield close(port, server, client)
+
+
+class Echo(protocol.ProcessProtocol):
+    """A child that reads its stdin to the end and writes it back on stdout."""
+
+    def __init__(self):
+        self.out = b""
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data):
+        self.out += data
+
+    def processEnded(self, reason):
+        self.ended.callback(self.out)
+
+
+def echo_child() -> Echo:
+    child = Echo()
+    reactor.spawnProcess(child, sys.executable, [sys.executable, "-c",
+                         "import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())"],
+                         env=None, childFDs={0: "w", 1: "r", 2: 2})
+    return child
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_request_to_a_child_is_written_before_returning():
+    child = echo_child()
+    stdin = child.transport.pipes[0]
+    write_through_to_child(child.transport, [b"header ", b"message ", b"footer"])
+    # nothing left for the reactor to do: not buffered, not waiting on epoll
+    assert stdin.dataBuffer == b"" and stdin._tempDataBuffer == []
+    assert stdin not in reactor.getWriters()
+    child.transport.closeStdin()
+    got = yield child.ended.addTimeout(30, reactor)
+    assert got == b"header message footer"
+
+
+@pytest_twisted.inlineCallbacks
+def test_to_a_child_the_rest_of_a_partial_write_and_later_requests_follow_in_order():
+    child = echo_child()
+    stdin = child.transport.pipes[0]
+    fcntl.fcntl(stdin.fileno(), fcntl.F_SETPIPE_SZ, 4096)      # a pipe that cannot take it all
+    first = [bytes([n]) * 3000 for n in range(1, 40)]          # 117,000 bytes in 39 parts
+    write_through_to_child(child.transport, first)
+    assert stdin.dataBuffer or stdin._tempDataBuffer, "expected a partial write"
+    write_through_to_child(child.transport, [b"second"])      # queued behind the rest, never ahead
+    child.transport.closeStdin()
+    got = yield child.ended.addTimeout(30, reactor)
+    assert got == b"".join(first) + b"second"
+
+
+@pytest_twisted.inlineCallbacks
+def test_to_a_child_never_overtakes_bytes_already_queued():
+    child = echo_child()
+    child.transport.writeSequence([b"first "])                # buffered until the reactor turns
+    write_through_to_child(child.transport, [b"second"])
+    child.transport.closeStdin()
+    got = yield child.ended.addTimeout(30, reactor)
+    assert got == b"first second"

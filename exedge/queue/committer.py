@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from exedge.queue import commit_worker as wire
+from exedge.writethrough import write_through_to_child
 from .spool import StoredMessage, envelope_footer
 
 log = Logger()
@@ -214,8 +215,8 @@ class ProcessCommitter:
         request_id = self._next_id
         done = defer.Deferred()
         self._in_flight[request_id] = _Pending(worker, request, done)
-        worker.transport.writeSequence(wire.encode_request(request_id, request.queue_id, payload,
-                                                           append=request.data is None))
+        write_through_to_child(worker.transport, wire.encode_request(request_id, request.queue_id, payload,
+                                                                     append=request.data is None))
         return done
 
     def _answered(self, worker, request_id: int, errno: int, text: str) -> None:
