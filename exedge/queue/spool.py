@@ -8,13 +8,15 @@ Layout under the spool directory::
 
     incoming/<id>   being received; never acknowledged; removed at start-up
     incoming/spare-<pid>-<n>
-                    an empty file the commit worker made ahead for a message
-                    to come (commit_worker.Spares); removed at start-up
+                    a file the commit worker made ahead for a message to
+                    come (commit_worker.Spares): new and empty, or a
+                    recycled one, still holding its old bytes; removed at
+                    start-up
     incoming/recycled-<slot>
                     a delivered message's file, renamed here instead of
                     unlinked for a commit worker to reuse as a spare,
-                    written over by the next message (commit_worker's "Recycled files"); removed at
-                    start-up
+                    written over by the next message (commit_worker's
+                    "Recycled files"); removed at start-up
     queue/<id>      committed: message data, then the envelope as JSON, then
                     a fixed-size footer giving the envelope's length
     state/<id>      per-recipient outcomes, one JSON line each, appended and
