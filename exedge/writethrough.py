@@ -35,12 +35,16 @@ import os
 from twisted.internet import process, tcp
 
 
+def _open_and_empty(descriptor) -> bool:
+    """Whether Twisted's C{FileDescriptor} C{descriptor} may still write and holds nothing unwritten."""
+    return (descriptor.connected and not descriptor.disconnecting and not descriptor._writeDisconnected
+            and not getattr(descriptor, "_aborting", False)
+            and not descriptor.dataBuffer and not descriptor._tempDataBuffer)
+
+
 def write_through(transport, data: bytes) -> None:
     """C{transport.write(data)}, sending at once when nothing is queued ahead of it."""
-    if (isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
-            and not transport.disconnecting and not transport._writeDisconnected
-            and not getattr(transport, "_aborting", False)
-            and not transport.dataBuffer and not transport._tempDataBuffer and data):
+    if isinstance(transport, tcp.Connection) and not transport.TLS and data and _open_and_empty(transport):
         try:
             sent = transport.socket.send(data)
         except OSError:
@@ -58,9 +62,7 @@ def write_through_to_child(transport, parts: list[bytes]) -> None:
     whatever the pipe does not take goes to C{writeSequence}.
     """
     writer = getattr(transport, "pipes", {}).get(0)
-    if (isinstance(writer, process.ProcessWriter) and writer.connected and not writer.disconnecting
-            and not writer._writeDisconnected and not writer.dataBuffer and not writer._tempDataBuffer
-            and parts):
+    if isinstance(writer, process.ProcessWriter) and parts and _open_and_empty(writer):
         try:
             sent = os.writev(writer.fd, parts)
         except OSError:
